@@ -1,0 +1,1 @@
+"""LPMOS agent package."""

@@ -1,0 +1,1 @@
+"""LPMOS bootsvc package."""

@@ -1,0 +1,3 @@
+from lpmos.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Users, roles and API tokens, stored in etcd.
+
+* Roles are ordered: viewer < operator < approver < admin.
+* Passwords are hashed with scrypt (stdlib ``hashlib.scrypt``) and a random
+  salt; verification is constant-time.
+* API tokens are 256-bit random strings shown once; etcd keeps only their
+  SHA-256 (a fast hash is right for high-entropy secrets: there is nothing to
+  brute-force).  The token record names its user; the role is read from the
+  user at every check, so demoting a user demotes their tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+
+from lpmos.models import ValidationError, now
+from lpmos.store import Compare, Conflict, Put, Store, range_all
+from lpmos.store.keys import Keys
+
+TOKEN_PREFIX = "lpm_"
+_USER_RE = re.compile(r"[a-z][a-z0-9._-]{0,31}")
+
+
+class Role(IntEnum):
+    VIEWER = 1
+    OPERATOR = 2
+    APPROVER = 3
+    ADMIN = 4
+
+    @classmethod
+    def parse(cls, name: str) -> Role:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValidationError("role", "one of viewer, operator, approver, admin") from None
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+def validate_username(name: str) -> str:
+    if not isinstance(name, str) or not _USER_RE.fullmatch(name):
+        raise ValidationError("user", "1-32 characters of a-z, 0-9, '.', '_', '-', "
+                                      "starting with a letter")
+    return name
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    return "scrypt$" + base64.b64encode(salt).decode() + "$" + base64.b64encode(digest).decode()
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, salt_b64, digest_b64 = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    salt = base64.b64decode(salt_b64)
+    expected = base64.b64decode(digest_b64)
+    got = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    return hmac.compare_digest(got, expected)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class User:
+    name: str
+    role: str
+    password_hash: str = ""
+    created_at: float = 0.0
+    disabled: bool = False
+
+    @property
+    def level(self) -> Role:
+        return Role.parse(self.role)
+
+    def public(self) -> dict[str, object]:
+        return {"name": self.name, "role": self.role, "created_at": self.created_at,
+                "disabled": self.disabled}
+
+
+@dataclass
+class TokenRecord:
+    id: str                 # first 12 hex digits of the digest, for listing and revoking
+    user: str
+    created_at: float
+    label: str = ""
+    last_used: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Auth:
+    def __init__(self, store: Store, keys: Keys) -> None:
+        self.store = store
+        self.keys = keys
+
+    # -- users
+    def get_user(self, name: str) -> User | None:
+        kv = self.store.get(self.keys.user(name))
+        if kv is None:
+            return None
+        data = json.loads(kv.value)
+        return User(**{k: v for k, v in data.items() if k in User.__dataclass_fields__})
+
+    def put_user(self, name: str, role: str, password: str | None = None) -> User:
+        """Create or update a user (role, and password when given)."""
+        validate_username(name)
+        Role.parse(role)
+        key = self.keys.user(name)
+        for _ in range(10):
+            kv = self.store.get(key)
+            if kv is not None:
+                user = User(**json.loads(kv.value))
+                user.role = role
+            else:
+                user = User(name=name, role=role, created_at=now())
+            if password is not None:
+                user.password_hash = hash_password(password)
+            try:
+                self.store.commit([Compare(key, kv.mod_revision if kv else 0)],
+                                  [Put(key, json.dumps(asdict(user)).encode())])
+                return user
+            except Conflict:
+                continue
+        raise Conflict(key, 0)
+
+    def users(self) -> list[User]:
+        return [User(**json.loads(kv.value)) for kv in range_all(self.store,
+                                                                   self.keys.users()).items]
+
+    def check_password(self, name: str, password: str) -> User | None:
+        user = self.get_user(name)
+        if user is None or user.disabled or not user.password_hash:
+            # spend the same time as a real check so names cannot be probed
+            verify_password(password, hash_password("x", salt=b"0" * 16))
+            return None
+        return user if verify_password(password, user.password_hash) else None
+
+    # -- tokens
+    def create_token(self, user: str, *, label: str = "") -> tuple[str, TokenRecord]:
+        if self.get_user(user) is None:
+            raise ValidationError("user", f"no user named {user}")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        digest = token_digest(token)
+        record = TokenRecord(id=digest[:12], user=user, created_at=now(), label=label)
+        self.store.commit([Compare(self.keys.api_token(digest), 0)],
+                          [Put(self.keys.api_token(digest), json.dumps(asdict(record)).encode())])
+        return token, record
+
+    def tokens(self) -> list[TokenRecord]:
+        return [TokenRecord(**json.loads(kv.value))
+                for kv in range_all(self.store, self.keys.api_tokens()).items]
+
+    def revoke_token(self, token_id: str) -> int:
+        """Revoke tokens whose id (digest prefix, at least 6 digits) matches."""
+        if not re.fullmatch(r"[0-9a-f]{6,64}", token_id):
+            raise ValidationError("id", "6-64 hex digits, as shown by `lpmos token list`")
+        count = 0
+        for kv in range_all(self.store, self.keys.api_tokens()).items:
+            digest = kv.key.rsplit("/", 1)[1]
+            if digest.startswith(token_id):
+                self.store.delete(kv.key)
+                count += 1
+        return count
+
+    def verify_token(self, token: str) -> User | None:
+        """The active user owning ``token``, or ``None``."""
+        if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+            return None
+        digest = token_digest(token)
+        kv = self.store.get(self.keys.api_token(digest))
+        if kv is None:
+            return None
+        # the lookup is by digest; compare again in constant time for form's sake
+        if not hmac.compare_digest(kv.key.rsplit("/", 1)[1], digest):
+            return None
+        record = json.loads(kv.value)
+        user = self.get_user(str(record.get("user", "")))
+        if user is None or user.disabled:
+            return None
+        return user

@@ -1,0 +1,164 @@
+"""The image catalog (``images/catalog.toml``): what can be installed.
+
+Each ``[[image]]`` entry:
+
+| field        | meaning                                                        |
+| ------------ | -------------------------------------------------------------- |
+| name         | unique id, used in tasks (``image``) and URLs                  |
+| os_type      | what operators type, e.g. ``Ubuntu 22.04`` (matched case-blind)|
+| os_family    | ``ubuntu`` / ``debian`` / ``rhel`` / ``lab`` — picks templates |
+| version      | e.g. ``22.04``                                                 |
+| arch         | ``x86_64`` or ``arm64``                                        |
+| mode         | ``image`` (agent streams ``disk_image``) or ``installer``      |
+| kernel, initrd, disk_image | paths relative to the image root, or URLs        |
+| sha256       | of ``disk_image`` (image mode)                                 |
+| kernel_args  | default kernel arguments (installer mode)                      |
+
+:func:`load_catalog` validates the file; :meth:`Catalog.check_files` reports
+missing files and wrong checksums by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lpmos.models import ValidationError
+
+FAMILIES = ("ubuntu", "debian", "rhel", "lab")
+MODES = ("image", "installer")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+class CatalogError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    os_type: str
+    os_family: str
+    version: str = ""
+    arch: str = "x86_64"
+    mode: str = "image"
+    kernel: str = ""
+    initrd: str = ""
+    disk_image: str = ""
+    sha256: str = ""
+    size: int = 0
+    kernel_args: str = ""
+    description: str = ""
+
+    def is_url(self, value: str) -> bool:
+        return value.startswith(("http://", "https://"))
+
+
+@dataclass
+class Catalog:
+    images: dict[str, Image] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent if self.path else Path(".")
+
+    def find(self, os_type: str, os_version: str = "", image: str = "") -> Image | None:
+        """The image a task asks for: by ``image`` name, else by os_type
+        (and version when given), case-blind."""
+        if image:
+            return self.images.get(image)
+        wanted = os_type.strip().lower()
+        for img in self.images.values():
+            if wanted in (img.os_type.lower(), img.name) and (
+                    not os_version or os_version == img.version):
+                return img
+        return None
+
+    def resolve(self, os_type: str, os_version: str = "", image: str = "") -> Image:
+        found = self.find(os_type, os_version, image)
+        if found is None:
+            known = ", ".join(sorted(f"{i.os_type} ({i.name})" for i in self.images.values()))
+            raise ValidationError("image" if image else "os_type",
+                                  f"not in the image catalog; known: {known or 'none'}")
+        return found
+
+    def local_path(self, value: str) -> Path | None:
+        if not value or value.startswith(("http://", "https://")):
+            return None
+        return (self.root / value).resolve()
+
+    def check_files(self, *, verify_checksums: bool = True) -> list[str]:
+        """Problems with the files the catalog names, one line each."""
+        problems = []
+        for img in self.images.values():
+            for attr in ("kernel", "initrd", "disk_image"):
+                value = getattr(img, attr)
+                path = self.local_path(value)
+                if path is None:
+                    continue
+                if not path.is_file():
+                    problems.append(f"{img.name}: {attr} {value} does not exist")
+                elif attr == "disk_image" and img.sha256 and verify_checksums:
+                    digest = hashlib.sha256()
+                    with path.open("rb") as fh:
+                        for chunk in iter(lambda: fh.read(1 << 20), b""):
+                            digest.update(chunk)
+                    if digest.hexdigest() != img.sha256:
+                        problems.append(f"{img.name}: disk_image {value} has sha256 "
+                                        f"{digest.hexdigest()}, catalog says {img.sha256}")
+        return problems
+
+
+def parse_catalog(data: dict[str, object], path: Path | None = None) -> Catalog:
+    entries = data.get("image", [])
+    if not isinstance(entries, list):
+        raise CatalogError("catalog: [[image]] entries expected")
+    images: dict[str, Image] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise CatalogError(f"catalog: image #{i + 1} is not a table")
+        unknown = set(entry) - set(Image.__dataclass_fields__)
+        if unknown:
+            raise CatalogError(f"catalog: image #{i + 1} has unknown fields {sorted(unknown)}")
+        try:
+            img = Image(**entry)
+        except TypeError as exc:
+            raise CatalogError(f"catalog: image #{i + 1}: {exc}") from None
+        where = f"catalog: image {img.name!r}"
+        if not _NAME_RE.fullmatch(img.name):
+            raise CatalogError(f"{where}: name must be 1-64 of a-z, 0-9, '.', '_', '-'")
+        if img.name in images:
+            raise CatalogError(f"{where}: duplicate name")
+        if img.os_family not in FAMILIES:
+            raise CatalogError(f"{where}: os_family must be one of {', '.join(FAMILIES)}")
+        if img.mode not in MODES:
+            raise CatalogError(f"{where}: mode must be one of {', '.join(MODES)}")
+        if img.mode == "image" and not img.disk_image:
+            raise CatalogError(f"{where}: image mode needs disk_image")
+        if img.mode == "installer" and not (img.kernel and img.initrd):
+            raise CatalogError(f"{where}: installer mode needs kernel and initrd")
+        if img.sha256 and not re.fullmatch(r"[0-9a-f]{64}", img.sha256):
+            raise CatalogError(f"{where}: sha256 must be 64 lowercase hex digits")
+        images[img.name] = img
+    return Catalog(images, path)
+
+
+def load_catalog(path: Path) -> Catalog:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise CatalogError(f"catalog: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"catalog: {path}: {exc}") from None
+    return parse_catalog(data, path)
+
+
+def default_catalog_path() -> Path | None:
+    """``images/catalog.toml`` of the source tree, when running from one."""
+    candidate = Path(__file__).resolve().parent.parent / "images" / "catalog.toml"
+    return candidate if candidate.exists() else None

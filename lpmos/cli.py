@@ -1,0 +1,136 @@
+"""The ``lpmos`` command: one CLI, one subcommand per service or tool.
+
+Each subcommand lives in the package that owns it and exposes:
+
+* ``HELP`` — one line for ``lpmos --help``;
+* ``SETTINGS`` — the :class:`lpmos.config.Setting` s it takes beyond
+  :data:`lpmos.config.COMMON` (each becomes a flag with its help);
+* ``add_arguments(parser)`` — optional, for positional arguments and actions;
+* ``run(config, args) -> int`` — the exit code.
+
+Only the chosen subcommand's module is imported, so ``lpmos agent`` works on
+an install that has the agent's dependencies only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from lpmos.config import COMMON, Config, ConfigError, Setting, resolve, settings_by_key
+
+#: name → (module, one-line help).  Order is the order of ``lpmos --help``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "control-plane": ("web.cli", "run the web console and REST API (default 127.0.0.1:8080)"),
+    "regional": ("bootsvc.cli", "run a regional boot node: ProxyDHCP, TFTP and boot HTTP"),
+    "agent": ("agent.cli", "run the live-image agent, or print this host's inventory"),
+    "demo": ("lpmos.demo", "run everything on this machine with a QEMU lab"),
+    "config": ("lpmos.cli_config", "show the effective configuration and its sources"),
+    "token": ("lpmos.cli_token", "create, list and revoke API tokens and users"),
+    "render": ("bootsvc.render_cli", "preview a rendered boot script or install config"),
+}
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n"
+                              f"Run '{self.prog} --help' for the options.\n")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, settings: Sequence[Setting]) -> None:
+    for s in settings:
+        default = s.default
+        if isinstance(default, list):
+            default = ",".join(str(d) for d in default) or "none"
+        shown = "********" if s.secret and default else default
+        parser.add_argument(
+            s.flag, dest=s.dest, default=None, metavar=s.metavar or s.key.split(".")[-1].upper(),
+            help=f"{s.help} (default: {shown}; env {s.env_var}; file key {s.key})",
+        )
+
+
+def load_command(name: str) -> ModuleType:
+    module_name = COMMANDS[name][0]
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        sys.stderr.write(
+            f"lpmos {name}: cannot load {module_name}: {exc}.\n"
+            "This install lacks what the command needs; install the project with "
+            "'pip install lpmos[server]' (or run 'make setup').\n")
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def command_settings(module: ModuleType) -> list[Setting]:
+    return settings_by_key([COMMON, getattr(module, "SETTINGS", ())])
+
+
+def build_parser(selected: str | None) -> tuple[argparse.ArgumentParser, ModuleType | None]:
+    parser = _Parser(
+        prog="lpmos",
+        description="LPMOS bare-metal provisioning. Every setting can also come from an "
+                    "LPMOS_* environment variable or the TOML config file; flags win over "
+                    "the environment, which wins over the file, which wins over defaults.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    module = None
+    for name, (_mod, help_text) in COMMANDS.items():
+        if name == selected:
+            module = load_command(name)
+            p = sub.add_parser(name, help=help_text,
+                               description=getattr(module, "DESCRIPTION", help_text))
+            p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                           help="TOML configuration file (default: /etc/lpmos/lpmos.toml "
+                                "when it exists; env LPMOS_CONFIG)")
+            add_arguments = getattr(module, "add_arguments", None)
+            if add_arguments is not None:
+                add_arguments(p)
+            add_setting_flags(p, command_settings(module))
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser, module
+
+
+def config_for(module: ModuleType, args: argparse.Namespace,
+               environ: dict[str, str] | None = None) -> Config:
+    environ = dict(os.environ) if environ is None else environ
+    config_file = args.config
+    if config_file is None and environ.get("LPMOS_CONFIG"):
+        config_file = Path(environ["LPMOS_CONFIG"])
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    return resolve(command_settings(module), flags, environ, config_file)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if a in COMMANDS), None)
+    parser, module = build_parser(selected)
+    args = parser.parse_args(argv)
+    if args.command is None or module is None:
+        parser.print_help()
+        return EXIT_USAGE if args.command is None else 0
+    try:
+        config = config_for(module, args)
+    except ConfigError as exc:
+        sys.stderr.write(f"lpmos {args.command}: {exc}\n")
+        return EXIT_USAGE
+    try:
+        return int(module.run(config, args) or 0)
+    except ConfigError as exc:
+        sys.stderr.write(f"lpmos {args.command}: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""The embedded default: a private etcd server process on loopback.
+
+With no ``--etcd-endpoints`` a service calls :func:`ensure_local_etcd` with
+its state directory.  The first caller starts Debian's ``etcd`` binary with
+its data under ``STATE/etcd``, on free loopback ports, and records the PID
+and client URL there; later callers on the same state directory find it
+healthy and reuse it.  Each user registers its own PID; on exit
+(:meth:`LocalEtcd.release`) a user removes its registration, and the last
+live user stops the server (by the PID we recorded, after checking that the
+process is still our etcd on that data directory).
+
+A file lock (``flock``) serialises start-up, so two services started at
+once on one state directory share one etcd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ETCD_BINARY_CANDIDATES = ("etcd", "/usr/bin/etcd")
+
+
+class EmbeddedEtcdError(RuntimeError):
+    pass
+
+
+def find_etcd_binary() -> str:
+    for candidate in ETCD_BINARY_CANDIDATES:
+        path = shutil.which(candidate)
+        if path:
+            return path
+    raise EmbeddedEtcdError(
+        "no etcd binary found: install Debian's etcd-server package "
+        "(make setup does) or pass --etcd-endpoints to use an existing cluster"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def healthy(client_url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(client_url + "/health", timeout=timeout) as resp:  # noqa: S310
+            return bool(json.loads(resp.read()).get("health") in ("true", True))
+    except (OSError, ValueError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child counts as dead
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _is_our_etcd(pid: int, data_dir: Path) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and cmdline[0].endswith(b"etcd") and str(data_dir).encode() in cmdline
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass
+class LocalEtcd:
+    """A running private etcd: its client URL and how to let go of it."""
+
+    client_url: str
+    pid: int
+    base: Path
+    started_here: bool
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.base / "data"
+
+    def release(self) -> None:
+        """Drop our registration; stop the server if no live user remains."""
+        with _locked(self.base / "lock"):
+            users_dir = self.base / "users"
+            with contextlib.suppress(FileNotFoundError):
+                (users_dir / str(os.getpid())).unlink()
+            others = [p for p in users_dir.glob("*") if p.name.isdigit() and
+                      _pid_alive(int(p.name))]
+            if others:
+                return
+            self._stop()
+
+    def _stop(self) -> None:
+        if not _pid_alive(self.pid) or not _is_our_etcd(self.pid, self.data_dir):
+            return
+        os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                break
+            if self.process is None and not _pid_alive(self.pid):
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(5)
+        with contextlib.suppress(FileNotFoundError):
+            (self.base / "endpoint.json").unlink()
+
+
+def start_etcd(
+    data_dir: Path,
+    *,
+    name: str = "lpmos",
+    client_port: int | None = None,
+    peer_port: int | None = None,
+    log_path: Path | None = None,
+    extra_args: list[str] | None = None,
+    wait: float = 20.0,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start one etcd member on loopback; return the process and client URL.
+
+    Used by :func:`ensure_local_etcd` and by the test fixtures.  The process
+    is started in its own session so a Ctrl-C to the parent does not reach
+    it before the parent can shut it down in order.
+    """
+    binary = find_etcd_binary()
+    client_port = client_port or free_port()
+    peer_port = peer_port or free_port()
+    client_url = f"http://127.0.0.1:{client_port}"
+    peer_url = f"http://127.0.0.1:{peer_port}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    args = [
+        binary, "--name", name, "--data-dir", str(data_dir),
+        "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"{name}={peer_url}",
+        "--grpc-keepalive-min-time", "1s",
+        "--logger", "zap", "--log-outputs", "stderr",
+    ]
+    args += extra_args or []
+    log_fh = (log_path or data_dir.parent / "etcd.log").open("ab")
+    env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
+    proc = subprocess.Popen(args, stdout=log_fh, stderr=log_fh, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    log_fh.close()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedEtcdError(
+                f"etcd exited with code {proc.returncode}; see {log_path or data_dir.parent / 'etcd.log'}"
+            )
+        if healthy(client_url, timeout=0.5):
+            return proc, client_url
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise EmbeddedEtcdError(f"etcd did not become healthy within {wait:g}s")
+
+
+def ensure_local_etcd(state_dir: Path) -> LocalEtcd:
+    """Start, or reuse, the private etcd of ``state_dir``; register this process."""
+    base = state_dir / "etcd"
+    base.mkdir(parents=True, exist_ok=True)
+    with _locked(base / "lock"):
+        users_dir = base / "users"
+        users_dir.mkdir(exist_ok=True)
+        info_path = base / "endpoint.json"
+        running: LocalEtcd | None = None
+        if info_path.exists():
+            try:
+                info = json.loads(info_path.read_text())
+                pid, url = int(info["pid"]), str(info["client_url"])
+                if _pid_alive(pid) and _is_our_etcd(pid, base / "data") and healthy(url):
+                    running = LocalEtcd(url, pid, base, started_here=False)
+            except (ValueError, KeyError, OSError):
+                running = None
+        if running is None:
+            proc, url = start_etcd(base / "data", log_path=base / "etcd.log")
+            info_path.write_text(json.dumps({"pid": proc.pid, "client_url": url}))
+            running = LocalEtcd(url, proc.pid, base, started_here=True, process=proc)
+            log.info("started private etcd (pid %d) at %s, data in %s", proc.pid, url,
+                     base / "data")
+        else:
+            log.info("reusing private etcd (pid %d) at %s", running.pid, running.client_url)
+        (users_dir / str(os.getpid())).touch()
+        return running

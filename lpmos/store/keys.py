@@ -1,0 +1,128 @@
+"""The etcd key schema (design brief, "Data model in etcd").
+
+One key per object, no shared lists.  All keys live under a configurable
+prefix (default ``/os``).  IDC names are ``[a-z0-9][a-z0-9_-]*`` and may not
+be ``audit``; the LPMOS-wide keys that are not per IDC live under names that
+start with ``_`` so they can never collide with an IDC.
+
+| key                                   | value                               |
+| ------------------------------------- | ----------------------------------- |
+| {p}/{idc}/servers/{sn}                | :class:`lpmos.models.Server`        |
+| {p}/{idc}/machines/{sn}/task          | :class:`lpmos.models.Task`          |
+| {p}/{idc}/machines/{sn}/lease         | agent liveness (etcd lease)         |
+| {p}/{idc}/machines/{sn}/token         | per-machine token hash              |
+| {p}/{idc}/machines/{sn}/timeline      | boot timeline (bounded)             |
+| {p}/{idc}/macs/{mac}                  | SN owning the MAC                   |
+| {p}/{idc}/nodes/{node}                | regional node registration (lease)  |
+| {p}/{idc}/dhcp/{mac}                  | lab-mode DHCP lease                 |
+| {p}/audit/{time}-{id}                 | audit record                        |
+| {p}/_auth/users/{name}                | user (role, password hash)          |
+| {p}/_auth/tokens/{sha256}             | API token record                    |
+| {p}/_templates/{name}                 | task template (preset)              |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+RESERVED_IDC_NAMES = frozenset({"audit"})
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    kind: str           # task, server, lease, token, timeline, mac, node, dhcp, audit, ...
+    idc: str = ""
+    name: str = ""      # sn, mac, node name, audit id ...
+
+
+class Keys:
+    """Builds and parses keys under one prefix."""
+
+    def __init__(self, prefix: str = "/os") -> None:
+        prefix = "/" + prefix.strip("/")
+        self.prefix = prefix
+        self._machine_re = re.compile(
+            re.escape(prefix) + r"/([a-z0-9][a-z0-9_-]*)/machines/([^/]+)/(task|lease|token|timeline)"
+        )
+        self._idc_re = re.compile(
+            re.escape(prefix) + r"/([a-z0-9][a-z0-9_-]*)/(servers|macs|nodes|dhcp)/([^/]+)"
+        )
+
+    # -- builders
+    def root(self) -> str:
+        return self.prefix + "/"
+
+    def idc(self, idc: str) -> str:
+        return f"{self.prefix}/{idc}/"
+
+    def task(self, idc: str, sn: str) -> str:
+        return f"{self.prefix}/{idc}/machines/{sn}/task"
+
+    def lease(self, idc: str, sn: str) -> str:
+        return f"{self.prefix}/{idc}/machines/{sn}/lease"
+
+    def machine_token(self, idc: str, sn: str) -> str:
+        return f"{self.prefix}/{idc}/machines/{sn}/token"
+
+    def timeline(self, idc: str, sn: str) -> str:
+        return f"{self.prefix}/{idc}/machines/{sn}/timeline"
+
+    def server(self, idc: str, sn: str) -> str:
+        return f"{self.prefix}/{idc}/servers/{sn}"
+
+    def servers(self, idc: str) -> str:
+        return f"{self.prefix}/{idc}/servers/"
+
+    def mac(self, idc: str, mac: str) -> str:
+        return f"{self.prefix}/{idc}/macs/{mac}"
+
+    def node(self, idc: str, node: str) -> str:
+        return f"{self.prefix}/{idc}/nodes/{node}"
+
+    def nodes(self, idc: str) -> str:
+        return f"{self.prefix}/{idc}/nodes/"
+
+    def dhcp_lease(self, idc: str, mac: str) -> str:
+        return f"{self.prefix}/{idc}/dhcp/{mac}"
+
+    def dhcp_leases(self, idc: str) -> str:
+        return f"{self.prefix}/{idc}/dhcp/"
+
+    def audit(self, stamp: str, ident: str) -> str:
+        return f"{self.prefix}/audit/{stamp}-{ident}"
+
+    def audit_prefix(self) -> str:
+        return f"{self.prefix}/audit/"
+
+    def user(self, name: str) -> str:
+        return f"{self.prefix}/_auth/users/{name}"
+
+    def users(self) -> str:
+        return f"{self.prefix}/_auth/users/"
+
+    def api_token(self, digest: str) -> str:
+        return f"{self.prefix}/_auth/tokens/{digest}"
+
+    def api_tokens(self) -> str:
+        return f"{self.prefix}/_auth/tokens/"
+
+    def template(self, name: str) -> str:
+        return f"{self.prefix}/_templates/{name}"
+
+    def templates(self) -> str:
+        return f"{self.prefix}/_templates/"
+
+    # -- parser
+    def parse(self, key: str) -> ParsedKey | None:
+        """What a key is, or ``None`` for a key outside the schema."""
+        m = self._machine_re.fullmatch(key)
+        if m:
+            return ParsedKey(m.group(3), m.group(1), m.group(2))
+        m = self._idc_re.fullmatch(key)
+        if m:
+            kind = {"servers": "server", "macs": "mac", "nodes": "node", "dhcp": "dhcp"}[m.group(2)]
+            return ParsedKey(kind, m.group(1), m.group(3))
+        if key.startswith(self.audit_prefix()):
+            return ParsedKey("audit", "", key[len(self.audit_prefix()):])
+        return None

@@ -1,0 +1,228 @@
+"""Task operations: create, transition, apply progress events — each one CAS.
+
+Every change to a task document goes through :func:`lpmos.store.atomic_update`
+(or a single :func:`lpmos.store.cas` when the caller names the revision it
+saw, as the API does for "approve what I looked at"), so two approvers, two
+nodes or two browsers can never both win: the loser gets :class:`Conflict`
+or :class:`IllegalTransition` (both HTTP 409).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lpmos.models import ProgressEvent, Task, Transition, ValidationError, now
+from lpmos.states import FINAL, TRANSITIONS, TaskStatus, check_transition
+from lpmos.store import Compare, Conflict, Delete, Put, Store, Unchanged, atomic_update
+from lpmos.store.keys import Keys
+
+
+class TaskNotFound(LookupError):
+    status_code = 404
+
+    def __init__(self, idc: str, sn: str) -> None:
+        super().__init__(f"no task for {idc}/{sn}")
+        self.idc = idc
+        self.sn = sn
+
+
+class TaskExists(Conflict):
+    """A task for this machine is still active."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    task: Task
+    revision: int
+
+
+class TaskService:
+    def __init__(self, store: Store, keys: Keys) -> None:
+        self.store = store
+        self.keys = keys
+
+    def get(self, idc: str, sn: str) -> Stored | None:
+        kv = self.store.get(self.keys.task(idc, sn))
+        if kv is None:
+            return None
+        return Stored(Task.from_json(kv.value), kv.mod_revision)
+
+    def create(self, task: Task, *, by: str) -> Stored:
+        """Store a new ``pending`` task.  An existing task for the same
+        machine may be replaced only when it has ended (succeeded, failed,
+        rejected, cancelled); an active one raises :class:`TaskExists`."""
+        task.validate()
+        stamp = now()
+        task.status = TaskStatus.PENDING.value
+        task.created_by = by
+        task.created_at = task.updated_at = stamp
+        task.add_transition(Transition("", TaskStatus.PENDING.value, stamp, by, "created"))
+        key = self.keys.task(task.idc, task.sn)
+        current = self.store.get(key)
+        expected = 0
+        if current is not None:
+            old = Task.from_json(current.value)
+            if old.state not in FINAL:
+                raise TaskExists(key, current.mod_revision,
+                                 f"{task.idc}/{task.sn} already has a {old.status} task")
+            expected = current.mod_revision
+        revision = self.store.commit([Compare(key, expected)], [Put(key, task.to_json())])
+        return Stored(task, revision)
+
+    def update(self, idc: str, sn: str, fn: Callable[[Task], None], *,
+               expect_revision: int | None = None) -> Stored:
+        """Apply ``fn`` (which mutates the task, or raises) under CAS.
+
+        With ``expect_revision`` the write happens only if the task is still
+        at that revision (no retry: the caller decided on what it saw).
+        ``fn`` may raise :class:`lpmos.store.Unchanged` to write nothing.
+        """
+        key = self.keys.task(idc, sn)
+        result: list[Task] = []
+
+        def apply(raw: bytes | None) -> bytes | None:
+            if raw is None:
+                raise TaskNotFound(idc, sn)
+            task = Task.from_json(raw)
+            fn(task)
+            task.updated_at = now()
+            result[:] = [task]
+            return task.to_json()
+
+        if expect_revision is not None:
+            kv = self.store.get(key)
+            if kv is None:
+                raise TaskNotFound(idc, sn)
+            if kv.mod_revision != expect_revision:
+                raise Conflict(key, kv.mod_revision)
+            try:
+                new = apply(kv.value)
+            except Unchanged:
+                return Stored(Task.from_json(kv.value), kv.mod_revision)
+            assert new is not None
+            revision = self.store.commit([Compare(key, expect_revision)], [Put(key, new)])
+            return Stored(result[0], revision)
+        raw, revision = atomic_update(self.store, key, apply)
+        if not result:    # Unchanged
+            assert raw is not None
+            return Stored(Task.from_json(raw), revision)
+        return Stored(result[0], revision)
+
+    def transition(
+        self,
+        idc: str,
+        sn: str,
+        target: TaskStatus | str,
+        *,
+        by: str,
+        reason: str = "",
+        expect_revision: int | None = None,
+        mutate: Callable[[Task], None] | None = None,
+    ) -> Stored:
+        """Move a task to ``target``; :class:`IllegalTransition` if the state
+        machine forbids it (checked against the state read in the same CAS)."""
+        target = TaskStatus(target)
+
+        def fn(task: Task) -> None:
+            check_transition(task.status, target)
+            stamp = now()
+            task.add_transition(Transition(task.status, target.value, stamp, by, reason))
+            task.status = target.value
+            if target is TaskStatus.APPROVED:
+                task.approved_by = by
+                task.approved_at = stamp
+                task.attempt += 1
+                task.reason = ""
+                task.finished_at = 0.0
+                task.started_at = 0.0
+                task.claimed_by = ""
+                task.progress.percent = 0.0
+                task.progress.step = ""
+                task.progress.message = ""
+                task.event_seq = {}
+            elif target is TaskStatus.BOOTING:
+                task.started_at = stamp
+            elif target in FINAL:
+                task.finished_at = stamp
+                if reason:
+                    task.reason = reason
+            if target is TaskStatus.SUCCEEDED:
+                task.progress.percent = 100.0
+            if mutate is not None:
+                mutate(task)
+
+        return self.update(idc, sn, fn, expect_revision=expect_revision)
+
+    def apply_events(self, idc: str, sn: str, events: list[ProgressEvent], *,
+                     by: str = "") -> tuple[Stored, list[str]]:
+        """Apply progress events in order, skipping duplicates (L2).
+
+        Returns the stored task and the ids of the events applied now.  An
+        event whose ``seq`` is at or below the highest already applied from
+        its source is a duplicate and changes nothing.  A ``state`` event
+        moves the task through the state machine; one the machine forbids
+        (for example ``succeeded`` for a cancelled task) is recorded in the
+        log and otherwise ignored, so a late event can never resurrect a task.
+        """
+        applied: list[str] = []
+
+        def fn(task: Task) -> None:
+            applied.clear()
+            for ev in sorted(events, key=lambda e: (e.source, e.seq)):
+                if ev.seq <= task.event_seq.get(ev.source, -1):
+                    continue
+                task.event_seq[ev.source] = ev.seq
+                applied.append(ev.event_id)
+                stamp = now()
+                if ev.kind == "state":
+                    target = TaskStatus(ev.status)
+                    if task.status == target.value:
+                        pass
+                    elif target in _allowed_from(task.state):
+                        task.add_transition(Transition(task.status, target.value, stamp,
+                                                       by or ev.source, ev.message))
+                        task.status = target.value
+                        if target in FINAL:
+                            task.finished_at = stamp
+                            if target is TaskStatus.FAILED:
+                                task.reason = ev.message or "reported failed"
+                        if target is TaskStatus.SUCCEEDED:
+                            task.progress.percent = 100.0
+                    else:
+                        task.add_log(f"ignored {ev.source} state {target.value} "
+                                     f"(task is {task.status})")
+                        continue
+                if ev.percent is not None:
+                    task.progress.percent = ev.percent
+                if ev.step:
+                    task.progress.step = ev.step
+                if ev.message:
+                    task.progress.message = ev.message
+                    task.add_log(f"[{ev.source}] {ev.step + ': ' if ev.step else ''}{ev.message}")
+                if ev.bytes_total:
+                    task.progress.bytes_done = ev.bytes_done
+                    task.progress.bytes_total = ev.bytes_total
+                    task.progress.rate = float(ev.rate)
+                task.progress.updated_at = stamp
+            if not applied:
+                raise Unchanged
+
+        return self.update(idc, sn, fn), list(applied)
+
+    def delete(self, idc: str, sn: str, *, expect_revision: int | None = None) -> Task:
+        key = self.keys.task(idc, sn)
+        kv = self.store.get(key)
+        if kv is None:
+            raise TaskNotFound(idc, sn)
+        if expect_revision is not None and kv.mod_revision != expect_revision:
+            raise Conflict(key, kv.mod_revision)
+        task = Task.from_json(kv.value)
+        if task.state in (TaskStatus.BOOTING, TaskStatus.INSTALLING):
+            raise ValidationError("status", f"cannot delete a {task.status} task; cancel it first")
+        self.store.commit([Compare(key, kv.mod_revision)], [Delete(key)])
+        return task
+
+
+def _allowed_from(state: TaskStatus) -> frozenset[TaskStatus]:
+    return TRANSITIONS[state]

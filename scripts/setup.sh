@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Install what LPMOS needs on a fresh Debian 12 machine, only what is missing:
+#   scripts/setup.sh system   -> Debian packages (apt-get), as root
+#   scripts/setup.sh venv     -> .venv with the project and its Python dependencies
+# Both are idempotent and fast when nothing changed (stamp files in .venv/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SYSTEM_PACKAGES=(
+  etcd-server etcd-client        # the system of record (embedded default and tests)
+  ipxe                           # undionly.kpxe, ipxe.efi, snponly.efi served over TFTP
+  qemu-system-x86 ovmf           # the QEMU lab: BIOS (SeaBIOS) and UEFI (OVMF) VMs
+  dnsmasq-base                   # the site's DHCP server in the lab; reference in benchmarks
+  tftpd-hpa tftp-hpa atftp curl  # TFTP reference server and real TFTP clients in tests
+  busybox udhcpc isc-dhcp-client # real DHCP clients in tests
+  iproute2 iptables              # network namespaces, veths and bridges for tests
+  chromium                       # browser tests (driven by Playwright, never downloaded)
+  debootstrap cpio zstd squashfs-tools xz-utils   # live-image and lab-OS builds
+  python3-venv python3-dev gcc   # the virtualenv
+)
+
+system() {
+  local missing=()
+  for p in "${SYSTEM_PACKAGES[@]}"; do
+    [[ "$p" == \#* ]] && continue
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    if [[ $(id -u) != 0 ]]; then
+      echo "setup: missing Debian packages: ${missing[*]}; run as root or install them" >&2
+      exit 1
+    fi
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # tftpd-hpa ships a service we never use (tests start their own); keep it off
+    if command -v systemctl >/dev/null && systemctl is-active --quiet tftpd-hpa 2>/dev/null; then
+      systemctl disable --now tftpd-hpa || true
+    fi
+  fi
+}
+
+venv() {
+  local py=${PYTHON:-python3}
+  local stamp=.venv/.lpmos-stamp
+  local want
+  want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [[ -f $stamp && $(cat $stamp) == "$want" && -x .venv/bin/lpmos ]]; then
+    return 0
+  fi
+  echo "setup: building .venv with the project and its Python dependencies"
+  [[ -x .venv/bin/python ]] || "$py" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  echo "$want" > $stamp
+}
+
+case "${1:-all}" in
+  system) system ;;
+  venv) venv ;;
+  all) system; venv ;;
+  *) echo "usage: $0 [system|venv|all]" >&2; exit 2 ;;
+esac

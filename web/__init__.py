@@ -1,0 +1,1 @@
+"""LPMOS web package."""
