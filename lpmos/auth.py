@@ -24,7 +24,7 @@ from lpmos.models import ValidationError, now
 from lpmos.store import Compare, Conflict, Put, Store, range_all
 from lpmos.store.keys import Keys
 
-TOKEN_PREFIX = "lpm_"
+TOKEN_PREFIX = "lpm_"  # noqa: S105 (a prefix, not a secret)
 _USER_RE = re.compile(r"[a-z][a-z0-9._-]{0,31}")
 
 

@@ -34,8 +34,8 @@ class StoreHandle:
 def open_store(config: Config) -> Iterator[StoreHandle]:
     """The configured etcd store; with no endpoints, the private embedded etcd
     of the state directory (started or reused, and released on exit)."""
-    from lpmos.store.etcd import EtcdStore
     from lpmos.store.embedded import ensure_local_etcd
+    from lpmos.store.etcd import EtcdStore
 
     endpoints: list[str] = list(config["etcd.endpoints"])
     local = None

@@ -185,7 +185,8 @@ def start_etcd(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise EmbeddedEtcdError(
-                f"etcd exited with code {proc.returncode}; see {log_path or data_dir.parent / 'etcd.log'}"
+                f"etcd exited with code {proc.returncode}; "
+                f"see {log_path or data_dir.parent / 'etcd.log'}"
             )
         if healthy(client_url, timeout=0.5):
             return proc, client_url

@@ -180,8 +180,9 @@ class EtcdStore:
                 return fn(ep, remaining, self._metadata())
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.INVALID_ARGUMENT and "auth token" in (exc.details() or "") \
-                        and not reauthed:
+                expired = code == grpc.StatusCode.INVALID_ARGUMENT and \
+                    "auth token" in (exc.details() or "")
+                if expired and not reauthed:
                     self._auth_token = None
                     reauthed = True
                     continue

@@ -43,7 +43,8 @@ class Keys:
         prefix = "/" + prefix.strip("/")
         self.prefix = prefix
         self._machine_re = re.compile(
-            re.escape(prefix) + r"/([a-z0-9][a-z0-9_-]*)/machines/([^/]+)/(task|lease|token|timeline)"
+            re.escape(prefix)
+            + r"/([a-z0-9][a-z0-9_-]*)/machines/([^/]+)/(task|lease|token|timeline)"
         )
         self._idc_re = re.compile(
             re.escape(prefix) + r"/([a-z0-9][a-z0-9_-]*)/(servers|macs|nodes|dhcp)/([^/]+)"
