@@ -1,0 +1,42 @@
+"""Settings of a regional node that every one of its services reads.
+
+Service-specific settings live with the service (``bootsvc.dhcp_server``,
+``bootsvc.tftp_server``, ``bootsvc.http_app``) and are merged by
+``bootsvc.cli``.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from lpmos.config import (
+    Setting,
+    choice_list,
+    parse_name,
+    parse_optional_ip,
+    parse_optional_str,
+    parse_optional_url,
+    parse_str,
+)
+
+NODE_SETTINGS: tuple[Setting, ...] = (
+    Setting("regional.idc", "--idc", "dc1", parse_name,
+            "the IDC (datacenter) this node serves; it watches only /os/{idc}/", metavar="IDC"),
+    Setting("regional.node_name", "--node-name", socket.gethostname().split(".")[0].lower()[:32]
+            or "node", parse_name,
+            "this node's name in /os/{idc}/nodes/ (default: the host name)", metavar="NAME"),
+    Setting("regional.services", "--services", ["dhcp", "tftp", "http"],
+            choice_list("dhcp", "tftp", "http"),
+            "which services to run, comma list of dhcp, tftp, http", metavar="LIST"),
+    Setting("regional.listen", "--listen", "0.0.0.0", parse_str,
+            "address the DHCP, TFTP and HTTP sockets bind to", metavar="ADDR"),
+    Setting("regional.interface", "--interface", None, parse_optional_str,
+            "network interface the ProxyDHCP binds to (SO_BINDTODEVICE) and takes its "
+            "address from", metavar="IFACE"),
+    Setting("regional.server_ip", "--server-ip", None, parse_optional_ip,
+            "address machines reach this node at (DHCP option 54, TFTP next-server); "
+            "default: the address of --interface, else --listen", metavar="IP"),
+    Setting("regional.advertise_url", "--advertise-url", None, parse_optional_url,
+            "base URL machines use for boot HTTP (default: http://SERVER_IP:HTTP_PORT)",
+            metavar="URL"),
+)
