@@ -16,6 +16,7 @@ SYSTEM_PACKAGES=(
   iproute2 iptables              # network namespaces, veths and bridges for tests
   chromium                       # browser tests (driven by Playwright, never downloaded)
   debootstrap cpio zstd squashfs-tools xz-utils   # live-image and lab-OS builds
+  mtools dosfstools fdisk        # agent: NoCloud seed into the image FAT (mcopy), test fixtures (mkfs.vfat, sfdisk)
   python3-venv python3-dev gcc   # the virtualenv
 )
 
