@@ -177,7 +177,7 @@ class WatchCache:
 
     def _run(self) -> None:
         backoff = 0.1
-        need_load = True
+        need_load = not self.loaded   # start() after load() resumes from it
         while not self._stop.is_set():
             try:
                 if need_load:

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lpmos.cli import main
+from lpmos.config import COMMON, ConfigError, resolve
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "lpmos.toml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
+    cfg_file = _write(tmp_path, 'state_dir = "/from/file"\nlog_level = "debug"\n'
+                                '[etcd]\ntimeout = 7\nprefix = "/fileprefix"\n')
+    env = {"LPMOS_ETCD_TIMEOUT": "3", "LPMOS_STATE_DIR": "/from/env"}
+    flags = {"state_dir": "/from/flag"}
+    cfg = resolve(COMMON, flags, env, cfg_file)
+    assert cfg["state_dir"] == Path("/from/flag") and cfg.sources["state_dir"].startswith("flag")
+    assert cfg["etcd.timeout"] == 3.0 and cfg.sources["etcd.timeout"] == "env LPMOS_ETCD_TIMEOUT"
+    assert cfg["log_level"] == "debug" and cfg.sources["log_level"].startswith("file")
+    assert cfg["etcd.prefix"] == "/fileprefix"
+    assert cfg["etcd.endpoints"] == [] and cfg.sources["etcd.endpoints"] == "default"
+
+
+def test_bad_value_is_one_line_naming_setting_and_allowed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve(COMMON, {}, {"LPMOS_ETCD_TIMEOUT": "soon"}, None)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "etcd.timeout" in message and "LPMOS_ETCD_TIMEOUT" in message
+    assert "a number from 0.1 to 60" in message
+
+
+def test_endpoints_parsed_and_checked() -> None:
+    cfg = resolve(COMMON, {"etcd__endpoints": "127.0.0.1:2379, https://e2:2379"}, {}, None)
+    assert cfg["etcd.endpoints"] == ["http://127.0.0.1:2379", "https://e2:2379"]
+    with pytest.raises(ConfigError):
+        resolve(COMMON, {"etcd__endpoints": "ftp://x:1"}, {}, None)
+
+
+def test_missing_or_broken_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(COMMON, {}, {}, tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve(COMMON, {}, {}, _write(tmp_path, "state_dir = ["))
+
+
+def test_cli_wrong_value_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["config", "show", "--etcd-timeout", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "etcd.timeout" in err
+
+
+def test_cli_config_show_lists_sources(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LPMOS_ETCD_PREFIX", "/envprefix")
+    code = main(["config", "show", "--state-dir", str(tmp_path), "--config",
+                 str(_write(tmp_path, 'log_level = "warning"\n'))])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line and line[0] != "#"}
+    assert "(flag --state-dir)" in lines["state_dir"]
+    assert "(env LPMOS_ETCD_PREFIX)" in lines["etcd.prefix"]
+    assert "(file " in lines["log_level"]
+    assert "(default)" in lines["etcd.timeout"]
+
+
+def test_cli_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("control-plane", "regional", "agent", "demo", "config", "token"):
+        assert name in out
