@@ -1,0 +1,238 @@
+"""The regional node: one process running ProxyDHCP, TFTP and boot HTTP.
+
+It builds the :class:`bootsvc.context.NodeContext` (the IDC watch cache, the
+machine index, metrics, the timeline) and runs the chosen services:
+DHCP and TFTP on one asyncio loop in the main thread, HTTP on its WSGI
+server's threads.  It registers itself at ``/os/{idc}/nodes/{node}`` under a
+lease kept alive while it runs, and keeps serving from its cache while etcd
+is unreachable (RELIABILITY: degraded, not down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import random
+import signal
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from bootsvc.context import MemoryTimeline, NodeContext
+from bootsvc.machines import MachineIndex
+from lpmos import __version__
+from lpmos.config import Config
+from lpmos.metrics import Registry
+from lpmos.store import Store, StoreError
+from lpmos.store.cache import WatchCache
+from lpmos.store.keys import Keys
+
+log = logging.getLogger(__name__)
+
+NODE_LEASE_TTL = 10
+
+
+class AsyncService(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def interface_address(name: str) -> str | None:
+    """The IPv4 address of a network interface (SIOCGIFADDR), or ``None``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def default_server_ip(config: Config) -> str:
+    """Where machines reach us: --server-ip, else --interface's address, else
+    --listen when it is a concrete address, else the address of the default
+    route's source (found without sending anything)."""
+    if config["regional.server_ip"]:
+        return str(config["regional.server_ip"])
+    iface = config["regional.interface"]
+    if iface:
+        addr = interface_address(iface)
+        if addr:
+            return addr
+    listen = str(config["regional.listen"])
+    if listen not in ("0.0.0.0", "::", ""):
+        return listen
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))   # TEST-NET-1; connect() on UDP sends nothing
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+class NodeRegistration:
+    """``/os/{idc}/nodes/{node}`` under a lease, refreshed with jitter;
+    re-created after etcd comes back or the lease is lost."""
+
+    def __init__(self, ctx: NodeContext, info: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.info = info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="node-registration", daemon=True)
+        self._lease = 0
+        self.registered = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self._lease:
+            with contextlib.suppress(StoreError):
+                self.ctx.store.revoke(self._lease)
+
+    def _value(self) -> bytes:
+        info = dict(self.info)
+        info["updated_at"] = time.time()
+        info["cache_staleness"] = round(min(self.ctx.cache.staleness(), 1e9), 3)
+        info["counters"] = {
+            name: self.ctx.metrics.total(name)
+            for name in ("dhcp_replies_total", "tftp_transfers_total", "http_requests_total")
+        }
+        return json.dumps(info, separators=(",", ":")).encode()
+
+    def _run(self) -> None:
+        key = self.ctx.keys.node(self.ctx.idc, self.ctx.node_name)
+        while not self._stop.is_set():
+            try:
+                if not self._lease or self.ctx.store.keepalive(self._lease) <= 0:
+                    self._lease = self.ctx.store.grant(NODE_LEASE_TTL)
+                self.ctx.store.put(key, self._value(), lease=self._lease)
+                self.registered = True
+            except StoreError as exc:
+                self.registered = False
+                log.warning("node registration: etcd unavailable (%s); will retry", exc)
+            self._stop.wait(random.uniform(NODE_LEASE_TTL / 4, NODE_LEASE_TTL / 3))
+
+
+class RegionalNode:
+    def __init__(self, config: Config, store: Store, keys: Keys) -> None:
+        self.config = config
+        idc = str(config["regional.idc"])
+        cache = WatchCache(store, keys.idc(idc), name=f"idc-{idc}")
+        machines = MachineIndex(cache, keys, idc)
+        server_ip = default_server_ip(config)
+        http_port = int(config.get("http.port", 8081) or 8081)
+        advertise = config["regional.advertise_url"] or f"http://{server_ip}:{http_port}"
+        self.ctx = NodeContext(
+            config=config, idc=idc, node_name=str(config["regional.node_name"]), store=store,
+            keys=keys, cache=cache, machines=machines, metrics=Registry(),
+            timeline=MemoryTimeline(), advertise_url=advertise, server_ip=server_ip,
+        )
+        self.services: list[str] = list(config["regional.services"])
+        self._async: list[AsyncService] = []
+        self._http: Any = None
+        self._timeline: Any = None
+        self._registration: NodeRegistration | None = None
+        self.ctx.metrics.gauge("lpmos_cache_staleness_seconds",
+                               lambda: min(cache.staleness(), 1e9),
+                               "seconds since etcd last confirmed the IDC cache is current")
+        self.ctx.metrics.gauge("lpmos_cache_keys", lambda: float(len(cache)),
+                               "keys in the IDC cache")
+
+    # -- lifecycle
+    def _start_sync(self) -> None:
+        ctx = self.ctx
+        ctx.cache.start(wait=3.0)
+        if not ctx.cache.loaded:
+            log.warning("etcd unreachable at start: serving degraded (no installs) until it "
+                        "answers; last error: %s", ctx.cache.last_error or "timeout")
+        try:
+            from bootsvc.timeline import EtcdTimeline
+        except ImportError:
+            log.warning("bootsvc.timeline missing: the boot timeline stays in memory")
+        else:
+            self._timeline = EtcdTimeline(ctx.store, ctx.keys, ctx.idc, ctx.machines,
+                                          ctx.metrics)
+            self._timeline.start()
+            ctx.timeline = self._timeline
+        if "http" in self.services:
+            from bootsvc.http_app import HttpService
+
+            self._http = HttpService(ctx)
+            self._http.start()
+        self._registration = NodeRegistration(ctx, {
+            "node": ctx.node_name, "idc": ctx.idc, "address": ctx.server_ip,
+            "advertise_url": ctx.advertise_url, "version": __version__,
+            "services": self.services, "started_at": time.time(),
+        })
+        self._registration.start()
+
+    async def _start_async(self) -> None:
+        if "tftp" in self.services:
+            from bootsvc.tftp_server import TftpService
+
+            tftp = TftpService(self.ctx)
+            await tftp.start()
+            self._async.append(tftp)
+        if "dhcp" in self.services and self.config.get("dhcp.mode", "proxy") != "off":
+            from bootsvc.dhcp_server import DhcpService
+
+            dhcp = DhcpService(self.ctx)
+            await dhcp.start()
+            self._async.append(dhcp)
+
+    async def _stop_async(self) -> None:
+        for service in reversed(self._async):
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("error stopping %s", type(service).__name__)
+        self._async.clear()
+
+    def _stop_sync(self) -> None:
+        if self._registration is not None:
+            self._registration.stop()
+        if self._http is not None:
+            self._http.stop()
+        if self._timeline is not None:
+            self._timeline.stop()
+        self.ctx.cache.stop()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Start everything, run until ``stop`` is set, stop everything."""
+        self._start_sync()
+        try:
+            await self._start_async()
+            log.info("regional node %s for IDC %s up: services %s, machines reach it at %s "
+                     "(boot HTTP %s)", self.ctx.node_name, self.ctx.idc,
+                     ",".join(self.services), self.ctx.server_ip, self.ctx.advertise_url)
+            await stop.wait()
+        finally:
+            await self._stop_async()
+            self._stop_sync()
+
+    def run_forever(self) -> int:
+        """Run until SIGINT or SIGTERM."""
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await self.serve(stop)
+
+        asyncio.run(main())
+        return 0
+
+
+def ensure_state_dir(config: Config) -> Path:
+    state = Path(config["state_dir"])
+    state.mkdir(parents=True, exist_ok=True)
+    return state
