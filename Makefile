@@ -28,7 +28,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not lab and not browser and not slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check lpmos bootsvc agent web tests bench
+	$(VENV)/bin/ruff check $(wildcard lpmos bootsvc agent web lab tests bench images)
 	$(VENV)/bin/mypy
 
 demo: setup
