@@ -31,6 +31,16 @@ class TaskExists(Conflict):
     """A task for this machine is still active."""
 
 
+class BatchRefused(ValidationError):
+    """Some rows of a batch cannot be created; ``errors`` names each."""
+
+    status_code = 400
+
+    def __init__(self, errors: list[dict[str, object]]) -> None:
+        super().__init__("tasks", f"{len(errors)} row(s) refused; nothing was created")
+        self.errors = errors
+
+
 @dataclass(frozen=True)
 class Stored:
     task: Task
@@ -69,6 +79,49 @@ class TaskService:
             expected = current.mod_revision
         revision = self.store.commit([Compare(key, expected)], [Put(key, task.to_json())])
         return Stored(task, revision)
+
+    def create_many(self, tasks: list[Task], *, by: str) -> list[Stored]:
+        """Store several new ``pending`` tasks in ONE etcd transaction: all or
+        none.  Each machine may appear once and must have no active task
+        (as :meth:`create`); otherwise :class:`BatchRefused` lists every bad
+        row (0-based index) and nothing is written.  A concurrent write to any
+        of the keys between the check and the commit raises :class:`Conflict`
+        (nothing written).  etcd refuses transactions of more than
+        ``--max-txn-ops`` (default 128) operations; callers bound the size."""
+        errors: list[dict[str, object]] = []
+        seen: dict[str, int] = {}
+        compares: list[Compare] = []
+        puts: list[Put] = []
+        stamp = now()
+        for i, task in enumerate(tasks):
+            key = self.keys.task(task.idc, task.sn)
+            if key in seen:
+                errors.append({"row": i, "field": "sn", "error":
+                               f"{task.idc}/{task.sn} also in row {seen[key]}"})
+                continue
+            seen[key] = i
+            task.validate()
+            task.status = TaskStatus.PENDING.value
+            task.created_by = by
+            task.created_at = task.updated_at = stamp
+            task.add_transition(Transition("", TaskStatus.PENDING.value, stamp, by, "created"))
+            current = self.store.get(key)
+            expected = 0
+            if current is not None:
+                old = Task.from_json(current.value)
+                if old.state not in FINAL:
+                    errors.append({"row": i, "field": "sn", "error":
+                                   f"{task.idc}/{task.sn} already has a {old.status} task"})
+                    continue
+                expected = current.mod_revision
+            compares.append(Compare(key, expected))
+            puts.append(Put(key, task.to_json()))
+        if errors:
+            raise BatchRefused(errors)
+        if not puts:
+            return []
+        revision = self.store.commit(compares, puts)
+        return [Stored(t, revision) for t in tasks]
 
     def update(self, idc: str, sn: str, fn: Callable[[Task], None], *,
                expect_revision: int | None = None) -> Stored:
