@@ -13,9 +13,10 @@ SYSTEM_PACKAGES=(
   dnsmasq-base                   # the site's DHCP server in the lab; reference in benchmarks
   tftpd-hpa tftp-hpa atftp curl  # TFTP reference server and real TFTP clients in tests
   busybox udhcpc isc-dhcp-client # real DHCP clients in tests
-  iproute2 iptables              # network namespaces, veths and bridges for tests
+  iproute2 iptables openssl      # network namespaces, veths, bridges; test certificates
   chromium                       # browser tests (driven by Playwright, never downloaded)
   debootstrap cpio zstd squashfs-tools xz-utils   # live-image and lab-OS builds
+  kmod mtools syslinux syslinux-common fdisk grub-efi-amd64-bin  # images/build.py: modules, FAT, GPT, BIOS/UEFI boot
   mtools dosfstools fdisk        # agent: NoCloud seed into the image FAT (mcopy), test fixtures (mkfs.vfat, sfdisk)
   python3-venv python3-dev gcc   # the virtualenv
 )

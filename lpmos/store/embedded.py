@@ -26,7 +26,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,17 +153,23 @@ def start_etcd(
     log_path: Path | None = None,
     extra_args: list[str] | None = None,
     wait: float = 20.0,
+    initial_cluster: str | None = None,
+    scheme: str = "http",
+    wait_healthy: Callable[[str], bool] | None = lambda url: healthy(url, timeout=0.5),
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start one etcd member on loopback; return the process and client URL.
 
-    Used by :func:`ensure_local_etcd` and by the test fixtures.  The process
+    Used by :func:`ensure_local_etcd` and by the test fixtures (which also
+    start clusters with ``initial_cluster`` and TLS with ``scheme="https"``
+    plus ``extra_args``; ``wait_healthy=None`` returns without waiting, for a
+    member that cannot be healthy before its peers start).  The process
     is started in its own session so a Ctrl-C to the parent does not reach
     it before the parent can shut it down in order.
     """
     binary = find_etcd_binary()
     client_port = client_port or free_port()
     peer_port = peer_port or free_port()
-    client_url = f"http://127.0.0.1:{client_port}"
+    client_url = f"{scheme}://127.0.0.1:{client_port}"
     peer_url = f"http://127.0.0.1:{peer_port}"
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
@@ -171,7 +177,7 @@ def start_etcd(
         binary, "--name", name, "--data-dir", str(data_dir),
         "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-        "--initial-cluster", f"{name}={peer_url}",
+        "--initial-cluster", initial_cluster or f"{name}={peer_url}",
         "--grpc-keepalive-min-time", "1s",
         "--logger", "zap", "--log-outputs", "stderr",
     ]
@@ -188,7 +194,7 @@ def start_etcd(
                 f"etcd exited with code {proc.returncode}; "
                 f"see {log_path or data_dir.parent / 'etcd.log'}"
             )
-        if healthy(client_url, timeout=0.5):
+        if wait_healthy is None or wait_healthy(client_url):
             return proc, client_url
         time.sleep(0.1)
     proc.kill()

@@ -308,7 +308,7 @@ class EtcdStore:
                           lambda ep, t, md: ep.maintenance.Status(req, timeout=t, metadata=md),
                           idempotent=True)
         return {"version": resp.version, "leader": resp.leader, "db_size": resp.dbSize,
-                "endpoint": self.endpoints[self._current]}
+                "member_id": resp.header.member_id, "endpoint": self.endpoints[self._current]}
 
     def watch(self, prefix: str, start_revision: int) -> EtcdWatch:
         if self._closed:
