@@ -21,8 +21,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from lpmos.config import COMMON, Config, ConfigError, Setting, resolve, settings_by_key
+from lpmos.config import (
+    COMMON,
+    Config,
+    ConfigError,
+    Setting,
+    parse_bool,
+    resolve,
+    settings_by_key,
+)
 
 #: name → (module, one-line help).  Order is the order of ``lpmos --help``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,9 +61,11 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: Sequence[Settin
         if isinstance(default, list):
             default = ",".join(str(d) for d in default) or "none"
         shown = "********" if s.secret and default else default
+        # a boolean flag given alone means true (``--no-reboot``); a value still works
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if s.parse is parse_bool else {}
         parser.add_argument(
             s.flag, dest=s.dest, default=None, metavar=s.metavar or s.key.split(".")[-1].upper(),
-            help=f"{s.help} (default: {shown}; env {s.env_var}; file key {s.key})",
+            help=f"{s.help} (default: {shown}; env {s.env_var}; file key {s.key})", **extra,
         )
 
 
