@@ -30,7 +30,8 @@ def read_nics(root: Path) -> list[dict[str, Any]]:
             "attrs": read_attrs(base / name, NIC_ATTRS),
             "has_device": (base / name / "device").exists(),
         }
-        driver = link_target(root, base / name / "device" / "driver")
+        driver_link = base / name / "device" / "driver"
+        driver = link_target(root, driver_link) if driver_link.exists() else None
         if driver:
             entry["driver"] = driver.rsplit("/", 1)[-1]
         # speed and carrier raise EINVAL when the link is down: keep the reason
