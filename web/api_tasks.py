@@ -1,0 +1,378 @@
+"""``/api/v1/tasks``: create, list, read, approve, reject, cancel, retry,
+delete and batch-import install tasks.
+
+Every change goes through :class:`lpmos.tasks.TaskService` (one CAS each)
+and writes an audit record (who, what, before, after).  Lists are served from
+the process's watch cache (:class:`web.index.ConsoleIndex`), never from
+etcd range reads.  After a write the view waits briefly for the cache to
+reach the written revision, so the caller's next list shows its change.
+
+The calls of the earlier console work as its operators wrote them: a JSON
+body sent by ``curl -d`` without a Content-Type header is JSON here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+
+from lpmos.audit import write_audit
+from lpmos.auth import Role
+from lpmos.models import Task, ValidationError, validate_name, validate_sn, validate_text
+from lpmos.states import IllegalTransition, TaskStatus
+from lpmos.tasks import BatchRefused
+from web.auth import Principal, current_principal, requires
+from web.context import WebContext, ctx
+from web.http import ApiError, decode_cursor, encode_cursor, parse_json_body, parse_limit
+from web.index import task_summary
+
+bp = Blueprint("api_tasks", __name__, url_prefix="/api/v1")
+
+TASK_FIELDS = ("idc", "sn", "mac", "os_type", "os_version", "image", "params", "notes",
+               "template")
+CSV_FIELDS = ("idc", "sn", "mac", "os_type", "os_version", "image", "template", "notes")
+READ_YOUR_WRITES_WAIT = 2.0
+
+
+def _principal() -> Principal:
+    p = current_principal()
+    assert p is not None   # @requires ran first
+    return p
+
+
+def _body(*, allow_empty: bool = True) -> Any:
+    raw = request.get_data(cache=True)
+    if allow_empty and not raw.strip():
+        return {}
+    return parse_json_body(raw)
+
+
+def _object_body() -> dict[str, Any]:
+    body = _body()
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def _synced(c: WebContext, revision: int) -> None:
+    c.cache.wait_for_revision(revision, READ_YOUR_WRITES_WAIT)
+
+
+def _audit(c: WebContext, action: str, target: str, before: Any, after: Any,
+           detail: str = "") -> None:
+    p = _principal()
+    write_audit(c.store, c.keys, actor=p.user, action=action, target=target, before=before,
+                after=after, detail=detail, source=f"{p.source} from {request.remote_addr}")
+
+
+def _path_ids(idc: str, sn: str) -> tuple[str, str]:
+    try:
+        return validate_name(idc, "idc"), validate_sn(sn, "sn")
+    except ValidationError as exc:
+        raise ApiError(404, "not_found", f"no task for {idc}/{sn}: {exc}") from None
+
+
+# -- building a task from a request ------------------------------------------------
+
+
+def build_task(c: WebContext, data: Any) -> Task:
+    """A validated new :class:`Task` from one JSON object (or CSV row):
+    the named template fills what the row leaves out, and the OS is
+    checked against the image catalog when one is configured."""
+    if not isinstance(data, dict):
+        raise ValidationError("task", "a JSON object")
+    values = {k: data[k] for k in TASK_FIELDS if k in data and data[k] is not None}
+    for name in ("idc", "sn", "mac", "os_type", "os_version", "image", "notes", "template"):
+        if name in values and not isinstance(values[name], str):
+            raise ValidationError(name, "a string")
+    template_name = values.get("template", "")
+    if template_name:
+        validate_text(template_name, "template", 64)
+        found = c.index.template(template_name)
+        if found is None:
+            raise ValidationError("template", f"no template named {template_name!r}")
+        preset = found[0]
+        for name in ("os_type", "os_version", "image"):
+            if not values.get(name) and isinstance(preset.get(name), str):
+                values[name] = preset[name]
+        params = dict(preset.get("params") or {}) if isinstance(preset.get("params"), dict) \
+            else {}
+        if isinstance(values.get("params"), dict):
+            params.update(values["params"])
+        values["params"] = params
+    for required in ("idc", "sn", "mac", "os_type"):
+        if not values.get(required):
+            raise ValidationError(required, "is required")
+    task = Task(**values)
+    task.validate()
+    if c.catalog is not None:
+        image = c.catalog.resolve(task.os_type, task.os_version, task.image)
+        task.image = image.name
+    return task
+
+
+# -- list and read --------------------------------------------------------------
+
+
+@bp.get("/tasks")
+@requires(Role.VIEWER)
+def list_tasks() -> Any:
+    """Tasks newest first; filters ``idc``, ``status`` (comma list), ``q``
+    (text in SN, MAC, OS, users, notes); ``limit`` (1-500, default 50) and
+    ``cursor`` (the previous page's ``next_cursor``)."""
+    c = ctx()
+    if not c.cache.wait_loaded(5.0):
+        raise ApiError(503, "unavailable", "the task cache is still loading from etcd")
+    idc = request.args.get("idc", "")
+    statuses = [s for s in request.args.get("status", "").split(",") if s]
+    for s in statuses:
+        try:
+            TaskStatus(s)
+        except ValueError:
+            raise ApiError(400, "bad_request", f"status: {s!r} is not one of "
+                           + ", ".join(x.value for x in TaskStatus)) from None
+    q = request.args.get("q", "")
+    if len(q) > 200:
+        raise ApiError(400, "bad_request", "q: at most 200 characters")
+    limit = parse_limit(request.args.get("limit"))
+    after = None
+    if request.args.get("cursor"):
+        parts = decode_cursor(request.args["cursor"], 3)
+        try:
+            after = (float(parts[0]), str(parts[1]), str(parts[2]))
+        except (TypeError, ValueError):
+            raise ApiError(400, "bad_request", "cursor is malformed") from None
+    revision = c.cache.revision
+    entries, next_after, total = c.index.query_tasks(idc=idc, status=statuses, q=q,
+                                                     after=after, limit=limit)
+    return jsonify({
+        "items": [task_summary(e.task, e.revision) for e in entries],
+        "next_cursor": encode_cursor(list(next_after)) if next_after else None,
+        "total": total,
+        "revision": revision,
+    })
+
+
+@bp.get("/tasks/<idc>/<sn>")
+@requires(Role.VIEWER)
+def get_task(idc: str, sn: str) -> Any:
+    """One task with its history and log (from the cache; ``?fresh=1`` reads etcd)."""
+    c = ctx()
+    idc, sn = _path_ids(idc, sn)
+    if request.args.get("fresh") in ("1", "true"):
+        stored = c.tasks.get(idc, sn)
+        if stored is None:
+            raise ApiError(404, "not_found", f"no task for {idc}/{sn}")
+        task, revision = stored.task, stored.revision
+    else:
+        entry = c.index.task(idc, sn)
+        if entry is None:
+            raise ApiError(404, "not_found", f"no task for {idc}/{sn}")
+        task, revision = entry.task, entry.revision
+    return jsonify({"task": task.to_dict(), "revision": revision,
+                    "online": c.index.online(idc, sn)})
+
+
+# -- create -----------------------------------------------------------------------
+
+
+@bp.post("/tasks")
+@requires(Role.OPERATOR)
+def create_task() -> Any:
+    """Create a ``pending`` task: ``{"idc", "sn", "mac", "os_type",
+    "os_version"?, "image"?, "template"?, "params"?, "notes"?}``."""
+    c = ctx()
+    body = _body(allow_empty=False)
+    task = build_task(c, body)
+    stored = c.tasks.create(task, by=_principal().user)
+    after = task_summary(stored.task, stored.revision)
+    _audit(c, "task.create", f"{task.idc}/{task.sn}", None, after, task.notes)
+    _synced(c, stored.revision)
+    ignored = sorted(set(body) - set(TASK_FIELDS)) if isinstance(body, dict) else []
+    resp = jsonify({"task": stored.task.to_dict(), "revision": stored.revision,
+                    "ignored_fields": ignored})
+    resp.status_code = 201
+    resp.headers["Location"] = f"/api/v1/tasks/{task.idc}/{task.sn}"
+    return resp
+
+
+def parse_batch(raw: bytes, mimetype: str) -> list[Any]:
+    """Rows of a batch: a JSON list (or ``{"tasks": [...]}``) or CSV with a
+    header row naming the columns (idc, sn, mac, os_type, os_version, image,
+    template, notes)."""
+    if mimetype in ("text/csv", "application/csv") or \
+            (not raw.lstrip().startswith((b"[", b"{")) and b"," in raw.split(b"\n", 1)[0]):
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ApiError(400, "bad_request", "the CSV is not UTF-8") from None
+        reader = csv.DictReader(io.StringIO(text))
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        unknown = [h for h in header if h not in CSV_FIELDS]
+        if unknown or not header:
+            raise ApiError(400, "bad_request", "CSV header must name columns among "
+                           + ", ".join(CSV_FIELDS) + (f"; unknown: {', '.join(unknown)}"
+                                                      if unknown else ""))
+        rows: list[Any] = []
+        try:
+            for row in reader:
+                rows.append({k.strip(): (v or "").strip() for k, v in row.items()
+                             if k is not None and (v or "").strip()})
+        except csv.Error as exc:
+            raise ApiError(400, "bad_request", f"CSV: {exc}") from None
+        return rows
+    data = parse_json_body(raw)
+    if isinstance(data, dict) and isinstance(data.get("tasks"), list):
+        data = data["tasks"]
+    if not isinstance(data, list):
+        raise ApiError(400, "bad_request", "send a JSON list of tasks, {\"tasks\": [...]}, or CSV")
+    return data
+
+
+@bp.post("/tasks/batch")
+@requires(Role.OPERATOR)
+def batch_create() -> Any:
+    """Create many tasks at once, all or nothing.  Body: a JSON list, or CSV
+    (``Content-Type: text/csv``, or a multipart upload in the field
+    ``file``).  Any bad row refuses the whole batch with 400 and an
+    ``errors`` list ``[{"row", "field", "error"}]`` (rows count from 0)."""
+    c = ctx()
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")
+        if upload is None:
+            raise ApiError(400, "bad_request", "multipart upload needs a 'file' field")
+        raw = upload.read(int(c.setting("web.max_body", 1 << 20)) + 1)
+        mimetype = "text/csv" if (upload.filename or "").lower().endswith(".csv") \
+            else (upload.mimetype or "")
+    else:
+        raw, mimetype = request.get_data(cache=True), request.mimetype
+    rows = parse_batch(raw, mimetype)
+    limit = int(c.setting("web.batch_max", 100))
+    if not rows:
+        raise ApiError(400, "bad_request", "the batch is empty")
+    if len(rows) > limit:
+        raise ApiError(400, "bad_request", f"at most {limit} tasks per batch "
+                                           f"(got {len(rows)}); split the file")
+    tasks: list[Task] = []
+    errors: list[dict[str, Any]] = []
+    for i, row in enumerate(rows):
+        try:
+            tasks.append(build_task(c, row))
+        except ValidationError as exc:
+            errors.append({"row": i, "field": exc.field, "error": str(exc)})
+    if errors:
+        raise ApiError(400, "invalid", f"{len(errors)} of {len(rows)} rows are invalid; "
+                                       "nothing was created", errors=errors)
+    user = _principal().user
+    try:
+        stored = c.tasks.create_many(tasks, by=user)
+    except BatchRefused as exc:
+        raise ApiError(409, "conflict", f"{len(exc.errors)} of {len(rows)} rows conflict with "
+                                        "existing tasks; nothing was created",
+                       errors=exc.errors) from None
+    revision = stored[-1].revision if stored else c.cache.revision
+    _audit(c, "task.batch_create", f"{len(stored)} tasks", None,
+           [f"{s.task.idc}/{s.task.sn}" for s in stored])
+    _synced(c, revision)
+    resp = jsonify({"created": len(stored), "revision": revision,
+                    "tasks": [task_summary(s.task, s.revision) for s in stored]})
+    resp.status_code = 201
+    return resp
+
+
+# -- transitions -------------------------------------------------------------------
+
+
+def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
+                note_field: str = "notes", four_eyes: bool = False) -> Any:
+    c = ctx()
+    idc, sn = _path_ids(idc, sn)
+    body = _object_body()
+    note = body.get(note_field, body.get("reason" if note_field == "notes" else "notes", ""))
+    try:
+        note = validate_text(note, note_field, 1000, single_line=False)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid", str(exc), field=exc.field) from None
+    expect = body.get("revision")
+    if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int)):
+        raise ApiError(400, "invalid", "revision: an integer (the task revision you saw)")
+    user = _principal().user
+    before_stored = c.tasks.get(idc, sn)
+    if before_stored is None:
+        raise ApiError(404, "not_found", f"no task for {idc}/{sn}")
+    before = task_summary(before_stored.task, before_stored.revision)
+
+    def check(task: Task) -> None:
+        if four_eyes and c.setting("web.four_eyes", False) and task.created_by == user:
+            raise ApiError(403, "four_eyes", f"{user} created this task and may not approve "
+                                             "it (four-eyes rule)")
+
+    try:
+        stored = c.tasks.transition(idc, sn, target, by=user, reason=note,
+                                    expect_revision=expect, mutate=check)
+    except IllegalTransition as exc:
+        current = c.tasks.get(idc, sn)
+        raise ApiError(409, "illegal_transition", str(exc),
+                       status=current.task.status if current else None,
+                       revision=current.revision if current else 0) from None
+    _audit(c, action, f"{idc}/{sn}", before, task_summary(stored.task, stored.revision), note)
+    _synced(c, stored.revision)
+    return jsonify({"task": stored.task.to_dict(), "revision": stored.revision})
+
+
+@bp.post("/tasks/<idc>/<sn>/approve")
+@requires(Role.APPROVER)
+def approve_task(idc: str, sn: str) -> Any:
+    """pending → approved.  ``{"notes"?, "revision"?}``: with ``revision``
+    the approval applies only to the task as you saw it (else 409)."""
+    return _transition(idc, sn, TaskStatus.APPROVED, "task.approve", four_eyes=True)
+
+
+@bp.post("/tasks/<idc>/<sn>/reject")
+@requires(Role.APPROVER)
+def reject_task(idc: str, sn: str) -> Any:
+    """pending → rejected.  ``{"notes"?, "revision"?}``."""
+    return _transition(idc, sn, TaskStatus.REJECTED, "task.reject")
+
+
+@bp.post("/tasks/<idc>/<sn>/cancel")
+@requires(Role.OPERATOR)
+def cancel_task(idc: str, sn: str) -> Any:
+    """Any active state → cancelled.  ``{"reason"?, "revision"?}``."""
+    return _transition(idc, sn, TaskStatus.CANCELLED, "task.cancel", note_field="reason")
+
+
+@bp.post("/tasks/<idc>/<sn>/retry")
+@requires(Role.APPROVER)
+def retry_task(idc: str, sn: str) -> Any:
+    """failed → approved (a new install: an approval, so the approver role)."""
+    return _transition(idc, sn, TaskStatus.APPROVED, "task.retry", four_eyes=True)
+
+
+@bp.delete("/tasks/<idc>/<sn>")
+@requires(Role.OPERATOR)
+def delete_task(idc: str, sn: str) -> Any:
+    """Delete a task that is not booting or installing (cancel it first).
+    ``?revision=N`` deletes only the task as you saw it."""
+    c = ctx()
+    idc, sn = _path_ids(idc, sn)
+    expect: int | None = None
+    if request.args.get("revision"):
+        try:
+            expect = int(request.args["revision"])
+        except ValueError:
+            raise ApiError(400, "invalid", "revision: an integer") from None
+    before = c.tasks.get(idc, sn)
+    if before is None:
+        raise ApiError(404, "not_found", f"no task for {idc}/{sn}")
+    try:
+        task = c.tasks.delete(idc, sn, expect_revision=expect)
+    except ValidationError as exc:
+        raise ApiError(409, "illegal_transition", str(exc), status=before.task.status,
+                       revision=before.revision) from None
+    _audit(c, "task.delete", f"{idc}/{sn}", task_summary(task, before.revision), None)
+    _synced(c, c.store.revision())
+    return jsonify({"deleted": f"{idc}/{sn}"})

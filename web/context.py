@@ -1,0 +1,60 @@
+"""What every blueprint of the control plane shares: the WebContext.
+
+``create_app`` builds exactly one per application and stores it in
+``app.extensions["lpmos"]``; views reach it with :func:`ctx`.  There are no
+module-level clients or mutable globals (STYLE principle 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from flask import current_app
+
+from lpmos.auth import Auth
+from lpmos.catalog import Catalog
+from lpmos.config import Config
+from lpmos.metrics import Registry
+from lpmos.store import Store
+from lpmos.store.keys import Keys
+from lpmos.tasks import TaskService
+from web.index import ConsoleCache, ConsoleIndex
+from web.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from web.ws import Hub
+
+
+@dataclass
+class WebContext:
+    config: Config
+    store: Store
+    keys: Keys
+    cache: ConsoleCache
+    index: ConsoleIndex
+    tasks: TaskService
+    auth: Auth
+    catalog: Catalog | None
+    metrics: Registry
+    login_limiter: RateLimiter
+    mutate_limiter: RateLimiter
+    hub: Hub
+    settings: dict[str, Any] = field(default_factory=dict)
+    owns_cache: bool = True
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        """A ``web.*`` value: the resolved config's, else the default here."""
+        if key in self.settings:
+            return self.settings[key]
+        return self.config.get(key, default)
+
+    def close(self) -> None:
+        self.hub.close()
+        if self.owns_cache:
+            self.cache.stop()
+
+
+def ctx() -> WebContext:
+    context: WebContext = current_app.extensions["lpmos"]
+    return context

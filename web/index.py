@@ -1,0 +1,526 @@
+"""The control plane's in-memory view of etcd: one watch, indexed for the API.
+
+:class:`ConsoleCache` is the process's single :class:`WatchCache` over the
+whole LPMOS prefix, minus the audit records (they only grow; the audit API
+reads them from etcd page by page).  :class:`ConsoleIndex` follows it and
+keeps what the API lists need, so listing, filtering and paging 100,000
+tasks never touches etcd:
+
+* tasks by ``(idc, sn)``, plus three sorted lists of ``(-created_at, idc,
+  sn)`` — all tasks, per status and per IDC — so a filtered page starts
+  with a binary search at the cursor and stops after ``limit`` matches;
+* counters per ``(idc, status)`` for the stats panel and list totals;
+* servers, agent liveness (machine lease keys), regional nodes and task
+  templates.
+
+Writers (the API) use :class:`lpmos.tasks.TaskService` against etcd and may
+wait for the cache to reach the revision they wrote
+(:meth:`WatchCache.wait_for_revision`) to read their own writes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lpmos.models import Server, Task, ValidationError
+from lpmos.store import Event, KeyValue, Page, Store, Watch
+from lpmos.store.cache import WatchCache
+from lpmos.store.keys import Keys
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL = 5
+
+SortKey = tuple[float, str, str]
+
+
+class _WithoutAudit:
+    """A read-only :class:`Store` view that hides the audit records.
+
+    Only what :class:`WatchCache` calls is offered.  ``range`` skips the
+    audit key range with one jump, so a prefix with millions of audit
+    records loads as fast as one without."""
+
+    def __init__(self, store: Store, keys: Keys) -> None:
+        self._store = store
+        self.timeout = store.timeout
+        self._skip = keys.audit_prefix()
+        self._skip_end = self._skip[:-1] + chr(ord(self._skip[-1]) + 1)
+
+    def range(self, prefix: str, *, start: str | None = None, limit: int = 0,
+              revision: int = 0) -> Page:
+        while True:
+            if start is not None and self._skip <= start < self._skip_end:
+                start = self._skip_end
+            page = self._store.range(prefix, start=start, limit=limit, revision=revision)
+            revision = page.revision
+            kept = [kv for kv in page.items if not kv.key.startswith(self._skip)]
+            if kept or not page.more or not page.items:
+                return Page(kept, page.revision, page.more)
+            start = max(page.items[-1].key + "\x00", self._skip_end)
+
+    def watch(self, prefix: str, start_revision: int) -> Watch:
+        return self._store.watch(prefix, start_revision)
+
+    def get(self, key: str) -> KeyValue | None:
+        return self._store.get(key)
+
+
+class ConsoleCache(WatchCache):
+    """The single watch of a control-plane process (everything but audit)."""
+
+    def __init__(self, store: Store, keys: Keys, **kwargs: Any) -> None:
+        self._audit_prefix = keys.audit_prefix()
+        super().__init__(_WithoutAudit(store, keys), keys.root(),  # type: ignore[arg-type]
+                         name="console", **kwargs)
+
+    def apply(self, events: Sequence[Event], revision: int) -> None:  # type: ignore[override]
+        super().apply([e for e in events if not e.key.startswith(self._audit_prefix)], revision)
+
+
+@dataclass
+class TaskEntry:
+    task: Task
+    revision: int
+    sort: SortKey
+    haystack: str
+
+
+def sort_key(task: Task) -> SortKey:
+    """Newest first, then IDC and SN: stable across pages."""
+    return (-float(task.created_at), task.idc, task.sn)
+
+
+def task_haystack(task: Task) -> str:
+    return " ".join((task.idc, task.sn, task.mac, task.os_type, task.os_version, task.image,
+                     task.created_by, task.approved_by, task.template, task.notes,
+                     task.status)).lower()
+
+
+def task_summary(task: Task, revision: int) -> dict[str, Any]:
+    """What a list row and a WebSocket delta carry: no history, a short log tail."""
+    p = task.progress
+    return {
+        "idc": task.idc, "sn": task.sn, "mac": task.mac, "os_type": task.os_type,
+        "os_version": task.os_version, "image": task.image, "status": task.status,
+        "template": task.template, "created_by": task.created_by,
+        "created_at": task.created_at, "updated_at": task.updated_at,
+        "approved_by": task.approved_by, "attempt": task.attempt, "reason": task.reason,
+        "claimed_by": task.claimed_by, "started_at": task.started_at,
+        "finished_at": task.finished_at, "notes": task.notes,
+        "progress": {"percent": p.percent, "step": p.step, "message": p.message,
+                     "bytes_done": p.bytes_done, "bytes_total": p.bytes_total,
+                     "rate": p.rate, "updated_at": p.updated_at},
+        "log_tail": task.logs[-LOG_TAIL:],
+        "revision": revision,
+    }
+
+
+def server_summary(server: Server, revision: int, online: bool) -> dict[str, Any]:
+    inv = server.inventory if isinstance(server.inventory, dict) else {}
+    system = inv.get("system") if isinstance(inv.get("system"), dict) else {}
+    cpu = inv.get("cpu") if isinstance(inv.get("cpu"), dict) else {}
+    memory = inv.get("memory") if isinstance(inv.get("memory"), dict) else {}
+    disks = inv.get("disks") if isinstance(inv.get("disks"), list) else []
+    assert isinstance(system, dict) and isinstance(cpu, dict) and isinstance(memory, dict)
+    assert isinstance(disks, list)
+    return {
+        "idc": server.idc, "sn": server.sn, "macs": server.macs, "boot_mac": server.boot_mac,
+        "uuid": server.uuid, "arch": server.arch, "ip": server.ip, "state": server.state,
+        "conflict": server.conflict, "first_seen": server.first_seen,
+        "last_seen": server.last_seen, "online": online,
+        "vendor": str(system.get("vendor", "")), "product": str(system.get("product", "")),
+        "cpu_model": str(cpu.get("model", "")),
+        "cpu_threads": cpu.get("threads") if isinstance(cpu.get("threads"), int) else None,
+        "memory_bytes": memory.get("total_bytes")
+        if isinstance(memory.get("total_bytes"), int) else None,
+        "disk_count": len(disks), "revision": revision,
+    }
+
+
+def _server_haystack(server: Server) -> str:
+    inv = server.inventory if isinstance(server.inventory, dict) else {}
+    system = inv.get("system") if isinstance(inv.get("system"), dict) else {}
+    assert isinstance(system, dict)
+    return " ".join([server.idc, server.sn, server.uuid, server.ip, *server.macs,
+                     str(system.get("vendor", "")), str(system.get("product", ""))]).lower()
+
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class ConsoleIndex:
+    """Indexes over :class:`ConsoleCache`; thread-safe readers, one writer
+    (the cache thread).  ``subscribe(fn)`` gets ``fn(kind, message)`` for
+    every change after the index is updated, and ``fn("reset", {})``
+    after a full reload."""
+
+    def __init__(self, cache: WatchCache, keys: Keys) -> None:
+        self.cache = cache
+        self.keys = keys
+        self._lock = threading.RLock()
+        self._tasks: dict[tuple[str, str], TaskEntry] = {}
+        self._order: list[SortKey] = []
+        self._by_status: dict[str, list[SortKey]] = {}
+        self._by_idc: dict[str, list[SortKey]] = {}
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._servers: dict[tuple[str, str], tuple[Server, int, str]] = {}
+        self._server_order: list[tuple[str, str]] = []
+        self._online: set[tuple[str, str]] = set()
+        self._nodes: dict[tuple[str, str], tuple[dict[str, Any], int]] = {}
+        self._templates: dict[str, tuple[dict[str, Any], int]] = {}
+        self._subscribers: list[Listener] = []
+        self._stats_memo: tuple[float, dict[str, Any]] | None = None
+        self.malformed = 0
+        cache.add_listener(self._on_change, on_reset=self.rebuild)
+        self.rebuild()
+
+    def subscribe(self, fn: Listener) -> None:
+        self._subscribers.append(fn)
+
+    # -- maintenance (cache thread) ---------------------------------------------
+
+    def rebuild(self) -> None:
+        with self._lock:
+            self._tasks.clear()
+            self._counts.clear()
+            self._servers.clear()
+            self._online.clear()
+            self._nodes.clear()
+            self._templates.clear()
+            for kv in self.cache.items():
+                self._load(kv, incremental=False)
+            self._order = sorted(e.sort for e in self._tasks.values())
+            self._by_status = {}
+            self._by_idc = {}
+            for entry in self._tasks.values():
+                self._by_status.setdefault(entry.task.status, []).append(entry.sort)
+                self._by_idc.setdefault(entry.task.idc, []).append(entry.sort)
+            for lst in (*self._by_status.values(), *self._by_idc.values()):
+                lst.sort()
+            self._server_order = sorted(self._servers)
+            self._stats_memo = None
+        for fn in self._subscribers:
+            fn("reset", {"revision": self.cache.revision})
+
+    def _load(self, kv: KeyValue, *, incremental: bool) -> None:
+        parsed = self.keys.parse(kv.key)
+        try:
+            if parsed is not None and parsed.kind == "task":
+                task = Task.from_json(kv.value)
+                self._put_task(task, kv.mod_revision, incremental)
+            elif parsed is not None and parsed.kind == "server":
+                server = Server.from_json(kv.value)
+                self._servers[(server.idc, server.sn)] = (server, kv.mod_revision,
+                                                          _server_haystack(server))
+            elif parsed is not None and parsed.kind == "lease":
+                self._online.add((parsed.idc, parsed.name))
+            elif parsed is not None and parsed.kind == "node":
+                data = json.loads(kv.value)
+                self._nodes[(parsed.idc, parsed.name)] = (data if isinstance(data, dict)
+                                                          else {}, kv.mod_revision)
+            elif kv.key.startswith(self.keys.templates()):
+                data = json.loads(kv.value)
+                if isinstance(data, dict):
+                    self._templates[kv.key[len(self.keys.templates()):]] = (data,
+                                                                            kv.mod_revision)
+        except (ValidationError, ValueError, TypeError) as exc:
+            self.malformed += 1
+            log.warning("ignoring malformed %s: %s", kv.key, exc)
+
+    def _put_task(self, task: Task, revision: int, incremental: bool) -> None:
+        ident = (task.idc, task.sn)
+        if incremental:
+            self._drop_task(ident)
+        entry = TaskEntry(task, revision, sort_key(task), task_haystack(task))
+        self._tasks[ident] = entry
+        self._counts[(task.idc, task.status)] += 1
+        if incremental:
+            bisect.insort(self._order, entry.sort)
+            bisect.insort(self._by_status.setdefault(task.status, []), entry.sort)
+            bisect.insort(self._by_idc.setdefault(task.idc, []), entry.sort)
+
+    def _drop_task(self, ident: tuple[str, str]) -> None:
+        old = self._tasks.pop(ident, None)
+        if old is None:
+            return
+        self._counts[(old.task.idc, old.task.status)] -= 1
+        if self._counts[(old.task.idc, old.task.status)] <= 0:
+            del self._counts[(old.task.idc, old.task.status)]
+        for lst in (self._order, self._by_status.get(old.task.status, []),
+                    self._by_idc.get(old.task.idc, [])):
+            i = bisect.bisect_left(lst, old.sort)
+            if i < len(lst) and lst[i] == old.sort:
+                del lst[i]
+
+    def _on_change(self, key: str, old: KeyValue | None, new: KeyValue | None,
+                   revision: int) -> None:
+        parsed = self.keys.parse(key)
+        message: dict[str, Any] | None = None
+        kind = ""
+        with self._lock:
+            self._stats_memo = None
+            if parsed is not None and parsed.kind == "task":
+                kind = "task"
+                ident = (parsed.idc, parsed.name)
+                before = self._tasks.get(ident)
+                before_summary = task_summary(before.task, before.revision) if before else None
+                if new is None:
+                    self._drop_task(ident)
+                    message = {"op": "del", "idc": parsed.idc, "sn": parsed.name}
+                else:
+                    self._load(new, incremental=True)
+                    entry = self._tasks.get(ident)
+                    if entry is not None:
+                        summary = task_summary(entry.task, entry.revision)
+                        message = {"op": "put", "idc": parsed.idc, "sn": parsed.name,
+                                   "task": _diff(before_summary, summary)}
+            elif parsed is not None and parsed.kind == "server":
+                kind = "server"
+                ident = (parsed.idc, parsed.name)
+                if new is None:
+                    self._servers.pop(ident, None)
+                    i = bisect.bisect_left(self._server_order, ident)
+                    if i < len(self._server_order) and self._server_order[i] == ident:
+                        del self._server_order[i]
+                    message = {"op": "del", "idc": parsed.idc, "sn": parsed.name}
+                else:
+                    existed = ident in self._servers
+                    self._load(new, incremental=False)
+                    if not existed and ident in self._servers:
+                        bisect.insort(self._server_order, ident)
+                    got = self._servers.get(ident)
+                    if got is not None:
+                        message = {"op": "put", "idc": parsed.idc, "sn": parsed.name,
+                                   "server": server_summary(got[0], got[1],
+                                                            ident in self._online)}
+            elif parsed is not None and parsed.kind == "lease":
+                kind = "online"
+                ident = (parsed.idc, parsed.name)
+                if new is None:
+                    self._online.discard(ident)
+                else:
+                    self._online.add(ident)
+                message = {"idc": parsed.idc, "sn": parsed.name, "online": new is not None}
+            elif parsed is not None and parsed.kind == "node":
+                kind = "node"
+                ident = (parsed.idc, parsed.name)
+                if new is None:
+                    self._nodes.pop(ident, None)
+                else:
+                    self._load(new, incremental=False)
+                message = {"op": "del" if new is None else "put", "idc": parsed.idc,
+                           "name": parsed.name}
+            elif key.startswith(self.keys.templates()):
+                kind = "template"
+                name = key[len(self.keys.templates()):]
+                if new is None:
+                    self._templates.pop(name, None)
+                else:
+                    self._load(new, incremental=False)
+                message = {"op": "del" if new is None else "put", "name": name}
+            elif parsed is not None and parsed.kind == "timeline":
+                kind = "timeline"
+                message = {"idc": parsed.idc, "sn": parsed.name}
+        if message is not None:
+            message["rev"] = revision
+            for fn in self._subscribers:
+                fn(kind, message)
+
+    # -- tasks ------------------------------------------------------------------
+
+    def task(self, idc: str, sn: str) -> TaskEntry | None:
+        with self._lock:
+            return self._tasks.get((idc, sn))
+
+    def query_tasks(self, *, idc: str = "", status: Sequence[str] = (), q: str = "",
+                    after: SortKey | None = None, limit: int = 50
+                    ) -> tuple[list[TaskEntry], SortKey | None, int | None]:
+        """One page of tasks matching every filter, newest first.
+
+        Returns ``(entries, next_after, total)``: ``next_after`` is the
+        cursor of the next page (``None`` on the last page) and ``total`` the
+        number of matches when it is known without scanning (no text query).
+        """
+        needle = q.strip().lower()
+        statuses = set(status)
+        with self._lock:
+            if len(statuses) == 1:
+                base = self._by_status.get(next(iter(statuses)), [])
+            elif idc:
+                base = self._by_idc.get(idc, [])
+            else:
+                base = self._order
+            start = bisect.bisect_right(base, after) if after is not None else 0
+            found: list[TaskEntry] = []
+            more = False
+            for sk in _iter_from(base, start):
+                entry = self._tasks.get((sk[1], sk[2]))
+                if entry is None:
+                    continue
+                if idc and entry.task.idc != idc:
+                    continue
+                if statuses and entry.task.status not in statuses:
+                    continue
+                if needle and needle not in entry.haystack:
+                    continue
+                if len(found) == limit:
+                    more = True
+                    break
+                found.append(entry)
+            total: int | None = None
+            if not needle:
+                total = sum(n for (i, s), n in self._counts.items()
+                            if (not idc or i == idc) and (not statuses or s in statuses))
+        return found, (found[-1].sort if more and found else None), total
+
+    def task_count(self) -> int:
+        with self._lock:
+            return len(self._tasks)
+
+    def active_task_exists(self, idc: str, sn: str) -> bool:
+        from lpmos.states import FINAL
+
+        with self._lock:
+            entry = self._tasks.get((idc, sn))
+            return entry is not None and entry.task.state not in FINAL
+
+    # -- servers ----------------------------------------------------------------
+
+    def server(self, idc: str, sn: str) -> tuple[Server, int, bool] | None:
+        with self._lock:
+            got = self._servers.get((idc, sn))
+            if got is None:
+                return None
+            return got[0], got[1], (idc, sn) in self._online
+
+    def online(self, idc: str, sn: str) -> bool:
+        with self._lock:
+            return (idc, sn) in self._online
+
+    def query_servers(self, *, idc: str = "", q: str = "", after: tuple[str, str] | None = None,
+                      limit: int = 50) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+        needle = q.strip().lower()
+        with self._lock:
+            start = bisect.bisect_right(self._server_order, after) if after else 0
+            found: list[dict[str, Any]] = []
+            more = False
+            for ident in _iter_from(self._server_order, start):
+                got = self._servers.get(ident)
+                if got is None or (idc and ident[0] != idc) or (needle and needle not in got[2]):
+                    continue
+                if len(found) == limit:
+                    more = True
+                    break
+                summary = server_summary(got[0], got[1], ident in self._online)
+                task = self._tasks.get(ident)
+                summary["task_status"] = task.task.status if task else None
+                found.append(summary)
+        last = (found[-1]["idc"], found[-1]["sn"]) if more and found else None
+        return found, last
+
+    # -- nodes, IDCs, templates -------------------------------------------------
+
+    def idcs(self) -> list[dict[str, Any]]:
+        """Every IDC seen in tasks, servers or nodes, with its regional nodes."""
+        now = time.time()
+        with self._lock:
+            names = {i for i, _ in self._counts} | {i for i, _ in self._servers} | \
+                {i for i, _ in self._nodes}
+            result = []
+            for name in sorted(names):
+                nodes = [node_view(n, data, rev, now) for (i, n), (data, rev)
+                         in sorted(self._nodes.items()) if i == name]
+                result.append({
+                    "name": name,
+                    "nodes": nodes,
+                    "nodes_alive": sum(1 for n in nodes if n["alive"]),
+                    "tasks": sum(c for (i, _s), c in self._counts.items() if i == name),
+                    "servers": sum(1 for i, _ in self._servers if i == name),
+                })
+            return result
+
+    def templates(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(data, name=name, revision=rev)
+                    for name, (data, rev) in sorted(self._templates.items())]
+
+    def template(self, name: str) -> tuple[dict[str, Any], int] | None:
+        with self._lock:
+            return self._templates.get(name)
+
+    # -- stats ------------------------------------------------------------------
+
+    def stats(self, *, now: float | None = None, max_age: float = 2.0) -> dict[str, Any]:
+        """Counts per state and IDC, installs per hour (last 24 h), median
+        install time of succeeded tasks; recomputed at most every ``max_age``
+        seconds (a scan of every task)."""
+        t = time.time() if now is None else now
+        with self._lock:
+            memo = self._stats_memo
+            if memo is not None and now is None and time.monotonic() - memo[0] < max_age:
+                return memo[1]
+            per_state: Counter[str] = Counter()
+            per_idc: dict[str, Counter[str]] = {}
+            for (idc, status), n in self._counts.items():
+                per_state[status] += n
+                per_idc.setdefault(idc, Counter())[status] += n
+            hour_now = int(t // 3600)
+            hours = [0] * 24
+            failed_hours = [0] * 24
+            durations: list[float] = []
+            for entry in self._tasks.values():
+                task = entry.task
+                if task.status not in ("succeeded", "failed") or not task.finished_at:
+                    continue
+                age = hour_now - int(task.finished_at // 3600)
+                if 0 <= age < 24:
+                    (hours if task.status == "succeeded" else failed_hours)[23 - age] += 1
+                if task.status == "succeeded" and task.started_at:
+                    durations.append(task.finished_at - task.started_at)
+            result = {
+                "total": sum(per_state.values()),
+                "per_state": dict(per_state),
+                "per_idc": {k: dict(v) for k, v in sorted(per_idc.items())},
+                "installs_per_hour": [
+                    {"hour_start": (hour_now - 23 + i) * 3600, "succeeded": hours[i],
+                     "failed": failed_hours[i]} for i in range(24)],
+                "median_install_seconds": statistics.median(durations) if durations else None,
+                "installs_measured": len(durations),
+                "servers": len(self._servers),
+                "servers_online": len(self._online),
+                "revision": self.cache.revision,
+            }
+            if now is None:
+                self._stats_memo = (time.monotonic(), result)
+            return result
+
+
+def node_view(name: str, data: dict[str, Any], revision: int, now: float) -> dict[str, Any]:
+    """A regional node's registration as shown: the key exists only while its
+    lease lives, so presence means alive; ``last_seen`` is informational."""
+    shown = {k: v for k, v in data.items() if isinstance(k, str) and k != "token"}
+    return {"name": name, "alive": True, "revision": revision, **shown}
+
+
+def _diff(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+    """``after`` minus the fields equal in ``before`` (identity kept)."""
+    if before is None:
+        return after
+    out = {k: v for k, v in after.items() if before.get(k) != v}
+    out["idc"], out["sn"], out["revision"] = after["idc"], after["sn"], after["revision"]
+    return out
+
+
+def _iter_from(lst: list[Any], start: int) -> Iterator[Any]:
+    for i in range(start, len(lst)):
+        yield lst[i]
