@@ -1,0 +1,141 @@
+"""The destructive path: confirm an install with etcd before serving it.
+
+RELIABILITY L3: no install is served without a fresh linearizable read and
+a successful compare-and-swap claim of the task in the same request.
+
+:func:`claim_install` does, for a ``claim`` decision (task ``approved`` in
+the cache):
+
+1. a fresh read of the task (and of the server record, for the conflict
+   flag);
+2. one transaction, conditional on the task's ``mod_revision``: the task
+   moves ``approved → booting`` with ``claimed_by = node``, and the
+   machine's token is replaced (a new one for installer mode, whose script
+   and configs carry it; deleted for image mode, whose agent registers and
+   gets its own).
+
+For a ``continue`` decision (``booting`` / ``installing``) it does the
+fresh read and the token replacement, conditional on the task being
+unchanged, without a state change.
+
+Two nodes racing for one task both read ``approved`` at revision R; both
+commit on R; etcd lets exactly one through.  The loser gets
+:class:`lpmos.store.Conflict` and answers "wait and retry".  Every failure
+(etcd unreachable, the task changed, a conflict flag, a lost race) is an
+:class:`Outcome` with ``install False``: the caller serves the wait script.
+It never raises for those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from bootsvc.tokens import MachineTokens
+from lpmos.models import Server, Task, Transition, ValidationError, now
+from lpmos.states import TaskStatus
+from lpmos.store import Compare, Conflict, Op, Put, Store, StoreError
+from lpmos.store.keys import Keys
+
+REBOOT_STEP = "rebooting"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of a claim.  ``install`` False → serve wait-and-retry."""
+
+    install: bool
+    reason: str
+    task: Task | None = None
+    server: Server | None = None
+    revision: int = 0
+    token: str = ""
+    etcd_requests: int = 0
+
+
+def claim_install(
+    store: Store,
+    keys: Keys,
+    tokens: MachineTokens,
+    *,
+    idc: str,
+    sn: str,
+    node: str,
+    continuing: bool,
+    renew: Literal["issue", "delete", "keep"],
+) -> Outcome:
+    """Claim (``continuing=False``) or re-confirm (``True``) the install of
+    ``idc/sn`` for ``node``.  Fails closed; see the module docstring.
+
+    ``renew`` (the machine token): ``issue`` a new one in the same transaction
+    (installer mode: the script carries it), ``delete`` it (image mode from
+    a boot script: the new agent registers for its own), or ``keep`` it (an
+    agent already running claims through its task poll)."""
+    requests = 0
+    task_key = keys.task(idc, sn)
+    try:
+        requests += 1
+        kv = store.get(task_key)
+        requests += 1
+        server_kv = store.get(keys.server(idc, sn))
+    except StoreError as exc:
+        return Outcome(False, f"etcd unavailable for the install claim ({type(exc).__name__})",
+                       etcd_requests=requests)
+    if kv is None:
+        return Outcome(False, "the task is gone", etcd_requests=requests)
+    try:
+        task = Task.from_json(kv.value)
+        server = Server.from_json(server_kv.value) if server_kv is not None else None
+    except ValidationError as exc:
+        return Outcome(False, f"unreadable task or server record: {exc}", etcd_requests=requests)
+    if server is not None and server.conflict:
+        return Outcome(False, f"machine flagged as a conflict ({server.conflict}); no install",
+                       task, server, kv.mod_revision, etcd_requests=requests)
+    status = task.state
+    if continuing:
+        if status not in (TaskStatus.BOOTING, TaskStatus.INSTALLING):
+            return Outcome(False, f"the task is now {status.value}", task, server,
+                           kv.mod_revision, etcd_requests=requests)
+        if task.progress.step == REBOOT_STEP:
+            return Outcome(False, "the image is written; the next boot goes to disk", task,
+                           server, kv.mod_revision, etcd_requests=requests)
+    elif status is not TaskStatus.APPROVED:
+        who = f" by {task.claimed_by}" if task.claimed_by else ""
+        return Outcome(False, f"the task is now {status.value}{who}", task, server,
+                       kv.mod_revision, etcd_requests=requests)
+
+    ops: list[Op] = []
+    if not continuing:
+        stamp = now()
+        task.add_transition(Transition(TaskStatus.APPROVED.value, TaskStatus.BOOTING.value, stamp,
+                                       f"node:{node}", "install boot served"))
+        task.status = TaskStatus.BOOTING.value
+        task.started_at = stamp
+        task.updated_at = stamp
+        task.claimed_by = node
+        ops.append(Put(task_key, task.to_json()))
+    token = ""
+    if renew == "delete":
+        ops.append(tokens.delete_op(sn))
+    elif renew == "issue":
+        token, put = tokens.issue(sn, why="install script")
+        ops.append(put)
+    if not ops:       # continuing with the token kept: the fresh read was the check
+        return Outcome(True, "install confirmed", task, server, kv.mod_revision,
+                       etcd_requests=requests)
+    try:
+        requests += 1
+        revision = store.commit([Compare(task_key, kv.mod_revision)], ops)
+    except Conflict as exc:
+        return Outcome(False, f"another node claimed the task first (now at revision "
+                       f"{exc.revision})", task, server, kv.mod_revision, etcd_requests=requests)
+    except StoreError as exc:
+        return Outcome(False, f"etcd unavailable for the install claim ({type(exc).__name__})",
+                       task, server, kv.mod_revision, etcd_requests=requests)
+    if token:
+        tokens.learn(sn, token, revision)
+    elif renew == "delete":
+        tokens.forget(sn)
+    return Outcome(True, "install claimed" if not continuing else "install confirmed", task,
+                   server, revision if not continuing else kv.mod_revision, token,
+                   etcd_requests=requests)

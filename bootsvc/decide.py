@@ -1,0 +1,166 @@
+"""What a machine boots: one pure function of what the node knows.
+
+:func:`decide_boot` is the whole decision table of the boot HTTP API
+(issue 5); the HTTP service only carries the decision out.  It takes the
+node's cached view of the machine (:class:`bootsvc.machines.MachineView`),
+the catalog image the task asks for and two switches, and returns a
+:class:`Decision`.  It does no I/O.
+
+| what the node knows                                  | action      | script             |
+| ---------------------------------------------------- | ----------- | ------------------ |
+| unknown machine, or no task; discovery on            | discovery   | discovery (live)   |
+| unknown machine, or no task; discovery off           | localboot   | local disk         |
+| ... but no live image in the catalog                 | localboot   | local disk         |
+| ``pending``                                          | discovery   | discovery, waits   |
+| ``pending``, no live image                           | wait        | wait and retry     |
+| ``approved``                                         | claim       | install (after a   |
+|                                                      |             | fresh read + CAS)  |
+| ``booting`` / ``installing``                         | continue    | install (after a   |
+|                                                      |             | fresh read)        |
+| ``booting`` / ``installing``, step ``rebooting``     | localboot   | local disk: the    |
+|                                                      |             | image is written,  |
+|                                                      |             | its first boot     |
+|                                                      |             | reports success    |
+| ``succeeded``                                        | localboot   | local disk         |
+| ``failed`` / ``cancelled`` / ``rejected``            | localboot   | local disk         |
+| approved/booting/installing, server flagged conflict | wait        | wait (no install)  |
+| approved/booting/installing, image not in catalog    | wait        | wait (no install)  |
+| approved/booting/installing, no install template     | wait        | wait (no install)  |
+
+``claim`` and ``continue`` are *destructive*: the service must confirm them
+with a fresh linearizable read (and, for ``claim``, a CAS ``approved →
+booting``) before serving an install, and fail closed to ``wait``
+otherwise (:mod:`bootsvc.claim`).  Every other action is served from the
+cache with no etcd request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bootsvc.machines import MachineView
+from lpmos.catalog import Image
+from lpmos.states import TaskStatus
+
+DISCOVERY = "discovery"
+LOCALBOOT = "localboot"
+WAIT = "wait"
+CLAIM = "claim"
+CONTINUE = "continue"
+ACTIONS = (DISCOVERY, LOCALBOOT, WAIT, CLAIM, CONTINUE)
+
+#: the progress step an agent reports after writing the image, just before
+#: it reboots; the next boot must go to the disk (agent_api.md, events).
+REBOOT_STEP = "rebooting"
+
+TEMPLATES = {
+    DISCOVERY: "ipxe/discovery.ipxe.j2",
+    LOCALBOOT: "ipxe/localboot.ipxe.j2",
+    WAIT: "ipxe/wait.ipxe.j2",
+}
+
+#: installer-mode iPXE scripts per OS family; image mode uses the agent.
+INSTALL_TEMPLATES = {
+    "image": "ipxe/install-image.ipxe.j2",
+    "rhel": "ipxe/install-rhel.ipxe.j2",
+    "ubuntu": "ipxe/install-ubuntu.ipxe.j2",
+    "debian": "ipxe/install-debian.ipxe.j2",
+}
+
+#: ``/config/<sn>/<name>`` → template, per install kind.  ``""`` is an
+#: empty document (cloud-init asks for vendor-data and accepts it empty).
+CONFIG_TEMPLATES: dict[str, dict[str, str]] = {
+    "image": {
+        "user-data": "cloud-init/user-data.j2",
+        "meta-data": "cloud-init/meta-data.j2",
+        "network-config": "cloud-init/network-config.j2",
+        "vendor-data": "",
+    },
+    "ubuntu": {
+        "user-data": "autoinstall/user-data.j2",
+        "meta-data": "autoinstall/meta-data.j2",
+        "vendor-data": "",
+    },
+    "rhel": {"ks.cfg": "kickstart/rhel9.ks.j2"},
+    "debian": {"preseed.cfg": "preseed/debian12.cfg.j2"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to serve.  ``reason`` is shown on the machine's console and
+    recorded on its timeline; ``template`` is the iPXE template to render
+    (for ``claim``/``continue``: once the fresh read confirms it)."""
+
+    action: str
+    template: str
+    reason: str
+    sn: str = ""
+
+    @property
+    def destructive(self) -> bool:
+        return self.action in (CLAIM, CONTINUE)
+
+
+def install_kind(image: Image) -> str:
+    """``image`` for image-mode entries, else the OS family."""
+    return "image" if image.mode == "image" else image.os_family
+
+
+def decide_boot(
+    view: MachineView | None,
+    *,
+    discovery: bool,
+    image: Image | None,
+    live_available: bool,
+) -> Decision:
+    """The boot script for a machine (see the module table).
+
+    ``view`` is the machine as the cache knows it (``None``: unknown);
+    ``image`` is the catalog entry its task asks for (``None`` when there
+    is no task or the catalog lacks it); ``discovery`` is ``--discovery``;
+    ``live_available`` says whether the catalog has the live agent image.
+    """
+    sn = view.sn if view is not None else ""
+    task = view.task if view is not None else None
+
+    def live_or(fallback: str, reason: str, missing: str) -> Decision:
+        if live_available:
+            return Decision(DISCOVERY, TEMPLATES[DISCOVERY], reason, sn)
+        return Decision(fallback, TEMPLATES[fallback], missing, sn)
+
+    if task is None:
+        if not discovery:
+            return Decision(LOCALBOOT, TEMPLATES[LOCALBOOT],
+                            "no task and discovery is off", sn)
+        return live_or(LOCALBOOT, "no task: discovery",
+                       "no task, and no live image in the catalog for discovery")
+    status = task.state
+    if status is TaskStatus.PENDING:
+        return live_or(WAIT, "task pending approval: discovery, waiting",
+                       "task pending approval; no live image in the catalog")
+    if status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED,
+                  TaskStatus.REJECTED):
+        return Decision(LOCALBOOT, TEMPLATES[LOCALBOOT], f"task {status.value}", sn)
+    # approved, booting, installing: destructive territory
+    server = view.server if view is not None else None
+    if server is not None and server.conflict:
+        return Decision(WAIT, TEMPLATES[WAIT],
+                        f"machine flagged as a conflict ({server.conflict}); no install", sn)
+    if status in (TaskStatus.BOOTING, TaskStatus.INSTALLING) \
+            and task.progress.step == REBOOT_STEP:
+        return Decision(LOCALBOOT, TEMPLATES[LOCALBOOT],
+                        "image written: booting the installed system", sn)
+    if image is None:
+        return Decision(WAIT, TEMPLATES[WAIT],
+                        f"task image {task.image or task.os_type} is not in the catalog", sn)
+    template = INSTALL_TEMPLATES.get(install_kind(image))
+    if template is None:
+        return Decision(WAIT, TEMPLATES[WAIT],
+                        f"no install script for {install_kind(image)} images", sn)
+    if install_kind(image) == "image" and not live_available:
+        return Decision(WAIT, TEMPLATES[WAIT],
+                        "image install needs the live image, which the catalog lacks", sn)
+    if status is TaskStatus.APPROVED:
+        return Decision(CLAIM, template, "task approved: install", sn)
+    return Decision(CONTINUE, template, f"task {status.value}: continue the install", sn)

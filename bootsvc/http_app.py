@@ -1,0 +1,979 @@
+"""The boot HTTP API of a regional node (issue 5; agent_api.md).
+
+Everything a machine fetches after iPXE is loaded:
+
+| route                                   | auth           | concern (blueprint)         |
+| --------------------------------------- | -------------- | --------------------------- |
+| GET  /boot.ipxe                         | —              | boot: constant chain script |
+| GET  /boot/<mac>.ipxe                   | —              | boot: per-machine script    |
+| GET  /config/<sn>/<name>                | token          | config: rendered configs    |
+| GET  /config/<sn>/t/<token>/<name>      | token in path  | (for cloud-init seedfrom)   |
+| POST /callback/<sn>                     | token          | callback: installer hooks   |
+| POST /agent/v1/register                 | token optional | agent                       |
+| POST /agent/v1/heartbeat                | token          | agent                       |
+| GET  /agent/v1/task                     | token          | agent (long poll)           |
+| POST /agent/v1/events                   | token          | agent                       |
+| GET  /images/<name>/<file>              | token for disk | files: Range, ETag          |
+|                                         | images         |                             |
+| GET  /ipxe/<file>                       | —              | files: iPXE binaries        |
+| GET  /healthz, /metrics                 | —              | ops                         |
+
+The boot script decision (:func:`bootsvc.decide.decide_boot`) is made from
+the node's watch cache: a non-destructive answer makes no etcd request
+(``http_boot_script_etcd_requests_total`` counts them per decision, so a
+bench can prove it).  An install is served only after
+:func:`bootsvc.claim.claim_install` confirmed it with etcd; otherwise the
+machine gets a wait-and-retry script.
+
+:class:`HttpService` serves the app with waitress (a production WSGI
+server) in background threads, with an idle/read timeout
+(``channel_timeout``), a request header and body size limit, a bounded
+worker pool and a connection limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, request
+
+from bootsvc.claim import claim_install
+from bootsvc.context import NodeContext
+from bootsvc.decide import (
+    CLAIM,
+    CONFIG_TEMPLATES,
+    CONTINUE,
+    DISCOVERY,
+    REBOOT_STEP,
+    TEMPLATES,
+    WAIT,
+    Decision,
+    decide_boot,
+    install_kind,
+)
+from bootsvc.events import EventPipeline, EventsRefused
+from bootsvc.machines import MachineView
+from bootsvc.registration import Registrar, RegistrationConflict, parse_register
+from bootsvc.render import Renderer, RenderError, build_context, file_url
+from bootsvc.tokens import MachineTokens, TokenError
+from lpmos.catalog import Catalog, CatalogError, Image, default_catalog_path, load_catalog
+from lpmos.config import (
+    Setting,
+    float_range,
+    int_range,
+    parse_bool,
+    parse_optional_path,
+    parse_str,
+)
+from lpmos.models import ProgressEvent, ValidationError, normalize_mac, validate_sn, validate_uuid
+from lpmos.states import FINAL, TaskStatus
+from lpmos.store import KeyValue, StoreError
+from lpmos.tasks import TaskService
+
+log = logging.getLogger(__name__)
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("http.port", "--http-port", 8081, int_range(0, 65535),
+            "TCP port of the boot HTTP server (0: any free port)", metavar="PORT"),
+    Setting("http.discovery", "--discovery", True, parse_bool,
+            "on: machines without a task boot the live discovery image; off: they boot "
+            "their local disk", metavar="on|off"),
+    Setting("http.threads", "--http-threads", 32, int_range(2, 512),
+            "worker threads of the boot HTTP server", metavar="N"),
+    Setting("http.connection_limit", "--http-connection-limit", 2000, int_range(10, 100000),
+            "open connections at most; past it the server stops accepting until some close",
+            metavar="N"),
+    Setting("http.max_body", "--http-max-body", 1024 * 1024, int_range(1024, 64 * 1024 * 1024),
+            "largest request body in bytes (larger: 413 before it is buffered)",
+            metavar="BYTES"),
+    Setting("http.max_header", "--http-max-header", 16384, int_range(1024, 1024 * 1024),
+            "largest request header block in bytes (larger: 431/400)", metavar="BYTES"),
+    Setting("http.timeout", "--http-timeout", 30.0, float_range(1.0, 3600.0),
+            "seconds a connection may stay silent (slow headers or body, idle keep-alive) "
+            "before it is closed", metavar="SECONDS"),
+    Setting("http.live_image", "--live-image", "live", parse_str,
+            "catalog entry whose kernel and initrd are the live agent image (discovery and "
+            "image-mode installs)", metavar="NAME"),
+    Setting("http.live_kernel_args", "--live-kernel-args", "console=tty0 console=ttyS0,115200n8",
+            parse_str, "extra kernel arguments of the live image", metavar="ARGS"),
+    Setting("http.templates", "--templates", None, parse_optional_path,
+            "template directory (default: templates/ of the source tree)", metavar="DIR"),
+    Setting("http.event_interval", "--event-interval", 0.5, float_range(0.05, 10.0),
+            "seconds between two etcd writes of one task's progress events (coalescing); "
+            "state changes are written at once", metavar="SECONDS"),
+    Setting("http.heartbeat_interval", "--heartbeat-interval", 10.0, float_range(1.0, 300.0),
+            "agent heartbeat interval in seconds told to agents; the liveness lease TTL is "
+            "three times it", metavar="SECONDS"),
+    Setting("http.retry_delay", "--boot-retry-delay", 10, int_range(1, 600),
+            "seconds a machine waits before asking again after a wait-and-retry script",
+            metavar="SECONDS"),
+    Setting("http.long_polls", "--http-long-polls", 24, int_range(0, 10000),
+            "concurrent agent task long-polls at most (each holds a worker thread); past it "
+            "the task answer is returned at once", metavar="N"),
+)
+
+LONG_POLL_MAX = 30.0
+EVENTS_MAX = 500
+_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_CONFIG_NAME_RE = re.compile(r"[a-z][a-z0-9._-]{0,31}")
+_WORD_RE = re.compile(r"[^a-z0-9_-]")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
+_JSON = "application/json"
+
+
+class HttpError(Exception):
+    """An HTTP-facing error: ``{"error": error, "detail": detail}`` with ``status``."""
+
+    def __init__(self, status: int, error: str, detail: str = "") -> None:
+        super().__init__(f"{status} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def _word(value: str | None, limit: int = 16) -> str:
+    return _WORD_RE.sub("", (value or "").lower())[:limit]
+
+
+# --- the services the routes use ---------------------------------------------------------
+
+
+class BootHttp:
+    """Everything the routes need, built once per app from the NodeContext."""
+
+    def __init__(self, ctx: NodeContext, *, catalog: Catalog | None = None,
+                 templates_dir: Path | None = None) -> None:
+        self.ctx = ctx
+        cfg = ctx.config
+        self.metrics = ctx.metrics
+        self.discovery: bool = bool(cfg.get("http.discovery", True))
+        self.retry_delay: int = int(cfg.get("http.retry_delay", 10))
+        self.live_name: str = str(cfg.get("http.live_image", "live"))
+        self.live_kernel_args: str = str(cfg.get("http.live_kernel_args", ""))
+        self.heartbeat_interval = float(cfg.get("http.heartbeat_interval", 10.0))
+        self.catalog = catalog if catalog is not None else _load_catalog(cfg.get("catalog"))
+        self.renderer = Renderer(templates_dir or cfg.get("http.templates"))
+        state_dir = Path(cfg.get("state_dir", "/var/lib/lpmos"))
+        self.tftp_root = Path(cfg.get("tftp.root") or state_dir / "tftp")
+        self.tokens = MachineTokens(ctx.store, ctx.keys, ctx.idc, ctx.cache, ctx.metrics,
+                                    node=ctx.node_name)
+        self.tasks = TaskService(ctx.store, ctx.keys)
+        self.registrar = Registrar(ctx.store, ctx.keys, ctx.idc, ctx.machines, self.tokens,
+                                   ctx.cache, ctx.metrics, node=ctx.node_name,
+                                   heartbeat_interval=self.heartbeat_interval)
+        self.events = EventPipeline(self.tasks, ctx.idc, ctx.metrics,
+                                    state_dir / "spool" / ctx.node_name,
+                                    interval=float(cfg.get("http.event_interval", 0.5)),
+                                    by=f"node:{ctx.node_name}")
+        self.long_polls = threading.BoundedSemaphore(max(1, int(cfg.get("http.long_polls", 24))))
+        self.long_polls_enabled = int(cfg.get("http.long_polls", 24)) > 0
+        self._waiters: dict[str, list[threading.Event]] = {}
+        self._waiters_lock = threading.Lock()
+        ctx.cache.add_listener(self._on_change)
+        self._health_at = 0.0
+        self._health_ok = False
+        self._health_lock = threading.Lock()
+        self.boot_script = ""
+        self._describe_metrics()
+
+    def _describe_metrics(self) -> None:
+        m = self.metrics
+        m.describe("http_boot_scripts_total", "per-machine boot scripts served, by decision")
+        m.describe("http_boot_script_etcd_requests_total",
+                   "etcd requests made while answering boot scripts, by decision (0 for "
+                   "every non-destructive answer)")
+        m.describe("http_requests_refused_total", "HTTP requests refused, by reason")
+        m.gauge("http_cache_staleness_seconds", self.ctx.cache.staleness,
+                "seconds since etcd last confirmed the node's watch cache")
+
+    @property
+    def live(self) -> Image | None:
+        img = self.catalog.images.get(self.live_name)
+        return img if img is not None and img.kernel and img.initrd else None
+
+    def start(self) -> None:
+        self.tokens.start()
+        self.events.start()
+
+    def stop(self) -> None:
+        self.events.stop()
+        self.tokens.stop()
+
+    # -- long-poll wake-ups -------------------------------------------------------------
+
+    def _on_change(self, key: str, old: KeyValue | None, new: KeyValue | None,
+                   revision: int) -> None:
+        parsed = self.ctx.keys.parse(key)
+        if parsed is None or parsed.kind != "task" or parsed.idc != self.ctx.idc:
+            return
+        with self._waiters_lock:
+            waiters = self._waiters.pop(parsed.name, [])
+        for event in waiters:
+            event.set()
+
+    def wait_for_task_change(self, sn: str, revision: int, timeout: float) -> None:
+        event = threading.Event()
+        with self._waiters_lock:
+            self._waiters.setdefault(sn, []).append(event)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.ctx.machines.view(sn).task_revision != revision:
+                    return
+                event.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+                event.clear()
+                with self._waiters_lock:
+                    lst = self._waiters.setdefault(sn, [])
+                    if event not in lst:
+                        lst.append(event)
+        finally:
+            with self._waiters_lock:
+                lst = self._waiters.get(sn, [])
+                if event in lst:
+                    lst.remove(event)
+                if not lst:
+                    self._waiters.pop(sn, None)
+
+    # -- shared helpers ------------------------------------------------------------------
+
+    def image_for(self, view: MachineView | None) -> Image | None:
+        task = view.task if view is not None else None
+        if task is None:
+            return None
+        return self.catalog.find(task.os_type, task.os_version, task.image)
+
+    def context(self, **kw: Any) -> dict[str, Any]:
+        return build_context(node_url=self.ctx.advertise_url, idc=self.ctx.idc,
+                             node_name=self.ctx.node_name, live=self.live,
+                             live_kernel_args=self.live_kernel_args,
+                             retry_delay=self.retry_delay, **kw)
+
+    def require_token(self, sn: str) -> str:
+        token = request_token()
+        try:
+            self.tokens.check(sn, token)
+        except TokenError as exc:
+            raise HttpError(exc.status_code, "token_" + exc.reason, str(exc)) from None
+        assert token is not None
+        return token
+
+    def etcd_healthy(self) -> bool:
+        """Whether etcd answers: the watch cache confirms it every second or
+        so; otherwise a probe, at most once per 2 s."""
+        if self.ctx.cache.staleness() < 5.0:
+            return True
+        with self._health_lock:
+            if time.monotonic() - self._health_at < 2.0:
+                return self._health_ok
+            self._health_at = time.monotonic()
+        try:
+            self.ctx.store.revision()
+            ok = True
+        except StoreError:
+            ok = False
+        with self._health_lock:
+            self._health_ok = ok
+        return ok
+
+
+def _load_catalog(path: Any) -> Catalog:
+    chosen = Path(path) if path else default_catalog_path()
+    if chosen is None:
+        log.warning("no image catalog: installs and discovery are unavailable")
+        return Catalog()
+    try:
+        catalog = load_catalog(chosen)
+    except CatalogError as exc:
+        log.error("%s; serving without a catalog", exc)
+        return Catalog()
+    for problem in catalog.check_files(verify_checksums=False):
+        log.warning("catalog: %s", problem)
+    return catalog
+
+
+def svc() -> BootHttp:
+    return current_app.extensions["lpmos_boot"]  # type: ignore[no-any-return]
+
+
+def request_token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip() or None
+    return request.args.get("token") or None
+
+
+def read_json() -> Any:
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise HttpError(400, "bad_json", "a JSON body is required")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise HttpError(400, "bad_json", "the JSON body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HttpError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data, separators=(",", ":")), status, mimetype=_JSON)
+
+
+def text_response(text: str, status: int = 200) -> Response:
+    resp = Response(text, status, mimetype="text/plain")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def checked_sn(sn: str) -> str:
+    try:
+        return validate_sn(sn)
+    except ValidationError as exc:
+        raise HttpError(400, "bad_sn", str(exc)) from None
+
+
+# --- boot ------------------------------------------------------------------------------
+
+boot_bp = Blueprint("boot", __name__)
+
+
+@boot_bp.get("/boot.ipxe")
+def boot_ipxe() -> Response:
+    s = svc()
+    s.metrics.inc("http_boot_constant_total")
+    if not s.boot_script:
+        s.boot_script = s.renderer.render("ipxe/boot.ipxe.j2", s.context())
+    return text_response(s.boot_script)
+
+
+@boot_bp.get("/boot/<path:name>")
+def boot_machine(name: str) -> Response:
+    s = svc()
+    started = time.perf_counter()
+    if not name.endswith(".ipxe"):
+        raise HttpError(404, "not_found", "per-machine scripts are /boot/<mac>.ipxe")
+    try:
+        mac = normalize_mac(name[:-5])
+    except ValidationError as exc:
+        s.metrics.inc("http_requests_refused_total", reason="bad_mac")
+        raise HttpError(400, "bad_mac", str(exc)) from None
+    args = request.args
+    uuid = ""
+    if args.get("uuid"):
+        try:
+            uuid = validate_uuid(args["uuid"][:64])
+        except ValidationError:
+            uuid = ""
+    serial = (args.get("serial") or "")[:64]
+    arch = _word(args.get("arch"))
+    platform = _word(args.get("platform"))
+    bootmac = ""
+    if args.get("bootmac"):
+        try:
+            bootmac = normalize_mac(args["bootmac"][:32])
+        except ValidationError:
+            bootmac = ""
+    machines = s.ctx.machines
+    view = machines.lookup(mac, uuid or None, serial or None)
+    if view is None and bootmac and bootmac != mac:
+        view = machines.lookup(bootmac)
+        mac = bootmac if view is not None else mac
+    image = s.image_for(view)
+    live = s.live
+    decision = decide_boot(view, discovery=s.discovery, image=image,
+                           live_available=live is not None)
+    etcd_requests = 0
+    token = ""
+    task = view.task if view is not None else None
+    server = view.server if view is not None else None
+    if decision.destructive and view is not None and image is not None:
+        outcome = claim_install(s.ctx.store, s.ctx.keys, s.tokens, idc=s.ctx.idc, sn=view.sn,
+                                node=s.ctx.node_name, continuing=decision.action == CONTINUE,
+                                renew="delete" if image.mode == "image" else "issue")
+        etcd_requests = outcome.etcd_requests
+        if outcome.install:
+            token = outcome.token
+            task, server = outcome.task, outcome.server or server
+            s.metrics.inc("http_install_claims_total",
+                          result="claimed" if decision.action == CLAIM else "confirmed")
+        else:
+            s.metrics.inc("http_install_claims_total", result="refused")
+            decision = Decision(WAIT, TEMPLATES[WAIT], outcome.reason, decision.sn)
+    sn = view.sn if view is not None else ""
+    try:
+        text = s.renderer.render(decision.template, s.context(
+            decision=decision.action, reason=decision.reason, sn=sn, mac=mac, arch=arch,
+            platform=platform, task=task, server=server, image=image, token=token))
+    except RenderError as exc:
+        log.error("boot script for %s: %s", mac, exc)
+        s.metrics.inc("http_render_errors_total", template=decision.template)
+        reason = f"the {decision.action} script could not be rendered; ask the operator"
+        decision = Decision(WAIT, TEMPLATES[WAIT], reason, sn)
+        text = s.renderer.render(decision.template, s.context(
+            decision=decision.action, reason=reason, sn=sn, mac=mac))
+    if decision.action == DISCOVERY and sn:
+        s.tokens.drop_async(sn, why="new boot")      # a new boot means a new agent
+    s.ctx.timeline.record(f"sn:{sn}" if sn else mac, "boot script", {
+        "decision": decision.action, "reason": decision.reason, "mac": mac,
+        "ip": request.remote_addr or "", "arch": arch, "platform": platform})
+    s.metrics.inc("http_boot_scripts_total", decision=decision.action)
+    s.metrics.inc("http_boot_script_etcd_requests_total", etcd_requests,
+                  decision=decision.action)
+    s.metrics.observe("http_boot_script_seconds", time.perf_counter() - started)
+    return text_response(text)
+
+
+# --- rendered install configs ----------------------------------------------------------
+
+config_bp = Blueprint("config", __name__)
+
+
+@config_bp.get("/config/<sn>/<name>")
+def config_file(sn: str, name: str) -> Response:
+    return _config(sn, name, None)
+
+
+@config_bp.get("/config/<sn>/t/<token>/<name>")
+def config_file_tokened(sn: str, token: str, name: str) -> Response:
+    return _config(sn, name, token)
+
+
+def _config(sn: str, name: str, path_token: str | None) -> Response:
+    s = svc()
+    sn = checked_sn(sn)
+    if not _CONFIG_NAME_RE.fullmatch(name):
+        raise HttpError(404, "not_found", "no such config")
+    if path_token is not None:
+        try:
+            s.tokens.check(sn, path_token)
+        except TokenError as exc:
+            raise HttpError(exc.status_code, "token_" + exc.reason, str(exc)) from None
+        token = path_token
+    else:
+        token = s.require_token(sn)
+    view = s.ctx.machines.view(sn)
+    task = view.task
+    if task is None or task.state not in (TaskStatus.BOOTING, TaskStatus.INSTALLING):
+        s.metrics.inc("http_requests_refused_total", reason="config_no_install")
+        raise HttpError(409, "no_install", f"{sn} has no install in progress")
+    image = s.image_for(view)
+    if image is None:
+        raise HttpError(409, "no_image", f"image {task.image or task.os_type} not in catalog")
+    templates = CONFIG_TEMPLATES.get(install_kind(image), {})
+    if name not in templates:
+        raise HttpError(404, "not_found",
+                        f"{install_kind(image)} installs have: {', '.join(sorted(templates))}")
+    template = templates[name]
+    text = ""
+    if template:
+        try:
+            text = s.renderer.render(template, s.context(
+                decision="config", sn=sn, mac=task.mac, task=task, server=view.server,
+                image=image, token=token))
+        except RenderError as exc:
+            log.error("config %s of %s: %s", name, sn, exc)
+            s.metrics.inc("http_render_errors_total", template=template)
+            raise HttpError(500, "render_error", str(exc)) from None
+    s.ctx.timeline.record(f"sn:{sn}", "config fetched", {"name": name,
+                                                          "ip": request.remote_addr or ""})
+    s.metrics.inc("http_configs_total", config=name)
+    return text_response(text)
+
+
+# --- installer and first-boot callbacks ---------------------------------------------------
+
+callback_bp = Blueprint("callback", __name__)
+
+
+def parse_callback(body: Any, *, now: float) -> ProgressEvent:
+    """A callback body (ours, or the Ubuntu autoinstall ``reporting``
+    webhook JSON) as a progress event.  Pure; ValidationError when unusable."""
+    if not isinstance(body, dict):
+        raise ValidationError("body", "a JSON object")
+    if "event_type" in body and ("origin" in body or "name" in body):
+        stamp = body.get("timestamp")
+        ts = float(stamp) if isinstance(stamp, int | float) and not isinstance(stamp, bool) \
+            and 0 < stamp < 4e9 else now
+        result = str(body.get("result") or "")
+        text = f"{body.get('event_type')} {body.get('name', '')}: " \
+               f"{body.get('description', '')} {result}".strip()
+        return ProgressEvent.from_dict({
+            "source": "autoinstall", "seq": int(ts * 1_000_000), "kind": "log",
+            "step": str(body.get("name") or "")[:64], "message": text, "at": ts})
+    event = _word(str(body.get("event") or "callback"), 32) or "callback"
+    if not event[0].isalpha():
+        event = "callback"
+    status = str(body.get("status") or "progress")
+    seq = body.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        seq = 1 if status in ("succeeded", "failed") else int(now * 1000)
+    data: dict[str, Any] = {"source": event, "seq": seq, "message": body.get("message") or "",
+                            "at": now}
+    if status in ("installing", "succeeded", "failed"):
+        data["kind"] = "state"
+        data["status"] = status
+    elif status == "progress":
+        data["kind"] = "progress"
+    else:
+        data["kind"] = "log"
+    percent = body.get("percent")
+    if isinstance(percent, int | float) and not isinstance(percent, bool):
+        data["percent"] = max(0.0, min(100.0, float(percent)))
+    if body.get("step"):
+        data["step"] = str(body["step"])
+    return ProgressEvent.from_dict(data)
+
+
+@callback_bp.post("/callback/<sn>")
+def callback(sn: str) -> Response:
+    s = svc()
+    sn = checked_sn(sn)
+    s.require_token(sn)
+    body = read_json()
+    try:
+        event = parse_callback(body, now=time.time())
+    except ValidationError as exc:
+        s.metrics.inc("http_requests_refused_total", reason="bad_callback")
+        raise HttpError(400, "bad_event", str(exc)) from None
+    s.ctx.timeline.record(f"sn:{sn}", "callback", {
+        "source": event.source, "kind": event.kind, "status": event.status,
+        "message": event.message[:120], "ip": request.remote_addr or ""})
+    result = _submit(s, sn, [event])
+    return json_response({"acked": result.acked, "task_status": result.task_status})
+
+
+def _submit(s: BootHttp, sn: str, events: list[ProgressEvent]) -> Any:
+    try:
+        return s.events.submit(sn, events)
+    except EventsRefused as exc:
+        raise HttpError(exc.status_code, exc.error, str(exc)) from None
+
+
+# --- the agent API ---------------------------------------------------------------------
+
+agent_bp = Blueprint("agent", __name__, url_prefix="/agent/v1")
+
+
+@agent_bp.post("/register")
+def register() -> Response:
+    s = svc()
+    body = read_json()
+    try:
+        req = parse_register(body)
+    except ValidationError as exc:
+        s.metrics.inc("http_requests_refused_total", reason="bad_register")
+        raise HttpError(400, "bad_request", str(exc)) from None
+    ip = request.remote_addr or ""
+    try:
+        result = s.registrar.register(req, request_token(), ip=ip)
+    except RegistrationConflict as exc:
+        s.ctx.timeline.record(f"sn:{s.registrar.identify(req)}", "agent refused",
+                              {"reason": "token held", "mac": req.boot_mac, "ip": ip})
+        raise HttpError(409, "token_held", str(exc)) from None
+    except StoreError as exc:
+        raise HttpError(503, "etcd_unavailable", str(exc)) from None
+    s.ctx.timeline.record(f"sn:{result.sn}", "agent registered", {
+        "mac": req.boot_mac, "ip": ip, "agent_version": req.agent_version,
+        "token": "issued" if result.token else "kept", "conflict": result.conflict})
+    return json_response({
+        "sn": result.sn, "idc": s.ctx.idc, "token": result.token, "server_time": time.time(),
+        "heartbeat_interval": s.heartbeat_interval,
+        "task": result.task.to_dict() if result.task is not None else None})
+
+
+def _agent_sn(s: BootHttp, raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise HttpError(400, "bad_sn", "sn: a serial number is required")
+    sn = checked_sn(raw)
+    s.require_token(sn)
+    return sn
+
+
+@agent_bp.post("/heartbeat")
+def heartbeat() -> Response:
+    s = svc()
+    body = read_json()
+    if not isinstance(body, dict):
+        raise HttpError(400, "bad_request", "a JSON object is required")
+    sn = _agent_sn(s, body.get("sn"))
+    state = body.get("state") if isinstance(body.get("state"), str) else "unknown"
+    try:
+        s.registrar.heartbeat(sn, str(state))
+    except StoreError as exc:
+        raise HttpError(503, "etcd_unavailable", str(exc)) from None
+    s.metrics.inc("http_heartbeats_total")
+    task = s.ctx.machines.view(sn).task
+    return json_response({"server_time": time.time(),
+                          "task_status": task.status if task is not None else None})
+
+
+@agent_bp.get("/task")
+def agent_task() -> Response:
+    s = svc()
+    sn = _agent_sn(s, request.args.get("sn"))
+    token = request_token() or ""
+    try:
+        wait = max(0.0, min(LONG_POLL_MAX, float(request.args.get("wait", 0))))
+        raw_rev = request.args.get("revision")
+        known = int(raw_rev) if raw_rev not in (None, "") else None
+    except ValueError:
+        raise HttpError(400, "bad_request", "wait and revision must be numbers") from None
+    view = s.ctx.machines.view(sn)
+    if known is not None and known == view.task_revision and wait > 0 \
+            and s.long_polls_enabled and s.long_polls.acquire(blocking=False):
+        try:
+            s.wait_for_task_change(sn, known, wait)
+        finally:
+            s.long_polls.release()
+        view = s.ctx.machines.view(sn)
+    return json_response(_task_answer(s, view, token))
+
+
+def _task_answer(s: BootHttp, view: MachineView, token: str) -> dict[str, Any]:
+    """The agent's task answer; claims an approved image-mode task (fresh
+    read + CAS) so an agent already running in discovery can install."""
+    task, revision = view.task, view.task_revision
+    answer: dict[str, Any] = {"revision": revision, "task": None, "action": "none",
+                              "install": None}
+    if task is None:
+        return answer
+    image = s.image_for(view)
+    image_mode = image is not None and image.mode == "image"
+    conflict = bool(view.server is not None and view.server.conflict)
+    status = task.state
+    action = "wait"
+    if status in FINAL:
+        action = "done"
+    elif status is TaskStatus.APPROVED and image_mode and not conflict:
+        outcome = claim_install(s.ctx.store, s.ctx.keys, s.tokens, idc=s.ctx.idc, sn=view.sn,
+                                node=s.ctx.node_name, continuing=False, renew="keep")
+        # the token is kept: this very agent uses it (and renders it into the seed)
+        if outcome.install and outcome.task is not None:
+            task, revision, action = outcome.task, outcome.revision, "install"
+            s.metrics.inc("http_install_claims_total", result="claimed_by_agent")
+            s.ctx.timeline.record(f"sn:{view.sn}", "install claimed", {"by": "agent poll"})
+        else:
+            s.metrics.inc("http_install_claims_total", result="refused")
+    elif status in (TaskStatus.BOOTING, TaskStatus.INSTALLING) and image_mode and not conflict \
+            and task.progress.step != REBOOT_STEP:
+        action = "install"
+    answer.update(revision=revision, task=task.to_dict(), action=action)
+    if action == "install" and image is not None:
+        answer["install"] = _install_spec(s, view, task, image, token)
+    return answer
+
+
+def _install_spec(s: BootHttp, view: MachineView, task: Any, image: Image,
+                  token: str) -> dict[str, Any]:
+    ctx = s.context(decision="install", sn=view.sn, mac=task.mac, task=task, server=view.server,
+                    image=image, token=token)
+    seed = {}
+    for name, template in CONFIG_TEMPLATES["image"].items():
+        if template and name != "vendor-data":
+            seed[name] = s.renderer.render(template, ctx)
+    size = image.size
+    local = s.catalog.local_path(image.disk_image)
+    if not size and local is not None and local.is_file():
+        size = local.stat().st_size
+    params = ctx["params"]
+    return {
+        "mode": "image", "image": image.name,
+        "image_url": file_url(s.ctx.advertise_url, image.name, image.disk_image),
+        "sha256": image.sha256, "size": size,
+        "root_device_hints": params.get("root_device_hints", {}),
+        "seed": seed, "allow_removable": bool(params.get("allow_removable", False)),
+    }
+
+
+@agent_bp.post("/events")
+def agent_events() -> Response:
+    s = svc()
+    body = read_json()
+    if not isinstance(body, dict):
+        raise HttpError(400, "bad_request", "a JSON object is required")
+    sn = _agent_sn(s, body.get("sn"))
+    raw = body.get("events")
+    if not isinstance(raw, list) or len(raw) > EVENTS_MAX:
+        raise HttpError(400, "bad_request", f"events: a list of at most {EVENTS_MAX} events")
+    events = []
+    for i, item in enumerate(raw):
+        try:
+            events.append(ProgressEvent.from_dict(item))
+        except ValidationError as exc:
+            s.metrics.inc("http_requests_refused_total", reason="bad_event")
+            raise HttpError(400, "bad_event", f"events[{i}]: {exc}") from None
+    result = _submit(s, sn, events)
+    states = [e for e in events if e.kind == "state"]
+    if states:
+        s.ctx.timeline.record(f"sn:{sn}", "agent state", {"status": states[-1].status,
+                                                          "message": states[-1].message[:120]})
+    return json_response({"acked": result.acked, "task_status": result.task_status})
+
+
+# --- files ---------------------------------------------------------------------------------
+
+files_bp = Blueprint("files", __name__)
+
+
+@files_bp.get("/images/<name>/<file>")
+def image_file(name: str, file: str) -> Response:
+    s = svc()
+    image = s.catalog.images.get(name)
+    if image is None or not _FILE_RE.fullmatch(file):
+        raise HttpError(404, "not_found", "no such image file")
+    which = None
+    for attr in ("kernel", "initrd", "disk_image"):
+        value = getattr(image, attr)
+        if value and not image.is_url(value) and Path(value).name == file:
+            which = attr
+            break
+    if which is None:
+        raise HttpError(404, "not_found", "no such image file")
+    if which == "disk_image":
+        token = request_token()
+        if not token:
+            s.metrics.inc("http_token_refused_total", reason="missing")
+            raise HttpError(401, "token_missing", "disk images need a machine token")
+        if s.tokens.owner(token) is None:
+            s.metrics.inc("http_token_refused_total", reason="invalid")
+            raise HttpError(401, "token_invalid", "invalid or revoked machine token")
+    path = s.catalog.local_path(getattr(image, which))
+    assert path is not None
+    etag = image.sha256 if which == "disk_image" and image.sha256 else None
+    return serve_file(path, etag_hint=etag, metric=which)
+
+
+@files_bp.get("/ipxe/<file>")
+def ipxe_file(file: str) -> Response:
+    s = svc()
+    if not _FILE_RE.fullmatch(file):
+        s.metrics.inc("http_requests_refused_total", reason="bad_path")
+        raise HttpError(404, "not_found", "no such file")
+    root = s.tftp_root.resolve()
+    path = (root / file).resolve()
+    if path.parent != root:
+        s.metrics.inc("http_requests_refused_total", reason="outside_root")
+        raise HttpError(404, "not_found", "no such file")
+    return serve_file(path, metric="ipxe")
+
+
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def serve_file(path: Path, *, etag_hint: str | None = None, metric: str = "file") -> Response:
+    """A file with ETag / If-None-Match, one Range (206, or 416) and the
+    server's ``wsgi.file_wrapper`` (waitress streams it from the file in
+    large blocks without passing it through the app)."""
+    s = svc()
+    try:
+        fh = path.open("rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise HttpError(404, "not_found", "no such file") from None
+    try:
+        st = os.fstat(fh.fileno())
+        size = st.st_size
+        etag = '"' + (etag_hint or hashlib.sha256(
+            f"{path}:{size}:{st.st_mtime_ns}".encode()).hexdigest()[:32]) + '"'
+        headers = {"ETag": etag, "Accept-Ranges": "bytes",
+                   "Last-Modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT",
+                                                  time.gmtime(st.st_mtime)),
+                   "Cache-Control": "no-cache"}
+        inm = request.headers.get("If-None-Match")
+        if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+            fh.close()
+            s.metrics.inc("http_files_total", kind=metric, status="304")
+            return Response(status=304, headers=headers)
+        start, length, status = 0, size, 200
+        rng = request.headers.get("Range")
+        if_range = request.headers.get("If-Range")
+        if rng and (not if_range or if_range.strip() == etag):
+            m = _RANGE_RE.fullmatch(rng.strip())
+            if m and (m.group(1) or m.group(2)):
+                if m.group(1):
+                    first = int(m.group(1))
+                    last = int(m.group(2)) if m.group(2) else size - 1
+                else:
+                    first = max(0, size - int(m.group(2)))
+                    last = size - 1
+                last = min(last, size - 1)
+                if first >= size or first > last:
+                    fh.close()
+                    s.metrics.inc("http_files_total", kind=metric, status="416")
+                    headers["Content-Range"] = f"bytes */{size}"
+                    return Response(status=416, headers=headers)
+                start, length, status = first, last - first + 1, 206
+                headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+            # a multi-range or malformed Range is ignored: the whole file (RFC 9110)
+        fh.seek(start)
+        headers["Content-Length"] = str(length)
+        wrapper = request.environ.get("wsgi.file_wrapper")
+        body: Iterable[bytes] = wrapper(fh, 1 << 18) if wrapper else _limited(fh, length)
+        s.metrics.inc("http_files_total", kind=metric, status=str(status))
+        resp = Response(body, status=status, headers=headers,
+                        mimetype="application/octet-stream", direct_passthrough=True)
+        resp.call_on_close(fh.close)
+        return resp
+    except HttpError:
+        raise
+    except Exception:
+        fh.close()
+        raise
+
+
+def _limited(fh: Any, length: int) -> Iterable[bytes]:
+    remaining = length
+    while remaining > 0:
+        chunk = fh.read(min(1 << 18, remaining))
+        if not chunk:
+            break
+        remaining -= len(chunk)
+        yield chunk
+
+
+# --- ops -------------------------------------------------------------------------------------
+
+ops_bp = Blueprint("ops", __name__)
+
+
+@ops_bp.get("/healthz")
+def healthz() -> Response:
+    s = svc()
+    cache = s.ctx.cache
+    staleness = cache.staleness()
+    reachable = s.etcd_healthy()
+    degraded = not reachable or not cache.loaded or staleness > 10.0
+    body = {"status": "degraded" if degraded else "ok", "node": s.ctx.node_name,
+            "idc": s.ctx.idc,
+            "etcd": {"reachable": reachable},
+            "cache": {"loaded": cache.loaded,
+                      "staleness_seconds": None if staleness == float("inf")
+                      else round(staleness, 3),
+                      "revision": cache.revision},
+            "catalog": {"images": len(s.catalog.images), "live": s.live is not None},
+            "events_spooled_tasks": len(s.events.spooled_tasks()),
+            "installs": "refused while degraded" if degraded else "allowed"}
+    return json_response(body, 503 if degraded else 200)
+
+
+@ops_bp.get("/metrics")
+def metrics() -> Response:
+    return Response(svc().metrics.render(), mimetype="text/plain; version=0.0.4")
+
+
+# --- the app -------------------------------------------------------------------------------
+
+
+def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
+               templates_dir: Path | None = None) -> Flask:
+    """The boot HTTP WSGI app for ``ctx`` (dependencies injected, one
+    blueprint per concern).  Call ``app.extensions["lpmos_boot"].start()``
+    (or use :class:`HttpService`) to run its background workers."""
+    app = Flask("bootsvc")
+    app.config["MAX_CONTENT_LENGTH"] = int(ctx.config.get("http.max_body", 1024 * 1024))
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["lpmos_boot"] = BootHttp(ctx, catalog=catalog, templates_dir=templates_dir)
+    for bp in (boot_bp, config_bp, callback_bp, agent_bp, files_bp, ops_bp):
+        app.register_blueprint(bp)
+
+    @app.errorhandler(HttpError)
+    def on_http_error(exc: HttpError) -> Response:
+        ctx.metrics.inc("http_errors_total", error=exc.error)
+        resp = json_response({"error": exc.error, "detail": exc.detail}, exc.status)
+        if exc.status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="lpmos"'
+        return resp
+
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    @app.errorhandler(413)
+    def on_werkzeug(exc: Any) -> Response:
+        code = int(getattr(exc, "code", 500))
+        name = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(code, "error")
+        ctx.metrics.inc("http_requests_refused_total", reason=name)
+        return json_response({"error": name, "detail": getattr(exc, "description", "")}, code)
+
+    @app.errorhandler(Exception)
+    def on_unexpected(exc: Exception) -> Response:
+        if hasattr(exc, "code") and isinstance(getattr(exc, "code", None), int):
+            code = int(exc.code)  # type: ignore[attr-defined]
+            return json_response({"error": "http_error", "detail": str(exc)}, code)
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        ctx.metrics.inc("http_errors_total", error="internal")
+        return json_response({"error": "internal", "detail": type(exc).__name__}, 500)
+
+    return app
+
+
+# --- the server ----------------------------------------------------------------------------
+
+
+class HttpService:
+    """Serves :func:`create_app` with waitress on
+    ``regional.listen``:``http.port`` in a background thread."""
+
+    def __init__(self, ctx: NodeContext, *, app: Flask | None = None) -> None:
+        self.ctx = ctx
+        self.app = app or create_app(ctx)
+        self.boot: BootHttp = self.app.extensions["lpmos_boot"]
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def start(self) -> HttpService:
+        from waitress import create_server
+
+        cfg = self.ctx.config
+        self.boot.start()
+        self._server = create_server(
+            self.app,
+            host=cfg.get("regional.listen", "0.0.0.0"),
+            port=int(cfg.get("http.port", 8081)),
+            threads=int(cfg.get("http.threads", 32)),
+            connection_limit=int(cfg.get("http.connection_limit", 2000)),
+            channel_timeout=int(max(1, round(float(cfg.get("http.timeout", 30.0))))),
+            cleanup_interval=max(1, int(float(cfg.get("http.timeout", 30.0)) // 2)),
+            max_request_body_size=int(cfg.get("http.max_body", 1024 * 1024)),
+            max_request_header_size=int(cfg.get("http.max_header", 16384)),
+            asyncore_use_poll=True,
+            asyncore_loop_timeout=0.5,
+            ident="lpmos",
+            expose_tracebacks=False,
+        )
+        self.port = int(self._server.effective_port)
+        if not self.ctx.advertise_url:
+            host = self.ctx.server_ip or cfg.get("regional.listen", "127.0.0.1")
+            if host in ("0.0.0.0", "::", ""):
+                host = "127.0.0.1"
+            self.ctx.advertise_url = f"http://{host}:{self.port}"
+        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        self._thread.start()
+        log.info("boot HTTP on %s:%d (machines use %s)", cfg.get("regional.listen"), self.port,
+                 self.ctx.advertise_url)
+        return self
+
+    def stop(self) -> None:
+        server = self._server
+        if server is not None:
+            try:
+                server.task_dispatcher.shutdown(timeout=5)
+            finally:
+                from waitress import wasyncore
+
+                wasyncore.close_all(server._map)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self.boot.stop()
+        self._server = None
+
+
+__all__: list[str] = ["SETTINGS", "BootHttp", "HttpError", "HttpService", "create_app",
+                      "parse_callback"]

@@ -1,0 +1,322 @@
+"""Agent registration and heartbeat (agent_api.md §1-2).
+
+* :func:`parse_register` is the pure codec of a registration body: it
+  validates and clamps everything the agent sends, or raises
+  :class:`lpmos.models.ValidationError` naming the field.
+* :func:`decide_identity` (pure) picks the machine's authoritative SN: by
+  MAC (the task's MAC, then server records' MACs), then UUID, then serial
+  — with the cache's answers passed in; else the reported DMI serial when
+  it is a valid SN and not a placeholder, else ``mac-<boot MAC hex>``.
+* :meth:`Registrar.register` writes the server record and the MAC index in
+  one transaction (CAS on the record and on every index key it changes),
+  with the machine's token when one is issued.  A MAC already indexed to
+  another machine, or a record whose UUID differs from the agent's (a
+  cloned VM), sets :attr:`lpmos.models.Server.conflict` on the records
+  involved; the boot decision then never serves them an install.
+* :meth:`Registrar.heartbeat` keeps ``keys.lease(idc, sn)`` alive on an
+  etcd lease (TTL about 3 times the heartbeat interval).  Leases show liveness;
+  they never decide safety.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bootsvc.machines import MachineIndex
+from bootsvc.tokens import MachineTokens, TokenError, token_digest
+from lpmos.metrics import Registry
+from lpmos.models import (
+    Server,
+    Task,
+    ValidationError,
+    normalize_mac,
+    validate_sn,
+    validate_text,
+    validate_uuid,
+)
+from lpmos.store import Compare, Conflict, Op, Put, Store, StoreError
+from lpmos.store.cache import WatchCache
+from lpmos.store.keys import Keys
+
+log = logging.getLogger(__name__)
+
+MACS_MAX = 64
+PLACEHOLDER_SERIALS = frozenset({"", "not specified", "to be filled by o.e.m.", "0", "none",
+                                 "default string", "system serial number", "not applicable",
+                                 "n/a", "123456789", "0123456789"})
+_ARCH_RE = re.compile(r"[a-z0-9_]{1,16}")
+
+
+class RegistrationConflict(Exception):
+    """The machine holds a token and the request carries none or another (409)."""
+
+    status_code = 409
+
+
+@dataclass(frozen=True)
+class RegisterRequest:
+    sn: str
+    uuid: str
+    macs: list[str]
+    boot_mac: str
+    arch: str
+    inventory: dict[str, Any]
+    agent_version: str
+
+
+@dataclass(frozen=True)
+class Registered:
+    sn: str
+    token: str | None
+    task: Task | None
+    conflict: str = ""
+    revision: int = 0
+
+
+def parse_register(body: Any) -> RegisterRequest:
+    """Validate a registration body (see agent_api.md §1)."""
+    if not isinstance(body, dict):
+        raise ValidationError("body", "a JSON object")
+    sn = body.get("sn", "")
+    sn = sn.strip() if isinstance(sn, str) else ""
+    if len(sn) > 128:
+        sn = ""
+    raw_uuid = body.get("uuid") or ""
+    try:
+        uuid = validate_uuid(raw_uuid) if raw_uuid else ""
+    except ValidationError:
+        uuid = ""     # firmware reports garbage UUIDs; an unusable one is no identity
+    raw_macs = body.get("macs", [])
+    if not isinstance(raw_macs, list) or len(raw_macs) > MACS_MAX:
+        raise ValidationError("macs", f"a list of at most {MACS_MAX} MAC addresses")
+    macs: list[str] = []
+    for m in raw_macs:
+        mac = normalize_mac(m, "macs")
+        if mac not in macs:
+            macs.append(mac)
+    boot_mac = body.get("boot_mac") or ""
+    if boot_mac:
+        boot_mac = normalize_mac(boot_mac, "boot_mac")
+        if boot_mac not in macs:
+            macs.insert(0, boot_mac)
+    elif macs:
+        boot_mac = macs[0]
+    if not macs:
+        raise ValidationError("macs", "at least one MAC address is required")
+    arch = body.get("arch") or "x86_64"
+    if not isinstance(arch, str) or not _ARCH_RE.fullmatch(arch):
+        raise ValidationError("arch", "1-16 characters of a-z, 0-9 and '_'")
+    inventory = body.get("inventory") or {}
+    if not isinstance(inventory, dict):
+        raise ValidationError("inventory", "a JSON object")
+    version = validate_text(body.get("agent_version", ""), "agent_version", 64)
+    return RegisterRequest(sn, uuid, macs, boot_mac, arch, inventory, version)
+
+
+def usable_serial(serial: str) -> bool:
+    if serial.strip().lower() in PLACEHOLDER_SERIALS:
+        return False
+    try:
+        validate_sn(serial)
+    except ValidationError:
+        return False
+    return True
+
+
+def mac_sn(mac: str) -> str:
+    return "mac-" + mac.replace(":", "")
+
+
+def decide_identity(req: RegisterRequest, known: dict[str, str | None]) -> str:
+    """The authoritative SN.  ``known`` maps ``"mac:<mac>"``, ``"uuid"`` and
+    ``"serial"`` to the SN the node's index resolves them to (or None)."""
+    for mac in req.macs:
+        sn = known.get("mac:" + mac)
+        if sn:
+            return sn
+    if known.get("uuid"):
+        return str(known["uuid"])
+    if known.get("serial"):
+        return str(known["serial"])
+    if usable_serial(req.sn):
+        return req.sn
+    return mac_sn(req.boot_mac)
+
+
+@dataclass
+class _Lease:
+    lease_id: int
+    state: str
+    expires: float = field(default=0.0)
+
+
+class Registrar:
+    def __init__(self, store: Store, keys: Keys, idc: str, machines: MachineIndex,
+                 tokens: MachineTokens, cache: WatchCache, metrics: Registry, *, node: str,
+                 heartbeat_interval: float = 10.0) -> None:
+        self.store = store
+        self.keys = keys
+        self.idc = idc
+        self.machines = machines
+        self.tokens = tokens
+        self.cache = cache
+        self.metrics = metrics
+        self.node = node
+        self.heartbeat_interval = heartbeat_interval
+        self._leases: dict[str, _Lease] = {}
+        self._lock = threading.Lock()
+
+    # -- registration -------------------------------------------------------------------
+
+    def identify(self, req: RegisterRequest) -> str:
+        known: dict[str, str | None] = {f"mac:{m}": self.machines.sn_for(mac=m) for m in req.macs}
+        known["uuid"] = self.machines.sn_for(uuid=req.uuid) if req.uuid else None
+        known["serial"] = self.machines.sn_for(serial=req.sn) if usable_serial(req.sn) else None
+        return decide_identity(req, known)
+
+    def register(self, req: RegisterRequest, presented: str | None, *, ip: str = "") -> Registered:
+        """Write the server record (+ MAC index, + token) for ``req``.
+
+        Raises :class:`RegistrationConflict` (409) when the machine holds a
+        token and ``presented`` is not it, :class:`lpmos.store.StoreError`
+        when etcd fails.
+        """
+        sn = self.identify(req)
+        for _attempt in range(4):
+            try:
+                return self._register_once(sn, req, presented, ip)
+            except Conflict:
+                time.sleep(0.01)
+        raise Conflict(self.keys.server(self.idc, sn), 0, "registration kept racing; retry")
+
+    def _register_once(self, sn: str, req: RegisterRequest, presented: str | None,
+                       ip: str) -> Registered:
+        idc = self.idc
+        server_key = self.keys.server(idc, sn)
+        token_key = self.keys.machine_token(idc, sn)
+        server_kv = self.store.get(server_key)
+        token_kv = self.store.get(token_key)
+        if token_kv is not None:
+            stored = _digest_of(token_kv.value)
+            if not presented or stored is None or \
+                    not hmac.compare_digest(token_digest(presented), stored):
+                self.metrics.inc("http_register_refused_total", reason="token_held")
+                raise RegistrationConflict(
+                    f"{sn} already holds a token from an earlier registration and this request "
+                    "does not carry it; reboot the machine to reset it")
+        stamp = time.time()
+        if server_kv is not None:
+            server = Server.from_json(server_kv.value)
+        else:
+            server = Server(idc=idc, sn=sn, first_seen=stamp)
+        conflicts: list[str] = []
+        if server.uuid and req.uuid and server.uuid != req.uuid:
+            conflicts.append(f"uuid {req.uuid} registered for {sn}, which had uuid {server.uuid}")
+        compares: list[Compare] = [Compare(server_key, server_kv.mod_revision if server_kv else 0),
+                                   Compare(token_key, token_kv.mod_revision if token_kv else 0)]
+        ops: list[Op] = []
+        others: dict[str, Server] = {}
+        for mac in req.macs:
+            index_key = self.keys.mac(idc, mac)
+            index_kv = self.store.get(index_key)
+            owner = index_kv.value.decode(errors="replace") if index_kv else ""
+            if owner and owner != sn and owner != mac_sn(mac) and \
+                    not owner.startswith("mac-"):
+                conflicts.append(f"mac {mac} also belongs to {owner}")
+                other_key = self.keys.server(idc, owner)
+                other_kv = self.store.get(other_key)
+                if other_kv is not None and owner not in others:
+                    other = Server.from_json(other_kv.value)
+                    if not other.conflict:
+                        other.conflict = f"mac {mac} also registered by {sn}"[:300]
+                        others[owner] = other
+                        compares.append(Compare(other_key, other_kv.mod_revision))
+                        ops.append(Put(other_key, other.to_json()))
+                continue      # the index keeps its first owner
+            if owner != sn:
+                compares.append(Compare(index_key, index_kv.mod_revision if index_kv else 0))
+                ops.append(Put(index_key, sn.encode()))
+        server.macs = list(dict.fromkeys([*server.macs, *req.macs]))[:MACS_MAX]
+        server.uuid = req.uuid or server.uuid
+        server.arch = req.arch
+        server.inventory = req.inventory
+        server.boot_mac = req.boot_mac
+        server.ip = ip[:64]
+        server.last_seen = stamp
+        server.state = "registered"
+        if conflicts and not server.conflict:
+            server.conflict = "; ".join(conflicts)[:300]
+        server.validate()
+        ops.insert(0, Put(server_key, server.to_json()))
+        token: str | None = None
+        if token_kv is None:
+            token, put = self.tokens.issue(sn, why="registration")
+            ops.append(put)
+        revision = self.store.commit(compares, ops)
+        if token:
+            self.tokens.learn(sn, token, revision)
+        # read-your-writes: the next request of this agent is answered from the cache
+        self.cache.wait_for_revision(revision, 1.0)
+        if server.conflict:
+            self.metrics.inc("http_register_conflicts_total")
+            log.warning("machine %s/%s flagged: %s", idc, sn, server.conflict)
+        self.metrics.inc("http_registrations_total", token="issued" if token else "kept")
+        view = self.machines.view(sn)
+        return Registered(sn, token, view.task, server.conflict, revision)
+
+    # -- heartbeat --------------------------------------------------------------------
+
+    @property
+    def lease_ttl(self) -> int:
+        return max(5, math.ceil(3 * self.heartbeat_interval))
+
+    def heartbeat(self, sn: str, state: str) -> None:
+        """Keep ``keys.lease(idc, sn)`` alive; raises StoreError when etcd fails."""
+        state = re.sub(r"[^a-z0-9_-]", "", state.lower())[:32] or "unknown"
+        key = self.keys.lease(self.idc, sn)
+        with self._lock:
+            lease = self._leases.get(sn)
+        if lease is not None:
+            ttl = self.store.keepalive(lease.lease_id)
+            if ttl > 0:
+                if lease.state != state:
+                    self.store.put(key, self._lease_value(state), lease=lease.lease_id)
+                    lease.state = state
+                return
+        lease_id = self.store.grant(self.lease_ttl)
+        self.store.put(key, self._lease_value(state), lease=lease_id)
+        with self._lock:
+            if len(self._leases) > 50000:
+                self._leases.clear()
+            self._leases[sn] = _Lease(lease_id, state)
+
+    def _lease_value(self, state: str) -> bytes:
+        return json.dumps({"node": self.node, "state": state, "at": time.time()},
+                          sort_keys=True).encode()
+
+    def release(self) -> None:
+        """Forget leases (they expire by themselves; a node restart must not
+        revoke the liveness of machines another node may be serving)."""
+        with self._lock:
+            self._leases.clear()
+
+
+def _digest_of(raw: bytes) -> str | None:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    value = data.get("sha256") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+__all__ = ["RegisterRequest", "Registered", "Registrar", "RegistrationConflict", "StoreError",
+           "TokenError", "decide_identity", "parse_register"]

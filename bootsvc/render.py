@@ -1,0 +1,352 @@
+"""Template rendering: a sandboxed Jinja2 environment that fails loudly.
+
+Contract (STYLE principle 7, RELIABILITY "bad input"):
+
+* templates live under one directory (``templates/`` of the source tree by
+  default) and are rendered by an :class:`jinja2.sandbox.ImmutableSandboxedEnvironment`
+  with :class:`jinja2.StrictUndefined`: a template cannot call unsafe
+  attributes or mutate its inputs, and a missing variable raises
+  :class:`RenderError` naming the template, the line and the variable;
+* task and inventory values are *data*: Jinja never re-parses a value, so a
+  task field holding ``{{ 7*7 }}`` renders as those eleven characters;
+* single-line slots go through a filter that refuses or neutralises
+  newlines and control characters:
+
+  ``line``    refuse (RenderError) a value holding a control character;
+  ``ipxe``    percent-encode everything outside a small safe set, so
+              ``${...}``, ``#!ipxe``, ``;``, ``||`` and spaces are inert in
+              an iPXE command line (the form is also a valid URI part);
+  ``ipxe_text`` free text for ``echo``: anything but a plain character set
+              becomes ``?``;
+  ``ipxe_args`` a kernel argument string: split on blanks, each word
+              ``ipxe``-encoded, joined with single spaces;
+  ``shell``   a POSIX-shell single-quoted word (``shlex.quote``), refusing
+              control characters;
+  ``urlquote`` a URI component (nothing left unescaped);
+  ``to_yaml`` a YAML document built from data with ``yaml.safe_dump``
+              (YAML templates build a dict and dump it; they never paste
+              values into YAML text);
+  ``to_json`` compact JSON.
+
+:func:`render_text` is pure apart from reading template files (cached by
+Jinja).  It returns text or raises :class:`RenderError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import yaml
+from jinja2 import (
+    FileSystemLoader,
+    StrictUndefined,
+    TemplateError,
+    TemplateNotFound,
+    TemplateSyntaxError,
+    UndefinedError,
+)
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
+_IPXE_SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~:/=,+@-"
+_IPXE_TEXT_RE = re.compile(r"[^A-Za-z0-9 ._,:/()=+@-]")
+_TEMPLATE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}(/[a-z0-9][a-z0-9_.-]{0,63}){0,2}")
+
+
+def default_templates_dir() -> Path:
+    """``templates/`` of the source tree (the package's sibling)."""
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+class RenderError(ValueError):
+    """A template could not be rendered; ``str()`` names template and cause."""
+
+    status_code = 500
+
+    def __init__(self, template: str, message: str, line: int | None = None) -> None:
+        where = f"{template}" + (f" line {line}" if line else "")
+        super().__init__(f"template {where}: {message}")
+        self.template = template
+        self.line = line
+
+
+class _SlotError(ValueError):
+    """A filter refused a value (becomes a RenderError with the template)."""
+
+
+# --- filters ---------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def filter_line(value: Any) -> str:
+    """The value as one line; a newline or control character is refused."""
+    text = _text(value)
+    if _CONTROL_RE.search(text):
+        raise _SlotError(f"value {text[:40]!r} has a newline or control character "
+                         "and cannot go in a single-line slot")
+    return text
+
+
+def filter_ipxe(value: Any) -> str:
+    """Inert in an iPXE command line: every character outside
+    ``[A-Za-z0-9._~:/=,+@-]`` is percent-encoded (``$`` → ``%24``)."""
+    return quote(_text(value), safe=_IPXE_SAFE[62:])
+
+
+def filter_ipxe_text(value: Any) -> str:
+    """Free text for an iPXE ``echo``: characters outside a plain set
+    (letters, digits, blank and ``._,:/()=+@-``) become ``?``."""
+    return _IPXE_TEXT_RE.sub("?", _text(value))[:200]
+
+
+def filter_ipxe_args(value: Any) -> str:
+    """A kernel argument string for an iPXE ``kernel`` line."""
+    text = _text(value)
+    return " ".join(filter_ipxe(word) for word in text.split())
+
+
+def filter_shell(value: Any) -> str:
+    """One single-quoted shell word; control characters are refused."""
+    return shlex.quote(filter_line(value))
+
+
+def filter_urlquote(value: Any) -> str:
+    return quote(_text(value), safe="")
+
+
+def filter_to_yaml(value: Any) -> str:
+    return yaml.safe_dump(_plain(value), default_flow_style=False, sort_keys=False,
+                          allow_unicode=False, width=1000)
+
+
+def filter_to_json(value: Any) -> str:
+    return json.dumps(_plain(value), separators=(",", ":"), sort_keys=True)
+
+
+def _plain(value: Any) -> Any:
+    """Jinja hands dict/list literals through as plain dicts and lists; make
+    sure nothing else (Undefined, Markup) reaches the dumper."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return str(value)
+
+
+FILTERS = {
+    "line": filter_line,
+    "ipxe": filter_ipxe,
+    "ipxe_args": filter_ipxe_args,
+    "ipxe_text": filter_ipxe_text,
+    "shell": filter_shell,
+    "urlquote": filter_urlquote,
+    "to_yaml": filter_to_yaml,
+    "to_json": filter_to_json,
+}
+
+
+# --- the environment -----------------------------------------------------------------
+
+
+class Renderer:
+    """A sandboxed environment over one template directory (thread-safe)."""
+
+    def __init__(self, templates_dir: Path | None = None) -> None:
+        self.templates_dir = Path(templates_dir or default_templates_dir())
+        self.env = ImmutableSandboxedEnvironment(
+            loader=FileSystemLoader(str(self.templates_dir)),
+            undefined=StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            auto_reload=False,
+            cache_size=200,
+        )
+        self.env.filters.update(FILTERS)
+
+    def exists(self, name: str) -> bool:
+        return valid_template_name(name) and (self.templates_dir / name).is_file()
+
+    def names(self) -> list[str]:
+        return sorted(str(p.relative_to(self.templates_dir)) for p in
+                      self.templates_dir.rglob("*.j2") if p.is_file())
+
+    def render(self, name: str, context: Mapping[str, Any]) -> str:
+        """Render template ``name`` with ``context``; :class:`RenderError` on
+        any failure (missing template or variable, refused value, sandbox)."""
+        if not valid_template_name(name):
+            raise RenderError(name[:80], "not a template name")
+        try:
+            template = self.env.get_template(name)
+            return template.render(**context)
+        except TemplateNotFound:
+            raise RenderError(name, "no such template") from None
+        except TemplateSyntaxError as exc:
+            raise RenderError(name, f"syntax error: {exc.message}", exc.lineno) from None
+        except UndefinedError as exc:
+            raise RenderError(name, f"undefined variable: {exc.message}",
+                              _template_line(name)) from None
+        except _SlotError as exc:
+            raise RenderError(name, str(exc), _template_line(name)) from None
+        except SecurityError as exc:
+            raise RenderError(name, f"refused by the sandbox: {exc}",
+                              _template_line(name)) from None
+        except (TemplateError, TypeError, ValueError, yaml.YAMLError) as exc:
+            raise RenderError(name, f"{type(exc).__name__}: {exc}",
+                              _template_line(name)) from None
+
+
+def valid_template_name(name: str) -> bool:
+    """Anchored: ``family/file.ext.j2``; no ``..``, no absolute paths."""
+    return bool(_TEMPLATE_NAME_RE.fullmatch(name)) and ".." not in name
+
+
+def _template_line(name: str) -> int | None:
+    """The template line being rendered when the current exception was raised
+    (Jinja rewrites tracebacks so template frames carry the template file)."""
+    tb = sys.exc_info()[2]
+    line = None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename.endswith(name):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+# --- the context every template gets ------------------------------------------------
+
+_HOSTNAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def hostname_for(sn: str, params: Mapping[str, Any]) -> str:
+    """``params.hostname`` when it is a valid host name label, else one
+    derived from the SN (lowercase, other characters as ``-``)."""
+    wanted = params.get("hostname")
+    if isinstance(wanted, str) and _HOSTNAME_RE.fullmatch(wanted):
+        return wanted
+    derived = re.sub(r"[^a-z0-9-]", "-", sn.lower()).strip("-")[:63].strip("-")
+    return derived or "lpmos"
+
+
+def _clean_params(params: Any) -> dict[str, Any]:
+    """Task parameters as templates may rely on them: ``ssh_keys`` is a list
+    of strings, ``root_device_hints`` a dict; anything else passes as data."""
+    out = dict(params) if isinstance(params, Mapping) else {}
+    keys = out.get("ssh_keys", [])
+    if isinstance(keys, str):
+        keys = [keys]
+    out["ssh_keys"] = [str(k) for k in keys if isinstance(k, str | int | float) and str(k)] \
+        if isinstance(keys, list) else []
+    hints = out.get("root_device_hints", {})
+    out["root_device_hints"] = dict(hints) if isinstance(hints, Mapping) else {}
+    return out
+
+
+def file_url(node_url: str, image_name: str, value: str) -> str:
+    """Where a machine fetches a catalog file: a URL as given, a local path
+    from this node's ``/images/<name>/<file>``."""
+    if not value:
+        return ""
+    if value.startswith(("http://", "https://")):
+        return value
+    return f"{node_url}/images/{image_name}/{Path(value).name}"
+
+
+def image_context(node_url: str, image: Any) -> dict[str, Any]:
+    """A catalog :class:`lpmos.catalog.Image` as template data, with URLs."""
+    if image is None:
+        return {}
+    from dataclasses import asdict
+
+    data: dict[str, Any] = asdict(image)
+    for attr in ("kernel", "initrd", "disk_image"):
+        data[f"{attr}_url"] = file_url(node_url, image.name, data[attr])
+    return data
+
+
+def build_context(
+    *,
+    node_url: str,
+    idc: str,
+    node_name: str,
+    decision: str = "",
+    reason: str = "",
+    sn: str = "",
+    mac: str = "",
+    arch: str = "",
+    platform: str = "",
+    task: Any = None,
+    server: Any = None,
+    image: Any = None,
+    live: Any = None,
+    live_kernel_args: str = "",
+    token: str = "",
+    retry_delay: int = 10,
+) -> dict[str, Any]:
+    """Every variable a template may use (documented in the README).
+
+    ``task`` and ``server`` are :class:`lpmos.models.Task` /
+    :class:`lpmos.models.Server` (or ``None``); ``image`` and ``live`` are
+    catalog images.  Pure: no I/O.
+    """
+    task_d: dict[str, Any] = task.to_dict() if task is not None else {}
+    server_d: dict[str, Any] = server.to_dict() if server is not None else {}
+    params = _clean_params(task_d.get("params", {}))
+    task_d["params"] = params
+    hints = params["root_device_hints"]
+    img = image_context(node_url, image)
+    live_d = image_context(node_url, live)
+    if live_d:
+        live_d["kernel_args"] = " ".join(x for x in (live.kernel_args, live_kernel_args) if x)
+    kernel_args = " ".join(x for x in (img.get("kernel_args", ""),
+                                       str(params.get("kernel_args", "") or "")) if x)
+    base = f"{node_url}/config/{sn}"
+    callback = f"{node_url}/callback/{sn}"
+    return {
+        "node": {"url": node_url, "idc": idc, "name": node_name},
+        "decision": decision,
+        "reason": reason,
+        "sn": sn,
+        "mac": mac,
+        "arch": arch,
+        "platform": platform,
+        "hostname": hostname_for(sn or "lpmos", params),
+        "task": task_d,
+        "params": params,
+        "server": server_d,
+        "inventory": server_d.get("inventory", {}),
+        "image": img,
+        "live": live_d,
+        "kernel_args": kernel_args,
+        "root_disk": str(hints.get("name", "") or params.get("root_disk", "") or ""),
+        "root_disk_serial": str(hints.get("serial", "") or ""),
+        "token": token,
+        "urls": {
+            "boot": f"{node_url}/boot.ipxe",
+            "config": base,
+            "config_tokened": f"{base}/t/{token}" if token else base,
+            "callback": callback,
+            "callback_tokened": f"{callback}?token={token}" if token else callback,
+            "images": f"{node_url}/images",
+        },
+        "retry": {"delay": int(retry_delay)},
+    }
