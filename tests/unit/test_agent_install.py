@@ -1,0 +1,286 @@
+"""Install: the pure decisions as tables, the streaming writer against an
+in-memory source with faults, and the seed written with mtools."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.client import Backoff, NodeError, Unreachable
+from agent.install import (
+    GIB,
+    InstallError,
+    NoSuitableDisk,
+    ProgressThrottle,
+    RootDeviceHints,
+    decide_target_disk,
+    open_target,
+    parse_install,
+    parse_root_device_hints,
+    write_image,
+    write_seed,
+)
+
+DISKS = [
+    {"name": "nvme0n1", "size_bytes": 960 * GIB, "model": "SAMSUNG MZQL2", "serial": "S1",
+     "rotational": False, "removable": False, "by_path": "/dev/disk/by-path/pci-0000:03:00.0-nvme-1"},
+    {"name": "sda", "size_bytes": 480 * GIB, "model": "MTFDDAK480TDS", "serial": "S2",
+     "rotational": False, "removable": False},
+    {"name": "sdb", "size_bytes": 4000 * GIB, "model": "ST4000NM000A", "serial": "S3",
+     "rotational": True, "removable": False},
+    {"name": "sdc", "size_bytes": 30 * GIB, "model": "Ultra Fit", "rotational": False,
+     "removable": True},
+]
+
+
+@pytest.mark.parametrize(("hints", "allow", "image", "chosen"), [
+    ({}, False, 10 * GIB, "sda"),                                # smallest fixed disk that fits
+    ({}, True, 10 * GIB, "sdc"),                                 # removable allowed: smallest
+    ({"rotational": True}, False, GIB, "sdb"),
+    ({"size_min_gb": 500}, False, GIB, "nvme0n1"),
+    ({"model": "st4000nm000a"}, False, GIB, "sdb"),              # case-blind
+    ({"serial": "S1"}, False, GIB, "nvme0n1"),
+    ({"by_path": "pci-0000:03:00.0-nvme-1"}, False, GIB, "nvme0n1"),
+    ({"name": "/dev/sdb"}, False, GIB, "sdb"),
+    ({}, False, 600 * GIB, "nvme0n1"),                          # sda too small for the image
+])
+def test_decide_target_disk(hints: dict, allow: bool, image: int, chosen: str) -> None:
+    disk = decide_target_disk(DISKS, parse_root_device_hints(hints), image_size=image,
+                              allow_removable=allow)
+    assert disk["name"] == chosen
+
+
+def test_decide_target_disk_refusals_name_reasons() -> None:
+    with pytest.raises(NoSuitableDisk) as info:
+        decide_target_disk(DISKS, RootDeviceHints(name="sdc"), image_size=GIB)
+    assert info.value.reasons["sdc"] == "removable (allow_removable is off)"
+    assert info.value.reasons["sda"] == "name is not sdc"
+    with pytest.raises(NoSuitableDisk, match="smaller than the image"):
+        decide_target_disk(DISKS, RootDeviceHints(), image_size=5000 * GIB)
+    with pytest.raises(NoSuitableDisk, match="no disks found"):
+        decide_target_disk([], RootDeviceHints(), image_size=1)
+
+
+@pytest.mark.parametrize("hints", [{"size": 5}, {"rotational": "yes"}, {"size_min_gb": -1},
+                                   {"model": 7}, "sda"])
+def test_bad_hints_refused(hints: object) -> None:
+    with pytest.raises(InstallError):
+        parse_root_device_hints(hints)
+
+
+GOOD = {"mode": "image", "image": "lab", "image_url": "http://n/images/lab/disk.img",
+        "sha256": "a" * 64, "size": 10, "root_device_hints": {"rotational": False},
+        "seed": {"user-data": "u", "meta-data": "m", "network-config": "n"},
+        "allow_removable": False}
+
+
+def test_parse_install_ok() -> None:
+    spec = parse_install(GOOD)
+    assert spec.hints == RootDeviceHints(rotational=False) and spec.size == 10
+    assert spec.seed == {"user-data": "u", "meta-data": "m", "network-config": "n"}
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"mode": "installer"}, "not supported"),
+    ({"image_url": "file:///etc/shadow"}, "image_url"),
+    ({"sha256": "xyz"}, "sha256"),
+    ({"size": 0}, "size"),
+    ({"size": True}, "size"),
+    ({"seed": {"user-data": "u"}}, "meta-data"),
+    ({"seed": {"user-data": "u", "meta-data": 3}}, "meta-data"),
+])
+def test_parse_install_refuses(change: dict, match: str) -> None:
+    with pytest.raises(InstallError, match=match):
+        parse_install({**GOOD, **change})
+
+
+def test_progress_throttle_every_2_percent_or_2_seconds() -> None:
+    t = ProgressThrottle(total=1000)
+    assert t.due(0, 0.0)
+    t.mark(0, 0.0)
+    assert not t.due(19, 1.0)
+    assert t.due(20, 1.0)              # 2 %
+    t.mark(20, 1.0)
+    assert not t.due(21, 2.9)
+    assert t.due(21, 3.0)              # 2 s
+    assert t.mark(21, 3.0) == pytest.approx(0.5)
+    assert t.due(1000, 3.0)            # always at the end
+    t.mark(1000, 3.0)
+    assert not t.due(1000, 10.0)
+
+
+# --- write_image ---------------------------------------------------------------------
+
+
+class MemorySource:
+    """Serves ``data`` with Range; ``cuts`` lists byte counts after which a
+    stream breaks; ``refuse`` raises on open; ``ignore_range`` restarts at 0."""
+
+    def __init__(self, data: bytes, cuts: list[int] | None = None,
+                 opens_fail: list[Exception] | None = None, ignore_range: bool = False) -> None:
+        self.data = data
+        self.cuts = list(cuts or [])
+        self.opens_fail = list(opens_fail or [])
+        self.ignore_range = ignore_range
+        self.opened: list[int] = []
+
+    def open(self, offset: int, etag: str | None):
+        self.opened.append(offset)
+        if self.opens_fail:
+            raise self.opens_fail.pop(0)
+        start = 0 if self.ignore_range else offset
+        end = len(self.data)
+        if self.cuts:
+            end = min(end, start + self.cuts.pop(0))
+        return io.BytesIO(self.data[start:end]), start, '"e1"'
+
+
+def run_write(tmp_path: Path, source: MemorySource, data: bytes, sha: str | None = None,
+              **kw: object) -> tuple[list[dict], Path]:
+    events: list[dict] = []
+    target = tmp_path / "disk.img"
+    target.write_bytes(b"\xff" * (len(data) + 4096))      # longer stale content: truncated
+    with open_target(target, size=len(data), allow_removable=False) as tgt:
+        write_image(source, tgt, size=len(data), sha256=sha or hashlib.sha256(data).hexdigest(),
+                    report=events.append, backoff=Backoff(0.001, 0.002), sleep=lambda s: None,
+                    **kw)
+    return events, target
+
+
+def test_write_image_checksum_and_progress(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 123)
+    events, target = run_write(tmp_path, MemorySource(data), data)
+    assert target.read_bytes() == data
+    assert events[0]["bytes_done"] == 0 and events[-1]["bytes_done"] == len(data)
+    assert all(e["bytes_total"] == len(data) for e in events)
+    assert events[-1]["percent"] == 95.0
+    done = [e["bytes_done"] for e in events]
+    assert done == sorted(done)
+    steps = [b - a for a, b in zip(done, done[1:])]
+    assert max(steps) <= max(len(data) * 0.02, 1024 * 1024) + 1   # every 2 % (or chunk)
+
+
+def test_write_image_resumes_with_range(tmp_path: Path) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    source = MemorySource(data, cuts=[700_000, 10], opens_fail=[])
+    source.opens_fail = []
+    events, target = run_write(tmp_path, source, data)
+    assert target.read_bytes() == data
+    assert source.opened == [0, 700_000, 700_010]
+
+
+def test_write_image_retries_transient_open_errors(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    source = MemorySource(data, opens_fail=[Unreachable("down"), NodeError(503, "busy")])
+    _, target = run_write(tmp_path, source, data)
+    assert target.read_bytes() == data
+
+
+def test_write_image_restarts_when_range_ignored(tmp_path: Path) -> None:
+    data = os.urandom(1_500_000)
+    source = MemorySource(data, cuts=[1_000_000], ignore_range=True)
+    _, target = run_write(tmp_path, source, data)
+    assert target.read_bytes() == data
+    assert source.opened == [0, 1_000_000]
+
+
+def test_write_image_refused_for_good(tmp_path: Path) -> None:
+    data = b"x" * 100
+    with pytest.raises(InstallError, match="refused"):
+        run_write(tmp_path, MemorySource(data, opens_fail=[NodeError(401, "token")]), data)
+
+
+def test_write_image_sha_mismatch_fails(tmp_path: Path) -> None:
+    data = b"y" * 5000
+    with pytest.raises(InstallError, match="sha256 mismatch"):
+        run_write(tmp_path, MemorySource(data), data, sha="0" * 64)
+
+
+def test_write_image_stall_fails(tmp_path: Path) -> None:
+    data = b"z" * 5000
+    clock = iter(range(0, 10_000, 100))
+    source = MemorySource(data, opens_fail=[Unreachable("down")] * 50)
+    with pytest.raises(InstallError, match="stalled"):
+        run_write(tmp_path, source, data, stall_timeout=250.0,
+                  clock=lambda: float(next(clock)))
+
+
+def test_write_image_larger_than_announced_fails(tmp_path: Path) -> None:
+    data = b"q" * 5000
+    source = MemorySource(data + b"extra")
+    with pytest.raises(InstallError, match="larger"):
+        run_write(tmp_path, source, data)
+
+
+def test_open_target_refuses_directory(tmp_path: Path) -> None:
+    with pytest.raises(InstallError, match="neither"), \
+            open_target(tmp_path, size=1, allow_removable=False):
+        pass
+
+
+# --- the seed --------------------------------------------------------------------------
+
+needs_tools = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("sfdisk", "mkfs.vfat", "mcopy", "mtype")),
+    reason="needs fdisk, dosfstools and mtools (scripts/setup.sh system)")
+
+
+def make_image(path: Path, *, gpt: bool = True, name: str = "cidata", label: str = "CIDATA") -> int:
+    """An 8 MiB image with a FAT seed partition at sector 6144; returns its offset."""
+    with path.open("wb") as fh:
+        fh.truncate(8 * 1024 * 1024)
+    if gpt:
+        table = (f'label: gpt\nstart=2048, size=4096, name="EFI"\n'
+                 f'start=6144, size=8192, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, '
+                 f'name="{name}"\n')
+    else:
+        table = "label: dos\nstart=2048, size=4096, type=83\nstart=6144, size=8192, type=c\n"
+    subprocess.run(["sfdisk", "-q", str(path)], input=table.encode(), check=True, timeout=30)
+    subprocess.run(["mkfs.vfat", "-n", label, "--offset", "6144", str(path), "4096"],
+                   check=True, capture_output=True, timeout=30)
+    return 6144 * 512
+
+
+def mtype(path: Path, offset: int, name: str) -> str:
+    return subprocess.run(["mtype", "-i", f"{path}@@{offset}", f"::/{name}"], check=True,
+                          capture_output=True, timeout=30,
+                          env=dict(os.environ, MTOOLS_SKIP_CHECK="1")).stdout.decode()
+
+
+SEED = {"user-data": "#cloud-config\nhostname: web-01\n", "meta-data": "instance-id: i-9\n",
+        "network-config": "version: 2\n"}
+
+
+@needs_tools
+@pytest.mark.parametrize(("gpt", "name", "label"), [(True, "cidata", "OTHER"),
+                                                    (False, "", "CIDATA"),
+                                                    (True, "data", "cidata")])
+def test_write_seed_into_image(tmp_path: Path, gpt: bool, name: str, label: str) -> None:
+    image = tmp_path / "img"
+    offset = make_image(image, gpt=gpt, name=name or "x", label=label)
+    assert write_seed(image, SEED) == offset
+    for file, text in SEED.items():
+        assert mtype(image, offset, file) == text
+    assert write_seed(image, {**SEED, "meta-data": "instance-id: i-10\n"}) == offset  # -o
+    assert mtype(image, offset, "meta-data") == "instance-id: i-10\n"
+
+
+@needs_tools
+def test_write_seed_without_cidata_fails(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    make_image(image, name="root", label="ROOT")
+    with pytest.raises(InstallError, match="no 'cidata' partition"):
+        write_seed(image, SEED)
+
+
+def test_write_seed_on_garbage_fails(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(b"\0" * 4096)
+    with pytest.raises(InstallError, match="partition table"):
+        write_seed(image, SEED)
