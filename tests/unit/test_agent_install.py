@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import shutil
 import subprocess
@@ -29,7 +30,8 @@ from agent.install import (
 
 DISKS = [
     {"name": "nvme0n1", "size_bytes": 960 * GIB, "model": "SAMSUNG MZQL2", "serial": "S1",
-     "rotational": False, "removable": False, "by_path": "/dev/disk/by-path/pci-0000:03:00.0-nvme-1"},
+     "rotational": False, "removable": False,
+     "by_path": "/dev/disk/by-path/pci-0000:03:00.0-nvme-1"},
     {"name": "sda", "size_bytes": 480 * GIB, "model": "MTFDDAK480TDS", "serial": "S2",
      "rotational": False, "removable": False},
     {"name": "sdb", "size_bytes": 4000 * GIB, "model": "ST4000NM000A", "serial": "S3",
@@ -162,15 +164,14 @@ def test_write_image_checksum_and_progress(tmp_path: Path) -> None:
     assert events[-1]["percent"] == 95.0
     done = [e["bytes_done"] for e in events]
     assert done == sorted(done)
-    steps = [b - a for a, b in zip(done, done[1:])]
+    steps = [b - a for a, b in itertools.pairwise(done)]
     assert max(steps) <= max(len(data) * 0.02, 1024 * 1024) + 1   # every 2 % (or chunk)
 
 
 def test_write_image_resumes_with_range(tmp_path: Path) -> None:
     data = os.urandom(2 * 1024 * 1024)
-    source = MemorySource(data, cuts=[700_000, 10], opens_fail=[])
-    source.opens_fail = []
-    events, target = run_write(tmp_path, source, data)
+    source = MemorySource(data, cuts=[700_000, 10])
+    _events, target = run_write(tmp_path, source, data)
     assert target.read_bytes() == data
     assert source.opened == [0, 700_000, 700_010]
 
