@@ -1,0 +1,218 @@
+"""DHCP load generator and the network it runs on.
+
+* :class:`NetnsPair` — two network namespaces joined by a veth pair, created
+  with unique names and always removed (tests and benchmarks);
+  :func:`entered` switches the *current thread* into a namespace so a socket
+  created there lives in it (the socket keeps working after switching back);
+* :class:`PxeClient` — one PXE/iPXE-like client on a socket (tests);
+* :func:`run_closed` / :func:`run_open` — the benchmark's load: PXE-style
+  DISCOVERs from random MACs with options 60, 93, 94, 97, closed loop with a
+  window of outstanding requests, or open loop at a fixed rate; both bounded
+  in count and time.
+
+Needs root for the namespaces (``ip netns``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import random
+import select
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from bootsvc import dhcp
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def entered(netns: str) -> Iterator[None]:
+    """Run the body with the current thread in network namespace ``netns``."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=10)
+
+
+@dataclass
+class NetnsPair:
+    """Namespaces ``server`` and ``client`` joined by a veth pair on
+    ``subnet``.0/24: server .1, client .2 (when ``client_address``).
+
+    With ``site=True`` a third namespace ``site`` (.3, for the site's DHCP
+    server) is added, and the client namespace holds a bridge that joins
+    both veths, like a switch; ``client_if`` is then the bridge.  Names are
+    unique per process and call; :meth:`destroy` removes everything
+    (deleting a namespace deletes its veth ends).
+    """
+
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}{random.randrange(1000)}")
+    subnet: str = "10.231.0"
+    client_address: bool = True
+    site: bool = False
+
+    def __post_init__(self) -> None:
+        t = self.tag
+        self.server, self.client, self.site_ns = f"lpd{t}s", f"lpd{t}c", f"lpd{t}d"
+        self.server_if, self.site_if = f"lpd{t}a"[:15], f"lpd{t}e"[:15]
+        self._ports = (f"lpd{t}p"[:15], f"lpd{t}q"[:15])
+        self.client_if = f"lpd{t}br"[:15] if self.site else f"lpd{t}b"[:15]
+        self.server_ip, self.client_ip, self.site_ip = (
+            f"{self.subnet}.1", f"{self.subnet}.2", f"{self.subnet}.3")
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.server, self.client] + ([self.site_ns] if self.site else [])
+
+    def create(self) -> NetnsPair:
+        try:
+            for ns in self.namespaces:
+                ip("netns", "add", ns)
+                ip("-n", ns, "link", "set", "lo", "up")
+            if self.site:
+                ip("-n", self.client, "link", "add", self.client_if, "type", "bridge",
+                   "forward_delay", "0")
+                for (ns, nif, peer) in ((self.server, self.server_if, self._ports[0]),
+                                        (self.site_ns, self.site_if, self._ports[1])):
+                    ip("link", "add", nif, "netns", ns, "type", "veth",
+                       "peer", "name", peer, "netns", self.client)
+                    ip("-n", self.client, "link", "set", peer, "master", self.client_if)
+                    ip("-n", self.client, "link", "set", peer, "up")
+                ip("-n", self.site_ns, "addr", "add", f"{self.site_ip}/24", "dev", self.site_if)
+                ip("-n", self.site_ns, "link", "set", self.site_if, "up")
+            else:
+                ip("link", "add", self.server_if, "netns", self.server, "type", "veth",
+                   "peer", "name", self.client_if, "netns", self.client)
+            ip("-n", self.server, "addr", "add", f"{self.server_ip}/24", "dev", self.server_if)
+            ip("-n", self.server, "link", "set", self.server_if, "up")
+            if self.client_address:
+                self.add_client_address()
+            ip("-n", self.client, "link", "set", self.client_if, "up")
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def add_client_address(self, address: str | None = None) -> None:
+        ip("-n", self.client, "addr", "add", f"{address or self.client_ip}/24",
+           "dev", self.client_if)
+
+    def destroy(self) -> None:
+        for ns in self.namespaces:
+            ip("netns", "del", ns, check=False)
+
+    def exec_args(self, netns: str, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", netns, *cmd]
+
+    def __enter__(self) -> NetnsPair:
+        return self.create()
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+
+def client_socket(netns: str, interface: str, port: int = 68,
+                  rcvbuf: int = 8 * 1024 * 1024) -> socket.socket:
+    """A UDP socket in ``netns`` bound to ``0.0.0.0:port`` on ``interface``,
+    able to send broadcasts (from 0.0.0.0 when the interface has no address)."""
+    with entered(netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)   # SO_RCVBUFFORCE
+        sock.bind(("0.0.0.0", port))
+    return sock
+
+
+class PxeClient:
+    """Sends requests like a PXE ROM or iPXE and waits for matching replies."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.xid = random.randrange(1, 2**31)
+
+    def exchange(self, request: bytes, dest: tuple[str, int], *, timeout: float = 3.0,
+                 want: int | None = None) -> dhcp.DhcpPacket | None:
+        """Send ``request`` and return the first reply with its xid (and
+        message type ``want``), or ``None`` after ``timeout`` seconds."""
+        xid = struct.unpack_from("!I", request, 4)[0]
+        self.sock.sendto(request, dest)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([self.sock], [], [], remaining)
+            if not ready:
+                return None
+            data = self.sock.recv(4096)
+            try:
+                pkt = dhcp.parse_packet(data)
+            except dhcp.MalformedPacket:
+                continue
+            if pkt.op == dhcp.BOOTREPLY and pkt.xid == xid and \
+                    (want is None or pkt.msg_type == want):
+                return pkt
+
+    def collect(self, request: bytes, dest: tuple[str, int], *,
+                window: float = 1.5) -> list[tuple[dhcp.DhcpPacket, str]]:
+        """Send ``request`` and gather every reply with its xid for
+        ``window`` seconds, as a PXE ROM collects offers: (packet, sender)."""
+        xid = struct.unpack_from("!I", request, 4)[0]
+        self.sock.sendto(request, dest)
+        deadline = time.monotonic() + window
+        replies = []
+        while (remaining := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.sock], [], [], remaining)
+            if not ready:
+                break
+            data, sender = self.sock.recvfrom(4096)
+            try:
+                pkt = dhcp.parse_packet(data)
+            except dhcp.MalformedPacket:
+                continue
+            if pkt.op == dhcp.BOOTREPLY and pkt.xid == xid:
+                replies.append((pkt, sender[0]))
+        return replies
+
+    def discover(self, mac: str, dest: tuple[str, int] = ("255.255.255.255", 67),
+                 timeout: float = 3.0, **kw: object) -> dhcp.DhcpPacket | None:
+        self.xid += 1
+        kw.setdefault("uuid", bytes(range(16)))
+        req = dhcp.build_request(mac, dhcp.DISCOVER, xid=self.xid, **kw)  # type: ignore[arg-type]
+        return self.exchange(req, dest, timeout=timeout)
+
+    def request(self, mac: str, dest: tuple[str, int], timeout: float = 3.0,
+                **kw: object) -> dhcp.DhcpPacket | None:
+        self.xid += 1
+        kw.setdefault("uuid", bytes(range(16)))
+        req = dhcp.build_request(mac, dhcp.REQUEST, xid=self.xid, **kw)  # type: ignore[arg-type]
+        return self.exchange(req, dest, timeout=timeout)
