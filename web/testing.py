@@ -35,3 +35,44 @@ class LiveServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
+
+
+# -- a ready-made control plane for tests ------------------------------------------
+
+ROLE_USERS = {"viewer": "viewer1", "operator": "operator1", "approver": "approver1",
+              "admin": "admin1"}
+TEST_PASSWORD = "correct-horse-battery"  # noqa: S105 (test fixture)
+
+
+class WebEnv:
+    """A control plane on a store: users of every role with API tokens and
+    the password :data:`TEST_PASSWORD`; ``close()`` stops its watch."""
+
+    def __init__(self, store: Any, keys: Any, *, settings: dict[str, Any] | None = None,
+                 catalog: Any = None) -> None:
+        from lpmos.auth import Auth
+        from lpmos.config import COMMON, resolve
+        from web.app import create_app
+        from web.cli import SETTINGS
+
+        self.store = store
+        self.keys = keys
+        self.auth = Auth(store, keys)
+        self.tokens: dict[str, str] = {}
+        for role, user in ROLE_USERS.items():
+            self.auth.put_user(user, role, TEST_PASSWORD)
+            self.tokens[role], _ = self.auth.create_token(user, label="test")
+        self.auth.put_user("approver2", "approver", TEST_PASSWORD)
+        self.tokens["approver2"], _ = self.auth.create_token("approver2")
+        config = resolve(list(COMMON) + list(SETTINGS), {}, {})
+        base = {"web.login_rate": 1000.0, "web.mutate_rate": 100000.0}
+        base.update(settings or {})
+        self.app = create_app(config, store, keys, catalog=catalog, settings=base,
+                              cache_wait=20.0)
+        self.context = self.app.extensions["lpmos"]
+
+    def headers(self, role: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[role]}"} if role else {}
+
+    def close(self) -> None:
+        self.context.close()
