@@ -109,8 +109,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dhcp.mode", "--dhcp-mode", "proxy", choice("proxy", "full", "off"),
             "proxy: answer only the boot part next to the site's DHCP server; full: lab mode, "
             "also hand out addresses from --dhcp-range; off: no DHCP"),
-    Setting("dhcp.port", "--dhcp-port", 67, int_range(1, 65535),
-            "UDP port of the DHCP/ProxyDHCP socket (clients use 67)", metavar="PORT"),
+    Setting("dhcp.port", "--dhcp-port", 67, int_range(0, 65535),
+            "UDP port of the DHCP/ProxyDHCP socket (clients use 67; 0 picks a free port, "
+            "for tests)", metavar="PORT"),
     Setting("dhcp.proxy_port", "--dhcp-proxy-port", 4011, int_range(0, 65535),
             "UDP port of the PXE boot server that UEFI firmware and iPXE ask after the "
             "ProxyDHCP offer (clients use 4011; 0 disables it)", metavar="PORT"),
