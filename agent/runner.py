@@ -284,13 +284,23 @@ class Agent:
         None to go on polling (after a failure)."""
         task = answer.get("task") or {}
         key = self.checkpoint_key(task)
-        if self.spool.load_state().get("written") != key:
+        state = self.spool.load_state()
+        if state.get("failed") == key:
+            # this attempt failed already; only a new approval (a new attempt) installs
+            # again.  Wait for the node to store the failure, then poll on.
+            self.spool.wait_empty(min(self.opts.flush_timeout, 60.0))
+            self.stop.wait(random.uniform(2.0, 5.0))
+            return None
+        if state.get("written") != key:
             try:
                 spec = parse_install(answer.get("install"))
             except InstallError as exc:
                 self.fail(str(exc))
+                self.spool.save_state({"failed": key})
                 return None
             if not self.install(spec):
+                self.spool.save_state({"failed": key})
+                self.spool.wait_empty(min(self.opts.flush_timeout, 60.0))
                 return None
             self.spool.save_state({"written": key})
         else:

@@ -6,6 +6,7 @@ Layout of the spool directory (mode 0700)::
     events/SEQ.json one pending event per file, named by its zero-padded seq
     token          the per-machine token (mode 0600)
     state.json     install checkpoints (which task attempt was written)
+    journal.jsonl  every event ever spooled, for post-mortems (bounded, not fsynced)
 
 Contract:
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 SOURCE = "agent"
 SEQ_BLOCK = 64
 DEFAULT_MAX_EVENTS = 10_000
+JOURNAL_MAX = 8 * 1024 * 1024
 EVENT_FILE_MAX = 64 * 1024
 _EVENT_RE = re.compile(r"(\d{16})\.json")
 
@@ -136,9 +138,35 @@ class Spool:
             data = json.dumps(event.to_dict(), separators=(",", ":")).encode()
             write_durably(self.events_dir / f"{event.seq:016d}.json", data)
             self._pending.append(event.seq)
+            self._journal(data)
             self.metrics.inc("agent_spool_appended_total", kind=kind)
             self._changed.notify_all()
             return event
+
+    def _journal(self, data: bytes) -> None:
+        path = self.dir / "journal.jsonl"
+        try:
+            if path.exists() and path.stat().st_size + len(data) > JOURNAL_MAX:
+                self.metrics.inc("agent_journal_skipped_total")
+                return
+            with path.open("ab") as fh:
+                fh.write(data + b"\n")
+        except OSError as exc:
+            log.warning("spool journal: %s", exc)
+
+    def journal(self) -> list[dict[str, Any]]:
+        """Every event spooled so far (oldest first), from the journal."""
+        try:
+            lines = (self.dir / "journal.jsonl").read_bytes()[:JOURNAL_MAX].splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue        # a line cut by a crash
+        return out
 
     def pending(self, limit: int = 500) -> list[dict[str, Any]]:
         """The oldest pending events, in seq order, as dicts ready to send.

@@ -107,3 +107,11 @@ def test_token_file_mode_0600(tmp_path: Path) -> None:
     spool.save_token("s3cret")
     assert stat.S_IMODE(os.stat(tmp_path / "token").st_mode) == 0o600
     assert Spool(tmp_path).load_token() == "s3cret"
+
+
+def test_journal_keeps_every_event_across_restarts(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append(kind="log", message="one")
+    spool.ack(["agent:0"])
+    Spool(tmp_path).append(kind="log", message="two")
+    assert [e["message"] for e in Spool(tmp_path).journal()] == ["one", "two"]
