@@ -14,9 +14,12 @@ the cache):
    and configs carry it; deleted for image mode, whose agent registers and
    gets its own).
 
-For a ``continue`` decision (``booting`` / ``installing``) it does the
-fresh read and the token replacement, conditional on the task being
-unchanged, without a state change.
+For a ``continue`` decision (``booting`` / ``installing``: the machine
+booted again mid-install) it does the fresh read and the token
+replacement, conditional on the task being unchanged, without a state
+change — unless *another* node claimed the task less than
+``claim_guard`` seconds ago: that is the losing side of a race whose
+cache already shows the winner's claim, and it waits like a CAS loser.
 
 Two nodes racing for one task both read ``approved`` at revision R; both
 commit on R; etcd lets exactly one through.  The loser gets
@@ -63,6 +66,7 @@ def claim_install(
     node: str,
     continuing: bool,
     renew: Literal["issue", "delete", "keep"],
+    claim_guard: float = 30.0,
 ) -> Outcome:
     """Claim (``continuing=False``) or re-confirm (``True``) the install of
     ``idc/sn`` for ``node``.  Fails closed; see the module docstring.
@@ -99,6 +103,9 @@ def claim_install(
         if task.progress.step == REBOOT_STEP:
             return Outcome(False, "the image is written; the next boot goes to disk", task,
                            server, kv.mod_revision, etcd_requests=requests)
+        if task.claimed_by != node and 0 <= now() - task.started_at < claim_guard:
+            return Outcome(False, f"the install was claimed by {task.claimed_by or 'another node'}"
+                           " moments ago", task, server, kv.mod_revision, etcd_requests=requests)
     elif status is not TaskStatus.APPROVED:
         who = f" by {task.claimed_by}" if task.claimed_by else ""
         return Outcome(False, f"the task is now {status.value}{who}", task, server,

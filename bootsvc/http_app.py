@@ -192,8 +192,7 @@ class BootHttp:
                    "etcd requests made while answering boot scripts, by decision (0 for "
                    "every non-destructive answer)")
         m.describe("http_requests_refused_total", "HTTP requests refused, by reason")
-        m.gauge("http_cache_staleness_seconds", self.ctx.cache.staleness,
-                "seconds since etcd last confirmed the node's watch cache")
+        m.describe("http_requests_total", "HTTP requests answered by the boot HTTP server")
 
     @property
     def live(self) -> Image | None:
@@ -882,6 +881,11 @@ def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
     app.extensions["lpmos_boot"] = BootHttp(ctx, catalog=catalog, templates_dir=templates_dir)
     for bp in (boot_bp, config_bp, callback_bp, agent_bp, files_bp, ops_bp):
         app.register_blueprint(bp)
+
+    @app.after_request
+    def count(resp: Response) -> Response:
+        ctx.metrics.inc("http_requests_total")
+        return resp
 
     @app.errorhandler(HttpError)
     def on_http_error(exc: HttpError) -> Response:

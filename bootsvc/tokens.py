@@ -16,16 +16,19 @@
   script path itself makes no etcd request and a token issued after that
   boot is never deleted.
 * Revoked when the task reaches succeeded / failed / cancelled / rejected
-  (seen on the watch cache, whichever node or control plane made it).
+  (seen on the watch cache, whichever node or control plane made it),
+  after a short grace (``revoke_grace``, 60 s) so that a retried final
+  callback or event batch — whose answer was lost — still gets its
+  idempotent 200 instead of a 401.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
@@ -98,7 +101,9 @@ class MachineTokens:
         self._lock = threading.Lock()
         self._by_sn: dict[str, _Stored] = {}
         self._by_digest: dict[str, str] = {}
-        self._queue: queue.Queue[tuple[str, str, int]] = queue.Queue(maxsize=10000)
+        self._queue: list[tuple[float, str, str, int]] = []     # heap of (due, sn, why, rev)
+        self._queue_cond = threading.Condition()
+        self.revoke_grace = 60.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bucket = fresh_reads_per_s
@@ -148,7 +153,7 @@ class MachineTokens:
         except ValidationError:
             return
         if task.state in FINAL and was not in FINAL:
-            self.drop_async(sn, why="task " + task.status)
+            self.drop_async(sn, why="task " + task.status, delay=self.revoke_grace)
 
     # -- checks (any thread, no etcd request on success) ----------------------------
 
@@ -238,16 +243,19 @@ class MachineTokens:
 
     # -- asynchronous reset / revoke ------------------------------------------------
 
-    def drop_async(self, sn: str, *, why: str) -> None:
-        """Delete ``sn``'s token soon, if it is still the one the cache shows
-        now.  Never blocks; never touches etcd on the caller's thread."""
+    def drop_async(self, sn: str, *, why: str, delay: float = 0.0) -> None:
+        """Delete ``sn``'s token in ``delay`` seconds, if it is still the one
+        the cache shows now.  Never blocks; never touches etcd on the
+        caller's thread."""
         stored = self.stored(sn)
         if stored is None:
             return
-        try:
-            self._queue.put_nowait((sn, why, stored[1]))
-        except queue.Full:
-            self.metrics.inc("http_token_drop_queue_full_total")
+        with self._queue_cond:
+            if len(self._queue) >= 10000:
+                self.metrics.inc("http_token_drop_queue_full_total")
+                return
+            heapq.heappush(self._queue, (time.monotonic() + delay, sn, why, stored[1]))
+            self._queue_cond.notify()
 
     def start(self) -> None:
         if self._thread is None:
@@ -262,10 +270,13 @@ class MachineTokens:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                sn, why, revision = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
+            with self._queue_cond:
+                now = time.monotonic()
+                if not self._queue or self._queue[0][0] > now:
+                    wait = min(0.2, self._queue[0][0] - now) if self._queue else 0.2
+                    self._queue_cond.wait(max(0.001, wait))
+                    continue
+                _due, sn, why, revision = heapq.heappop(self._queue)
             self.drop_now(sn, revision, why=why)
 
     def drop_now(self, sn: str, revision: int, *, why: str) -> bool:

@@ -1,0 +1,192 @@
+"""Helpers for the boot HTTP integration tests: a regional node's HTTP
+service on a real etcd, a test image catalog, a store that counts the
+requests made from HTTP worker threads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bootsvc.context import NodeContext
+from bootsvc.http_app import SETTINGS, HttpService
+from bootsvc.machines import MachineIndex
+from bootsvc.settings import NODE_SETTINGS
+from bootsvc.timeline import EtcdTimeline
+from lpmos.config import COMMON, resolve, settings_by_key
+from lpmos.metrics import Registry
+from lpmos.store import Compare, KeyValue, Op, Page
+from lpmos.store.cache import WatchCache
+from lpmos.store.etcd import EtcdStore
+from lpmos.store.keys import Keys
+
+IDC = "dc1"
+
+
+class CountingStore:
+    """Delegates to a real store; counts calls made on HTTP worker threads
+    (waitress names them ``waitress-N``)."""
+
+    def __init__(self, inner: EtcdStore) -> None:
+        self.inner = inner
+        self.timeout = inner.timeout
+        self.http_calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def _count(self, what: str) -> None:
+        if threading.current_thread().name.startswith("waitress"):
+            with self._lock:
+                self.http_calls.append(what)
+
+    def get(self, key: str) -> KeyValue | None:
+        self._count("get")
+        return self.inner.get(key)
+
+    def range(self, prefix: str, **kw: Any) -> Page:
+        self._count("range")
+        return self.inner.range(prefix, **kw)
+
+    def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        self._count("put")
+        return self.inner.put(key, value, lease=lease)
+
+    def delete(self, key: str) -> bool:
+        self._count("delete")
+        return self.inner.delete(key)
+
+    def commit(self, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
+        self._count("commit")
+        return self.inner.commit(compares, ops)
+
+    def revision(self) -> int:
+        self._count("revision")
+        return self.inner.revision()
+
+    def grant(self, ttl: int) -> int:
+        self._count("grant")
+        return self.inner.grant(ttl)
+
+    def keepalive(self, lease_id: int) -> int:
+        self._count("keepalive")
+        return self.inner.keepalive(lease_id)
+
+    def revoke(self, lease_id: int) -> None:
+        self.inner.revoke(lease_id)
+
+    def watch(self, prefix: str, start_revision: int) -> Any:
+        return self.inner.watch(prefix, start_revision)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def write_catalog(root: Path) -> tuple[Path, dict[str, bytes]]:
+    """A catalog with the live image, an image-mode OS and installer entries
+    (official mirror URLs, never fetched)."""
+    files = {
+        "live/vmlinuz": os.urandom(200_000),
+        "live/initrd.img": os.urandom(300_000),
+        "lab-os/disk.img": os.urandom(1 << 20),
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    sha = hashlib.sha256(files["lab-os/disk.img"]).hexdigest()
+    (root / "catalog.toml").write_text(f'''
+[[image]]
+name = "live"
+os_type = "LPMOS live"
+os_family = "lab"
+mode = "installer"
+kernel = "live/vmlinuz"
+initrd = "live/initrd.img"
+kernel_args = "quiet"
+
+[[image]]
+name = "lab-os"
+os_type = "Lab OS"
+os_family = "lab"
+version = "1"
+mode = "image"
+disk_image = "lab-os/disk.img"
+sha256 = "{sha}"
+
+[[image]]
+name = "rocky-9"
+os_type = "Rocky Linux 9"
+os_family = "rhel"
+version = "9"
+mode = "installer"
+kernel = "https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/images/pxeboot/vmlinuz"
+initrd = "https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/images/pxeboot/initrd.img"
+kernel_args = "inst.repo=https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/"
+
+[[image]]
+name = "ubuntu-24.04"
+os_type = "Ubuntu 24.04"
+os_family = "ubuntu"
+version = "24.04"
+mode = "installer"
+kernel = "https://releases.ubuntu.com/24.04/netboot/amd64/linux"
+initrd = "https://releases.ubuntu.com/24.04/netboot/amd64/initrd"
+''')
+    return root / "catalog.toml", files
+
+
+@dataclass
+class Node:
+    ctx: NodeContext
+    service: HttpService
+    store: CountingStore
+    cache: WatchCache
+    timeline: EtcdTimeline
+    url: str
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.timeline.stop()
+        self.cache.stop()
+        self.store.close()
+
+
+def start_node(etcd_url: str, keys: Keys, state_dir: Path, name: str, catalog: Path,
+               *, etcd_timeout: float = 2.0, **flags: str) -> Node:
+    settings = settings_by_key([COMMON, NODE_SETTINGS, SETTINGS])
+    values = {"state_dir": str(state_dir), "etcd__prefix": keys.prefix, "catalog": str(catalog),
+              "regional__listen": "127.0.0.1", "regional__node_name": name,
+              "regional__idc": IDC, "http__port": "0", "http__threads": "8",
+              "http__event_interval": "0.2", "etcd__timeout": str(etcd_timeout)}
+    known = {st.dest for st in settings}
+    values.update({k: v for k, v in flags.items() if k in known})
+    config = resolve(settings, values, environ={}, config_file=None)
+    # other services' settings (tftp.root ...) are not in this table
+    config = config.with_values(**{k: v for k, v in flags.items() if k not in known})
+    store = CountingStore(EtcdStore([etcd_url], timeout=etcd_timeout))
+    cache = WatchCache(store, keys.idc(IDC), name=f"cache-{name}",  # type: ignore[arg-type]
+                       progress_interval=0.5).start(wait=10)
+    machines = MachineIndex(cache, keys, IDC)
+    metrics = Registry()
+    timeline = EtcdTimeline(store, keys, IDC, machines, metrics,  # type: ignore[arg-type]
+                            node=name, interval=0.2)
+    ctx = NodeContext(config=config, idc=IDC, node_name=name, store=store,  # type: ignore[arg-type]
+                      keys=keys, cache=cache, machines=machines, metrics=metrics,
+                      timeline=timeline)
+    service = HttpService(ctx).start()
+    timeline.start()
+    return Node(ctx, service, store, cache, timeline, ctx.advertise_url)
+
+
+def eventually(fn: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")

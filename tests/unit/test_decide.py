@@ -1,0 +1,122 @@
+"""The boot decision table (bootsvc.decide), row by row."""
+
+from __future__ import annotations
+
+import pytest
+
+from bootsvc.decide import (
+    CLAIM,
+    CONTINUE,
+    DISCOVERY,
+    LOCALBOOT,
+    WAIT,
+    Decision,
+    decide_boot,
+)
+from bootsvc.machines import MachineView
+from lpmos.catalog import Image
+from lpmos.models import Progress, Server, Task
+
+IMAGE = Image("lab-os", "Lab OS", "lab", "1", mode="image", disk_image="lab-os/disk.img")
+RHEL = Image("rocky-9", "Rocky Linux 9", "rhel", "9", mode="installer",
+             kernel="https://mirror.invalid/vmlinuz", initrd="https://mirror.invalid/initrd")
+ODD = Image("odd", "Odd", "lab", "1", mode="installer", kernel="k", initrd="i")
+
+
+def view(status: str | None, *, conflict: str = "", step: str = "",
+         server: bool = True) -> MachineView:
+    task = None
+    if status is not None:
+        task = Task(idc="dc1", sn="SN1", mac="52:54:00:00:00:01", os_type="Lab OS",
+                    status=status, progress=Progress(step=step)).validate()
+    srv = Server(idc="dc1", sn="SN1", macs=["52:54:00:00:00:01"], conflict=conflict) \
+        if server else None
+    return MachineView("SN1", task, 7 if task else 0, srv)
+
+
+# (view, discovery, image, live available) -> (action, words in the reason, template)
+TABLE: list[tuple[str, MachineView | None, bool, Image | None, bool, str, str]] = [
+    ("unknown, discovery on", None, True, None, True, DISCOVERY, "no task"),
+    ("unknown, discovery off", None, False, None, True, LOCALBOOT, "discovery is off"),
+    ("unknown, no live image", None, True, None, False, LOCALBOOT, "no live image"),
+    ("known server, no task", view(None), True, None, True, DISCOVERY, "no task"),
+    ("known server, no task, discovery off", view(None), False, None, True, LOCALBOOT,
+     "discovery is off"),
+    ("pending", view("pending"), True, IMAGE, True, DISCOVERY, "pending"),
+    ("pending, discovery off still discovers", view("pending"), False, IMAGE, True, DISCOVERY,
+     "pending"),
+    ("pending, no live image", view("pending"), True, IMAGE, False, WAIT, "no live image"),
+    ("approved, image mode", view("approved"), True, IMAGE, True, CLAIM, "approved"),
+    ("approved, installer mode", view("approved"), True, RHEL, True, CLAIM, "approved"),
+    ("approved, discovery off", view("approved"), False, RHEL, True, CLAIM, "approved"),
+    ("approved, image not in catalog", view("approved"), True, None, True, WAIT,
+     "not in the catalog"),
+    ("approved, no script for family", view("approved"), True, ODD, True, WAIT,
+     "no install script"),
+    ("approved, image mode without live", view("approved"), True, IMAGE, False, WAIT,
+     "live image"),
+    ("approved, conflict", view("approved", conflict="mac reused"), True, IMAGE, True, WAIT,
+     "conflict"),
+    ("booting", view("booting"), True, IMAGE, True, CONTINUE, "continue"),
+    ("installing", view("installing"), True, RHEL, True, CONTINUE, "continue"),
+    ("installing, conflict", view("installing", conflict="x"), True, IMAGE, True, WAIT,
+     "conflict"),
+    ("installing, image written", view("installing", step="rebooting"), True, IMAGE, True,
+     LOCALBOOT, "image written"),
+    ("booting, image written", view("booting", step="rebooting"), True, IMAGE, True,
+     LOCALBOOT, "image written"),
+    ("installing, image gone from catalog", view("installing"), True, None, True, WAIT,
+     "not in the catalog"),
+    ("succeeded", view("succeeded"), True, IMAGE, True, LOCALBOOT, "succeeded"),
+    ("succeeded, discovery off", view("succeeded"), False, IMAGE, True, LOCALBOOT, "succeeded"),
+    ("succeeded, conflict", view("succeeded", conflict="x"), True, IMAGE, True, LOCALBOOT,
+     "succeeded"),
+    ("failed", view("failed"), True, IMAGE, True, LOCALBOOT, "failed"),
+    ("cancelled", view("cancelled"), True, IMAGE, True, LOCALBOOT, "cancelled"),
+    ("rejected", view("rejected"), True, IMAGE, True, LOCALBOOT, "rejected"),
+    ("no server record, approved", view("approved", server=False), True, IMAGE, True, CLAIM,
+     "approved"),
+]
+
+TEMPLATE_OF = {DISCOVERY: "ipxe/discovery.ipxe.j2", LOCALBOOT: "ipxe/localboot.ipxe.j2",
+               WAIT: "ipxe/wait.ipxe.j2"}
+
+
+@pytest.mark.parametrize("name,v,discovery,image,live,action,why", TABLE,
+                         ids=[row[0] for row in TABLE])
+def test_decision_table(name: str, v: MachineView | None, discovery: bool, image: Image | None,
+                        live: bool, action: str, why: str) -> None:
+    d = decide_boot(v, discovery=discovery, image=image, live_available=live)
+    assert isinstance(d, Decision)
+    assert d.action == action, d.reason
+    assert why in d.reason
+    assert d.sn == (v.sn if v is not None else "")
+    if action in TEMPLATE_OF:
+        assert d.template == TEMPLATE_OF[action]
+        assert not d.destructive
+    else:
+        expected = "ipxe/install-image.ipxe.j2" if image is IMAGE else "ipxe/install-rhel.ipxe.j2"
+        assert d.template == expected
+        assert d.destructive
+
+
+def test_every_status_has_a_row() -> None:
+    from lpmos.states import TaskStatus
+
+    covered = {row[1].task.status for row in TABLE if row[1] is not None and row[1].task}
+    assert covered == {s.value for s in TaskStatus}
+
+
+def test_only_claim_and_continue_are_destructive() -> None:
+    destructive = {row[5] for row in TABLE
+                   if decide_boot(row[1], discovery=row[2], image=row[3],
+                                  live_available=row[4]).destructive}
+    assert destructive == {CLAIM, CONTINUE}
+
+
+def test_decision_is_pure() -> None:
+    v = view("approved")
+    first = decide_boot(v, discovery=True, image=IMAGE, live_available=True)
+    again = decide_boot(v, discovery=True, image=IMAGE, live_available=True)
+    assert first == again
+    assert v.task is not None and v.task.status == "approved"
