@@ -268,7 +268,7 @@ class BootHttp:
     def etcd_healthy(self) -> bool:
         """Whether etcd answers: the watch cache confirms it every second or
         so; otherwise a probe, at most once per 2 s."""
-        if self.ctx.cache.staleness() < 5.0:
+        if self.ctx.cache.staleness() < 3.0:
             return True
         with self._health_lock:
             if time.monotonic() - self._health_at < 2.0:
@@ -848,7 +848,8 @@ def healthz() -> Response:
     cache = s.ctx.cache
     staleness = cache.staleness()
     reachable = s.etcd_healthy()
-    degraded = not reachable or not cache.loaded or staleness > 10.0
+    spooled = len(s.events.spooled_tasks())
+    degraded = not reachable or not cache.loaded or staleness > 10.0 or spooled > 0
     body = {"status": "degraded" if degraded else "ok", "node": s.ctx.node_name,
             "idc": s.ctx.idc,
             "etcd": {"reachable": reachable},
@@ -857,7 +858,7 @@ def healthz() -> Response:
                       else round(staleness, 3),
                       "revision": cache.revision},
             "catalog": {"images": len(s.catalog.images), "live": s.live is not None},
-            "events_spooled_tasks": len(s.events.spooled_tasks()),
+            "events_spooled_tasks": spooled,
             "installs": "refused while degraded" if degraded else "allowed"}
     return json_response(body, 503 if degraded else 200)
 

@@ -544,3 +544,32 @@ def test_slow_client_is_cut_off(etcd_server: Any, keys: Keys, tmp_path: Path,
         assert r.status_code in (400, 431)
     finally:
         n.stop()
+
+
+# --- lpmos render ------------------------------------------------------------------------------
+
+
+def test_lpmos_render_previews_a_task(etcd_server: Any, keys: Keys, tmp_path: Path,
+                                      tasks: TaskService, capsys: pytest.CaptureFixture[str],
+                                      catalog: tuple[Path, dict[str, bytes]]) -> None:
+    from lpmos.cli import main
+
+    new_task(tasks, sn="R-1", os_type="Rocky Linux 9", approve=True, hostname="r1",
+             timezone="UTC")
+    common = ["--etcd-endpoints", etcd_server.url, "--etcd-prefix", keys.prefix,
+              "--catalog", str(catalog[0]), "--state-dir", str(tmp_path),
+              "--advertise-url", "http://10.0.0.1:8081"]
+    assert main(["render", "--task", f"{IDC}/R-1", "--template", "ks.cfg", *common]) == 0
+    out = capsys.readouterr().out
+    assert "network --bootproto=dhcp" in out and "--hostname=r1" in out
+    assert "PREVIEW-TOKEN-NOT-VALID" in out
+    assert main(["render", "--task", f"{IDC}/R-1", *common]) == 0
+    out = capsys.readouterr().out
+    assert "(decision claim)" in out and "inst.ks=http://10.0.0.1:8081/config/R-1/t/" in out
+    assert tasks.get(IDC, "R-1").task.status == "approved"  # type: ignore[union-attr]
+    # a refused value names the template
+    tasks.update(IDC, "R-1", lambda t: t.params.update(timezone="UTC\nreboot"))
+    assert main(["render", "--task", f"{IDC}/R-1", "--template", "ks.cfg", *common]) == 1
+    err = capsys.readouterr().err
+    assert "kickstart/rhel9.ks.j2" in err and "newline" in err
+    assert main(["render", "--task", f"{IDC}/NOPE", *common]) == 1
