@@ -27,7 +27,7 @@
       else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
       else node.setAttribute(k, v === true ? "" : String(v));
     }
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child === null || child === undefined || child === false) continue;
       node.append(child instanceof Node ? child : document.createTextNode(String(child)));
     }
@@ -39,7 +39,14 @@
     for (const [k, v] of Object.entries(attrs || {})) {
       if (k === "text") node.textContent = String(v); else node.setAttribute(k, String(v));
     }
-    for (const child of children.flat()) if (child) node.append(child);
+    for (const child of children.flat(Infinity)) if (child) node.append(child);
+    return node;
+  }
+  function appendAll(node, ...items) {
+    for (const c of items.flat(Infinity)) {
+      if (c === null || c === undefined || c === false) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
     return node;
   }
   function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); return node; }
@@ -539,7 +546,7 @@
     const body = openDrawer(`${idc}/${sn}`);
     if (server) {
       const s = server.server; const inv = s.inventory || {};
-      body.append(
+      appendAll(body, 
         el("div", { class: "toolbar" },
           el("span", { class: `badge ${server.online ? "online" : "offline"}`, text: t(server.online ? "servers.online" : "servers.offline") }),
           server.task ? badge(server.task.status) : null, el("span", { class: "spacer" }),
@@ -557,15 +564,15 @@
         invTable(inv.nics, ["name", "mac", "driver", "speed_mbps", "link", "booted"]),
         invSection(t("detail.bmc"), inv.bmc), invSection(t("detail.unavailable"), inv.unavailable));
     }
-    body.append(el("div", { class: "section", text: t("detail.timeline") }));
+    appendAll(body, el("div", { class: "section", text: t("detail.timeline") }));
     const entries = [];
     if (timeline) {
       for (const e of timeline.entries) entries.push({ at: e.at, stage: e.stage || e.event || e.kind || "event", detail: e });
       for (const h of timeline.transitions) entries.push({ at: h.at, stage: `task → ${h.to}`, detail: { by: h.by, reason: h.reason } });
     }
     entries.sort((a, b) => (a.at || 0) - (b.at || 0));
-    if (!entries.length) body.append(el("p", { class: "muted", text: t("detail.no_timeline") }));
-    else body.append(el("ol", { class: "timeline", id: "boot-timeline" }, entries.map((e) => {
+    if (!entries.length) appendAll(body, el("p", { class: "muted", text: t("detail.no_timeline") }));
+    else appendAll(body, el("ol", { class: "timeline", id: "boot-timeline" }, entries.map((e) => {
       const extra = Object.entries(e.detail || {}).filter(([k]) => !["at", "stage"].includes(k))
         .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join("  ");
       return el("li", {}, el("div", { class: "when", text: fmtTime(e.at) }), el("div", { class: "stage", text: String(e.stage) }),
@@ -596,7 +603,7 @@
   }
   function hourChart(hours) {
     const W = 720; const H = 220; const pad = 30;
-    const max = Math.max(1, ...hours.map((h) => h.succeeded + h.failed));
+    const max = Math.max(4, Math.ceil(Math.max(0, ...hours.map((h) => h.succeeded + h.failed)) / 4) * 4);
     const bw = (W - pad * 2) / Math.max(1, hours.length);
     const chart = svg("svg", { class: "chart", id: "chart-hours", viewBox: `0 0 ${W} ${H}`, role: "img" });
     for (let i = 0; i <= 4; i++) {
@@ -632,14 +639,14 @@
     if (!names.length) return el("p", { class: "muted", text: t("common.none") });
     const totals = names.map((n) => Object.values(perIdc[n]).reduce((a, b) => a + b, 0));
     const max = Math.max(1, ...totals);
-    const W = 360; const row = 28;
+    const W = 720; const row = 28;
     const chart = svg("svg", { class: "chart", id: "chart-idcs", viewBox: `0 0 ${W} ${names.length * row + 6}`, role: "img" });
     names.forEach((name, i) => {
       let x = 90; const y = i * row + 4;
       chart.append(svg("text", { x: 0, y: y + 15, text: name }));
       for (const s of STATES) {
         const n = perIdc[name][s] || 0; if (!n) continue;
-        const w = (W - 140) * n / max;
+        const w = (W - 160) * n / max;
         chart.append(svg("rect", { x, y, width: w, height: 18, fill: STATE_COLORS[s] }, svg("title", { text: `${t(`status.${s}`)}: ${n}` })));
         x += w;
       }
@@ -812,7 +819,10 @@
     switch (msg.t) {
       case "hello": if (msg.resync) reloadView(); break;
       case "resync": reloadView(); break;
-      case "task": applyTaskDelta(msg); scheduleStats(); break;
+      case "task":
+        applyTaskDelta(msg); scheduleStats();
+        if (msg.op === "del" || (msg.task && msg.task.status)) { clearTimeout(idcTimer); idcTimer = setTimeout(loadIdcs, 1500); }
+        break;
       case "server": case "online": applyServerDelta(msg.t, msg); break;
       case "node": clearTimeout(idcTimer); idcTimer = setTimeout(loadIdcs, 500); break;
       case "template": loadTemplates(); break;

@@ -21,7 +21,7 @@
       "common.all": "All", "common.refresh": "Refresh", "common.delete": "Delete",
       "common.details": "Details", "common.yes": "yes", "common.no": "no",
       "common.loading": "Loading…",
-      "idc.nodes": "nodes alive", "idc.none": "No IDC has reported yet.",
+      "idc.nodes": "node(s) alive", "idc.none": "No IDC has reported yet.",
       "tasks.new": "New task", "tasks.filter.idc": "IDC", "tasks.filter.status": "Status",
       "tasks.filter.q": "SN, MAC, OS, user…", "tasks.count": "{n} tasks",
       "col.idc": "IDC", "col.sn": "Serial number", "col.mac": "MAC", "col.os": "OS",

@@ -1,0 +1,194 @@
+"""The console in headless Chromium (Debian's /usr/bin/chromium driven by
+Python Playwright; never ``playwright install``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lpmos.catalog import parse_catalog
+from lpmos.models import ProgressEvent, Server
+from lpmos.store.keys import Keys
+from lpmos.tasks import TaskService
+from web.testing import TEST_PASSWORD, LiveServer, WebEnv
+
+pytestmark = pytest.mark.browser
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
+        "--disable-gpu"]
+SCREENSHOTS = Path(os.environ.get("LPMOS_SCREENSHOTS", "/tmp/lpmos-screenshots"))
+CATALOG = parse_catalog({"image": [
+    {"name": "ubuntu-22.04", "os_type": "Ubuntu 22.04", "os_family": "ubuntu",
+     "version": "22.04", "disk_image": "ubuntu.img"},
+    {"name": "debian-12", "os_type": "Debian 12", "os_family": "debian", "version": "12",
+     "disk_image": "debian.img"}]})
+EVIL = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture
+def console(etcd_store: Any, keys: Keys) -> Iterator[tuple[WebEnv, str]]:
+    env = WebEnv(etcd_store, keys, catalog=CATALOG)
+    rev = env.store.put(keys.node("dc1", "node-a"), json.dumps(
+        {"address": "10.0.0.1", "version": "0.1.0"}).encode())
+    env.context.cache.wait_for_revision(rev, 5)
+    server = LiveServer(env.app)
+    try:
+        with server as url:
+            yield env, url
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def login(browser: Any, url: str, user: str, locale: str = "en-US") -> Any:
+    context = browser.new_context(locale=locale, viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(20000)
+    page.goto(f"{url}/login")
+    page.fill("#login-user", user)
+    page.fill("#login-password", TEST_PASSWORD)
+    page.click("#login-submit")
+    page.wait_for_selector("#tasks-table")
+    page.wait_for_selector("#live-status.on")
+    return page
+
+
+def test_operator_creates_approver_approves_progress_moves(console: tuple[WebEnv, str],
+                                                           browser: Any) -> None:
+    env, url = console
+    errors: list[str] = []
+    operator = login(browser, url, "operator1")
+    operator.on("pageerror", lambda exc: errors.append(str(exc)))
+    operator.click("#btn-new-task")
+    operator.select_option("#new-idc", "dc1")
+    operator.fill("#new-sn", "SN-BROWSER-1")
+    operator.fill("#new-mac", "00:1A:2B:3C:4D:70")
+    operator.select_option("#new-os", "Ubuntu 22.04")
+    operator.fill("#new-notes", "rack 7")
+    operator.click("#create-submit")
+    row = 'tr[data-key="dc1/SN-BROWSER-1"]'
+    operator.wait_for_selector(f'{row}[data-status="pending"]')
+    # an operator is not offered approval
+    assert operator.locator(f'{row} [data-action="approve"]').count() == 0
+
+    approver = login(browser, url, "approver1")
+    approver.on("pageerror", lambda exc: errors.append(str(exc)))
+    approver.wait_for_selector(f'{row}[data-status="pending"]')
+    approver.click(f'{row} [data-action="approve"]')
+    approver.fill("#modal-notes", "ticket 4711")
+    approver.click("#modal-confirm")
+    approver.wait_for_selector(f'{row}[data-status="approved"]')
+    operator.wait_for_selector(f'{row}[data-status="approved"]')     # live, no reload
+
+    svc = TaskService(env.store, env.keys)
+    svc.transition("dc1", "SN-BROWSER-1", "booting", by="node-a")
+    svc.apply_events("dc1", "SN-BROWSER-1", [
+        ProgressEvent("agent", 1, kind="state", status="installing"),
+        ProgressEvent("agent", 2, step="writing image", percent=12.0,
+                      message="12% of 2.0 GiB")])
+    bar = f'{row} [role="progressbar"]'
+    approver.wait_for_selector(f'{bar}[aria-valuenow="12"]')
+    svc.apply_events("dc1", "SN-BROWSER-1", [
+        ProgressEvent("agent", 3, step="writing image", percent=57.0, message="57%")])
+    approver.wait_for_selector(f'{bar}[aria-valuenow="57"]')
+    operator.wait_for_selector(f'{bar}[aria-valuenow="57"]')
+    assert approver.get_attribute(f"{row}", "data-status") == "installing"
+    width = approver.eval_on_selector(f"{bar} .bar", "el => el.style.width")
+    assert width == "57%"
+    assert approver.text_content(f"{row} .logtail") == "[agent] writing image: 57%"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    approver.screenshot(path=str(SCREENSHOTS / "tasks.png"), full_page=True)
+    approver.click(row)
+    approver.wait_for_selector("#task-log")
+    assert "ticket 4711" in approver.text_content("#drawer-body")
+    approver.screenshot(path=str(SCREENSHOTS / "task-detail.png"))
+    approver.click("#drawer-close")
+    approver.click('.tab[data-view="stats"]')
+    approver.wait_for_selector("#chart-hours")
+    approver.screenshot(path=str(SCREENSHOTS / "stats.png"), full_page=True)
+    audit = env.app.test_client().get("/api/v1/audit", query_string={"target": "SN-BROWSER-1"},
+                                      headers=env.headers("viewer")).get_json()["items"]
+    assert [(a["action"], a["actor"]) for a in audit] == [("task.approve", "approver1"),
+                                                          ("task.create", "operator1")]
+    assert errors == []
+
+
+def test_machine_and_user_text_is_shown_as_text(console: tuple[WebEnv, str],
+                                                browser: Any) -> None:
+    env, url = console
+    inventory = {"schema": 1, "collected_at": time.time(),
+                 "system": {"vendor": EVIL, "product": "R650 " + EVIL, "serial": "X1"},
+                 "firmware": {"mode": "uefi", "secure_boot": False},
+                 "cpu": {"model": EVIL, "sockets": 2, "cores": 32, "threads": 64},
+                 "memory": {"total_bytes": 512 << 30, "dimms": []},
+                 "disks": [{"name": "sda", "model": EVIL, "serial": "S1", "size_bytes": 1 << 40,
+                            "rotational": False, "removable": False, "by_path": ""}],
+                 "nics": [{"name": "eno1", "mac": "00:1a:2b:3c:4d:71", "driver": EVIL,
+                           "speed_mbps": 25000, "link": True, "booted": True}]}
+    server = Server(idc="dc1", sn="srv-xss", macs=["00:1a:2b:3c:4d:71"],
+                    boot_mac="00:1a:2b:3c:4d:71", inventory=inventory, last_seen=time.time())
+    env.store.put(env.keys.server("dc1", "srv-xss"), server.to_json())
+    rev = env.store.put(env.keys.timeline("dc1", "srv-xss"), json.dumps(
+        [{"at": time.time(), "stage": EVIL, "detail": {"x": EVIL}}]).encode())
+    env.context.cache.wait_for_revision(rev, 5)
+    dialogs: list[str] = []
+    page = login(browser, url, "operator1")
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    # a task whose notes carry HTML, created through the API
+    r = env.app.test_client().post("/api/v1/tasks", json={
+        "idc": "dc1", "sn": "srv-xss", "mac": "00:1a:2b:3c:4d:71", "os_type": "Debian 12",
+        "notes": EVIL}, headers=env.headers("operator"))
+    assert r.status_code == 201
+    # an SN carrying HTML is refused by the API with a 400, not stored
+    r = env.app.test_client().post("/api/v1/tasks", json={
+        "idc": "dc1", "sn": EVIL, "mac": "00:1a:2b:3c:4d:72", "os_type": "Debian 12"},
+        headers=env.headers("operator"))
+    assert r.status_code == 400
+    page.wait_for_selector('tr[data-key="dc1/srv-xss"]')
+    page.click('.tab[data-view="servers"]')
+    page.wait_for_selector('#servers-body tr[data-key="dc1/srv-xss"]')
+    assert EVIL in page.text_content('#servers-body tr[data-key="dc1/srv-xss"]')
+    page.click('#servers-body tr[data-key="dc1/srv-xss"]')
+    page.wait_for_selector("#boot-timeline")
+    body = page.text_content("#drawer-body")
+    page.screenshot(path=str(SCREENSHOTS / "server-detail.png"))
+    assert body.count(EVIL) >= 5, body
+    page.screenshot(path=str(SCREENSHOTS / "server-detail.png"))
+    page.click("#drawer-close")
+    page.click('.tab[data-view="tasks"]')
+    page.click('tr[data-key="dc1/srv-xss"]')
+    page.wait_for_selector("#task-log")
+    assert EVIL in page.text_content("#drawer-body")
+    page.wait_for_timeout(300)
+    assert page.locator("img").count() == 0
+    assert dialogs == []
+
+
+def test_console_speaks_chinese_and_switches(console: tuple[WebEnv, str],
+                                             browser: Any) -> None:
+    _env, url = console
+    page = login(browser, url, "viewer1", locale="zh-CN")
+    assert page.text_content('.tab[data-view="tasks"]') == "装机任务"
+    assert page.locator("#btn-new-task").count() == 0      # viewers cannot create
+    page.click('[data-set-lang="en"]')
+    page.wait_for_load_state()
+    page.wait_for_selector("#tasks-table")
+    assert page.text_content('.tab[data-view="tasks"]') == "Tasks"
