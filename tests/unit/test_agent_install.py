@@ -232,10 +232,11 @@ needs_tools = pytest.mark.skipif(
     reason="needs fdisk, dosfstools and mtools (scripts/setup.sh system)")
 
 
-def make_image(path: Path, *, gpt: bool = True, name: str = "cidata", label: str = "CIDATA") -> int:
-    """An 8 MiB image with a FAT seed partition at sector 6144; returns its offset."""
+def make_image(path: Path, *, gpt: bool = True, name: str = "cidata", label: str = "CIDATA",
+               size_mib: int = 8) -> int:
+    """An image with a FAT seed partition at sector 6144 (3-7 MiB); returns its offset."""
     with path.open("wb") as fh:
-        fh.truncate(8 * 1024 * 1024)
+        fh.truncate(size_mib * 1024 * 1024)
     if gpt:
         table = (f'label: gpt\nstart=2048, size=4096, name="EFI"\n'
                  f'start=6144, size=8192, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, '
