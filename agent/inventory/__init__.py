@@ -53,9 +53,14 @@ def collect_inventory(root: Path = Path("/"), *, boot_mac: str | None = None,
         unavailable.update(sec.unavailable)
         return sec.data
 
+    live = Path(root).resolve() == Path("/")
+
     def do_cpu() -> dict[str, Any]:
         text = cpu.read_cpuinfo(root)
         if text is None:
+            counts = read_psutil_cpu() if live else {}
+            if counts:
+                return counts
             unavailable["cpu"] = "/proc/cpuinfo unreadable"
             return {}
         sec = cpu.parse_cpuinfo(text, cpu.read_cpu_topology(root))
@@ -63,8 +68,11 @@ def collect_inventory(root: Path = Path("/"), *, boot_mac: str | None = None,
         return sec.data
 
     def do_memory() -> dict[str, Any]:
-        sec = memory.parse_memory(memory.read_meminfo(root),
-                                  memory.read_smbios_memory_devices(root))
+        meminfo = memory.read_meminfo(root)
+        if meminfo is None and live:
+            total = read_psutil_memory()
+            meminfo = f"MemTotal: {total // 1024} kB\n" if total else None
+        sec = memory.parse_memory(meminfo, memory.read_smbios_memory_devices(root))
         unavailable.update(sec.unavailable)
         return sec.data
 
@@ -85,6 +93,13 @@ def collect_inventory(root: Path = Path("/"), *, boot_mac: str | None = None,
 
     def do_nics() -> list[dict[str, Any]]:
         found, why = nics.parse_nics(nics.read_nics(root), boot_mac)
+        if live:     # psutil asks the driver (ethtool ioctl) where sysfs had no speed
+            speeds = read_psutil_speeds()
+            for nic in found:
+                key = f"nics.{nic['name']}.speed_mbps"
+                if "speed_mbps" not in nic and speeds.get(nic["name"], 0) > 0:
+                    nic["speed_mbps"] = speeds[nic["name"]]
+                    why.pop(key, None)
         unavailable.update(why)
         return found
 
@@ -108,6 +123,38 @@ def collect_inventory(root: Path = Path("/"), *, boot_mac: str | None = None,
         unavailable["bmc"] = "not probed"
     inv["unavailable"] = dict(sorted(unavailable.items()))
     return inv
+
+
+def read_psutil_cpu() -> dict[str, Any]:
+    """CPU counts from psutil (the fallback when /proc/cpuinfo is unreadable)."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    out: dict[str, Any] = {}
+    threads = psutil.cpu_count(logical=True)
+    cores = psutil.cpu_count(logical=False)
+    if threads:
+        out["threads"] = int(threads)
+    if cores:
+        out["cores"] = int(cores)
+    return out
+
+
+def read_psutil_memory() -> int | None:
+    try:
+        import psutil
+        return int(psutil.virtual_memory().total)
+    except (ImportError, OSError):
+        return None
+
+
+def read_psutil_speeds() -> dict[str, int]:
+    try:
+        import psutil
+        return {name: int(st.speed) for name, st in psutil.net_if_stats().items()}
+    except (ImportError, OSError):
+        return {}
 
 
 def read_default_route_iface(root: Path = Path("/")) -> str | None:

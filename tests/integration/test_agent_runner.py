@@ -197,3 +197,25 @@ def test_foreign_token_is_409_and_retried_until_deadline(node: FakeNode, tmp_pat
     other = Agent(options(node, tmp_path / "b", deadline=1.5), inventory=inventory())
     assert other.run() == 1        # 409: retried with back-off, then gives up at the deadline
     assert len(node.registrations) >= 3
+
+
+def test_cli_once_registers_and_prints_inventory_and_answer(node: FakeNode,
+                                                            tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "lpmos", "agent", "--once", "--server", node.url,
+         "--spool-dir", str(tmp_path / "spool"), "--state-dir", str(tmp_path),
+         "--deadline", "20", "--set-clock", "no"],
+        capture_output=True, timeout=60, cwd=repo)
+    assert done.returncode == 0, done.stderr.decode()
+    out = json.loads(done.stdout)
+    assert out["inventory"]["schema"] == 1
+    assert out["answer"]["idc"] == "dc1" and out["answer"]["sn"]
+    assert out["answer"]["token"].startswith("(issued; saved to")      # never printed
+    token = (tmp_path / "spool" / "token").read_text()
+    assert token and token not in done.stdout.decode()
+    assert len(node.registrations) == 1

@@ -99,3 +99,28 @@ def test_cli_run_without_server_is_a_usage_error(tmp_path: Path) -> None:
         pytest.skip("this host was booted with lpmos.server=")
     assert done.returncode == 2
     assert b"agent.server" in done.stderr
+
+
+def test_agent_imports_nothing_beyond_the_agent_extra(tmp_path: Path) -> None:
+    """`pip install lpmos[agent]` must be enough: Flask, gRPC, scapy, Jinja2,
+    PyYAML, waitress, requests are blocked and the agent still works."""
+    code = r'''
+import sys
+BLOCKED = ("flask", "flask_sock", "grpc", "pyetcd", "scapy", "jinja2", "yaml", "waitress",
+           "gunicorn", "requests", "google.protobuf", "werkzeug")
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED or name in BLOCKED:
+            raise ImportError("blocked: " + name)
+        return None
+sys.meta_path.insert(0, Block())
+import agent.cli, agent.runner, agent.install, agent.spool, agent.client, agent.clock
+from lpmos.cli import main
+sys.exit(main(["agent", "inventory"]))
+'''
+    env = dict(os.environ, LPMOS_STATE_DIR=str(tmp_path))
+    env.pop("LPMOS_CONFIG", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                          cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["schema"] == 1
