@@ -316,7 +316,7 @@ class HttpImageSource:
                 raise NodeError(502, "bad Content-Range",
                                 str(response.headers.get("Content-Range")))
             start = int(m.group(1))
-        return response, start, response.headers.get("ETag")  # type: ignore[return-value]
+        return response, start, response.headers.get("ETag")
 
 
 Report = Callable[[dict[str, Any]], None]
