@@ -270,6 +270,11 @@ class Agent:
                 code = self.handle_install(answer)
                 if code is not None:
                     return code
+            elif self.written_but_not_rebooted(answer):
+                # an earlier agent wrote this attempt and died before rebooting; the node
+                # no longer says "install" (the rebooting step was stored): finish the job
+                log.info("image already written for this task attempt; rebooting")
+                return self.finish()
             elif new_revision == revision and time.monotonic() - started < 1.0:
                 # the node answered at once with nothing new: do not spin
                 self.stop.wait(random.uniform(2.0, 5.0))
@@ -305,6 +310,15 @@ class Agent:
             self.spool.save_state({"written": key})
         else:
             log.info("image already written for this task attempt; rebooting")
+        return self.finish()
+
+    def written_but_not_rebooted(self, answer: dict[str, Any]) -> bool:
+        task = answer.get("task")
+        return (isinstance(task, dict) and task.get("status") in ("booting", "installing")
+                and self.spool.load_state().get("written") == self.checkpoint_key(task))
+
+    def finish(self) -> int:
+        """After a successful write: flush the events, then reboot (or exit)."""
         self.state = "rebooting"
         if not self.spool.wait_empty(self.opts.flush_timeout):
             log.error("events still spooled after %.0f s", self.opts.flush_timeout)

@@ -252,7 +252,9 @@ class _Handler(BaseHTTPRequestHandler):
         if stored is None:
             return {"revision": 0, "task": None, "action": "none", "install": None}
         status = stored.task.status
+        # like the real node: once the agent reported the "rebooting" step, no more installs
         action = ("install" if status in ("booting", "installing")
+                  and stored.task.progress.step != "rebooting"
                   else "done" if status in FINAL else "wait")
         install = None
         if action == "install":

@@ -219,3 +219,19 @@ def test_cli_once_registers_and_prints_inventory_and_answer(node: FakeNode,
     token = (tmp_path / "spool" / "token").read_text()
     assert token and token not in done.stdout.decode()
     assert len(node.registrations) == 1
+
+
+@needs_tools
+def test_restarted_agent_after_write_reboots_without_rewriting(node: FakeNode,
+                                                               tmp_path: Path) -> None:
+    node.add_task(SN, MAC)
+    assert run_agent(Agent(options(node, tmp_path), inventory=inventory())) == 0
+    events_before = len(node.applied)
+    stamp = (tmp_path / "target.img").stat().st_mtime_ns
+    reboots: list[int] = []
+    again = Agent(options(node, tmp_path, no_reboot=False), inventory=inventory(),
+                  reboot=lambda: reboots.append(1))
+    assert run_agent(again) == 0
+    assert reboots == [1]
+    assert (tmp_path / "target.img").stat().st_mtime_ns == stamp     # not written again
+    assert len(node.applied) == events_before                        # nothing new reported
