@@ -160,6 +160,7 @@ def _install_hooks(app: Flask, context: WebContext) -> None:
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> Response:
+        context.metrics.inc("web_refused_total", reason=exc.reason)
         return exc.response()
 
     @app.errorhandler(ValidationError)
@@ -189,9 +190,9 @@ def _install_hooks(app: Flask, context: WebContext) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
-        if code == 413:
-            context.metrics.inc("web_refused_total", reason="body_too_large")
         name = (exc.name or "error").lower().replace(" ", "_")
+        context.metrics.inc("web_refused_total",
+                            reason="body_too_large" if code == 413 else name)
         resp = jsonify({"error": name, "detail": exc.description or ""})
         resp.status_code = code
         return resp

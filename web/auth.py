@@ -83,25 +83,23 @@ def requires(role: Role, *, mutating: bool | None = None) -> Callable[[F], F]:
                 request.method in MUTATING_METHODS
             principal = current_principal()
             if principal is None:
-                ctx().metrics.inc("web_refused_total", reason="unauthenticated")
                 raise ApiError(401, "unauthorized",
                                "authentication required: send 'Authorization: Bearer <token>' "
-                               "(see 'lpmos token create') or log in to the console")
+                               "(see 'lpmos token create') or log in to the console",
+                               reason="unauthenticated")
             if principal.role < role:
-                ctx().metrics.inc("web_refused_total", reason="role")
                 raise ApiError(403, "forbidden",
                                f"this needs the {role.label} role; {principal.user} is "
-                               f"{principal.role.label}")
+                               f"{principal.role.label}", reason="role")
             if is_mutating:
                 if principal.via == "session":
                     check_csrf()
                 limiter = ctx().mutate_limiter
                 allowed, wait = limiter.allow(principal.user)
                 if not allowed:
-                    ctx().metrics.inc("web_refused_total", reason="rate_limit")
                     raise ApiError(429, "rate_limited",
                                    f"too many changes from {principal.user}; retry in "
-                                   f"{wait:.0f} s", retry_after=round(wait, 1))
+                                   f"{wait:.0f} s", retry_after=round(wait, 1), reason="rate_limit")
             return fn(*args, **kwargs)
 
         wrapper.lpmos_role = role  # type: ignore[attr-defined]
@@ -126,16 +124,16 @@ def _authenticate() -> Principal | None:
     if header:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            ctx().metrics.inc("web_refused_total", reason="bad_authorization_header")
-            raise ApiError(401, "unauthorized", "Authorization must be 'Bearer <token>'")
+            raise ApiError(401, "unauthorized", "Authorization must be 'Bearer <token>'",
+                           reason="bad_authorization_header")
         token = token.strip()
         try:
             user = auth.verify_token(token)
         except StoreError as exc:
             raise ApiError(503, "unavailable", f"cannot check the token: {exc}") from None
         if user is None:
-            ctx().metrics.inc("web_refused_total", reason="bad_token")
-            raise ApiError(401, "unauthorized", "the API token is unknown or revoked")
+            raise ApiError(401, "unauthorized", "the API token is unknown or revoked",
+                           reason="bad_token")
         from lpmos.auth import token_digest
 
         return Principal(user.name, user.level, "token", token_digest(token)[:12])
@@ -183,16 +181,15 @@ def origin_allowed(origin: str | None) -> bool:
 
 def check_csrf() -> None:
     if not origin_allowed(request.headers.get("Origin")):
-        ctx().metrics.inc("web_refused_total", reason="origin")
-        raise ApiError(403, "forbidden", "cross-origin request refused")
+        raise ApiError(403, "forbidden", "cross-origin request refused", reason="origin")
     sent = request.headers.get("X-CSRF-Token", "")
     if not sent and request.mimetype == "application/x-www-form-urlencoded":
         sent = request.form.get("csrf_token", "")
     expected = session.get("csrf")
     if not isinstance(expected, str) or not sent or \
             not hmac.compare_digest(sent.encode(), expected.encode()):
-        ctx().metrics.inc("web_refused_total", reason="csrf")
-        raise ApiError(403, "csrf", "missing or wrong CSRF token; reload the console")
+        raise ApiError(403, "csrf", "missing or wrong CSRF token; reload the console",
+                       reason="csrf")
 
 
 def client_address() -> str:
@@ -205,14 +202,13 @@ def login_user(name: str, password: str) -> User:
     for key in (f"ip:{client_address()}", f"user:{name}"):
         allowed, wait = limiter.allow(key)
         if not allowed:
-            ctx().metrics.inc("web_refused_total", reason="login_rate_limit")
             raise ApiError(429, "rate_limited", f"too many login attempts; retry in {wait:.0f} s",
-                           retry_after=round(wait, 1))
+                           retry_after=round(wait, 1), reason="login_rate_limit")
     try:
         validate_username(name)
     except ValidationError:
-        ctx().metrics.inc("web_refused_total", reason="login_failed")
-        raise ApiError(401, "unauthorized", "wrong user name or password") from None
+        raise ApiError(401, "unauthorized", "wrong user name or password",
+                       reason="login_failed") from None
     if not isinstance(password, str) or len(password) > 1024:
         raise ApiError(401, "unauthorized", "wrong user name or password")
     try:
@@ -220,8 +216,7 @@ def login_user(name: str, password: str) -> User:
     except StoreError as exc:
         raise ApiError(503, "unavailable", f"cannot check the password: {exc}") from None
     if user is None:
-        ctx().metrics.inc("web_refused_total", reason="login_failed")
-        raise ApiError(401, "unauthorized", "wrong user name or password")
+        raise ApiError(401, "unauthorized", "wrong user name or password", reason="login_failed")
     return user
 
 
@@ -262,6 +257,7 @@ def login() -> Any:
         try:
             user = login_user(name, password)
         except ApiError as exc:
+            ctx().metrics.inc("web_refused_total", reason=exc.reason)
             return render_template("login.html", csrf=csrf_token(), lang=page_language(),
                                    error=exc.error, user=name), exc.status
         _start_session(user)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from typing import Any
 
@@ -26,17 +27,21 @@ _BRACKETS_RE = re.compile(rb"[\[\]{}]")
 class ApiError(Exception):
     """An error answered as ``{"error", "detail"}`` with ``status``."""
 
-    def __init__(self, http_status: int, error: str, detail: str, **extra: Any) -> None:
+    def __init__(self, http_status: int, error: str, detail: str, *, reason: str = "",
+                 **extra: Any) -> None:
         super().__init__(detail)
         self.status = http_status
         self.error = error
         self.detail = detail
+        self.reason = reason or error     # the metric label of this refusal
         self.extra = extra
 
     def response(self) -> Response:
         body = {"error": self.error, "detail": self.detail, **self.extra}
         resp = jsonify(body)
         resp.status_code = self.status
+        if "retry_after" in self.extra:
+            resp.headers["Retry-After"] = str(max(1, math.ceil(float(self.extra["retry_after"]))))
         return resp
 
 

@@ -182,16 +182,15 @@ def _gate() -> None:
     """Authentication, Origin and room are checked before the handshake."""
     c = ctx()
     if not origin_allowed(request.headers.get("Origin")):
-        c.metrics.inc("web_refused_total", reason="ws_origin")
-        raise ApiError(403, "forbidden", "WebSocket from a foreign Origin refused")
+        raise ApiError(403, "forbidden", "WebSocket from a foreign Origin refused",
+                       reason="ws_origin")
     if current_principal() is None:
-        c.metrics.inc("web_refused_total", reason="ws_unauthenticated")
-        raise ApiError(401, "unauthorized", "log in (session) or send a Bearer token")
+        raise ApiError(401, "unauthorized", "log in (session) or send a Bearer token",
+                       reason="ws_unauthenticated")
     if request.headers.get("Upgrade", "").lower() != "websocket":
         raise ApiError(400, "bad_request", "this URL speaks WebSocket only")
     if not c.hub.has_room():
-        c.metrics.inc("web_refused_total", reason="ws_full")
-        raise ApiError(503, "unavailable", "too many live consoles; retry later")
+        raise ApiError(503, "unavailable", "too many live consoles; retry later", reason="ws_full")
 
 
 def _since() -> int | None:

@@ -494,6 +494,8 @@ def test_login_and_mutation_rate_limits(etcd_store: Any, keys: Keys) -> None:
         codes = [c.post("/login", json={"user": "viewer1", "password": "nope-nope"}).status_code
                  for _ in range(6)]
         assert codes[0] == 401 and codes[-1] == 429
+        r = c.post("/login", json={"user": "viewer1", "password": TEST_PASSWORD})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
         codes = [c.put(f"/api/v1/templates/t{i}", json={"os_type": "X"},
                        headers=env.headers("operator")).status_code for i in range(14)]
         assert codes[0] == 200 and 429 in codes
