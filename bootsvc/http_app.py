@@ -40,9 +40,10 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from flask import Blueprint, Flask, Response, current_app, request
 
@@ -182,7 +183,7 @@ class BootHttp:
         self._health_at = 0.0
         self._health_ok = False
         self._health_lock = threading.Lock()
-        self.boot_script = ""
+        self.boot_script_text = ""
         self._describe_metrics()
 
     def _describe_metrics(self) -> None:
@@ -284,6 +285,99 @@ class BootHttp:
         return ok
 
 
+    # -- the per-machine boot script (the hot path) ---------------------------------------
+
+    def boot_script(self, name: str, args: Mapping[str, str], remote_addr: str) -> str:
+        """The per-machine iPXE script for ``/boot/<name>`` (``<mac>.ipxe``).
+
+        Decided from the cache; only ``claim``/``continue`` decisions reach
+        etcd (through :func:`bootsvc.claim.claim_install`), and fail closed
+        to a wait script.  Raises :class:`HttpError` for a bad name.
+        """
+        s = self
+        started = time.perf_counter()
+        if not name.endswith(".ipxe"):
+            s.metrics.inc("http_requests_refused_total", reason="bad_boot_path")
+            raise HttpError(404, "not_found", "per-machine scripts are /boot/<mac>.ipxe")
+        try:
+            mac = normalize_mac(name[:-5])
+        except ValidationError as exc:
+            s.metrics.inc("http_requests_refused_total", reason="bad_mac")
+            raise HttpError(400, "bad_mac", str(exc)) from None
+        uuid = ""
+        if args.get("uuid"):
+            try:
+                uuid = validate_uuid(args["uuid"][:64])
+            except ValidationError:
+                uuid = ""
+        serial = (args.get("serial") or "")[:64]
+        arch = _word(args.get("arch"))
+        platform = _word(args.get("platform"))
+        bootmac = ""
+        if args.get("bootmac"):
+            try:
+                bootmac = normalize_mac(args["bootmac"][:32])
+            except ValidationError:
+                bootmac = ""
+        machines = s.ctx.machines
+        view = machines.lookup(mac, uuid or None, serial or None)
+        if view is None and bootmac and bootmac != mac:
+            view = machines.lookup(bootmac)
+            mac = bootmac if view is not None else mac
+        image = s.image_for(view)
+        live = s.live
+        decision = decide_boot(view, discovery=s.discovery, image=image,
+                               live_available=live is not None)
+        etcd_requests = 0
+        token = ""
+        task = view.task if view is not None else None
+        server = view.server if view is not None else None
+        if decision.destructive and view is not None and image is not None:
+            outcome = claim_install(s.ctx.store, s.ctx.keys, s.tokens, idc=s.ctx.idc,
+                                    sn=view.sn, node=s.ctx.node_name,
+                                    continuing=decision.action == CONTINUE,
+                                    renew="delete" if image.mode == "image" else "issue")
+            etcd_requests = outcome.etcd_requests
+            if outcome.install:
+                token = outcome.token
+                task, server = outcome.task, outcome.server or server
+                # read-your-writes: the installer's next fetches are answered from the cache
+                s.ctx.cache.wait_for_revision(outcome.revision, 1.0)
+                s.metrics.inc("http_install_claims_total",
+                              result="claimed" if decision.action == CLAIM else "confirmed")
+            else:
+                s.metrics.inc("http_install_claims_total", result="refused")
+                decision = Decision(WAIT, TEMPLATES[WAIT], outcome.reason, decision.sn)
+        sn = view.sn if view is not None else ""
+        try:
+            text = s.renderer.render(decision.template, s.context(
+                decision=decision.action, reason=decision.reason, sn=sn, mac=mac, arch=arch,
+                platform=platform, task=task, server=server, image=image, token=token))
+        except RenderError as exc:
+            log.error("boot script for %s: %s", mac, exc)
+            s.metrics.inc("http_render_errors_total", template=decision.template)
+            reason = f"the {decision.action} script could not be rendered; ask the operator"
+            decision = Decision(WAIT, TEMPLATES[WAIT], reason, sn)
+            text = s.renderer.render(decision.template, s.context(
+                decision=decision.action, reason=reason, sn=sn, mac=mac))
+        if decision.action == DISCOVERY and sn:
+            s.tokens.drop_async(sn, why="new boot")      # a new boot means a new agent
+        s.ctx.timeline.record(f"sn:{sn}" if sn else mac, "boot script", {
+            "decision": decision.action, "reason": decision.reason, "mac": mac,
+            "ip": remote_addr, "arch": arch, "platform": platform})
+        s.metrics.inc("http_boot_scripts_total", decision=decision.action)
+        s.metrics.inc("http_boot_script_etcd_requests_total", etcd_requests,
+                      decision=decision.action)
+        s.metrics.observe("http_boot_script_seconds", time.perf_counter() - started)
+        return text
+
+    def constant_script(self) -> str:
+        self.metrics.inc("http_boot_constant_total")
+        if not self.boot_script_text:
+            self.boot_script_text = self.renderer.render("ipxe/boot.ipxe.j2", self.context())
+        return self.boot_script_text
+
+
 def _load_catalog(path: Any) -> Catalog:
     chosen = Path(path) if path else default_catalog_path()
     if chosen is None:
@@ -346,87 +440,13 @@ boot_bp = Blueprint("boot", __name__)
 
 @boot_bp.get("/boot.ipxe")
 def boot_ipxe() -> Response:
-    s = svc()
-    s.metrics.inc("http_boot_constant_total")
-    if not s.boot_script:
-        s.boot_script = s.renderer.render("ipxe/boot.ipxe.j2", s.context())
-    return text_response(s.boot_script)
+    return text_response(svc().constant_script())
 
 
 @boot_bp.get("/boot/<path:name>")
 def boot_machine(name: str) -> Response:
     s = svc()
-    started = time.perf_counter()
-    if not name.endswith(".ipxe"):
-        raise HttpError(404, "not_found", "per-machine scripts are /boot/<mac>.ipxe")
-    try:
-        mac = normalize_mac(name[:-5])
-    except ValidationError as exc:
-        s.metrics.inc("http_requests_refused_total", reason="bad_mac")
-        raise HttpError(400, "bad_mac", str(exc)) from None
-    args = request.args
-    uuid = ""
-    if args.get("uuid"):
-        try:
-            uuid = validate_uuid(args["uuid"][:64])
-        except ValidationError:
-            uuid = ""
-    serial = (args.get("serial") or "")[:64]
-    arch = _word(args.get("arch"))
-    platform = _word(args.get("platform"))
-    bootmac = ""
-    if args.get("bootmac"):
-        try:
-            bootmac = normalize_mac(args["bootmac"][:32])
-        except ValidationError:
-            bootmac = ""
-    machines = s.ctx.machines
-    view = machines.lookup(mac, uuid or None, serial or None)
-    if view is None and bootmac and bootmac != mac:
-        view = machines.lookup(bootmac)
-        mac = bootmac if view is not None else mac
-    image = s.image_for(view)
-    live = s.live
-    decision = decide_boot(view, discovery=s.discovery, image=image,
-                           live_available=live is not None)
-    etcd_requests = 0
-    token = ""
-    task = view.task if view is not None else None
-    server = view.server if view is not None else None
-    if decision.destructive and view is not None and image is not None:
-        outcome = claim_install(s.ctx.store, s.ctx.keys, s.tokens, idc=s.ctx.idc, sn=view.sn,
-                                node=s.ctx.node_name, continuing=decision.action == CONTINUE,
-                                renew="delete" if image.mode == "image" else "issue")
-        etcd_requests = outcome.etcd_requests
-        if outcome.install:
-            token = outcome.token
-            task, server = outcome.task, outcome.server or server
-            s.metrics.inc("http_install_claims_total",
-                          result="claimed" if decision.action == CLAIM else "confirmed")
-        else:
-            s.metrics.inc("http_install_claims_total", result="refused")
-            decision = Decision(WAIT, TEMPLATES[WAIT], outcome.reason, decision.sn)
-    sn = view.sn if view is not None else ""
-    try:
-        text = s.renderer.render(decision.template, s.context(
-            decision=decision.action, reason=decision.reason, sn=sn, mac=mac, arch=arch,
-            platform=platform, task=task, server=server, image=image, token=token))
-    except RenderError as exc:
-        log.error("boot script for %s: %s", mac, exc)
-        s.metrics.inc("http_render_errors_total", template=decision.template)
-        reason = f"the {decision.action} script could not be rendered; ask the operator"
-        decision = Decision(WAIT, TEMPLATES[WAIT], reason, sn)
-        text = s.renderer.render(decision.template, s.context(
-            decision=decision.action, reason=reason, sn=sn, mac=mac))
-    if decision.action == DISCOVERY and sn:
-        s.tokens.drop_async(sn, why="new boot")      # a new boot means a new agent
-    s.ctx.timeline.record(f"sn:{sn}" if sn else mac, "boot script", {
-        "decision": decision.action, "reason": decision.reason, "mac": mac,
-        "ip": request.remote_addr or "", "arch": arch, "platform": platform})
-    s.metrics.inc("http_boot_scripts_total", decision=decision.action)
-    s.metrics.inc("http_boot_script_etcd_requests_total", etcd_requests,
-                  decision=decision.action)
-    s.metrics.observe("http_boot_script_seconds", time.perf_counter() - started)
+    text = s.boot_script(name, request.args, request.remote_addr or "")
     return text_response(text)
 
 
@@ -656,6 +676,7 @@ def _task_answer(s: BootHttp, view: MachineView, token: str) -> dict[str, Any]:
                                 node=s.ctx.node_name, continuing=False, renew="keep")
         # the token is kept: this very agent uses it (and renders it into the seed)
         if outcome.install and outcome.task is not None:
+            s.ctx.cache.wait_for_revision(outcome.revision, 1.0)
             task, revision, action = outcome.task, outcome.revision, "install"
             s.metrics.inc("http_install_claims_total", result="claimed_by_agent")
             s.ctx.timeline.record(f"sn:{view.sn}", "install claimed", {"by": "agent poll"})
@@ -871,6 +892,51 @@ def metrics() -> Response:
 # --- the app -------------------------------------------------------------------------------
 
 
+class BootFastPath:
+    """WSGI middleware answering ``GET /boot.ipxe`` and ``GET /boot/<mac>.ipxe``
+    without Flask's request machinery (the hot path of a boot storm); every
+    other request goes to the Flask app.  Same logic, same answers as the
+    ``boot`` blueprint (both call :meth:`BootHttp.boot_script`)."""
+
+    def __init__(self, boot: BootHttp, app: Any) -> None:
+        self.boot = boot
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") != "GET" or not path.startswith("/boot") or \
+                not path.endswith(".ipxe"):
+            return self.app(environ, start_response)
+        boot = self.boot
+        status, ctype = "200 OK", "text/plain; charset=utf-8"
+        try:
+            if path == "/boot.ipxe":
+                text = boot.constant_script()
+            elif path.startswith("/boot/") and path.count("/") == 2:
+                query = environ.get("QUERY_STRING", "")[:2048]
+                args = dict(parse_qsl(query, keep_blank_values=True, max_num_fields=16))
+                text = boot.boot_script(path[6:], args, environ.get("REMOTE_ADDR", ""))
+            else:
+                return self.app(environ, start_response)
+        except HttpError as exc:
+            boot.metrics.inc("http_errors_total", error=exc.error)
+            status, ctype = f"{exc.status} {_REASONS.get(exc.status, 'Error')}", _JSON
+            text = json.dumps({"error": exc.error, "detail": exc.detail})
+        except ValueError:     # parse_qsl: too many fields
+            boot.metrics.inc("http_requests_refused_total", reason="bad_query")
+            status, ctype = "400 Bad Request", _JSON
+            text = json.dumps({"error": "bad_query", "detail": "too many query fields"})
+        body = text.encode()
+        boot.metrics.inc("http_requests_total")
+        start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))),
+                                ("Cache-Control", "no-store")])
+        return [body]
+
+
+_REASONS = {400: "Bad Request", 404: "Not Found", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
 def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
                templates_dir: Path | None = None) -> Flask:
     """The boot HTTP WSGI app for ``ctx`` (dependencies injected, one
@@ -882,6 +948,7 @@ def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
     app.extensions["lpmos_boot"] = BootHttp(ctx, catalog=catalog, templates_dir=templates_dir)
     for bp in (boot_bp, config_bp, callback_bp, agent_bp, files_bp, ops_bp):
         app.register_blueprint(bp)
+    app.wsgi_app = BootFastPath(app.extensions["lpmos_boot"], app.wsgi_app)  # type: ignore[method-assign]
 
     @app.after_request
     def count(resp: Response) -> Response:

@@ -34,6 +34,8 @@ Jinja).  It returns text or raises :class:`RenderError`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 import shlex
@@ -57,6 +59,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
 _IPXE_SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~:/=,+@-"
+_IPXE_PLAIN_RE = re.compile(r"[A-Za-z0-9._~:/=,+@-]*")
 _IPXE_TEXT_RE = re.compile(r"[^A-Za-z0-9 ._,:/()=+@-]")
 _TEMPLATE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}(/[a-z0-9][a-z0-9_.-]{0,63}){0,2}")
 
@@ -105,7 +108,10 @@ def filter_line(value: Any) -> str:
 def filter_ipxe(value: Any) -> str:
     """Inert in an iPXE command line: every character outside
     ``[A-Za-z0-9._~:/=,+@-]`` is percent-encoded (``$`` → ``%24``)."""
-    return quote(_text(value), safe=_IPXE_SAFE[62:])
+    text = _text(value)
+    if _IPXE_PLAIN_RE.fullmatch(text):
+        return text
+    return quote(text, safe=_IPXE_SAFE[62:])
 
 
 def filter_ipxe_text(value: Any) -> str:
@@ -272,12 +278,16 @@ def file_url(node_url: str, image_name: str, value: str) -> str:
 
 
 def image_context(node_url: str, image: Any) -> dict[str, Any]:
-    """A catalog :class:`lpmos.catalog.Image` as template data, with URLs."""
+    """A catalog :class:`lpmos.catalog.Image` as template data, with URLs
+    (a fresh dict each call; built once per image and node URL)."""
     if image is None:
         return {}
-    from dataclasses import asdict
+    return dict(_image_context(node_url, image))
 
-    data: dict[str, Any] = asdict(image)
+
+@functools.lru_cache(maxsize=256)
+def _image_context(node_url: str, image: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {f.name: getattr(image, f.name) for f in dataclasses.fields(image)}
     for attr in ("kernel", "initrd", "disk_image"):
         data[f"{attr}_url"] = file_url(node_url, image.name, data[attr])
     return data
