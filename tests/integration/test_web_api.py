@@ -602,3 +602,16 @@ def test_health_and_metrics(env: WebEnv) -> None:
     c.get("/api/v1/tasks")   # refused: counted
     text = c.get("/metrics").get_data(as_text=True)
     assert 'web_refused_total{reason="unauthenticated"}' in text
+
+
+def test_demo_users_can_log_in_with_their_roles(env: WebEnv) -> None:
+    from web.demo_users import ensure_demo_users
+
+    users = ensure_demo_users(env.auth)
+    assert [(u, r) for u, r, _ in users] == [("viewer", "viewer"), ("operator", "operator"),
+                                             ("approver", "approver"), ("admin", "admin")]
+    for user, role, password in users:
+        assert len(password) >= 12
+        c = env.app.test_client()
+        r = c.post("/login", json={"user": user, "password": password})
+        assert r.status_code == 200 and r.get_json()["role"] == role
