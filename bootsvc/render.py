@@ -28,8 +28,35 @@ Contract (STYLE principle 7, RELIABILITY "bad input"):
               values into YAML text);
   ``to_json`` compact JSON.
 
-:func:`render_text` is pure apart from reading template files (cached by
-Jinja).  It returns text or raises :class:`RenderError`.
+Template variables (:func:`build_context`; the README's template section
+should point here):
+
+| variable            | what                                                          |
+| ------------------- | ------------------------------------------------------------- |
+| ``node``            | ``{url, idc, name}`` of the serving regional node             |
+| ``decision``        | the boot decision (discovery, localboot, wait, claim, ...)    |
+| ``reason``          | why, in words (shown by ``echo``; use ``ipxe_text``)          |
+| ``sn``, ``mac``     | the machine (``mac`` lowercase with colons)                   |
+| ``arch``, ``platform`` | as iPXE reported them (``x86_64``; ``pcbios`` / ``efi``)   |
+| ``task``            | the task document (``Task.to_dict()``; ``{}`` when none)      |
+| ``params``          | ``task.params`` with ``ssh_keys`` a list of strings and       |
+|                     | ``root_device_hints`` a dict                                  |
+| ``server``          | the server record (``{}`` when none)                          |
+| ``inventory``       | ``server.inventory`` (agent inventory schema v1)              |
+| ``image``           | the catalog entry + ``kernel_url``, ``initrd_url``,           |
+|                     | ``disk_image_url`` (``{}`` when none)                         |
+| ``live``            | the live agent image entry, with its URLs and ``kernel_args`` |
+| ``kernel_args``     | the image's kernel_args + ``params.kernel_args``              |
+| ``hostname``        | ``params.hostname`` if a valid label, else derived from SN    |
+| ``root_disk``       | ``root_device_hints.name`` or ``params.root_disk``            |
+| ``root_disk_serial``| ``root_device_hints.serial``                                  |
+| ``token``           | this machine's token (only in install scripts and configs)    |
+| ``urls``            | ``boot``, ``config``, ``config_tokened`` (token in the path), |
+|                     | ``callback``, ``callback_tokened`` (``?token=``), ``images``  |
+| ``retry``           | ``{delay}`` seconds before a wait script asks again           |
+
+:meth:`Renderer.render` is pure apart from reading template files (cached
+by Jinja).  It returns text or raises :class:`RenderError`.
 """
 
 from __future__ import annotations
@@ -312,7 +339,7 @@ def build_context(
     token: str = "",
     retry_delay: int = 10,
 ) -> dict[str, Any]:
-    """Every variable a template may use (documented in the README).
+    """Every variable a template may use (the table in the module docstring).
 
     ``task`` and ``server`` are :class:`lpmos.models.Task` /
     :class:`lpmos.models.Server` (or ``None``); ``image`` and ``live`` are
