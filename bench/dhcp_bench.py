@@ -93,7 +93,7 @@ class Dnsmasq:
                 f"--dhcp-leasefile={workdir / 'dnsmasq.leases'}",
                 f"--pid-file={workdir / 'dnsmasq.pid'}", "--no-ping", "--log-facility=-"]
         if mode == "proxy":
-            args += [f"--dhcp-range={subnet}.0,proxy",
+            args += [f"--dhcp-range={subnet}.0,proxy", "--quiet-dhcp",
                      f'--pxe-service=x86PC,"LPMOS",undionly.kpxe,{server_ip}',
                      f'--pxe-service=X86-64_EFI,"LPMOS",ipxe.efi,{server_ip}',
                      f'--pxe-service=BC_EFI,"LPMOS",ipxe.efi,{server_ip}']
@@ -154,3 +154,202 @@ def etcdctl_get_prefix(netns: str, url: str, prefix: str) -> dict[str, Any]:
     for kv in json.loads(out).get("kvs", []):
         result[base64.b64decode(kv["key"]).decode()] = json.loads(base64.b64decode(kv["value"]))
     return result
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def codec_costs(n: int) -> dict[str, float]:
+    """Microseconds per OFFER: built by scapy vs by bootsvc.dhcp (plus our
+    parse of a DISCOVER), measured in this process."""
+    from scapy.layers.dhcp import BOOTP, DHCP
+    from scapy.layers.inet import IP, UDP  # noqa: F401  (scapy layer binding)
+
+    from bootsvc import dhcp
+
+    chaddr = bytes.fromhex("525400123456")
+    server = "10.231.0.1"
+    uuid = b"\x00" + bytes(16)
+    t = time.perf_counter()
+    for i in range(n):
+        bytes(BOOTP(op=2, xid=i, chaddr=chaddr + bytes(10), siaddr=server, sname=server.encode(),
+                    file=b"ipxe.efi", flags=0x8000)
+              / DHCP(options=[("message-type", "offer"), ("server_id", server),
+                              ("vendor_class_id", b"PXEClient"), (97, uuid), "end"]))
+    scapy_us = (time.perf_counter() - t) / n * 1e6
+    t = time.perf_counter()
+    for i in range(n):
+        dhcp.build_packet(dhcp.DhcpPacket(
+            dhcp.BOOTREPLY, i, chaddr, 0, 0x8000, siaddr=server, sname=server.encode(),
+            file=b"ipxe.efi", options={dhcp.OPT_MESSAGE_TYPE: b"\x02",
+                                       dhcp.OPT_SERVER_ID: dhcp.ip_bytes(server),
+                                       dhcp.OPT_VENDOR_CLASS: b"PXEClient",
+                                       dhcp.OPT_CLIENT_UUID: uuid}))
+    ours_us = (time.perf_counter() - t) / n * 1e6
+    req = dhcp.build_request(chaddr, arch=7, uuid=bytes(16))
+    t = time.perf_counter()
+    for _ in range(n):
+        dhcp.parse_packet(req)
+    parse_us = (time.perf_counter() - t) / n * 1e6
+    return {"scapy_build_offer_us": round(scapy_us, 2), "ours_build_offer_us": round(ours_us, 2),
+            "ours_parse_discover_us": round(parse_us, 2)}
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(v for v in values if v == v)    # drop NaN
+    if not values:
+        return float("nan")
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def run_one(target: str, net: NetnsPair, workdir: Path, plan: dict[str, Any],
+            templates: list[bytes]) -> dict[str, dict[str, float]]:
+    """Start ``target`` (ours or dnsmasq), run every load of ``plan`` on it,
+    stop it; returns {scenario: summary}."""
+    from bench.dhcp_loadgen import LoadGen, client_socket
+
+    server: OurServer | Dnsmasq
+    if target == "ours":
+        server = OurServer(net, workdir / "ours", "--log-level", "warning")
+    else:
+        server = Dnsmasq(net.server, net.server_if, workdir / "dnsmasq", mode="proxy",
+                         subnet=net.subnet, server_ip=net.server_ip)
+    sock = client_socket(net.client, net.client_if)
+    out: dict[str, dict[str, float]] = {}
+    try:
+        gen = LoadGen(sock, templates, loss_timeout=plan["loss_timeout"])
+        # warm-up: the server answers at all (and caches are warm)
+        warm = gen.closed_loop(200, 16, 5.0)
+        if warm.answered == 0:
+            raise RuntimeError(f"{target} answered none of the warm-up DISCOVERs")
+        runs: list[tuple[str, str, float]] = [("closed", f"closed w={w}", w)
+                                              for w in plan["windows"]]
+        runs += [("open", f"open {r}/s", r) for r in plan["rates"]]
+        runs.append(("burst", "burst 256", 256))
+        for kind, name, arg in runs:
+            cpu0 = cpu_seconds(server.pid)
+            if kind == "closed":
+                result = gen.closed_loop(plan["count"], int(arg), plan["time_limit"])
+            elif kind == "open":
+                result = gen.open_loop(arg, plan["open_seconds"])
+            else:
+                result = gen.burst(int(arg), 1.0)
+            cpu = cpu_seconds(server.pid) - cpu0
+            summary = result.summary()
+            summary["server_cpu_pct"] = round(100 * cpu / max(result.duration, 1e-9), 1)
+            summary["cpu_us_per_answer"] = round(cpu / max(result.answered, 1) * 1e6, 1)
+            out[name] = summary
+            time.sleep(plan["pause"])
+    finally:
+        sock.close()
+        server.stop()
+    return out
+
+
+ROWS = [  # (metric, label)
+    ("rate_per_s", "answers/s"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("lost", "lost"),
+    ("cpu_us_per_answer", "server CPU us/answer"),
+]
+BURST_ROWS = [("answered", "answered of 256"), ("lost", "lost"), ("p99_ms", "p99 ms")]
+
+
+def render_table(medians: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [f"{'scenario':<16} {'metric':<22} {'ours':>10} {'dnsmasq':>10} {'ratio':>7}",
+             "-" * 69]
+    for scenario in medians["ours"]:
+        for metric, label in (BURST_ROWS if scenario.startswith("burst") else ROWS):
+            ours = medians["ours"][scenario].get(metric, float("nan"))
+            ref = medians["dnsmasq"].get(scenario, {}).get(metric, float("nan"))
+            ratio = ours / ref if ref not in (0, 0.0) and ref == ref else float("nan")
+            lines.append(f"{scenario:<16} {label:<22} {ours:>10.3f} {ref:>10.3f} {ratio:>7.2f}"
+                         .replace(".000 ", "     ").replace("  nan", "    -"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import platform
+
+    parser = argparse.ArgumentParser(prog="python -m bench.dhcp_bench", description=(
+        "ProxyDHCP: our service vs dnsmasq in proxy mode, same load generator, "
+        "in network namespaces this command creates and removes (needs root)."))
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for tests")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (median is shown)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="result file (default bench/results/dhcp.json, "
+                             "dhcp-quick.json with --quick)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.stderr.write("dhcp_bench: needs root (network namespaces)\n")
+        return 2
+    if args.quick:
+        plan: dict[str, Any] = {"count": 1500, "windows": [32], "rates": [1000, 5000],
+                                "open_seconds": 0.4, "time_limit": 5.0, "loss_timeout": 0.3,
+                                "pause": 0.05, "reps": 1, "codec_n": 300}
+    else:
+        plan = {"count": 40_000, "windows": [1, 64], "rates": [1000, 5000, 10000, 20000],
+                "open_seconds": 2.0, "time_limit": 20.0, "loss_timeout": 0.5, "pause": 0.3,
+                "reps": 3, "codec_n": 5000}
+    reps = args.reps or plan["reps"]
+    json_path = args.json or (REPO / "bench" / "results" /
+                              ("dhcp-quick.json" if args.quick else "dhcp.json"))
+    from bench.dhcp_loadgen import make_templates
+
+    templates = make_templates(4096)
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {"ours": [], "dnsmasq": []}
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dhcp-bench-") as tmp, \
+            NetnsPair(client_address=False) as net:
+        for rep in range(reps):
+            order = ["ours", "dnsmasq"] if rep % 2 == 0 else ["dnsmasq", "ours"]
+            for target in order:
+                print(f"rep {rep + 1}/{reps}: {target} ...", file=sys.stderr, flush=True)
+                runs[target].append(run_one(target, net, Path(tmp) / f"{target}{rep}", plan,
+                                            templates))
+    medians: dict[str, dict[str, dict[str, float]]] = {}
+    for target, results in runs.items():
+        medians[target] = {}
+        for scenario in results[0]:
+            medians[target][scenario] = {
+                metric: _median([r[scenario][metric] for r in results])
+                for metric in results[0][scenario]}
+    codec = codec_costs(plan["codec_n"])
+    table = render_table(medians)
+    header = (f"ProxyDHCP benchmark ({'quick' if args.quick else 'full'}, median of {reps}): "
+              f"DISCOVER->OFFER, random MACs, options 60/93/94/97, netns + veth; "
+              f"{platform.node()} {os.cpu_count()} cpu")
+    print(header)
+    print(table)
+    print(f"codec: scapy builds an OFFER in {codec['scapy_build_offer_us']} us, "
+          f"bootsvc.dhcp in {codec['ours_build_offer_us']} us "
+          f"(parse of a DISCOVER {codec['ours_parse_discover_us']} us)")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({
+        "benchmark": "dhcp", "quick": args.quick, "reps": reps, "plan": plan,
+        "command": "python -m bench.dhcp_bench" + (" --quick" if args.quick else ""),
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "median": medians, "runs": runs, "codec": codec}, indent=1, sort_keys=True))
+    print(f"results: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -216,3 +216,202 @@ class PxeClient:
         kw.setdefault("uuid", bytes(range(16)))
         req = dhcp.build_request(mac, dhcp.REQUEST, xid=self.xid, **kw)  # type: ignore[arg-type]
         return self.exchange(req, dest, timeout=timeout)
+
+
+# --- the benchmark's load -------------------------------------------------------------
+
+VENDOR_CLASSES = {0: b"PXEClient:Arch:00000:UNDI:002001",
+                  7: b"PXEClient:Arch:00007:UNDI:003016",
+                  9: b"PXEClient:Arch:00009:UNDI:003016"}
+
+
+def make_templates(count: int, seed: int = 1) -> list[bytes]:
+    """PXE-style DISCOVERs from random unicast MACs: options 60, 93 (0, 7 or
+    9), 94, 97 (random UUID), broadcast flag set.  The xid (bytes 4-8) is
+    patched per send."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        mac = bytes([rng.randrange(256) & 0xFC | 0x02]) + rng.randbytes(5)
+        arch = rng.choice((0, 7, 9))
+        out.append(dhcp.build_request(mac, arch=arch, vendor_class=VENDOR_CLASSES[arch],
+                                      uuid=rng.randbytes(16), flags=dhcp.FLAG_BROADCAST))
+    return out
+
+
+@dataclass
+class LoadResult:
+    """One load run: what was sent, what was answered and how fast."""
+
+    mode: str
+    sent: int = 0
+    answered: int = 0
+    with_bootfile: int = 0
+    duration: float = 0.0
+    latencies: list[float] = field(default_factory=list)   # seconds, answered requests
+
+    @property
+    def rate(self) -> float:
+        return self.answered / self.duration if self.duration > 0 else 0.0
+
+    @property
+    def lost(self) -> int:
+        return self.sent - self.answered
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def summary(self) -> dict[str, float]:
+        return {"sent": self.sent, "answered": self.answered, "lost": self.lost,
+                "with_bootfile": self.with_bootfile, "duration_s": round(self.duration, 4),
+                "rate_per_s": round(self.rate, 1),
+                "p50_ms": round(self.percentile(0.50) * 1000, 3),
+                "p99_ms": round(self.percentile(0.99) * 1000, 3)}
+
+
+class LoadGen:
+    """Drives one server with DISCOVERs on ``sock`` (a client socket bound
+    to port 68) and matches replies by xid.  Every run is bounded by a
+    request count and a wall-clock limit."""
+
+    def __init__(self, sock: socket.socket, templates: list[bytes],
+                 dest: tuple[str, int] = ("255.255.255.255", 67),
+                 loss_timeout: float = 0.5) -> None:
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.templates = templates
+        self.dest = dest
+        self.loss_timeout = loss_timeout
+        self._xid = random.randrange(1 << 20, 1 << 30)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.sock.recv(4096)
+            except BlockingIOError:
+                return
+
+    def _next(self) -> tuple[int, bytes]:
+        self._xid = (self._xid + 1) & 0xFFFFFFFF
+        tpl = self.templates[self._xid % len(self.templates)]
+        return self._xid, tpl[:4] + self._xid.to_bytes(4, "big") + tpl[8:]
+
+    def _receive(self, outstanding: dict[int, float], result: LoadResult) -> int:
+        got = 0
+        now = time.perf_counter
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return got
+            if len(data) < 240 or data[0] != 2:
+                continue
+            sent_at = outstanding.pop(int.from_bytes(data[4:8], "big"), None)
+            if sent_at is None:
+                continue                       # late, duplicate or not ours
+            result.latencies.append(now() - sent_at)
+            result.answered += 1
+            if data[108]:
+                result.with_bootfile += 1
+            got += 1
+
+    def closed_loop(self, count: int, window: int, time_limit: float) -> LoadResult:
+        """Keep ``window`` requests outstanding until ``count`` are sent; a
+        request unanswered after ``loss_timeout`` counts as lost."""
+        self._drain()
+        result = LoadResult(f"closed w={window}")
+        outstanding: dict[int, float] = {}
+        order: list[tuple[float, int]] = []      # send times in order, for expiry
+        head = 0
+        perf = time.perf_counter
+        poller = select.epoll()
+        poller.register(self.sock.fileno(), select.EPOLLIN)
+        start = perf()
+        deadline = start + time_limit
+        try:
+            while perf() < deadline:
+                while len(outstanding) < window and result.sent < count:
+                    xid, pkt = self._next()
+                    try:
+                        self.sock.sendto(pkt, self.dest)
+                    except BlockingIOError:
+                        break
+                    t = perf()
+                    outstanding[xid] = t
+                    order.append((t, xid))
+                    result.sent += 1
+                if not outstanding and result.sent >= count:
+                    break
+                poller.poll(0.01)
+                self._receive(outstanding, result)
+                cutoff = perf() - self.loss_timeout
+                while head < len(order) and order[head][0] < cutoff:
+                    outstanding.pop(order[head][1], None)
+                    head += 1
+        finally:
+            poller.close()
+        result.duration = perf() - start
+        return result
+
+    def open_loop(self, rate: float, duration: float, max_count: int = 1_000_000) -> LoadResult:
+        """Send at ``rate`` per second for ``duration`` seconds regardless of
+        answers, then wait ``loss_timeout`` for stragglers."""
+        self._drain()
+        result = LoadResult(f"open {rate:g}/s")
+        outstanding: dict[int, float] = {}
+        perf = time.perf_counter
+        poller = select.epoll()
+        poller.register(self.sock.fileno(), select.EPOLLIN)
+        start = perf()
+        total = min(max_count, int(rate * duration))
+        try:
+            while result.sent < total:
+                due = min(total, int((perf() - start) * rate) + 1)
+                while result.sent < due:
+                    xid, pkt = self._next()
+                    try:
+                        self.sock.sendto(pkt, self.dest)
+                    except BlockingIOError:
+                        break
+                    outstanding[xid] = perf()
+                    result.sent += 1
+                self._receive(outstanding, result)
+                wait = start + (result.sent + 1) / rate - perf()
+                if wait > 0:
+                    poller.poll(wait)
+                    self._receive(outstanding, result)
+            end = perf() + self.loss_timeout
+            while outstanding and perf() < end:
+                poller.poll(0.01)
+                self._receive(outstanding, result)
+        finally:
+            poller.close()
+        result.duration = duration      # the offered-load period
+        return result
+
+    def burst(self, size: int = 256, wait: float = 1.0) -> LoadResult:
+        """``size`` DISCOVERs back to back, then collect for ``wait`` s."""
+        self._drain()
+        result = LoadResult(f"burst {size}")
+        outstanding: dict[int, float] = {}
+        perf = time.perf_counter
+        packets = [self._next() for _ in range(size)]
+        start = perf()
+        for xid, pkt in packets:
+            outstanding[xid] = perf()
+            while True:
+                try:
+                    self.sock.sendto(pkt, self.dest)
+                    break
+                except BlockingIOError:
+                    select.select([], [self.sock], [], 0.01)
+            result.sent += 1
+        end = perf() + wait
+        while outstanding and perf() < end:
+            select.select([self.sock], [], [], 0.01)
+            self._receive(outstanding, result)
+        result.duration = perf() - start
+        return result

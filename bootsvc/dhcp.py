@@ -272,6 +272,18 @@ def parse_options(data: bytes, start: int = 0, *, require_end: bool = True) -> d
         i = end
 
 
+#: (min, max) value length of the options parse_packet checks; option 52
+#: has an impossible range (it is refused)
+_LENGTHS: dict[int, tuple[int, int]] = {
+    **{code: (1, 1 << 16) for code in NON_EMPTY},
+    **{code: (n, n) for code, n in FIXED_LENGTH.items()},
+    OPT_CLIENT_ID: (2, 1 << 16),
+    OPT_OVERLOAD: (1, 0),
+}
+_CHECKED = frozenset(_LENGTHS)
+_ZERO4 = b"\x00\x00\x00\x00"
+
+
 def parse_packet(data: bytes) -> DhcpPacket:
     """Parse one datagram strictly; see the module docstring for the reasons."""
     n = len(data)
@@ -293,22 +305,35 @@ def parse_packet(data: bytes) -> DhcpPacket:
     if mac[0] & 1 or mac == b"\x00\x00\x00\x00\x00\x00":
         raise MalformedPacket("bad_chaddr", f"client MAC {mac.hex(':')} is not a unicast MAC")
     options = parse_options(data, MIN_PACKET)
-    for code, value in options.items():
-        if code in _CHECKED:
+    # the common case stays cheap: a length check per present checked option,
+    # the detailed (raising) check only when something is off
+    for code in _CHECKED.intersection(options):
+        value = options[code]
+        lo, hi = _LENGTHS[code]
+        if not lo <= len(value) <= hi:
             _validate_option(code, value)
-    return DhcpPacket(op, xid, mac, secs, flags, _inet_ntoa(ci), _inet_ntoa(yi), _inet_ntoa(si),
-                      _inet_ntoa(gi), hops, sname.rstrip(b"\x00"), bootfile.rstrip(b"\x00"),
-                      options)
-
-
-_CHECKED = NON_EMPTY | set(FIXED_LENGTH) | {OPT_OVERLOAD}
+    mt = options.get(OPT_MESSAGE_TYPE)
+    if mt is not None and not 1 <= mt[0] <= 18:
+        _validate_option(OPT_MESSAGE_TYPE, mt)
+    arch = options.get(OPT_CLIENT_ARCH)
+    if arch is not None and len(arch) % 2:
+        _validate_option(OPT_CLIENT_ARCH, arch)
+    uuid = options.get(OPT_CLIENT_UUID)
+    if uuid is not None and uuid[0] != 0:
+        _validate_option(OPT_CLIENT_UUID, uuid)
+    return DhcpPacket(op, xid, mac, secs, flags,
+                      ZERO_IP if ci == _ZERO4 else _inet_ntoa(ci),
+                      ZERO_IP if yi == _ZERO4 else _inet_ntoa(yi),
+                      ZERO_IP if si == _ZERO4 else _inet_ntoa(si),
+                      ZERO_IP if gi == _ZERO4 else _inet_ntoa(gi),
+                      hops, sname.rstrip(b"\x00"), bootfile.rstrip(b"\x00"), options)
 
 
 def encode_options(options: Mapping[int, bytes] | Iterable[tuple[int, bytes]],
                    *, end: bool = True) -> bytes:
     """Encode options (code → value); values over 255 bytes are split into
     consecutive instances of the same option (RFC 3396)."""
-    items = options.items() if isinstance(options, Mapping) else options
+    items = options.items() if isinstance(options, dict | Mapping) else options
     parts: list[bytes] = []
     for code, value in items:
         if not 0 < code < 255:
@@ -340,6 +365,42 @@ def build_packet(packet: DhcpPacket) -> bytes:
     if len(out) < MIN_REPLY:
         out += bytes(MIN_REPLY - len(out))
     return out
+
+
+class ReplyTemplate:
+    """The lean encoder of the hot path: a reply whose per-answer part is
+    encoded once and whose per-client fields are patched in.
+
+    Built from a :class:`DhcpPacket` that has everything except ``xid``,
+    ``chaddr``, ``flags``, ``ciaddr``, ``giaddr`` and the per-client options;
+    :meth:`render` gives exactly the bytes :func:`build_packet` would give
+    for the same packet with those fields set and ``tail`` options appended
+    (a test holds it to that).
+    """
+
+    __slots__ = ("_head", "_options")
+
+    def __init__(self, packet: DhcpPacket) -> None:
+        self._head = build_packet(DhcpPacket(
+            packet.op, 0, b"\x02" + bytes(5), packet.secs, 0, ZERO_IP, packet.yiaddr,
+            packet.siaddr, ZERO_IP, packet.hops, packet.sname, packet.file))[:MIN_PACKET]
+        self._options = encode_options(packet.options, end=False)
+
+    def render(self, xid: int, chaddr: bytes, flags: int, ciaddr: bytes, giaddr: bytes,
+               tail: bytes = b"") -> bytes:
+        """The reply; ``ciaddr``/``giaddr`` are 4 packed bytes, ``tail`` is
+        already-encoded options placed after the template's (no END)."""
+        head = bytearray(self._head)
+        _CLIENT_A.pack_into(head, 4, xid, 0, flags, ciaddr)
+        _CLIENT_B.pack_into(head, 24, giaddr, chaddr)
+        out = bytes(head) + self._options + tail + _END
+        if len(out) < MIN_REPLY:
+            out += bytes(MIN_REPLY - len(out))
+        return out
+
+
+_CLIENT_A = struct.Struct("!IHH4s")     # xid, secs, flags, ciaddr at offset 4
+_CLIENT_B = struct.Struct("!4s16s")     # giaddr, chaddr at offset 24
 
 
 # --- helpers for option values --------------------------------------------------

@@ -166,6 +166,7 @@ def policy_from_config(config: Config, advertise_url: str) -> BootPolicy:
 # --- the responder (no sockets) ---------------------------------------------------
 
 PortKind = Literal["dhcp", "proxy"]
+_CACHE_MAX = 1024            # memoized decisions / reply templates before a reset
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,14 +208,32 @@ class DhcpResponder:
             lease_opts[dhcp.OPT_DNS] = dhcp.ips_bytes(config["dhcp.dns"])
         self._lease_opts = lease_opts
         self.counts: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._keys: dict[Any, tuple[str, tuple[tuple[str, str], ...]]] = {}
+        # decide_boot is pure: its answers are memoized per client kind, and
+        # the encoded part of each boot reply is kept as a template (both
+        # bounded; the key space is small: architectures x classes x kinds)
+        self._decisions: dict[ClientInfo, BootAnswer | BootRefusal] = {}
+        self._templates: dict[tuple[Any, ...], dhcp.ReplyTemplate] = {}
 
     # -- counting
     def _count(self, name: str, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
         self.counts[key] = self.counts.get(key, 0) + 1
 
+    def _count_packet(self, name: str, msg_type: int, kind: str) -> None:
+        """``name``{type, port} with the label key built once per combination."""
+        cache_key = (name, msg_type, kind)
+        key = self._keys.get(cache_key)
+        if key is None:
+            key = self._keys[cache_key] = (name, (
+                ("port", kind), ("type", dhcp.MESSAGE_NAMES.get(msg_type, "other"))))
+        self.counts[key] = self.counts.get(key, 0) + 1
+
     def drop(self, reason: str) -> None:
-        self._count("dhcp_dropped_total", reason=reason)
+        key = self._keys.get(reason)
+        if key is None:
+            key = self._keys[reason] = ("dhcp_dropped_total", (("reason", reason),))
+        self.counts[key] = self.counts.get(key, 0) + 1
 
     def flush(self, registry: Any) -> None:
         counts, self.counts = self.counts, {}
@@ -238,7 +257,7 @@ class DhcpResponder:
         if mt is None:
             self.drop("bootp")
             return None
-        self._count("dhcp_packets_in_total", type=dhcp.MESSAGE_NAMES.get(mt, "other"), port=kind)
+        self._count_packet("dhcp_packets_in_total", mt, kind)
         server_ip = self.server_ip or local_ip
         if not server_ip:
             self.drop("no_server_ip")
@@ -266,7 +285,13 @@ class DhcpResponder:
         return True
 
     def _decide(self, pkt: dhcp.DhcpPacket) -> BootAnswer | BootRefusal:
-        return decide_boot(ClientInfo.from_packet(pkt), self.policy)
+        info = ClientInfo.from_packet(pkt)
+        decision = self._decisions.get(info)
+        if decision is None:
+            if len(self._decisions) >= _CACHE_MAX:
+                self._decisions.clear()
+            decision = self._decisions[info] = decide_boot(info, self.policy)
+        return decision
 
     # -- modes
     def _proxy(self, pkt: dhcp.DhcpPacket, src: tuple[str, int], server_ip: str,
@@ -379,38 +404,62 @@ class DhcpResponder:
         else:
             options[dhcp.OPT_BOOTFILE] = name
 
-    def _finish(self, pkt: dhcp.DhcpPacket, reply: dhcp.DhcpPacket, options: dict[int, bytes],
-                relayed: bool) -> None:
+    def _finish(self, pkt: dhcp.DhcpPacket, options: dict[int, bytes], relayed: bool) -> None:
+        """Per-client options that close every reply: 97 echoed, 82 echoed
+        to a configured relay only."""
         uuid = pkt.options.get(dhcp.OPT_CLIENT_UUID)
         if uuid is not None:
             options[dhcp.OPT_CLIENT_UUID] = uuid
         if relayed and dhcp.OPT_RELAY_AGENT in pkt.options:
             options[dhcp.OPT_RELAY_AGENT] = pkt.options[dhcp.OPT_RELAY_AGENT]
 
+    def _boot_item(self, pkt: dhcp.DhcpPacket) -> bytes | None:
+        """The PXE boot item (option 43 sub-option 71) of a boot server request."""
+        vendor = pkt.options.get(dhcp.OPT_VENDOR_SPECIFIC)
+        if not vendor:
+            return None
+        try:
+            item = dhcp.parse_options(vendor, require_end=False).get(dhcp.PXE_BOOT_ITEM)
+        except dhcp.MalformedPacket:
+            return None
+        return item if item is not None and len(item) == 4 else None
+
+    def boot_packet(self, msg_type: int, answer: BootAnswer, server_ip: str, *, port67: bool,
+                    boot_item: bytes | None = None) -> dhcp.DhcpPacket:
+        """The per-answer part of a ProxyDHCP OFFER (port 67) or boot-server
+        ACK (port 4011): everything but the client's own fields."""
+        options: dict[int, bytes] = {
+            dhcp.OPT_MESSAGE_TYPE: bytes((msg_type,)),
+            dhcp.OPT_SERVER_ID: dhcp.ip_bytes(server_ip),
+            dhcp.OPT_VENDOR_CLASS: answer.vendor_class.encode(),
+        }
+        if port67 and answer.kind == "tftp" and answer.family == "bios":
+            options[dhcp.OPT_VENDOR_SPECIFIC] = dhcp.PXE_BYPASS_DISCOVERY
+        elif boot_item is not None:        # a PXE boot server request: echo the item
+            options[dhcp.OPT_VENDOR_SPECIFIC] = dhcp.pxe_vendor_options(
+                {dhcp.PXE_BOOT_ITEM: boot_item})
+        reply = dhcp.DhcpPacket(dhcp.BOOTREPLY, sname=server_ip.encode(), options=options)
+        self._put_boot(reply, options, answer, server_ip)
+        return reply
+
     def _boot_reply(self, pkt: dhcp.DhcpPacket, src: tuple[str, int], server_ip: str,
                     relayed: bool, msg_type: int, answer: BootAnswer, *, port67: bool) -> Reply:
-        reply, options = self._base(pkt, msg_type, server_ip, relayed)
-        options[dhcp.OPT_VENDOR_CLASS] = answer.vendor_class.encode()
-        if port67:
-            if answer.kind == "tftp" and answer.family == "bios":
-                options[dhcp.OPT_VENDOR_SPECIFIC] = dhcp.PXE_BYPASS_DISCOVERY
-        else:
-            reply.ciaddr = pkt.ciaddr
-            vendor = pkt.options.get(dhcp.OPT_VENDOR_SPECIFIC)
-            if vendor:
-                try:
-                    item = dhcp.parse_options(vendor, require_end=False).get(dhcp.PXE_BOOT_ITEM)
-                except dhcp.MalformedPacket:
-                    item = None
-                if item is not None and len(item) == 4:   # PXE boot server request: echo it
-                    options[dhcp.OPT_VENDOR_SPECIFIC] = dhcp.pxe_vendor_options(
-                        {dhcp.PXE_BOOT_ITEM: item})
-        reply.sname = server_ip.encode()
-        self._put_boot(reply, options, answer, server_ip)
-        self._finish(pkt, reply, options, relayed)
-        return Reply(dhcp.build_packet(reply), self._dest(pkt, src, relayed, msg_type), msg_type,
-                     pkt.mac, {"kind": answer.kind, "file": answer.filename,
-                               "arch": answer.arch})
+        item = None if port67 else self._boot_item(pkt)
+        key = (msg_type, answer, server_ip, port67, item)
+        template = self._templates.get(key)
+        if template is None:
+            if len(self._templates) >= _CACHE_MAX:
+                self._templates.clear()
+            template = self._templates[key] = dhcp.ReplyTemplate(
+                self.boot_packet(msg_type, answer, server_ip, port67=port67, boot_item=item))
+        tail: dict[int, bytes] = {}
+        self._finish(pkt, tail, relayed)
+        data = template.render(
+            pkt.xid, pkt.chaddr, pkt.flags | (dhcp.FLAG_BROADCAST if relayed else 0),
+            dhcp.ip_bytes(dhcp.ZERO_IP if port67 else pkt.ciaddr), dhcp.ip_bytes(pkt.giaddr),
+            dhcp.encode_options(tail, end=False) if tail else b"")
+        return Reply(data, self._dest(pkt, src, relayed, msg_type), msg_type, pkt.mac,
+                     {"kind": answer.kind, "file": answer.filename, "arch": answer.arch})
 
     def _address_reply(self, pkt: dhcp.DhcpPacket, src: tuple[str, int], server_ip: str,
                        relayed: bool, msg_type: int, lease: Lease | None,
@@ -433,7 +482,7 @@ class DhcpResponder:
             options[dhcp.OPT_TFTP_SERVER] = server_ip.encode()
             self._put_boot(reply, options, answer, server_ip)
             detail.update(kind=answer.kind, file=answer.filename, arch=answer.arch)
-        self._finish(pkt, reply, options, relayed)
+        self._finish(pkt, options, relayed)
         return Reply(dhcp.build_packet(reply), self._dest(pkt, src, relayed, msg_type), msg_type,
                      pkt.mac, detail)
 
@@ -452,6 +501,9 @@ _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _PKTINFO = struct.Struct("=i4s4s")
 _CMSG_SPACE = socket.CMSG_SPACE(_PKTINFO.size)
+_inet_ntoa = socket.inet_ntoa
+_IPPROTO_IP = int(socket.IPPROTO_IP)        # a plain int: enum operators are slow
+_RECV_SIZE = dhcp.MAX_PACKET + 1
 _BATCH = 256                 # datagrams read per wake-up before yielding to the loop
 
 
@@ -465,10 +517,11 @@ def interface_ipv4(name: str) -> str | None:
     return socket.inet_ntoa(packed[20:24])
 
 
-def open_socket(listen: str, port: int, *, interface: str | None, rcvbuf: int) -> socket.socket:
+def open_socket(listen: str, port: int, *, interface: str | None, rcvbuf: int,
+                pktinfo: bool = True) -> socket.socket:
     """A non-blocking UDP socket for DHCP: broadcast allowed, a large receive
-    buffer (forced past rmem_max when we may), IP_PKTINFO on, optionally bound
-    to one interface."""
+    buffer (forced past rmem_max when we may), optionally IP_PKTINFO (to learn
+    the arrival interface and local address) and bound to one interface."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -479,7 +532,8 @@ def open_socket(listen: str, port: int, *, interface: str | None, rcvbuf: int) -
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         if interface:
             sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
-        sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+        if pktinfo:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
         sock.setblocking(False)
         sock.bind((listen, port))
     except BaseException:
@@ -520,6 +574,7 @@ class DhcpService:
             pool=self.pool)
         self.sockets: list[tuple[socket.socket, PortKind]] = []
         self._latencies: list[float] = []
+        self._pktinfo = True
         self._recorded: OrderedDict[str, tuple[tuple[Any, ...], float]] = OrderedDict()
         m = ctx.metrics
         m.describe("dhcp_packets_in_total", "DHCP requests received, by message type and port")
@@ -553,9 +608,13 @@ class DhcpService:
         wanted: list[tuple[int, PortKind]] = [(config["dhcp.port"], "dhcp")]
         if config["dhcp.proxy_port"]:
             wanted.append((config["dhcp.proxy_port"], "proxy"))
+        # bound to one interface with a known address, nothing needs to be
+        # learnt per packet: plain recvfrom/sendto (the cheapest path)
+        self._pktinfo = not (interface and self.ctx.server_ip)
         try:
             for port, kind in wanted:
-                sock = open_socket(listen, port, interface=interface, rcvbuf=rcvbuf)
+                sock = open_socket(listen, port, interface=interface, rcvbuf=rcvbuf,
+                                   pktinfo=self._pktinfo)
                 self.sockets.append((sock, kind))
                 loop.add_reader(sock.fileno(), self._on_readable, sock, kind)
         except BaseException:
@@ -598,9 +657,14 @@ class DhcpService:
     def _on_readable(self, sock: socket.socket, kind: PortKind) -> None:
         responder = self.responder
         perf = time.perf_counter
+        pktinfo = self._pktinfo
+        ifindex, local_ip = 0, None
         for _ in range(_BATCH):
             try:
-                data, ancdata, flags, src = sock.recvmsg(dhcp.MAX_PACKET + 1, _CMSG_SPACE)
+                if pktinfo:
+                    data, ancdata, _flags, src = sock.recvmsg(_RECV_SIZE, _CMSG_SPACE)
+                else:
+                    data, src = sock.recvfrom(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -608,15 +672,16 @@ class DhcpService:
                 log.debug("dhcp recv: %s", exc)
                 break
             t0 = perf()
-            if flags & socket.MSG_TRUNC:
+            if len(data) >= _RECV_SIZE:          # longer than MAX_PACKET (truncated)
                 responder.drop("oversized")
                 continue
-            ifindex, local_ip = 0, None
-            for level, ctype, cdata in ancdata:
-                if level == socket.IPPROTO_IP and ctype == _IP_PKTINFO \
-                        and len(cdata) >= _PKTINFO.size:
-                    ifindex, spec_dst, _addr = _PKTINFO.unpack_from(cdata)
-                    local_ip = socket.inet_ntoa(spec_dst)
+            if pktinfo:
+                ifindex, local_ip = 0, None
+                for level, ctype, cdata in ancdata:      # only IP_PKTINFO is enabled
+                    if ctype == _IP_PKTINFO and level == _IPPROTO_IP \
+                            and len(cdata) >= _PKTINFO.size:
+                        ifindex, spec_dst, _addr = _PKTINFO.unpack_from(cdata)
+                        local_ip = _inet_ntoa(spec_dst)
             try:
                 reply = responder.handle(data, src, kind, local_ip)
             except Exception:   # a bug must not stop the loop; counted and logged
@@ -627,8 +692,7 @@ class DhcpService:
                 continue
             if self._send(sock, reply, ifindex, local_ip):
                 self._latencies.append(perf() - t0)
-                responder._count("dhcp_packets_out_total",
-                                 type=dhcp.MESSAGE_NAMES[reply.msg_type], port=kind)
+                responder._count_packet("dhcp_packets_out_total", reply.msg_type, kind)
                 self._record(reply, kind)
         self._flush()
 
@@ -652,7 +716,8 @@ class DhcpService:
             return False
 
     def _record(self, reply: Reply, kind: PortKind) -> None:
-        key = (reply.msg_type, kind, tuple(sorted(reply.detail.items())))
+        detail = reply.detail
+        key = (reply.msg_type, kind, detail.get("file"), detail.get("ip"), detail.get("nak"))
         now = time.monotonic()
         seen = self._recorded.get(reply.mac)
         if seen is not None and seen[0] == key and now - seen[1] < self.TIMELINE_COALESCE:

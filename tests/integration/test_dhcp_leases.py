@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from bootsvc import dhcp
+from bootsvc.bootfile import BootRefusal
 from bootsvc.context import MemoryTimeline, NodeContext
 from bootsvc.dhcp_leases import Lease, LeasePool, LeaseWriter, parse_range
 from bootsvc.dhcp_server import SETTINGS, DhcpResponder, DhcpService
@@ -331,3 +332,25 @@ def test_responder_full_mode_answers_plain_clients_with_address_only(keys: Keys)
     hp = dhcp.parse_packet(http.data)
     assert hp.vendor_class == b"HTTPClient"
     assert hp.boot_file == "http://10.9.0.1:8081/ipxe/ipxe.efi"
+
+
+@pytest.mark.parametrize(("arch", "vc", "uc"), [(0, b"PXEClient", None), (9, b"PXEClient", None),
+                                                (16, b"HTTPClient", None),
+                                                (7, b"PXEClient", b"iPXE")])
+def test_responder_template_reply_equals_plain_build(arch: int, vc: bytes,
+                                                     uc: bytes | None) -> None:
+    """The hot path's templates give the same bytes as the plain encoder."""
+    config = resolve(settings_by_key([COMMON, NODE_SETTINGS, SETTINGS]), {}, environ={})
+    r = DhcpResponder(config, server_ip="10.9.0.1", advertise_url="http://10.9.0.1:8081")
+    uuid = bytes(range(16))
+    for xid in (1, 2):                      # the second one comes from the template cache
+        req = dhcp.build_request(A, xid=xid, arch=arch, vendor_class=vc, user_class=uc,
+                                 uuid=uuid, flags=dhcp.FLAG_BROADCAST)
+        reply = r.handle(req, ("0.0.0.0", 68))
+        assert reply is not None
+        decision = r._decide(dhcp.parse_packet(req))
+        assert not isinstance(decision, BootRefusal)
+        plain = r.boot_packet(dhcp.OFFER, decision, "10.9.0.1", port67=True)
+        plain.xid, plain.chaddr, plain.flags = xid, bytes.fromhex(A.replace(":", "")), 0x8000
+        plain.options[dhcp.OPT_CLIENT_UUID] = b"\x00" + uuid
+        assert reply.data == dhcp.build_packet(plain)

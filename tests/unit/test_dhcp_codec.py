@@ -277,3 +277,23 @@ def test_header_layout_matches_rfc2131() -> None:
     data = discover()
     assert struct.unpack_from("!I", data, 236)[0] == dhcp.MAGIC_COOKIE
     assert data[28:34] == bytes.fromhex(MAC.replace(":", ""))
+
+
+def test_reply_template_renders_what_build_packet_builds() -> None:
+    fixed = DhcpPacket(dhcp.BOOTREPLY, sname=b"10.0.0.1", file=b"undionly.kpxe",
+                       siaddr="10.0.0.1",
+                       options={dhcp.OPT_MESSAGE_TYPE: b"\x02",
+                                dhcp.OPT_SERVER_ID: b"\n\x00\x00\x01",
+                                dhcp.OPT_VENDOR_CLASS: b"PXEClient",
+                                dhcp.OPT_VENDOR_SPECIFIC: dhcp.PXE_BYPASS_DISCOVERY})
+    template = dhcp.ReplyTemplate(fixed)
+    chaddr = bytes.fromhex("525400abcdef")
+    tail = {dhcp.OPT_CLIENT_UUID: b"\x00" + UUID, dhcp.OPT_RELAY_AGENT: b"\x01\x02ab"}
+    full = DhcpPacket(dhcp.BOOTREPLY, 0xCAFEBABE, chaddr, 0, 0x8000, "10.0.0.7", "0.0.0.0",
+                      "10.0.0.1", "10.0.0.254", 0, fixed.sname, fixed.file,
+                      {**fixed.options, **tail})
+    rendered = template.render(0xCAFEBABE, chaddr, 0x8000, dhcp.ip_bytes("10.0.0.7"),
+                               dhcp.ip_bytes("10.0.0.254"),
+                               dhcp.encode_options(tail, end=False))
+    assert rendered == build_packet(full)
+    assert parse_packet(rendered) == full
