@@ -16,7 +16,7 @@ SYSTEM_PACKAGES=(
   iproute2 iptables openssl      # network namespaces, veths, bridges; test certificates
   chromium                       # browser tests (driven by Playwright, never downloaded)
   debootstrap cpio zstd squashfs-tools xz-utils   # live-image and lab-OS builds
-  kmod mtools syslinux syslinux-common fdisk grub-efi-amd64-bin  # images/build.py: modules, FAT, GPT, BIOS/UEFI boot
+  kmod syslinux syslinux-common grub-efi-amd64-bin  # images/build.py: modules, BIOS/UEFI boot loaders
   mtools dosfstools fdisk        # agent: NoCloud seed into the image FAT (mcopy), test fixtures (mkfs.vfat, sfdisk)
   python3-venv python3-dev gcc   # the virtualenv
 )
