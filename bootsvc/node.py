@@ -160,7 +160,7 @@ class RegionalNode:
             log.warning("bootsvc.timeline missing: the boot timeline stays in memory")
         else:
             self._timeline = EtcdTimeline(ctx.store, ctx.keys, ctx.idc, ctx.machines,
-                                          ctx.metrics)
+                                          ctx.metrics, node=ctx.node_name)
             self._timeline.start()
             ctx.timeline = self._timeline
         if "http" in self.services:
@@ -216,8 +216,10 @@ class RegionalNode:
                      ",".join(self.services), self.ctx.server_ip, self.ctx.advertise_url)
             await stop.wait()
         finally:
+            log.info("regional node %s stopping", self.ctx.node_name)
             await self._stop_async()
             self._stop_sync()
+            log.info("regional node %s stopped", self.ctx.node_name)
 
     def run_forever(self) -> int:
         """Run until SIGINT or SIGTERM."""

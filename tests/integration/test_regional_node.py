@@ -1,0 +1,107 @@
+"""`lpmos regional` as an operator runs it: one process with ProxyDHCP, TFTP
+and boot HTTP on loopback high ports, registered in etcd under a lease,
+stopped cleanly by SIGTERM."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bootsvc import dhcp
+from lpmos.store.embedded import free_port
+from lpmos.store.etcd import EtcdStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_udp() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def node(tmp_path: Path, etcd_server, keys):
+    ports = {"dhcp": _free_udp(), "proxy": _free_udp(), "tftp": _free_udp(),
+             "http": free_port()}
+    cmd = [sys.executable, "-m", "lpmos", "regional", "--idc", "dc1", "--node-name", "node-t",
+           "--state-dir", str(tmp_path / "state"), "--etcd-endpoints", etcd_server.url,
+           "--etcd-prefix", keys.prefix, "--listen", "127.0.0.1",
+           "--dhcp-port", str(ports["dhcp"]), "--dhcp-proxy-port", str(ports["proxy"]),
+           "--tftp-port", str(ports["tftp"]), "--http-port", str(ports["http"])]
+    log = (tmp_path / "node.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{ports['http']}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/healthz", timeout=1) as r:
+                if json.loads(r.read())["status"] in ("ok", "degraded"):
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None, (tmp_path / "node.log").read_text()
+        assert time.monotonic() < deadline, (tmp_path / "node.log").read_text()
+        time.sleep(0.2)
+    yield proc, ports, base, tmp_path
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def test_node_serves_all_three_and_registers(node, etcd_server, keys) -> None:
+    proc, ports, base, tmp_path = node
+    # boot HTTP: the constant script chains to the per-machine URL
+    with urllib.request.urlopen(base + "/boot.ipxe", timeout=5) as r:
+        script = r.read().decode()
+    assert script.startswith("#!ipxe") and "/boot/${net0/mac}.ipxe" in script
+    # TFTP: the iPXE binary, byte for byte (curl is a real TFTP client)
+    out = tmp_path / "undionly.kpxe"
+    subprocess.run(["curl", "-sf", "-o", str(out),
+                    f"tftp://127.0.0.1:{ports['tftp']}/undionly.kpxe"], check=True, timeout=30)
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(
+        Path("/usr/lib/ipxe/undionly.kpxe").read_bytes()).digest()
+    # ProxyDHCP boot server (port 4011): a UEFI x64 REQUEST gets an ACK with ipxe.efi
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+        s.sendto(dhcp.build_request("52:54:00:aa:bb:01", dhcp.REQUEST, xid=77, arch=7,
+                                    vendor_class=b"PXEClient:Arch:00007:UNDI:003016",
+                                    ciaddr="127.0.0.1"),
+                 ("127.0.0.1", ports["proxy"]))
+        reply = dhcp.parse_packet(s.recv(2048))
+    assert reply.xid == 77 and reply.msg_type == dhcp.ACK
+    assert reply.file.rstrip(b"\0") == b"ipxe.efi"
+    # registered in etcd under a lease
+    store = EtcdStore([etcd_server.url])
+    kv = store.get(keys.node("dc1", "node-t"))
+    assert kv is not None and kv.lease != 0
+    info = json.loads(kv.value)
+    assert info["advertise_url"] == base and "tftp" in info["services"]
+    # SIGTERM: clean exit, registration revoked
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert store.get(keys.node("dc1", "node-t")) is None
+    store.close()
+
+
+def test_node_metrics_count_what_it_served(node) -> None:
+    proc, _ports, base, _ = node
+    urllib.request.urlopen(base + "/boot.ipxe", timeout=5).read()
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert "lpmos_cache_staleness_seconds" in text
+    assert "http_boot_constant_total 1" in text
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(20) == 0
