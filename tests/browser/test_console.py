@@ -84,7 +84,7 @@ def test_operator_creates_approver_approves_progress_moves(console: tuple[WebEnv
     operator.select_option("#new-os", "Ubuntu 22.04")
     operator.fill("#new-notes", "rack 7")
     operator.click("#create-submit")
-    row = 'tr[data-key="dc1/SN-BROWSER-1"]'
+    row = '#tasks-body tr[data-key="dc1/SN-BROWSER-1"]'
     operator.wait_for_selector(f'{row}[data-status="pending"]')
     # an operator is not offered approval
     assert operator.locator(f'{row} [data-action="approve"]').count() == 0
@@ -162,7 +162,7 @@ def test_machine_and_user_text_is_shown_as_text(console: tuple[WebEnv, str],
         "idc": "dc1", "sn": EVIL, "mac": "00:1a:2b:3c:4d:72", "os_type": "Debian 12"},
         headers=env.headers("operator"))
     assert r.status_code == 400
-    page.wait_for_selector('tr[data-key="dc1/srv-xss"]')
+    page.wait_for_selector('#tasks-body tr[data-key="dc1/srv-xss"]')
     page.click('.tab[data-view="servers"]')
     page.wait_for_selector('#servers-body tr[data-key="dc1/srv-xss"]')
     assert EVIL in page.text_content('#servers-body tr[data-key="dc1/srv-xss"]')
@@ -174,7 +174,7 @@ def test_machine_and_user_text_is_shown_as_text(console: tuple[WebEnv, str],
     page.screenshot(path=str(SCREENSHOTS / "server-detail.png"))
     page.click("#drawer-close")
     page.click('.tab[data-view="tasks"]')
-    page.click('tr[data-key="dc1/srv-xss"]')
+    page.click('#tasks-body tr[data-key="dc1/srv-xss"]')
     page.wait_for_selector("#task-log")
     assert EVIL in page.text_content("#drawer-body")
     page.wait_for_timeout(300)
