@@ -240,6 +240,7 @@ def run_one(target: str, net: NetnsPair, workdir: Path, plan: dict[str, Any],
         runs.append(("burst", "burst 256", 256))
         for kind, name, arg in runs:
             cpu0 = cpu_seconds(server.pid)
+            me0 = os.times()
             if kind == "closed":
                 result = gen.closed_loop(plan["count"], int(arg), plan["time_limit"])
             elif kind == "open":
@@ -247,9 +248,15 @@ def run_one(target: str, net: NetnsPair, workdir: Path, plan: dict[str, Any],
             else:
                 result = gen.burst(int(arg), 1.0)
             cpu = cpu_seconds(server.pid) - cpu0
+            me1 = os.times()
+            mine = (me1.user - me0.user) + (me1.system - me0.system)
             summary = result.summary()
             summary["server_cpu_pct"] = round(100 * cpu / max(result.duration, 1e-9), 1)
             summary["cpu_us_per_answer"] = round(cpu / max(result.answered, 1) * 1e6, 1)
+            # what one fully busy core would answer at this CPU cost: the fair
+            # comparison when the load generator, not the server, is the limit
+            summary["capacity_per_s"] = round(result.answered / cpu) if cpu > 0 else float("nan")
+            summary["loadgen_cpu_pct"] = round(100 * mine / max(result.duration, 1e-9), 1)
             out[name] = summary
             time.sleep(plan["pause"])
     finally:
@@ -264,6 +271,9 @@ ROWS = [  # (metric, label)
     ("p99_ms", "p99 ms"),
     ("lost", "lost"),
     ("cpu_us_per_answer", "server CPU us/answer"),
+    ("capacity_per_s", "1-core capacity/s"),
+    ("server_cpu_pct", "server CPU %"),
+    ("loadgen_cpu_pct", "load generator CPU %"),
 ]
 BURST_ROWS = [("answered", "answered of 256"), ("lost", "lost"), ("p99_ms", "p99 ms")]
 

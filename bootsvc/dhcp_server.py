@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import errno
 import fcntl
+import gc
 import ipaddress
 import json
 import logging
@@ -613,8 +614,16 @@ class DhcpService:
         self._pktinfo = not (interface and self.ctx.server_ip)
         try:
             for port, kind in wanted:
-                sock = open_socket(listen, port, interface=interface, rcvbuf=rcvbuf,
-                                   pktinfo=self._pktinfo)
+                try:
+                    sock = open_socket(listen, port, interface=interface, rcvbuf=rcvbuf,
+                                       pktinfo=self._pktinfo)
+                except OSError as exc:
+                    hint = (" (ports below 1024 need CAP_NET_BIND_SERVICE, an interface "
+                            "binding CAP_NET_RAW)" if exc.errno in (errno.EACCES, errno.EPERM)
+                            else "")
+                    raise OSError(exc.errno, f"dhcp: cannot bind UDP {listen}:{port}"
+                                  f"{' on ' + interface if interface else ''}: "
+                                  f"{exc.strerror}{hint}") from exc
                 self.sockets.append((sock, kind))
                 loop.add_reader(sock.fileno(), self._on_readable, sock, kind)
         except BaseException:
@@ -801,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     async def serve() -> None:
         service = DhcpService(ctx)
         await service.start()
+        gc.freeze()     # start-up objects out of the collector's way (fewer long pauses)
         print("READY " + json.dumps(service.ports), flush=True)
         done = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -37,6 +37,15 @@ case "$1" in
 esac
 """
 
+# our own script: the stock dhclient-script would rewrite the host's resolv.conf
+DHCLIENT_SCRIPT = """#!/bin/sh
+case "$reason" in
+  BOUND|RENEW|REBIND|REBOOT) ip addr flush dev "$interface"
+    ip addr add "$new_ip_address/$new_subnet_mask" dev "$interface" ;;
+  RELEASE|EXPIRE|FAIL|STOP) ip addr flush dev "$interface" ;;
+esac
+"""
+
 
 def wait_for(fn: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
     deadline = time.monotonic() + timeout
@@ -152,3 +161,38 @@ def test_lease_life_cycle_with_udhcpc_and_etcd(tmp_path: Path) -> None:
     assert stats["dhcp_nak_total"]["reason=wrong_address"] == 1
     assert stats["dhcp_nak_total"]["reason=address_in_use"] == 1
     assert stats["dhcp_packets_out_total"]["port=dhcp,type=ack"] >= 3   # bound, renew, other
+
+
+@pytest.mark.skipif(shutil.which("dhclient") is None, reason="needs isc-dhcp-client")
+def test_dhclient_gets_and_releases_a_lease(tmp_path: Path) -> None:
+    net = NetnsPair(client_address=False, subnet="10.234.0").create()
+    server = None
+    leases = tmp_path / "dhclient.leases"
+    script = tmp_path / "dhclient.sh"
+    script.write_text(DHCLIENT_SCRIPT)
+    script.chmod(0o755)
+    base = ["dhclient", "-sf", str(script), "-lf", str(leases), "-pf", str(tmp_path / "pid"),
+            "-cf", "/dev/null"]
+    try:
+        server = OurServer(net, tmp_path, "--dhcp-mode", "full",
+                           "--dhcp-range", "10.234.0.150-10.234.0.160",
+                           "--dhcp-router", "10.234.0.1", "--dhcp-lease-time", "300")
+        got = subprocess.run(net.exec_args(net.client, *base, "-1", "-v", net.client_if),
+                             capture_output=True, text=True, timeout=60)
+        assert got.returncode == 0, got.stderr[-2000:]
+        assert "DHCPACK of 10.234.0.150 from 10.234.0.1" in got.stderr, got.stderr[-2000:]
+        text = leases.read_text()
+        assert "fixed-address 10.234.0.150;" in text
+        assert "option routers 10.234.0.1;" in text
+        released = subprocess.run(net.exec_args(net.client, *base, "-r", "-v", net.client_if),
+                                  capture_output=True, text=True, timeout=60)
+        assert "DHCPRELEASE of 10.234.0.150" in released.stderr, released.stderr[-2000:]
+        time.sleep(0.3)
+        stats = server.stop()
+        server = None
+    finally:
+        if server is not None:
+            server.stop()
+        net.destroy()
+    assert stats["dhcp_released_total"]["result=ok"] == 1
+    assert stats["dhcp_packets_out_total"]["port=dhcp,type=ack"] == 1

@@ -354,3 +354,20 @@ def test_responder_template_reply_equals_plain_build(arch: int, vc: bytes,
         plain.xid, plain.chaddr, plain.flags = xid, bytes.fromhex(A.replace(":", "")), 0x8000
         plain.options[dhcp.OPT_CLIENT_UUID] = b"\x00" + uuid
         assert reply.data == dhcp.build_packet(plain)
+
+
+def test_port_in_use_gives_a_clear_error(keys: Keys, loop: asyncio.AbstractEventLoop) -> None:
+    import socket as socketlib
+
+    holder = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    ctx, cache = _ctx(MemoryStore(), keys, dhcp__port=port)
+    service = DhcpService(ctx)
+    try:
+        with pytest.raises(OSError, match=f"cannot bind UDP 127.0.0.1:{port}"):
+            loop.run_until_complete(service.start())
+        assert service.sockets == []
+    finally:
+        holder.close()
+        cache.stop()
