@@ -394,8 +394,9 @@ def prepare(workdir: Path, n_tasks: int, n_installs: int) -> tuple[EtcdProcess, 
     etcd = EtcdProcess(workdir)
     (workdir / "images").mkdir()
     catalog = write_catalog(workdir / "images")
-    specs: list[dict[str, Any]] = [{"sn": f"SN{i:06d}", "mac": machine_mac(i), "os_type": "Lab OS", "image": "lab",
-              "status": _status_for(i)} for i in range(n_tasks)]
+    specs: list[dict[str, Any]] = [
+        {"sn": f"SN{i:06d}", "mac": machine_mac(i), "os_type": "Lab OS", "image": "lab",
+         "status": _status_for(i)} for i in range(n_tasks)]
     specs += [{"sn": f"KS{i:05d}", "mac": machine_mac(i, 0x06), "os_type": "Rocky Linux 9",
                "image": "rocky-9", "status": "approved",
                "params": {"hostname": f"ks{i:05d}", "timezone": "UTC"}}
@@ -520,6 +521,74 @@ def verdict(ours: dict[str, dict[str, float]]) -> str:
             f"({rate:.0f}/s, p99 {p99:.1f} ms, {calls:g} etcd requests/script)")
 
 
+def profile_in_process(etcd_url: str, catalog: Path, workdir: Path,
+                       paths: dict[str, list[str]], count: int) -> str:
+    """Where ours spends its time: the boot HTTP WSGI app built as the
+    regional node builds it (same cache, catalog, templates, timeline
+    recording), called directly ``count`` times per scenario under cProfile
+    (no waitress, no sockets).  Returns a report: microseconds per request
+    of the app alone, and the top functions."""
+    import cProfile
+    import io
+    import pstats
+
+    from bootsvc.cli import SETTINGS as NODE
+    from bootsvc.http_app import create_app
+    from bootsvc.node import RegionalNode
+    from bootsvc.timeline import EtcdTimeline
+    from lpmos.config import COMMON, resolve, settings_by_key
+    from lpmos.store.etcd import EtcdStore
+    from lpmos.store.keys import Keys
+
+    settings = settings_by_key([COMMON, NODE])
+    config = resolve(settings, {
+        "state_dir": str(workdir / "profile-state"), "catalog": str(catalog),
+        "etcd__prefix": PREFIX, "regional__idc": IDC, "regional__node_name": "profile",
+        "regional__listen": "127.0.0.1", "regional__advertise_url": "http://127.0.0.1:8081",
+        "regional__services": "http"}, environ={}, config_file=None)
+    store = EtcdStore([etcd_url], timeout=5.0)
+    keys = Keys(PREFIX)
+    node = RegionalNode(config, store, keys)
+    ctx = node.ctx
+    ctx.cache.start(wait=30)
+    ctx.timeline = EtcdTimeline(store, keys, IDC, ctx.machines, ctx.metrics, node="profile")
+    app = create_app(ctx)
+    lines = []
+    try:
+        def call(path: str) -> None:
+            route, _, query = path.partition("?")
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": route, "QUERY_STRING": query,
+                       "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8081",
+                       "REMOTE_ADDR": "127.0.0.1", "wsgi.url_scheme": "http",
+                       "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.input": io.BytesIO(b""),
+                       "wsgi.errors": sys.stderr, "HTTP_HOST": "127.0.0.1:8081"}
+            status: list[str] = []
+            body = b"".join(app(environ, lambda s, h, *a: status.append(s)))
+            if not status or not status[0].startswith("200") or not body:
+                raise RuntimeError(f"{path}: {status}")
+
+        for scenario in SCENARIOS:
+            wanted = paths[scenario]
+            for path in wanted[:50]:
+                call(path)                                  # warm caches and templates
+            prof = cProfile.Profile()
+            t0 = time.process_time()
+            prof.enable()
+            for i in range(count):
+                call(wanted[i % len(wanted)])
+            prof.disable()
+            cpu = time.process_time() - t0
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(18)
+            lines.append(f"== {scenario}: {cpu / count * 1e6:.0f} us CPU per request in the "
+                         f"WSGI app (under cProfile; ~1.5-2x its real cost)")
+            lines.append(out.getvalue().split("\n\n", 2)[-1].rstrip())
+    finally:
+        ctx.cache.stop()
+        store.close()
+    return "\n".join(lines)
+
+
 def machine_info() -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError):
@@ -556,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref-workers", type=int, default=os.cpu_count() or 2,
                         help="gunicorn sync workers (default: one per CPU)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="instead of the benchmark: N requests per scenario straight into "
+                             "the WSGI app under cProfile, print where the time goes")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -593,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
                 node.stop()
             paths = {"first script": ["/boot.ipxe"], "machine script": m_paths,
                      "kickstart": ks_paths}
+            if args.profile:
+                print(profile_in_process(etcd.url, catalog, work, paths,
+                                         max(10, min(args.profile, 1_000_000))))
+                return 0
             for rep in range(plan["reps"]):
                 order = ["ours", "reference"] if rep % 2 == 0 else ["reference", "ours"]
                 for target in order:
