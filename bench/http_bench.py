@@ -563,7 +563,8 @@ def profile_in_process(etcd_url: str, catalog: Path, workdir: Path,
                        "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.input": io.BytesIO(b""),
                        "wsgi.errors": sys.stderr, "HTTP_HOST": "127.0.0.1:8081"}
             status: list[str] = []
-            body = b"".join(app(environ, lambda s, h, *a: status.append(s)))
+            wsgi: Any = app
+            body = b"".join(wsgi(environ, lambda s, h, *a: status.append(s)))
             if not status or not status[0].startswith("200") or not body:
                 raise RuntimeError(f"{path}: {status}")
 
