@@ -187,10 +187,15 @@ def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes) -> int:
                 "errorlog": "-",
                 "loglevel": config["log_level"],
                 "proc_name": "lpmos-control-plane",
+                # gunicorn >= 25 opens a control socket in $HOME by default; we
+                # manage the process ourselves and write nothing outside the
+                # state directory
+                "control_socket_disable": True,
                 "worker_exit": lambda _arbiter, _worker: self._stack.close(),
             }
             for key, value in options.items():
-                self.cfg.set(key, value)
+                if key in self.cfg.settings:   # control_socket_disable: gunicorn >= 25
+                    self.cfg.set(key, value)
 
         def load(self) -> Any:
             # runs in the worker, after fork: gRPC channels and the watch start here
