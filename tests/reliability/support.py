@@ -220,7 +220,11 @@ class ControlPlane:
     def start(self, timeout: float = 60.0, *, healthy: bool = True) -> ControlPlane:
         if not self.port:
             self.port = free_port()
-        cmd = [sys.executable, "-m", "lpmos", "control-plane",
+        catalog = self.workdir / "images" / "catalog.toml"
+        if not catalog.exists():
+            (self.workdir / "images").mkdir(parents=True, exist_ok=True)
+            write_catalog(self.workdir / "images")
+        cmd = [sys.executable, "-m", "lpmos", "control-plane", "--catalog", str(catalog),
                "--listen", f"127.0.0.1:{self.port}", "--etcd-endpoints", self.etcd_url,
                "--etcd-prefix", self.prefix, "--state-dir", str(self.workdir / "cp-state"),
                "--threads", "48", "--ws-max-clients", "8", "--mutate-rate", "100000",
@@ -270,3 +274,25 @@ def progress(first: int, last: int, source: str = "agent") -> list[dict[str, Any
 
 def dumps(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
+
+
+def stop_etcd(server: Any) -> None:
+    """SIGSTOP ``server`` (a tests.conftest.EtcdServer) and return once it
+    no longer answers (group stop of a busy multi-threaded process is not
+    instantaneous on a loaded machine)."""
+    from lpmos.store import StoreError
+    from lpmos.store.etcd import EtcdStore
+
+    server.stop()
+    probe = EtcdStore([server.url], timeout=0.3)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                probe.revision()
+            except StoreError:
+                return
+            time.sleep(0.05)
+        raise AssertionError("etcd still answers after SIGSTOP")
+    finally:
+        probe.close()

@@ -30,6 +30,7 @@ from tests.reliability.support import (
     eventually,
     progress,
     register,
+    stop_etcd,
 )
 
 FLAGS = ["--etcd-timeout", "2", "--event-interval", "0.1", "--boot-retry-delay", "5"]
@@ -139,7 +140,7 @@ def test_node_rides_out_etcd_stopped_then_killed(private_etcd: Any, keys: Keys,
         non_destructive_answers(node, tmp_path, 1)
 
         # --- the outage: SIGSTOP (calls hang until their deadline) ...
-        private_etcd.stop()
+        stop_etcd(private_etcd)
         outage_started = time.monotonic()
         stopped: bool | None = True
         try:
