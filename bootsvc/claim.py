@@ -67,6 +67,7 @@ def claim_install(
     continuing: bool,
     renew: Literal["issue", "delete", "keep"],
     claim_guard: float = 30.0,
+    boot_uuid: str = "",
 ) -> Outcome:
     """Claim (``continuing=False``) or re-confirm (``True``) the install of
     ``idc/sn`` for ``node``.  Fails closed; see the module docstring.
@@ -74,7 +75,13 @@ def claim_install(
     ``renew`` (the machine token): ``issue`` a new one in the same transaction
     (installer mode: the script carries it), ``delete`` it (image mode from
     a boot script: the new agent registers for its own), or ``keep`` it (an
-    agent already running claims through its task poll)."""
+    agent already running claims through its task poll).
+
+    ``boot_uuid`` is the SMBIOS UUID the booting firmware reported (``""``:
+    unknown).  When the server record holds another UUID, a second machine
+    boots with this machine's MAC (a cloned VM): the record is flagged as a
+    conflict (best effort, CAS on the revision read) and no install is
+    served (RELIABILITY: duplicate MAC / cloned VM)."""
     requests = 0
     task_key = keys.task(idc, sn)
     try:
@@ -95,6 +102,19 @@ def claim_install(
     if server is not None and server.conflict:
         return Outcome(False, f"machine flagged as a conflict ({server.conflict}); no install",
                        task, server, kv.mod_revision, etcd_requests=requests)
+    if boot_uuid and server is not None and server_kv is not None and server.uuid \
+            and boot_uuid != server.uuid:
+        why = (f"uuid {boot_uuid} booted with a MAC of {sn}, which is registered with "
+               f"uuid {server.uuid}")
+        server.conflict = why[:300]
+        try:
+            requests += 1
+            store.commit([Compare(keys.server(idc, sn), server_kv.mod_revision)],
+                         [Put(keys.server(idc, sn), server.to_json())])
+        except (Conflict, StoreError):
+            pass      # refused either way; the next boot of the clone flags it again
+        return Outcome(False, f"machine flagged as a conflict ({why}); no install", task,
+                       server, kv.mod_revision, etcd_requests=requests)
     status = task.state
     if continuing:
         if status not in (TaskStatus.BOOTING, TaskStatus.INSTALLING):

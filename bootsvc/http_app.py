@@ -336,7 +336,8 @@ class BootHttp:
             outcome = claim_install(s.ctx.store, s.ctx.keys, s.tokens, idc=s.ctx.idc,
                                     sn=view.sn, node=s.ctx.node_name,
                                     continuing=decision.action == CONTINUE,
-                                    renew="delete" if image.mode == "image" else "issue")
+                                    renew="delete" if image.mode == "image" else "issue",
+                                    boot_uuid=uuid)
             etcd_requests = outcome.etcd_requests
             if outcome.install:
                 token = outcome.token
