@@ -78,11 +78,11 @@ LIVE_MODULES = (
     "virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "virtio_rng",
     "e1000", "e1000e", "igb", "ixgbe",
     "ahci", "sd_mod", "sr_mod", "nvme", "usb_storage",
-    "vfat", "nls_cp437", "nls_iso8859_1", "nls_utf8", "efivarfs", "af_packet",
+    "vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1", "nls_utf8", "efivarfs", "af_packet",
 )
 #: The lab OS only needs to find its disk and its NIC under QEMU.
 LAB_OS_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "e1000",
-                  "e1000e", "ahci", "sd_mod", "nvme", "vfat", "nls_cp437",
+                  "e1000e", "ahci", "sd_mod", "nvme", "vfat", "nls_cp437", "nls_ascii",
                   "nls_iso8859_1", "nls_utf8")
 
 #: Programs kept in the live image (everything else under bin/ and sbin/ is
@@ -669,7 +669,7 @@ def build_lab_os(*, force: bool = False) -> Path:
              "--locales=", "--fonts=", "--themes=", "--compress=no",
              f"boot/grub/grub.cfg={grub_cfg}"], env=env, capture_output=True)
         # 3. the disk: GPT, ESP (boot files), CIDATA (empty, for the seed)
-        esp_start, esp_size = 1 * MIB, 40 * MIB
+        esp_start, esp_size = 1 * MIB, 24 * MIB
         seed_start, seed_size = esp_start + esp_size, 4 * MIB
         total = seed_start + seed_size + 1 * MIB
         img = tmp / "lab-os.img"

@@ -12,6 +12,8 @@ Each ``[[image]]`` entry:
 | mode         | ``image`` (agent streams ``disk_image``) or ``installer``      |
 | kernel, initrd, disk_image | paths relative to the image root, or URLs        |
 | sha256       | of ``disk_image`` (image mode)                                 |
+| sha256_file  | a file holding that checksum (written by the image build), read |
+|              | at load time when ``sha256`` is empty                          |
 | kernel_args  | default kernel arguments (installer mode)                      |
 
 :func:`load_catalog` validates the file; :meth:`Catalog.check_files` reports
@@ -23,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lpmos.models import ValidationError
@@ -49,6 +51,7 @@ class Image:
     initrd: str = ""
     disk_image: str = ""
     sha256: str = ""
+    sha256_file: str = ""
     size: int = 0
     kernel_args: str = ""
     description: str = ""
@@ -143,8 +146,22 @@ def parse_catalog(data: dict[str, object], path: Path | None = None) -> Catalog:
             raise CatalogError(f"{where}: installer mode needs kernel and initrd")
         if img.sha256 and not re.fullmatch(r"[0-9a-f]{64}", img.sha256):
             raise CatalogError(f"{where}: sha256 must be 64 lowercase hex digits")
+        if img.sha256_file and not img.sha256:
+            img = replace(img, sha256=_read_checksum(path, img.sha256_file))
         images[img.name] = img
     return Catalog(images, path)
+
+
+def _read_checksum(catalog_path: Path | None, value: str) -> str:
+    """The sha256 in a built artifact's checksum file ("" while it is not
+    built yet; ``check_files`` then reports the missing image)."""
+    root = catalog_path.parent if catalog_path else Path(".")
+    try:
+        text = (root / value).read_text()[:200].split()
+    except OSError:
+        return ""
+    digest = text[0].lower() if text else ""
+    return digest if re.fullmatch(r"[0-9a-f]{64}", digest) else ""
 
 
 def load_catalog(path: Path) -> Catalog:
