@@ -14,6 +14,11 @@ microseconds: the relay waits with epoll while the next delivery is more than
 a millisecond away and with short sleeps after that, because epoll's timeout
 has millisecond resolution.
 
+``spare_first`` datagrams of each flow in each direction pass unharmed: atftp
+aborts a transfer on any repeated OACK ("unexpected OACK"), whatever the
+server, so a test that wants to see the data phase survive loss spares the
+negotiation.
+
 Bounded: at most ``max_flows`` clients (the oldest is forgotten), idle flows
 closed after ``idle`` seconds, at most ``max_queue`` datagrams in flight.
 
@@ -42,16 +47,20 @@ class _Flow:
     #: server address -> client-facing socket
     facing: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
     last: float = 0.0
+    #: datagrams seen so far towards the server and towards the client
+    up_count: int = 0
+    down_count: int = 0
 
 
 class UdpRelay:
     def __init__(self, target: tuple[str, int], *, host: str = "127.0.0.1", port: int = 0,
                  delay: float = 0.0, drop: float = 0.0, duplicate: float = 0.0,
                  seed: int | None = None, max_flows: int = 1024, idle: float = 30.0,
-                 max_queue: int = 100_000) -> None:
+                 max_queue: int = 100_000, spare_first: int = 0) -> None:
         self.target = target
         self.delay, self.drop, self.duplicate = delay, drop, duplicate
         self.max_flows, self.idle, self.max_queue = max_flows, idle, max_queue
+        self.spare_first = spare_first
         self._rng = random.Random(seed)
         self._listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._listen.bind((host, port))
@@ -147,19 +156,24 @@ class UdpRelay:
                 flow = self._flow_for(addr, now)
                 if flow is None:
                     continue
-                self._enqueue(flow.upstream, data, self.target, now)
+                flow.up_count += 1
+                self._enqueue(flow.upstream, data, self.target, now,
+                              flow.up_count <= self.spare_first)
             elif kind == "upstream":
                 assert flow is not None
                 flow.last = now
                 facing = flow.facing.get(addr)
                 if facing is None:
                     facing = self._facing(flow, addr)
-                self._enqueue(facing, data, flow.client, now)
+                flow.down_count += 1
+                self._enqueue(facing, data, flow.client, now, flow.down_count <= self.spare_first)
             else:   # client-facing: from the client to the server port it maps
                 assert flow is not None and server is not None
                 flow.last = now
                 if addr == flow.client:
-                    self._enqueue(flow.upstream, data, server, now)
+                    flow.up_count += 1
+                    self._enqueue(flow.upstream, data, server, now,
+                                  flow.up_count <= self.spare_first)
 
     def _flow_for(self, client: tuple[str, int], now: float) -> _Flow | None:
         flow = self._flows.get(client)
@@ -214,12 +228,12 @@ class UdpRelay:
             self._forget(flow)
 
     def _enqueue(self, sock: socket.socket, data: bytes, addr: tuple[str, int],
-                 now: float) -> None:
+                 now: float, spare: bool = False) -> None:
         rng = self._rng
-        if self.drop and rng.random() < self.drop:
+        if self.drop and not spare and rng.random() < self.drop:
             self.stats["dropped"] += 1
             return
-        copies = 2 if self.duplicate and rng.random() < self.duplicate else 1
+        copies = 2 if self.duplicate and not spare and rng.random() < self.duplicate else 1
         if copies == 2:
             self.stats["duplicated"] += 1
         for _ in range(copies):

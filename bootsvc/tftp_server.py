@@ -87,7 +87,9 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds before a block is retransmitted when the client does not ask for a "
             "timeout (RFC 2349) itself", metavar="SECONDS"),
     Setting("tftp.retries", "--tftp-retries", 5, int_range(1, 50),
-            "timeouts without progress before a transfer is abandoned and its session freed",
+            "timeouts without progress before a transfer is abandoned and its session freed "
+            "(the wait doubles after each, up to 5 s; a stalled session is evicted sooner "
+            "when its slot is needed)",
             metavar="N"),
     Setting("tftp.cache_mb", "--tftp-cache-mb", 256, int_range(0, 65536),
             "megabytes of hot files kept in memory", metavar="MB"),
@@ -101,6 +103,8 @@ GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 #: Linux ``IP_PKTINFO`` (Python 3.11 does not export it)
 IP_PKTINFO = 8
+#: longest wait between retransmissions (atftp's and tftp-hpa's own timeout)
+BACKOFF_CAP = 5.0
 #: datagrams taken from the request socket per wake-up
 REQUEST_BATCH = 64
 
@@ -504,6 +508,11 @@ class TftpServer:
             s.retransmits += 1
         s.acked_dup = False
         self._send_current(s)
+        # back off: the wait doubles per timeout without progress, up to
+        # BACKOFF_CAP, so a client that only re-ACKs after its own (often
+        # 5 s) timeout is still heard before the session is given up
+        tries = self.retries - s.retries_left
+        s.deadline = now + min(s.timeout * (2 ** tries), max(s.timeout, BACKOFF_CAP))
 
     def _on_readable(self, s: _Session) -> None:
         if s.closed:

@@ -1,0 +1,422 @@
+"""Our TFTP server against hostile and quirky peers, on loopback: traversal,
+malformed and truncated requests, bounds, duplicate ACKs, the OVMF tsize
+probe, abandoned and vanished clients."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from bootsvc import tftp
+from bootsvc.tftp import Ack, Data, Error, ErrorCode, Oack
+from bootsvc.tftp_server import ThreadedTftpServer
+from lpmos.metrics import Registry
+
+SECRET = b"TOP-SECRET-OUTSIDE-THE-ROOT"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_bytes(SECRET)
+    (root / "file").write_bytes(os.urandom(50_000))
+    (root / "small").write_bytes(b"hello")
+    (root / "sub").mkdir()
+    (root / "escape").symlink_to(outside / "secret")
+    (root / "escapedir").symlink_to(outside)
+    os.mkfifo(root / "fifo")
+    return root
+
+
+@contextmanager
+def serve(root: Path, **limits):
+    limits.setdefault("timeout", 0.3)
+    with ThreadedTftpServer(root, host="127.0.0.1", port=0, metrics=Registry(),
+                            **limits) as srv:
+        srv.records = []
+        srv.on_transfer = srv.records.append
+        yield srv
+
+
+@pytest.fixture
+def server(tree):
+    with serve(tree, max_sessions_per_client=64) as srv:
+        yield srv
+
+
+def client(timeout: float = 2.0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(timeout)
+    return sock
+
+
+def rrq(name: str, options=(), mode: str = "octet") -> bytes:
+    return tftp.build_request(name, mode, options)
+
+
+def exchange(port: int, datagram: bytes, timeout: float = 2.0):
+    with client(timeout) as sock:
+        sock.sendto(datagram, ("127.0.0.1", port))
+        try:
+            data, addr = sock.recvfrom(70000)
+        except TimeoutError:
+            return None, None
+        return tftp.parse_packet(data), addr
+
+
+def fetch(port: int, name: str, options=(), sock: socket.socket | None = None,
+          dup_acks: int = 1) -> tuple[bytes, int]:
+    """A minimal RFC 1350/7440 client; returns (content, DATA packets seen)."""
+    own = sock is None
+    sock = sock or client()
+    opts = dict(options)
+    blksize = int(opts.get("blksize", 512))
+    window = int(opts.get("windowsize", 1))
+    try:
+        sock.sendto(rrq(name, options), ("127.0.0.1", port))
+        chunks: list[bytes] = []
+        expected, seen, in_window = 1, 0, 0
+        peer = None
+        while True:
+            data, addr = sock.recvfrom(70000)
+            if peer is None:
+                peer = addr
+            packet = tftp.parse_packet(data)
+            if isinstance(packet, Error):
+                raise RuntimeError(f"ERROR {packet.code}: {packet.message}")
+            if isinstance(packet, Oack):
+                o = dict(packet.options)
+                blksize = int(o.get("blksize", blksize))
+                window = int(o.get("windowsize", 1))
+                for _ in range(dup_acks):
+                    sock.sendto(tftp.build_ack(0), peer)
+                continue
+            assert isinstance(packet, Data)
+            seen += 1
+            if packet.block != expected & 0xFFFF:
+                sock.sendto(tftp.build_ack(expected - 1), peer)
+                in_window = 0
+                continue
+            chunks.append(packet.payload)
+            expected += 1
+            in_window += 1
+            last = len(packet.payload) < blksize
+            if last or in_window >= window:
+                in_window = 0
+                for _ in range(dup_acks):
+                    sock.sendto(tftp.build_ack(packet.block), peer)
+            if last:
+                return b"".join(chunks), seen
+    finally:
+        if own:
+            sock.close()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+# --- names and the root --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, code", [
+    ("../outside/secret", ErrorCode.ACCESS_VIOLATION),
+    ("..\\outside\\secret", ErrorCode.ACCESS_VIOLATION),
+    ("sub/../../outside/secret", ErrorCode.ACCESS_VIOLATION),
+    ("/etc/passwd", ErrorCode.ACCESS_VIOLATION),
+    ("\\etc\\passwd", ErrorCode.ACCESS_VIOLATION),
+    ("C:\\secret", ErrorCode.ACCESS_VIOLATION),
+    ("escape", ErrorCode.ACCESS_VIOLATION),
+    ("escapedir/secret", ErrorCode.ACCESS_VIOLATION),
+    ("escapedir\\secret", ErrorCode.ACCESS_VIOLATION),
+    ("fifo", ErrorCode.ACCESS_VIOLATION),
+    ("sub", ErrorCode.ACCESS_VIOLATION),
+    ("nope", ErrorCode.FILE_NOT_FOUND),
+    ("sub/nope", ErrorCode.FILE_NOT_FOUND),
+])
+def test_traversal_and_bad_names_get_the_right_error_and_no_session(server, name, code):
+    packet, addr = exchange(server.port, rrq(name))
+    assert isinstance(packet, Error) and packet.code == code
+    assert addr[1] == server.port          # answered from the server port: no session
+    assert server.active_sessions == 0
+
+
+@pytest.mark.parametrize("raw", [
+    b"\x00\x01a\x00b\x00octet\x00",          # NUL inside the name: 'a' + mode 'b'
+    b"\x00\x01se\x01cret\x00octet\x00",
+    b"\x00\x01\xff\xfe\x00octet\x00",
+    b"\x00\x01" + b"a" * 300 + b"\x00octet\x00",
+    b"\x00\x01file\x00octet\x00" + b"".join(b"x%d\x001\x00" % i for i in range(20)),
+    b"\x00\x01file\x00octet",
+    b"\x00\x01file\x00mail\x00",
+    b"\x00\x01" + b"a" * 2000,
+])
+def test_malformed_requests_get_illegal_operation(server, raw):
+    packet, _ = exchange(server.port, raw)
+    assert isinstance(packet, Error) and packet.code == ErrorCode.ILLEGAL_OPERATION
+    assert server.active_sessions == 0
+
+
+def test_nothing_from_outside_the_root_is_ever_sent(server):
+    names = ["../outside/secret", "escape", "escapedir/secret", "..%2foutside/secret",
+             "sub/../../outside/secret", "./../outside/secret", "sub\\..\\..\\outside\\secret"]
+    with client(1.0) as sock:
+        for name in names:
+            sock.sendto(rrq(name), ("127.0.0.1", server.port))
+        received = []
+        try:
+            while True:
+                received.append(sock.recvfrom(70000)[0])
+        except TimeoutError:
+            pass
+    assert len(received) == len(names)
+    assert all(tftp.parse_packet(r).__class__ is Error for r in received)
+    assert not any(SECRET in r for r in received)
+
+
+def test_write_request_refused(server, tree):
+    packet, _ = exchange(server.port, rrq("newfile").replace(b"\x00\x01", b"\x00\x02", 1))
+    assert isinstance(packet, Error) and packet.code == ErrorCode.ILLEGAL_OPERATION
+    assert not (tree / "newfile").exists()
+
+
+@pytest.mark.parametrize("options", [
+    [("blksize", "7")], [("blksize", "65465")], [("blksize", "abc")], [("timeout", "0")],
+    [("timeout", "256")], [("windowsize", "0")], [("windowsize", "70000")],
+])
+def test_out_of_range_options_get_option_refused(server, options):
+    packet, _ = exchange(server.port, rrq("small", options))
+    assert isinstance(packet, Error) and packet.code == ErrorCode.OPTION_REFUSED
+    assert server.active_sessions == 0
+
+
+def test_oack_lists_only_requested_options(server):
+    packet, addr = exchange(server.port, rrq("small", [("windowsize", "4"), ("foo", "1")]))
+    assert packet == Oack((("windowsize", "4"),))
+    assert addr[1] != server.port
+    packet, _ = exchange(server.port, rrq("small"))
+    assert packet == Data(1, b"hello")
+
+
+def test_blksize_clamped_to_configured_maximum(tree):
+    with serve(tree, max_blksize=1024) as srv:
+        packet, _ = exchange(srv.port, rrq("file", [("blksize", "8192"), ("tsize", "0")]))
+    assert packet == Oack((("blksize", "1024"), ("tsize", "50000")))
+
+
+# --- truncated datagrams ---------------------------------------------------------
+
+
+def test_short_datagrams_of_every_opcode_leave_the_server_answering(server, tree):
+    datagrams = [b""]
+    for opcode in list(range(0, 8)) + [0xFF, 0xFFFF]:
+        full = struct.pack("!H", opcode) + b"\x00"
+        datagrams += [full[:1], full[:2], full[:3], full[:2] + b"\xff"]
+    with client(0.3) as sock:
+        for d in datagrams:
+            sock.sendto(d, ("127.0.0.1", server.port))
+            try:
+                answer = tftp.parse_packet(sock.recvfrom(70000)[0])
+            except TimeoutError:
+                answer = None
+            if len(d) >= 2 and d[:2] == b"\x00\x05":
+                assert answer is None          # an ERROR is never answered
+            else:
+                assert isinstance(answer, Error)
+                assert answer.code == ErrorCode.ILLEGAL_OPERATION
+    assert server.active_sessions == 0
+    data, _ = fetch(server.port, "file")
+    assert data == (tree / "file").read_bytes()
+    refused = server.metrics.snapshot()["tftp_refused_total"]
+    assert sum(refused.values()) >= len(datagrams) - 4
+
+
+def test_short_datagrams_on_a_session_port_keep_the_transfer_alive(server, tree):
+    with client() as sock:
+        sock.sendto(rrq("file"), ("127.0.0.1", server.port))
+        first, peer = sock.recvfrom(70000)
+        for junk in (b"", b"\x00", b"\x00\x04", b"\x00\x04\x00"):
+            sock.sendto(junk, peer)
+        chunks = [tftp.parse_packet(first).payload]
+        block = 1
+        sock.sendto(tftp.build_ack(block), peer)
+        while len(chunks[-1]) == 512:
+            packet = tftp.parse_packet(sock.recvfrom(70000)[0])
+            if packet.block == block + 1:
+                block += 1
+                chunks.append(packet.payload)
+            sock.sendto(tftp.build_ack(block), peer)
+    assert b"".join(chunks) == (tree / "file").read_bytes()
+
+
+def test_unexpected_packet_on_session_port_ends_it_with_illegal_operation(server):
+    with client() as sock:
+        sock.sendto(rrq("file"), ("127.0.0.1", server.port))
+        _, peer = sock.recvfrom(70000)
+        sock.sendto(tftp.build_data(1, b"x"), peer)
+        answer = None
+        while not isinstance(answer, Error):
+            answer = tftp.parse_packet(sock.recvfrom(70000)[0])
+    assert answer.code == ErrorCode.ILLEGAL_OPERATION
+    assert wait_for(lambda: server.active_sessions == 0)
+
+
+# --- protocol behaviour ------------------------------------------------------------
+
+
+def test_duplicate_acks_never_cause_a_data_storm(server, tree):
+    data, seen = fetch(server.port, "file", dup_acks=3)
+    assert data == (tree / "file").read_bytes()
+    blocks = tftp.block_count(len(data), 512)
+    assert seen == blocks     # each block exactly once: duplicates were ignored
+
+
+def test_windowsize_transfer_and_duplicate_acks(server, tree):
+    data, seen = fetch(server.port, "file", [("blksize", "1024"), ("windowsize", "8")],
+                       dup_acks=2)
+    assert data == (tree / "file").read_bytes()
+    # a duplicated window-end ACK may resend one window, never more
+    assert seen <= 2 * tftp.block_count(len(data), 1024)
+
+
+def test_retransmitted_rrq_reuses_the_session(server):
+    with client() as sock:
+        sock.sendto(rrq("file", [("tsize", "0")]), ("127.0.0.1", server.port))
+        first, peer1 = sock.recvfrom(70000)
+        sock.sendto(rrq("file", [("tsize", "0")]), ("127.0.0.1", server.port))
+        second, peer2 = sock.recvfrom(70000)
+        assert first == second and peer1 == peer2
+        assert server.active_sessions == 1
+        sock.sendto(tftp.build_error(0, "bye"), peer1)
+    assert wait_for(lambda: server.active_sessions == 0)
+
+
+def test_ovmf_tsize_probe_abort_then_real_transfer(server, tree):
+    """EDK2's PXE asks for tsize, aborts with ERROR 8, then asks again."""
+    with client() as sock:
+        sock.sendto(rrq("file", [("tsize", "0"), ("blksize", "1468")]),
+                    ("127.0.0.1", server.port))
+        packet, peer = sock.recvfrom(70000)
+        assert tftp.parse_packet(packet) == Oack((("tsize", "50000"), ("blksize", "1468")))
+        sock.sendto(tftp.build_error(ErrorCode.OPTION_REFUSED, "tsize only"), peer)
+        # the same UDP port asks again at once (EDK2 may reuse it)
+        data, _ = fetch(server.port, "file", [("blksize", "1468")], sock=sock)
+    assert data == (tree / "file").read_bytes()
+    data, _ = fetch(server.port, "file", [("tsize", "0"), ("blksize", "1468")])
+    assert data == (tree / "file").read_bytes()
+    # the server records a transfer when the last ACK arrives, after the client is done
+    assert wait_for(lambda: [r["status"] for r in server.records].count("ok") == 2)
+    assert [r["status"] for r in server.records].count("aborted") == 1
+    assert server.active_sessions == 0
+
+
+def test_identical_request_after_abort_is_a_new_transfer(server, tree):
+    """The probe and the retry are byte-identical and from one port: the
+    ERROR queued on the old session must be seen first."""
+    request = rrq("file", [("tsize", "0")])
+    with client() as sock:
+        sock.sendto(request, ("127.0.0.1", server.port))
+        _, peer = sock.recvfrom(70000)
+        sock.sendto(tftp.build_error(ErrorCode.OPTION_REFUSED, ""), peer)
+        time.sleep(0.05)
+        data, _ = fetch(server.port, "file", [("tsize", "0")], sock=sock)
+    assert data == (tree / "file").read_bytes()
+
+
+# --- bounds and abandoned sessions ----------------------------------------------------
+
+
+def test_per_client_limit_refuses_with_error_and_no_session(tree):
+    with serve(tree, max_sessions_per_client=2, timeout=5.0) as srv:
+        socks = [client() for _ in range(3)]
+        try:
+            answers = []
+            for sock in socks:
+                sock.sendto(rrq("file"), ("127.0.0.1", srv.port))
+                answers.append(tftp.parse_packet(sock.recvfrom(70000)[0]))
+            assert isinstance(answers[0], Data) and isinstance(answers[1], Data)
+            assert isinstance(answers[2], Error) and answers[2].code == ErrorCode.NOT_DEFINED
+            assert srv.active_sessions == 2
+            assert srv.metrics.get("tftp_refused_total", reason="per_client_limit") == 1
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_vanished_clients_free_their_sessions_quickly(tree):
+    """60 clients ask and vanish at once (their ports close): ICMP port
+    unreachable on the first retransmission frees each session."""
+    with serve(tree, max_sessions=50, max_sessions_per_client=1000, timeout=0.3,
+               retries=20) as srv:
+        for _ in range(60):
+            with client() as sock:
+                sock.sendto(rrq("file"), ("127.0.0.1", srv.port))
+        assert wait_for(lambda: srv.active_sessions == 0, timeout=3.0)
+        data, _ = fetch(srv.port, "file")
+        assert data == (tree / "file").read_bytes()
+        assert srv.metrics.get("tftp_sessions_total", status="vanished") >= 40
+
+
+def test_silent_abandoned_sessions_never_block_new_clients(tree):
+    """Clients that ask and then say nothing (ports open, no ICMP) fill the
+    table; stalled sessions are evicted for new clients, and all are freed
+    after a few backed-off timeouts (0.2 + 0.4 + 0.8 s here)."""
+    with serve(tree, max_sessions=50, max_sessions_per_client=1000, timeout=0.2,
+               retries=2) as srv:
+        socks = [client() for _ in range(60)]
+        try:
+            for sock in socks:
+                sock.sendto(rrq("file"), ("127.0.0.1", srv.port))
+            assert wait_for(lambda: srv.active_sessions == 50)
+            time.sleep(0.25)            # one timeout: the abandoned ones are stalled
+            started = time.monotonic()
+            data, _ = fetch(srv.port, "file")
+            assert data == (tree / "file").read_bytes()
+            assert time.monotonic() - started < 2.0
+            assert srv.metrics.get("tftp_sessions_total", status="evicted") >= 1
+            assert wait_for(lambda: srv.active_sessions == 0, timeout=5.0)
+            assert srv.metrics.get("tftp_sessions_total", status="timeout") >= 1
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_session_retransmits_then_gives_up(tree):
+    with serve(tree, timeout=0.1, retries=3) as srv:
+        with client(0.5) as sock:
+            sock.sendto(rrq("small"), ("127.0.0.1", srv.port))
+            copies = []
+            try:
+                while True:
+                    copies.append(sock.recvfrom(70000)[0])
+            except TimeoutError:
+                pass
+        assert copies == [tftp.build_data(1, b"hello")] * 4    # first + 3 retries
+        assert wait_for(lambda: srv.active_sessions == 0)
+        assert srv.records[-1]["status"] == "timeout"
+
+
+def test_ack_for_last_block_completes_with_stats(server):
+    with client() as sock:
+        sock.sendto(rrq("small"), ("127.0.0.1", server.port))
+        packet, peer = sock.recvfrom(70000)
+        assert tftp.parse_packet(packet) == Data(1, b"hello")
+        sock.sendto(tftp.build_ack(1), peer)
+    assert wait_for(lambda: server.records and server.records[-1]["status"] == "ok")
+    assert server.records[-1]["bytes"] == 5
+    assert isinstance(tftp.parse_packet(tftp.build_ack(1)), Ack)
