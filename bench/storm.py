@@ -62,7 +62,6 @@ from bench.http_bench import (
     NodeProcess,
     fill_tasks,
     machine_info,
-    metric_sum,
     proc_status,
     workspace,
     write_catalog,
@@ -252,10 +251,10 @@ class Http:
         self.writer: asyncio.StreamWriter | None = None
 
     async def close(self) -> None:
+        # no wait_closed(): it can hang on a connection the server already
+        # dropped; the transport closes on its own
         if self.writer is not None:
             self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
         self.reader = self.writer = None
 
     async def request(self, method: str, path: str, body: Any = None,
@@ -428,13 +427,17 @@ async def boot_machine(m: Machine, plan: Plan, ports: dict[str, int], stats: Cou
             raise StepFailed(f"task: {status} {body[:200]!r}")
         mark("task")
         beat_http = Http(http.host, http.port, m.ip, plan.http_timeout, stats)
-        beats = asyncio.create_task(_heartbeats(beat_http, sn, token, interval, stats))
+        stop_beats = asyncio.Event()
+        beats = asyncio.create_task(_heartbeats(beat_http, sn, token, interval, stats,
+                                                stop_beats))
         try:
             await _events(http, sn, token, plan, stats)
         finally:
-            beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StepFailed):
-                await beats
+            # a flag, not cancel(): 3.11's wait_for can swallow a cancellation
+            stop_beats.set()
+            await asyncio.wait({beats}, timeout=plan.http_timeout * 3 + 5)
+            if not beats.done():
+                beats.cancel()
             await beat_http.close()
         mark("events")
         # 6. first boot of the installed system
@@ -464,11 +467,18 @@ def _inventory(m: Machine) -> dict[str, Any]:
 
 
 async def _heartbeats(http: Http, sn: str, token: str, interval: float,
-                      stats: Counter[str]) -> None:
-    while True:
-        await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-        status, _ = await http.request("POST", "/agent/v1/heartbeat",
-                                       {"sn": sn, "state": "installing"}, token=token)
+                      stats: Counter[str], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval * random.uniform(0.8, 1.2))
+        if stop.is_set():
+            return
+        try:
+            status, _ = await http.request("POST", "/agent/v1/heartbeat",
+                                           {"sn": sn, "state": "installing"}, token=token)
+        except StepFailed:
+            stats["heartbeat_failed"] += 1
+            continue
         stats["heartbeats" if status == 200 else f"heartbeat_{status}"] += 1
 
 
@@ -660,13 +670,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=20, help="progress events per machine")
     parser.add_argument("--event-gap", type=float, default=None,
                         help="seconds between two progress events of one machine (default "
-                             "0.5: a 10 s install; the real agent reports every 2 s at most)")
+                             "0.1: a 2 s install, compressed; the real agent reports every 2 s "
+                             "or 2%%; the node writes a task's progress at most every "
+                             "--event-interval, 0.5 s)")
     parser.add_argument("--blksize", type=int, default=1468)
     parser.add_argument("--windowsize", type=int, default=4)
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds the whole storm may take (default 300)")
     parser.add_argument("--http-threads", type=int, default=None,
                         help="node's --http-threads (default: the node's own default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the node with py-spy during the storm and print where its "
+                             "time goes")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -674,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(machines=max(1, min(n, MAX_MACHINES)),
                 ramp=args.ramp if args.ramp is not None else (1.0 if args.quick else 5.0),
                 event_gap=args.event_gap if args.event_gap is not None else
-                (0.05 if args.quick else 0.5),
+                0.1,
                 events=max(1, min(args.events, 500)), blksize=max(512, min(args.blksize, 8192)),
                 window=max(1, min(args.windowsize, 64)),
                 deadline=max(10.0, min(args.deadline or (120.0 if args.quick else 300.0),
@@ -712,7 +727,13 @@ def main(argv: list[str] | None = None) -> int:
                     "simulator": time.process_time()}
             print(f"storm: {plan.machines} machines power on within {plan.ramp:g} s ...",
                   file=sys.stderr, flush=True)
-            wall = asyncio.run(run_storm(machines, plan, ports, stats, file_size))
+            spy = start_py_spy(node.pid, work / "py-spy.txt", plan.deadline + 30) \
+                if args.profile else None
+            try:
+                wall = asyncio.run(run_storm(machines, plan, ports, stats, file_size))
+            finally:
+                stop_py_spy(spy)
+            profile = py_spy_report(work / "py-spy.txt") if args.profile else ""
             time.sleep(2.5)                       # the node's timeline flush (1 s) settles
             rev1, c1 = _revision(etcd.url), etcd.counters()
             cpu = {"node": cpu_seconds(node.pid) - cpu0["node"],
@@ -722,11 +743,14 @@ def main(argv: list[str] | None = None) -> int:
                       "etcd": proc_status(etcd.pid).get("VmHWM", 0),
                       "simulator": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
             metrics = node.metrics()
-            node_metrics = {k: metric_sum(metrics, k) for k in (
-                "dhcp_replies_total", "tftp_transfers_total", "http_requests_total",
-                "http_install_claims_total", "http_events_batches_total",
-                "timeline_writes_total", "http_requests_refused_total")}
+            node_metrics: dict[str, float] = {}
+            for key, value in metrics.items():
+                base = key.split("{", 1)[0]
+                if base.startswith(("dhcp_", "tftp_", "http_", "timeline_", "token")) and \
+                        not base.endswith(("_bucket", "_sum", "_count")):
+                    node_metrics[base] = node_metrics.get(base, 0.0) + value
             succeeded_in_etcd = _count_succeeded(etcd.url, machines)
+            by_kind = attribute_writes(etcd.url, rev0, rev1)
         finally:
             if node is not None:
                 node.stop()
@@ -735,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     delta["revisions"] = float(rev1 - rev0)
     summary = summarize(machines, wall, stats, delta, memory, cpu, node_metrics)
     summary["tasks_succeeded_in_etcd"] = succeeded_in_etcd
+    summary["etcd_writes_by_kind"] = by_kind
     info = machine_info()
     print(f"Boot storm ({'quick' if args.quick else 'full'}): {plan.machines} UEFI machines "
           f"powered on within {plan.ramp:g} s; ProxyDHCP -> TFTP ipxe.efi (blksize "
@@ -744,6 +769,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['nproc']} x {info['cpu']}")
     print(render(summary, plan))
     print(f"tasks succeeded in etcd: {succeeded_in_etcd}/{plan.machines}")
+    n_ok = max(summary["succeeded"], 1)
+    print("etcd writes per machine by key kind (key writes / write transactions): " + ", ".join(
+        f"{kind} {count / n_ok:.2f}/{by_kind['txns'].get(kind, 0) / n_ok:.2f}"
+        for kind, count in sorted(by_kind["key_writes"].items(), key=lambda kv: -kv[1])))
+    if profile:
+        print(profile)
     met = (summary["succeeded"] == plan.machines and
            summary["etcd_write_txns_per_machine"] <= TARGET_WRITES and
            (plan.machines < 1000 or summary["total_seconds"] < TARGET_SECONDS))
@@ -763,6 +794,105 @@ def main(argv: list[str] | None = None) -> int:
                             for m in machines[:2000]]}, indent=1, sort_keys=True))
     print(f"results: {json_path}")
     return 0 if summary["succeeded"] == plan.machines else 1
+
+
+def start_py_spy(pid: int, out: Path, seconds: float) -> Any:
+    """``py-spy record`` of every thread of ``pid`` (raw collapsed stacks),
+    or ``None`` when py-spy is not installed (``make setup`` installs it)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        print("storm: py-spy not found; no profile", file=sys.stderr)
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "50", "--format",
+                             "raw", "--output", str(out), "--duration", str(int(seconds)),
+                             "--nonblocking"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def stop_py_spy(proc: Any) -> None:
+    import signal
+    import subprocess
+
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def py_spy_report(path: Path, top: int = 25) -> str:
+    """Where the samples are: by function including callees, and by
+    leaf function (self time), from py-spy's raw collapsed stacks."""
+    inclusive: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    total = 0
+    try:
+        text = path.read_text()
+    except OSError:
+        return "(no profile written)"
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";") if f.strip()]
+        if not frames:
+            continue
+        total += n
+        leaf[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    if not total:
+        return "(no samples)"
+    lines = [f"py-spy: {total} samples of the regional node (all threads, idle included)",
+             "  inclusive (function and what it calls):"]
+    lines += [f"    {100 * c / total:5.1f}%  {f[:110]}" for f, c in inclusive.most_common(top)]
+    lines.append("  self (leaf functions):")
+    lines += [f"    {100 * c / total:5.1f}%  {f[:110]}" for f, c in leaf.most_common(top)]
+    return "\n".join(lines)
+
+
+def attribute_writes(etcd_url: str, rev0: int, rev1: int, seconds: float = 20.0
+                     ) -> dict[str, dict[str, int]]:
+    """Every write between two revisions, by key kind (task, server, mac,
+    token, timeline, lease, node ...): key writes and write transactions
+    (distinct revisions), read back from etcd's history with a watch."""
+    from lpmos.store.etcd import EtcdStore
+    from lpmos.store.keys import Keys
+
+    keys = Keys(PREFIX)
+    store = EtcdStore([etcd_url], timeout=10.0)
+    writes: Counter[str] = Counter()
+    txns: dict[str, set[int]] = {}
+    watch = store.watch(PREFIX + "/", rev0 + 1)
+    deadline = time.monotonic() + seconds
+    try:
+        for events, _rev in watch:
+            done = False
+            for ev in events:
+                if ev.mod_revision > rev1:
+                    done = True
+                    continue
+                parsed = keys.parse(ev.key)
+                kind = (parsed.kind if parsed is not None else "other") + \
+                    ("-delete" if ev.type == "delete" else "")
+                writes[kind] += 1
+                txns.setdefault(kind, set()).add(ev.mod_revision)
+                if ev.mod_revision >= rev1:
+                    done = True
+            if done or time.monotonic() > deadline:
+                break
+    finally:
+        watch.close()
+        store.close()
+    return {"key_writes": dict(writes), "txns": {k: len(v) for k, v in txns.items()}}
 
 
 def _revision(etcd_url: str) -> int:
