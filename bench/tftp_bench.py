@@ -1,0 +1,432 @@
+"""TFTP benchmark: ours side by side with tftpd-hpa and dnsmasq's TFTP.
+
+``python -m bench.tftp_bench [--quick] [--reps N] [--json PATH]``
+
+Starts every server itself, drives each with the same load generator
+(``bench.tftp_loadgen``, one process, bounded in count and time) and prints,
+per case, the median seconds of ``--reps`` repetitions for each server and the
+ratio reference/ours (above 1: ours is faster).  Repetitions are interleaved
+(ours, tftpd-hpa, dnsmasq, ours, ...) so that drift in the machine's load
+hits every server alike.
+
+When run as root, everything (servers, relay, generator) runs inside a network
+namespace the bench creates and removes, on its loopback; that is what lets
+dnsmasq, whose TFTP port is fixed at 69, take part without touching the
+host's port 69.  Otherwise it runs on the host's loopback on high ports and
+dnsmasq is left out.
+
+Cases (``--quick``: one small file, one repetition, a few seconds in all):
+
+* one 1 MiB and one 32 MiB file at blksize 512 and 1468, lock-step;
+* the same at blksize 1468 asking for windowsize 16 (RFC 7440): only ours
+  grants it, the references answer lock-step, which is the point;
+* 50 and 200 concurrent 1 MiB transfers at blksize 1468;
+* 1 MiB through a UDP relay adding 0.25 ms each way (``bench.udp_relay``, one
+  relay process per server, the same code and settings for all), lock-step
+  and windowsize 16.
+
+Saturation check: the busiest concurrent case is repeated against the
+fastest reference with two generator processes instead of one; if the
+reference gets no faster, one generator was already enough to saturate it.
+Each row also shows every server's CPU use (CPU seconds / wall seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    file: str
+    blksize: int
+    windowsize: int = 1
+    transfers: int = 1
+    concurrency: int = 1
+    delay: float = 0.0     # relay delay each way, 0 = direct
+
+
+FULL_FILES = {"f1m": MiB, "f32m": 32 * MiB}
+FULL_CASES = [
+    Case("1MiB blksize 512", "f1m", 512),
+    Case("1MiB blksize 1468", "f1m", 1468),
+    Case("32MiB blksize 512", "f32m", 512),
+    Case("32MiB blksize 1468", "f32m", 1468),
+    Case("1MiB blksize 1468 windowsize 16", "f1m", 1468, 16),
+    Case("32MiB blksize 1468 windowsize 16", "f32m", 1468, 16),
+    Case("50 x 1MiB concurrent", "f1m", 1468, 1, 50, 50),
+    Case("200 x 1MiB concurrent", "f1m", 1468, 1, 200, 200),
+    Case("1MiB via relay 0.25ms", "f1m", 1468, 1, delay=0.00025),
+    Case("1MiB via relay 0.25ms windowsize 16", "f1m", 1468, 16, delay=0.00025),
+]
+QUICK_FILES = {"f256k": 256 * 1024}
+QUICK_CASES = [
+    Case("256KiB blksize 1468", "f256k", 1468),
+    Case("256KiB blksize 1468 windowsize 16", "f256k", 1468, 16),
+    Case("10 x 256KiB concurrent", "f256k", 1468, 1, 10, 10),
+    Case("256KiB via relay 0.25ms windowsize 16", "f256k", 1468, 16, delay=0.00025),
+]
+
+
+# --- processes, optionally inside a network namespace ----------------------------
+
+
+class Sandbox:
+    """Where the bench runs: a private network namespace (root) or the host."""
+
+    def __init__(self, use_netns: bool) -> None:
+        self.netns = f"lpmos-tftpb-{os.getpid()}" if use_netns else None
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._next_port = 20000
+
+    def __enter__(self) -> Sandbox:
+        if self.netns:
+            subprocess.run(["ip", "netns", "add", self.netns], check=True)
+            try:
+                for cmd in (["ip", "link", "set", "lo", "up"],
+                            # glibc's AI_ADDRCONFIG ignores loopback addresses:
+                            # without one other address in the namespace,
+                            # in.tftpd cannot resolve its own --address
+                            ["ip", "addr", "add", "198.18.0.1/32", "dev", "lo"]):
+                    subprocess.run(["ip", "netns", "exec", self.netns, *cmd], check=True)
+            except subprocess.CalledProcessError:
+                self.__exit__()
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            self.kill(proc)
+        if self.netns:
+            subprocess.run(["ip", "netns", "delete", self.netns], check=False)
+
+    def argv(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
+
+    def popen(self, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(self.argv(cmd), **kw)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(self.argv(cmd), capture_output=True, timeout=timeout, check=False)
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def free_udp_port(self) -> int:
+        if self.netns:     # a fresh namespace: every port is free
+            self._next_port += 1
+            return self._next_port
+        return free_udp_port()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def python_cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def wait_udp_ready(sandbox: Sandbox, port: int, name: str, timeout: float = 10.0) -> None:
+    """Wait until the server answers a request for a missing file."""
+    probe = ("import socket,sys,time\n"
+             "s=socket.socket(2,2);s.settimeout(0.1)\n"
+             f"end=time.monotonic()+{timeout}\n"
+             "while time.monotonic()<end:\n"
+             f" s.sendto(b'\\x00\\x01{name}\\x00octet\\x00',('127.0.0.1',{port}))\n"
+             " try:\n  s.recvfrom(9000);sys.exit(0)\n"
+             " except OSError:\n  time.sleep(0.05)\n"
+             "sys.exit(1)\n")
+    if sandbox.run([sys.executable, "-c", probe], timeout=timeout + 10).returncode != 0:
+        raise RuntimeError(f"server on port {port} did not answer")
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def cpu_seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        # utime stime cutime cstime (fields 14-17; index from after the comm)
+        return sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
+def start_server(kind: str, sandbox: Sandbox, root: Path, log: Path) -> Server:
+    out = log.open("ab")
+    if kind == "ours":
+        port = sandbox.free_udp_port()
+        cmd = python_cmd("bootsvc.tftp_server", str(root), "--host", "127.0.0.1", "--port",
+                         str(port), "--max-sessions", "2000", "--max-sessions-per-client",
+                         "2000")
+    elif kind == "tftpd-hpa":
+        port = sandbox.free_udp_port()
+        cmd = ["in.tftpd", "-L", "-s", str(root), "--address", f"127.0.0.1:{port}"]
+    elif kind == "dnsmasq":
+        port = 69
+        cmd = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+               "--enable-tftp", f"--tftp-root={root}", "--tftp-max=2000", "--quiet-tftp",
+               "--pid-file=", "--user=root", "--group=root", "--listen-address=127.0.0.1",
+               "--bind-interfaces", "--log-facility=-"]
+    else:
+        raise ValueError(kind)
+    proc = sandbox.popen(cmd, stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(REPO)})
+    server = Server(kind, port, proc)
+    try:
+        wait_udp_ready(sandbox, port, "no-such-file")
+    except RuntimeError:
+        sandbox.kill(proc)
+        raise
+    return server
+
+
+@contextmanager
+def relay(sandbox: Sandbox, port: int, delay: float) -> Iterator[int]:
+    listen = sandbox.free_udp_port()
+    proc = sandbox.popen(python_cmd("bench.udp_relay", "--listen", f"127.0.0.1:{listen}",
+                                    "--target", f"127.0.0.1:{port}", "--delay", str(delay)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        wait_udp_ready(sandbox, listen, "no-such-file")
+        yield listen
+    finally:
+        sandbox.kill(proc)
+
+
+def loadgen(sandbox: Sandbox, port: int, case: Case, size: int, digest: str,
+            transfers: int | None = None, deadline: float = 120.0) -> dict[str, Any]:
+    n = transfers or case.transfers
+    cmd = python_cmd("bench.tftp_loadgen", "--server", f"127.0.0.1:{port}", "--file", case.file,
+                     "--transfers", str(n), "--concurrency", str(min(n, case.concurrency)),
+                     "--blksize", str(case.blksize), "--windowsize", str(case.windowsize),
+                     "--size", str(size), "--sha256", digest, "--deadline", str(deadline))
+    result = subprocess.run(sandbox.argv(cmd), capture_output=True, timeout=deadline + 30,
+                            check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        return dict(json.loads(result.stdout.decode().strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return {"ok": 0, "failed": n, "seconds": float("nan"),
+                "errors": {"loadgen": result.stderr.decode()[-300:]}}
+
+
+def measure(sandbox: Sandbox, server: Server, case: Case, size: int,
+            digest: str) -> dict[str, Any]:
+    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+    if case.delay:
+        with relay(sandbox, server.port, case.delay) as port:
+            cpu0, t0 = server.cpu_seconds(), time.monotonic()
+            result = loadgen(sandbox, port, case, size, digest)
+    else:
+        result = loadgen(sandbox, server.port, case, size, digest)
+    wall = time.monotonic() - t0
+    result["server_cpu"] = round((server.cpu_seconds() - cpu0) / wall, 3) if wall else 0.0
+    return result
+
+
+def saturation(sandbox: Sandbox, server: Server, case: Case, size: int,
+               digest: str) -> dict[str, Any]:
+    """Run ``case`` with one generator, then split it over two at once."""
+    one = loadgen(sandbox, server.port, case, size, digest)
+    half = Case(case.id, case.file, case.blksize, case.windowsize, case.transfers // 2,
+                max(1, case.concurrency // 2))
+    start_at = str(time.time() + 1.5)
+    cmds = [python_cmd("bench.tftp_loadgen", "--server", f"127.0.0.1:{server.port}",
+                       "--file", half.file, "--transfers", str(half.transfers),
+                       "--concurrency", str(half.concurrency), "--blksize", str(half.blksize),
+                       "--size", str(size), "--sha256", digest,
+                       "--start-at", start_at) for _ in range(2)]
+    procs = [subprocess.Popen(sandbox.argv(c), stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}) for c in cmds]
+    outs = [json.loads(p.communicate(timeout=300)[0].decode().strip().splitlines()[-1])
+            for p in procs]
+    # both started at the same wall-clock moment: the run took the longer one
+    two_seconds = max(o["seconds"] for o in outs)
+    return {"server": server.name, "case": case.id,
+            "one_generator_seconds": one.get("seconds"),
+            "two_generators_seconds": round(two_seconds, 6),
+            "two_generators_ok": sum(o["ok"] for o in outs)}
+
+
+# --- the run -------------------------------------------------------------------------
+
+
+def make_root(base: Path, files: dict[str, int]) -> dict[str, tuple[int, str]]:
+    base.chmod(0o755)
+    info = {}
+    for name, size in files.items():
+        data = os.urandom(size)
+        (base / name).write_bytes(data)
+        (base / name).chmod(0o644)
+        info[name] = (size, hashlib.sha256(data).hexdigest())
+    return info
+
+
+def fmt(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds:
+        return "-"
+    return f"{seconds:.3f}"
+
+
+def render_table(rows: list[dict[str, Any]], servers: list[str]) -> str:
+    refs = [s for s in servers if s != "ours"]
+    head = ["case", "ours s"] + [h for r in refs for h in (f"{r} s", f"{r}/ours")]
+    lines = [head]
+    for row in rows:
+        med = row["median_seconds"]
+        line = [row["case"], fmt(med.get("ours"))]
+        for r in refs:
+            ours, theirs = med.get("ours"), med.get(r)
+            ratio = f"{theirs / ours:.2f}x" if ours and theirs and ours == ours \
+                and theirs == theirs else "-"
+            line += [fmt(theirs), ratio]
+        lines.append(line)
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w)
+                             for j, (c, w) in enumerate(zip(line, widths, strict=True))))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tftp_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny run, seconds")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, "
+                        "quick 1)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the results (default bench/results/tftp.json, "
+                             "quick: tftp-quick.json)")
+    parser.add_argument("--servers", default="ours,tftpd-hpa,dnsmasq")
+    parser.add_argument("--no-netns", action="store_true",
+                        help="run on the host's loopback even as root (dnsmasq is skipped)")
+    args = parser.parse_args(argv)
+    reps = args.reps or (1 if args.quick else 3)
+    files, cases = (QUICK_FILES, QUICK_CASES) if args.quick else (FULL_FILES, FULL_CASES)
+    use_netns = os.geteuid() == 0 and not args.no_netns and shutil.which("ip") is not None
+    wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
+    skipped: dict[str, str] = {}
+    if "tftpd-hpa" in wanted and not shutil.which("in.tftpd"):
+        skipped["tftpd-hpa"] = "in.tftpd not installed"
+    if "dnsmasq" in wanted and not shutil.which("dnsmasq"):
+        skipped["dnsmasq"] = "dnsmasq not installed"
+    if "dnsmasq" in wanted and not use_netns:
+        skipped["dnsmasq"] = "its TFTP port is fixed at 69: needs root for a network namespace"
+    servers = [s for s in wanted if s not in skipped]
+    out_path = args.json or RESULTS / ("tftp-quick.json" if args.quick else "tftp.json")
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="lpmos-tftpbench-") as tmp, \
+            Sandbox(use_netns) as sandbox:
+        root = Path(tmp) / "root"
+        root.mkdir()
+        Path(tmp).chmod(0o755)
+        info = make_root(root, files)
+        running: dict[str, Server] = {}
+        for kind in servers:
+            try:
+                running[kind] = start_server(kind, sandbox, root, Path(tmp) / f"{kind}.log")
+            except (RuntimeError, OSError) as exc:
+                skipped[kind] = f"did not start: {exc}"
+        servers = [s for s in servers if s in running]
+        rows: list[dict[str, Any]] = []
+        for case in cases:
+            size, digest = info[case.file]
+            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in servers}
+            for _ in range(reps):
+                for kind in servers:
+                    runs[kind].append(measure(sandbox, running[kind], case, size, digest))
+            median = {}
+            for kind in servers:
+                good = [r["seconds"] for r in runs[kind] if r.get("failed") == 0]
+                median[kind] = statistics.median(good) if good else None
+            rows.append({"case": case.id, "file_bytes": size, "blksize": case.blksize,
+                         "windowsize": case.windowsize, "transfers": case.transfers,
+                         "concurrency": case.concurrency, "relay_delay": case.delay,
+                         "median_seconds": median, "runs": runs})
+            print(f"  {case.id}: " + ", ".join(f"{k} {fmt(v)}" for k, v in median.items()),
+                  file=sys.stderr, flush=True)
+        # saturation: the busiest concurrent case against the fastest reference
+        refs = [s for s in servers if s != "ours"]
+        busiest = max(cases, key=lambda c: (c.transfers, -c.delay))
+        sat = None
+        if refs:
+            row = next(r for r in rows if r["case"] == busiest.id)
+            fastest = min(refs, key=lambda s: row["median_seconds"].get(s) or float("inf"))
+            size, digest = info[busiest.file]
+            sat = saturation(sandbox, running[fastest], busiest, size, digest)
+        for server in running.values():
+            sandbox.kill(server.proc)
+
+    table = render_table(rows, servers)
+    report = {
+        "command": "python -m bench.tftp_bench" + (" --quick" if args.quick else "")
+                   + (f" --reps {reps}" if args.reps else ""),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                    "python": platform.python_version(),
+                    "load_average_at_start": os.getloadavg()},
+        "netns": use_netns, "repetitions": reps, "servers": servers, "skipped": skipped,
+        "rows": rows, "saturation": sat, "table": table,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"TFTP benchmark, median of {reps} run(s), seconds (lower is better); "
+          "ratio = reference / ours (above 1: ours is faster)")
+    print(table)
+    if sat:
+        print(f"saturation: {sat['server']} '{sat['case']}' with one generator "
+              f"{fmt(sat['one_generator_seconds'])} s, with two at once "
+              f"{fmt(sat['two_generators_seconds'])} s ({sat['two_generators_ok']} ok)")
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    print(f"results: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
