@@ -153,7 +153,8 @@ class _TftpRead(asyncio.DatagramProtocol):
         self.tsize = -1
         self.last_at = 0.0
         self.last_ack = b""
-        self.retransmits = 0
+        self.last_dup_ack = 0.0
+        self.dup_acks = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (the selector loop's datagram transport is not a DatagramTransport subclass)
@@ -184,8 +185,15 @@ class _TftpRead(asyncio.DatagramProtocol):
                     self.done.set_result(self.received)
                 elif block % self.window == 0:
                     self._ack(block)
-            elif self.expected > 1 and block != ((self.expected - 1) & 0xFFFF):
-                self._ack(self.expected - 1)               # out of order: restart window
+            elif self.expected > 1:
+                # a gap (a block lost) or a duplicate (our ACK lost, or the
+                # server timed out): ACK the last block in order, at most
+                # once per 0.1 s, so duplicates never breed more duplicates
+                now = self.last_at
+                if now - self.last_dup_ack > 0.1:
+                    self.last_dup_ack = now
+                    self.dup_acks += 1
+                    self._ack(self.expected - 1)
         elif op == 6:                                      # OACK
             fields = data[2:].split(b"\0")
             opts = {fields[i].decode().lower(): fields[i + 1].decode()
@@ -228,6 +236,7 @@ async def tftp_get(local_ip: str, server: tuple[str, int], name: str, *, blksize
                 transport.sendto(proto.last_ack, proto.peer)
             proto.last_at = time.monotonic()
         size = done.result()
+        stats["tftp_client_dup_acks"] += proto.dup_acks
         if proto.tsize >= 0 and size != proto.tsize:
             raise StepFailed(f"TFTP got {size} bytes, tsize said {proto.tsize}")
         return size
@@ -239,12 +248,15 @@ async def tftp_get(local_ip: str, server: tuple[str, int], name: str, *, blksize
 
 
 class Http:
-    """A minimal HTTP/1.1 keep-alive client on asyncio streams (one
-    connection, reopened when the server closes it)."""
+    """A minimal HTTP/1.1 client on asyncio streams: ``keep_alive`` (iPXE)
+    keeps one connection, reopened when the server closes it; otherwise
+    (the agent, which uses urllib) one connection per request with
+    ``Connection: close``."""
 
     def __init__(self, host: str, port: int, local_ip: str, timeout: float,
-                 stats: Counter[str]) -> None:
+                 stats: Counter[str], *, keep_alive: bool = True) -> None:
         self.host, self.port, self.local_ip = host, port, local_ip
+        self.keep_alive = keep_alive
         self.timeout = timeout
         self.stats = stats
         self.reader: asyncio.StreamReader | None = None
@@ -279,6 +291,8 @@ class Http:
         assert self.reader is not None
         data = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        if not self.keep_alive:
+            head += "Connection: close\r\n"
         if token:
             head += f"Authorization: Bearer {token}\r\n"
         if body is not None:
@@ -296,7 +310,7 @@ class Http:
             elif k == "connection":
                 close = v.strip().lower() == "close"
         payload = await self.reader.readexactly(length) if length else b""
-        if close:
+        if close or not self.keep_alive:
             await self.close()
         return status, payload
 
@@ -409,7 +423,11 @@ async def boot_machine(m: Machine, plan: Plan, ports: dict[str, int], stats: Cou
         else:
             raise StepFailed(f"no install script: {status} {body[:200]!r}")
         mark("script")
-        # 5. the agent
+    finally:
+        await http.close()          # the kernel boots: iPXE is gone
+    # 5. the agent (urllib: a connection per request)
+    http = Http(http.host, http.port, m.ip, plan.http_timeout, stats, keep_alive=False)
+    try:
         status, body = await http.request("POST", "/agent/v1/register", {
             "sn": m.sn, "uuid": m.uuid, "macs": [m.mac], "boot_mac": m.mac, "arch": "x86_64",
             "agent_version": "storm", "inventory": _inventory(m)})
@@ -421,12 +439,22 @@ async def boot_machine(m: Machine, plan: Plan, ports: dict[str, int], stats: Cou
             raise StepFailed("register issued no token")
         interval = float(reg.get("heartbeat_interval") or 10.0)
         mark("register")
-        status, body = await http.request("GET", f"/agent/v1/task?sn={sn}", token=token)
-        answer = json.loads(body) if status == 200 else {}
-        if answer.get("action") != "install" or not answer.get("install", {}).get("seed"):
-            raise StepFailed(f"task: {status} {body[:200]!r}")
+        query = f"/agent/v1/task?sn={sn}"
+        for _poll in range(10):
+            status, body = await http.request("GET", query, token=token)
+            answer = json.loads(body) if status == 200 else {}
+            if answer.get("action") == "install" and answer.get("install", {}).get("seed"):
+                break
+            if answer.get("action") != "wait":
+                raise StepFailed(f"task: {status} {body[:200]!r}")
+            # the node's cache has not caught up with the claim yet: long-poll
+            stats["task_wait_answers"] += 1
+            query = f"/agent/v1/task?sn={sn}&wait=10&revision={answer.get('revision', 0)}"
+        else:
+            raise StepFailed(f"task: no install after 10 polls: {body[:200]!r}")
         mark("task")
-        beat_http = Http(http.host, http.port, m.ip, plan.http_timeout, stats)
+        beat_http = Http(http.host, http.port, m.ip, plan.http_timeout, stats,
+                         keep_alive=False)
         stop_beats = asyncio.Event()
         beats = asyncio.create_task(_heartbeats(beat_http, sn, token, interval, stats,
                                                 stop_beats))
@@ -651,9 +679,14 @@ def render(summary: dict[str, Any], plan: Plan) -> str:
     cs = s["client_stats"]
     row("DHCP retransmits / TFTP client retransmits",
         f"{cs.get('dhcp_retransmits', 0)} / {cs.get('tftp_client_retransmits', 0)}")
-    row("HTTP retries / wait scripts / event posts",
+    row("HTTP retries / wait scripts / task waits",
         f"{sum(v for k, v in cs.items() if k.startswith('http_retry'))} / "
-        f"{cs.get('script_wait_answers', 0)} / {cs.get('event_posts', 0)}")
+        f"{cs.get('script_wait_answers', 0)} / {cs.get('task_wait_answers', 0)}")
+    row("event posts / heartbeats", f"{cs.get('event_posts', 0)} / {cs.get('heartbeats', 0)}")
+    node = s["node"]
+    row("node: TFTP retransmits / DHCP packets out",
+        f"{node.get('tftp_retransmits_total', 0):.0f} / "
+        f"{node.get('dhcp_packets_out_total', 0):.0f}")
     if s["errors"]:
         row("failures", json.dumps(s["errors"])[:60])
     return "\n".join(lines)
