@@ -166,7 +166,8 @@ register_body = st.one_of(
     json_value,
     st.fixed_dictionaries({}, optional={
         "sn": json_value, "uuid": json_value, "arch": json_value, "inventory": json_value,
-        "agent_version": json_value, "boot_mac": st.one_of(json_value, st.just("52:54:00:f1:00:01")),
+        "agent_version": json_value,
+        "boot_mac": st.one_of(json_value, st.just("52:54:00:f1:00:01")),
         "macs": st.one_of(json_value, st.lists(st.one_of(hostile, st.just("52:54:00:f1:00:02")),
                                                max_size=3))}),
 )
@@ -284,7 +285,8 @@ def all_templates() -> list[tuple[str, str]]:
 
 
 def make_context(kind: str, value: Any = None, where: str = "") -> dict[str, Any]:
-    params: dict[str, Any] = {"hostname": "web-01", "timezone": "UTC", "ssh_keys": ["ssh-ed25519 AAAA k"],
+    params: dict[str, Any] = {"hostname": "web-01", "timezone": "UTC",
+                              "ssh_keys": ["ssh-ed25519 AAAA k"],
                               "root_device_hints": {"name": "/dev/sda", "serial": "S1"}}
     task = Task(idc=IDC, sn="SN-1", mac="52:54:00:12:34:56", os_type="Rocky Linux 9",
                 status="booting", params=params, attempt=1)
