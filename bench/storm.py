@@ -218,22 +218,24 @@ async def tftp_get(local_ip: str, server: tuple[str, int], name: str, *, blksize
     try:
         transport.sendto(rrq, server)
         proto.last_at = time.monotonic()
-        misses = 0
+        misses, seen = 0, proto.expected
         while not done.done():
-            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(done), timeout)
             if done.done():
                 break
+            if proto.expected != seen:              # progress: the count starts again
+                misses, seen = 0, proto.expected
             if time.monotonic() - proto.last_at < timeout:
                 continue
             misses += 1
             if misses > retries:
                 raise StepFailed(f"TFTP stalled at block {proto.expected}")
-            stats["tftp_client_retransmits"] += 1
+            stats["tftp_client_timeouts"] += 1
             if proto.peer is None:
                 transport.sendto(rrq, server)
             else:
-                transport.sendto(proto.last_ack, proto.peer)
+                proto._ack(proto.expected - 1)     # what we have: the server resumes there
             proto.last_at = time.monotonic()
         size = done.result()
         stats["tftp_client_dup_acks"] += proto.dup_acks
@@ -385,10 +387,18 @@ async def boot_machine(m: Machine, plan: Plan, ports: dict[str, int], stats: Cou
     if not bootfile:
         raise StepFailed("no boot file offered")
     mark("dhcp")
-    # 2. TFTP of the iPXE binary
-    size = await tftp_get(m.ip, (server_ip if server_ip.startswith("127.") else host,
-                                 ports["tftp"]), bootfile, blksize=plan.blksize,
-                          window=plan.window, timeout=1.0, retries=6, stats=stats)
+    # 2. TFTP of the iPXE binary (a stalled transfer is started again, at
+    # most twice, as firmware retrying the boot would)
+    tftp_server = (server_ip if server_ip.startswith("127.") else host, ports["tftp"])
+    for attempt in range(3):
+        try:
+            size = await tftp_get(m.ip, tftp_server, bootfile, blksize=plan.blksize,
+                                  window=plan.window, timeout=1.0, retries=8, stats=stats)
+            break
+        except StepFailed:
+            if attempt == 2:
+                raise
+            stats["tftp_restarts"] += 1
     if file_size and size != file_size:
         raise StepFailed(f"TFTP {bootfile}: {size} bytes, expected {file_size}")
     mark("tftp")
@@ -677,8 +687,9 @@ def render(summary: dict[str, Any], plan: Plan) -> str:
     for name, sec in s["cpu_seconds"].items():
         row(f"CPU time {name} (s)", f"{sec:.1f}")
     cs = s["client_stats"]
-    row("DHCP retransmits / TFTP client retransmits",
-        f"{cs.get('dhcp_retransmits', 0)} / {cs.get('tftp_client_retransmits', 0)}")
+    row("DHCP retransmits / TFTP client timeouts / restarts",
+        f"{cs.get('dhcp_retransmits', 0)} / {cs.get('tftp_client_timeouts', 0)} / "
+        f"{cs.get('tftp_restarts', 0)}")
     row("HTTP retries / wait scripts / task waits",
         f"{sum(v for k, v in cs.items() if k.startswith('http_retry'))} / "
         f"{cs.get('script_wait_answers', 0)} / {cs.get('task_wait_answers', 0)}")
