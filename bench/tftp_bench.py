@@ -25,10 +25,13 @@ Cases (``--quick``: one small file, one repetition, a few seconds in all):
   relay process per server, the same code and settings for all), lock-step
   and windowsize 16.
 
-Saturation check: the busiest concurrent case is repeated against the
-fastest reference with two generator processes instead of one; if the
-reference gets no faster, one generator was already enough to saturate it.
-Each row also shows every server's CPU use (CPU seconds / wall seconds).
+Concurrent cases split their transfers over ``--generators`` processes (2)
+that start at the same instant.  Saturation check: the busiest case is run
+again against the fastest reference with one generator more; if that
+reference gets no faster, the generators were enough to saturate it.  The
+JSON also has each server's CPU use (CPU seconds / wall seconds; tftpd-hpa
+forks a child per transfer whose CPU its parent never sees, so its figure is
+meaningless).
 """
 
 from __future__ import annotations
@@ -236,57 +239,62 @@ def relay(sandbox: Sandbox, port: int, delay: float) -> Iterator[int]:
 
 
 def loadgen(sandbox: Sandbox, port: int, case: Case, size: int, digest: str,
-            transfers: int | None = None, deadline: float = 120.0) -> dict[str, Any]:
-    n = transfers or case.transfers
-    cmd = python_cmd("bench.tftp_loadgen", "--server", f"127.0.0.1:{port}", "--file", case.file,
-                     "--transfers", str(n), "--concurrency", str(min(n, case.concurrency)),
-                     "--blksize", str(case.blksize), "--windowsize", str(case.windowsize),
-                     "--size", str(size), "--sha256", digest, "--deadline", str(deadline))
-    result = subprocess.run(sandbox.argv(cmd), capture_output=True, timeout=deadline + 30,
-                            check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        return dict(json.loads(result.stdout.decode().strip().splitlines()[-1]))
-    except (ValueError, IndexError):
-        return {"ok": 0, "failed": n, "seconds": float("nan"),
-                "errors": {"loadgen": result.stderr.decode()[-300:]}}
+            generators: int = 1, deadline: float = 120.0) -> dict[str, Any]:
+    """Run ``case`` split over ``generators`` processes that start together;
+    the run's time is the slowest generator's."""
+    generators = max(1, min(generators, case.transfers))
+    start_at = str(time.time() + 0.5 + 0.25 * generators)
+    procs = []
+    for i in range(generators):
+        n = case.transfers // generators + (1 if i < case.transfers % generators else 0)
+        cmd = python_cmd("bench.tftp_loadgen", "--server", f"127.0.0.1:{port}",
+                         "--file", case.file, "--transfers", str(n),
+                         "--concurrency", str(max(1, min(n, case.concurrency // generators))),
+                         "--blksize", str(case.blksize), "--windowsize", str(case.windowsize),
+                         "--size", str(size), "--sha256", digest, "--deadline", str(deadline),
+                         "--start-at", start_at)
+        procs.append(subprocess.Popen(sandbox.argv(cmd), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE,
+                                      env={**os.environ, "PYTHONPATH": str(REPO)}))
+    outs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=deadline + 60)
+        try:
+            outs.append(dict(json.loads(stdout.decode().strip().splitlines()[-1])))
+        except (ValueError, IndexError):
+            outs.append({"ok": 0, "failed": 1, "seconds": float("nan"), "cpu_seconds": 0,
+                         "errors": {"loadgen": stderr.decode()[-300:]}})
+    errors: dict[str, Any] = {}
+    for out in outs:
+        errors.update(out.get("errors") or {})
+    return {"ok": sum(o["ok"] for o in outs), "failed": sum(o["failed"] for o in outs),
+            "seconds": max(o["seconds"] for o in outs), "generators": generators,
+            "generator_cpu_seconds": round(sum(o.get("cpu_seconds", 0) for o in outs), 3),
+            "p99": max(o.get("p99", 0) for o in outs), "errors": errors}
 
 
-def measure(sandbox: Sandbox, server: Server, case: Case, size: int,
-            digest: str) -> dict[str, Any]:
+def measure(sandbox: Sandbox, server: Server, case: Case, size: int, digest: str,
+            generators: int) -> dict[str, Any]:
     cpu0, t0 = server.cpu_seconds(), time.monotonic()
     if case.delay:
         with relay(sandbox, server.port, case.delay) as port:
             cpu0, t0 = server.cpu_seconds(), time.monotonic()
-            result = loadgen(sandbox, port, case, size, digest)
+            result = loadgen(sandbox, port, case, size, digest, generators)
     else:
-        result = loadgen(sandbox, server.port, case, size, digest)
+        result = loadgen(sandbox, server.port, case, size, digest, generators)
     wall = time.monotonic() - t0
     result["server_cpu"] = round((server.cpu_seconds() - cpu0) / wall, 3) if wall else 0.0
     return result
 
 
-def saturation(sandbox: Sandbox, server: Server, case: Case, size: int,
-               digest: str) -> dict[str, Any]:
-    """Run ``case`` with one generator, then split it over two at once."""
-    one = loadgen(sandbox, server.port, case, size, digest)
-    half = Case(case.id, case.file, case.blksize, case.windowsize, case.transfers // 2,
-                max(1, case.concurrency // 2))
-    start_at = str(time.time() + 1.5)
-    cmds = [python_cmd("bench.tftp_loadgen", "--server", f"127.0.0.1:{server.port}",
-                       "--file", half.file, "--transfers", str(half.transfers),
-                       "--concurrency", str(half.concurrency), "--blksize", str(half.blksize),
-                       "--size", str(size), "--sha256", digest,
-                       "--start-at", start_at) for _ in range(2)]
-    procs = [subprocess.Popen(sandbox.argv(c), stdout=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": str(REPO)}) for c in cmds]
-    outs = [json.loads(p.communicate(timeout=300)[0].decode().strip().splitlines()[-1])
-            for p in procs]
-    # both started at the same wall-clock moment: the run took the longer one
-    two_seconds = max(o["seconds"] for o in outs)
-    return {"server": server.name, "case": case.id,
-            "one_generator_seconds": one.get("seconds"),
-            "two_generators_seconds": round(two_seconds, 6),
-            "two_generators_ok": sum(o["ok"] for o in outs)}
+def saturation(sandbox: Sandbox, server: Server, case: Case, size: int, digest: str,
+               generators: int) -> dict[str, Any]:
+    """Run ``case`` with the bench's number of generators, then with one more."""
+    base = loadgen(sandbox, server.port, case, size, digest, generators)
+    more = loadgen(sandbox, server.port, case, size, digest, generators + 1)
+    return {"server": server.name, "case": case.id, "generators": generators,
+            "seconds": base["seconds"], "more_generators": generators + 1,
+            "more_generators_seconds": more["seconds"], "more_generators_ok": more["ok"]}
 
 
 # --- the run -------------------------------------------------------------------------
@@ -342,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where to write the results (default bench/results/tftp.json, "
                              "quick: tftp-quick.json)")
     parser.add_argument("--servers", default="ours,tftpd-hpa,dnsmasq")
+    parser.add_argument("--generators", type=int, default=2,
+                        help="load generator processes for the concurrent cases")
     parser.add_argument("--no-netns", action="store_true",
                         help="run on the host's loopback even as root (dnsmasq is skipped)")
     args = parser.parse_args(argv)
@@ -379,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in servers}
             for _ in range(reps):
                 for kind in servers:
-                    runs[kind].append(measure(sandbox, running[kind], case, size, digest))
+                    gens = args.generators if case.transfers > 1 else 1
+                    runs[kind].append(measure(sandbox, running[kind], case, size, digest,
+                                              gens))
             median = {}
             for kind in servers:
                 good = [r["seconds"] for r in runs[kind] if r.get("failed") == 0]
@@ -398,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             row = next(r for r in rows if r["case"] == busiest.id)
             fastest = min(refs, key=lambda s: row["median_seconds"].get(s) or float("inf"))
             size, digest = info[busiest.file]
-            sat = saturation(sandbox, running[fastest], busiest, size, digest)
+            sat = saturation(sandbox, running[fastest], busiest, size, digest,
+                             args.generators)
         for server in running.values():
             sandbox.kill(server.proc)
 
@@ -419,9 +432,10 @@ def main(argv: list[str] | None = None) -> int:
           "ratio = reference / ours (above 1: ours is faster)")
     print(table)
     if sat:
-        print(f"saturation: {sat['server']} '{sat['case']}' with one generator "
-              f"{fmt(sat['one_generator_seconds'])} s, with two at once "
-              f"{fmt(sat['two_generators_seconds'])} s ({sat['two_generators_ok']} ok)")
+        print(f"saturation: {sat['server']} '{sat['case']}' took {fmt(sat['seconds'])} s with "
+              f"{sat['generators']} generator(s) and {fmt(sat['more_generators_seconds'])} s "
+              f"with {sat['more_generators']} ({sat['more_generators_ok']} ok): "
+              "no faster with more load means the generators saturate it")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     print(f"results: {out_path}")

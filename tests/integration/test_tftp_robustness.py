@@ -366,6 +366,7 @@ def test_vanished_clients_free_their_sessions_quickly(tree):
         for _ in range(60):
             with client() as sock:
                 sock.sendto(rrq("file"), ("127.0.0.1", srv.port))
+        assert wait_for(lambda: srv.metrics.total("tftp_requests_total") >= 60)
         assert wait_for(lambda: srv.active_sessions == 0, timeout=3.0)
         data, _ = fetch(srv.port, "file")
         assert data == (tree / "file").read_bytes()
@@ -382,7 +383,8 @@ def test_silent_abandoned_sessions_never_block_new_clients(tree):
         try:
             for sock in socks:
                 sock.sendto(rrq("file"), ("127.0.0.1", srv.port))
-            assert wait_for(lambda: srv.active_sessions == 50)
+            assert wait_for(lambda: srv.metrics.total("tftp_requests_total") >= 60)
+            assert srv.active_sessions == 50
             time.sleep(0.25)            # one timeout: the abandoned ones are stalled
             started = time.monotonic()
             data, _ = fetch(srv.port, "file")
