@@ -1,0 +1,1 @@
+"""The QEMU network-boot lab (``lab.runner``); see docs/lab.md."""
