@@ -99,8 +99,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http.max_header", "--http-max-header", 16384, int_range(1024, 1024 * 1024),
             "largest request header block in bytes (larger: 431/400)", metavar="BYTES"),
     Setting("http.timeout", "--http-timeout", 30.0, float_range(1.0, 3600.0),
-            "seconds a connection may stay silent (slow headers or body, idle keep-alive) "
-            "before it is closed", metavar="SECONDS"),
+            "seconds a connection may stay silent (slow headers or body, idle keep-alive), "
+            "and a request may take to arrive in full, before it is closed",
+            metavar="SECONDS"),
     Setting("http.live_image", "--live-image", "live", parse_str,
             "catalog entry whose kernel and initrd are the live agent image (discovery and "
             "image-mode installs)", metavar="NAME"),
@@ -988,6 +989,36 @@ def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
 # --- the server ----------------------------------------------------------------------------
 
 
+def deadline_channel(base: type, timeout: float, metrics: Any) -> type:
+    """A waitress channel class whose requests must arrive in full (headers
+    and body) within ``timeout`` seconds of their first byte.
+
+    waitress's ``channel_timeout`` only closes *silent* connections; a slow
+    client sending its headers one byte at a time is never silent and would
+    keep its connection (and a share of ``connection_limit``) for hours.
+    Past the deadline the connection is closed at its next byte, counted as
+    ``http_requests_refused_total{reason="request_timeout"}``.  Runs on
+    waitress's I/O thread; answers in progress are not affected.
+    """
+
+    class DeadlineChannel(base):  # type: ignore[valid-type,misc]
+        _request_started = 0.0
+
+        def received(self, data: bytes) -> bool:
+            if data:
+                current = time.monotonic()
+                if self.request is None:
+                    self._request_started = current
+                elif current - self._request_started > timeout:
+                    if not getattr(self, "will_close", False):
+                        metrics.inc("http_requests_refused_total", reason="request_timeout")
+                    self.will_close = True
+                    return False
+            return bool(super().received(data))
+
+    return DeadlineChannel
+
+
 class HttpService:
     """Serves :func:`create_app` with waitress on
     ``regional.listen``:``http.port`` in a background thread."""
@@ -1020,6 +1051,10 @@ class HttpService:
             ident="lpmos",
             expose_tracebacks=False,
         )
+        if hasattr(self._server, "channel_class"):
+            self._server.channel_class = deadline_channel(
+                self._server.channel_class, float(cfg.get("http.timeout", 30.0)),
+                self.ctx.metrics)
         self.port = int(self._server.effective_port)
         if not self.ctx.advertise_url:
             host = self.ctx.server_ip or cfg.get("regional.listen", "127.0.0.1")
