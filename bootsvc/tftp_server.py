@@ -323,11 +323,13 @@ class TftpServer:
             # must be seen before deciding the new request is a duplicate
             self._on_readable(existing)
             if not existing.closed:
-                if existing.request == datagram and (existing.state == _STATE_OACK
-                                                     or existing.base == 1):
+                if existing.request == datagram:
+                    # the client did not hear our first answer: say it again;
+                    # a late copy once the transfer is under way is ignored
                     self.metrics.inc("tftp_dropped_total", reason="duplicate_request")
-                    existing.retransmits += 1
-                    self._send_current(existing)
+                    if existing.state == _STATE_OACK or existing.base == 1:
+                        existing.retransmits += 1
+                        self._send_current(existing)
                     return
                 self._close(existing, "superseded")
         if not self._make_room(addr):
@@ -452,52 +454,63 @@ class TftpServer:
             return False
 
     def _send_window(self, s: _Session) -> None:
+        """Send blocks ``base .. base + windowsize - 1``.  A full socket buffer
+        loses the rest of the window, as the wire would; the timer resends."""
         first = s.base
         last = min(s.base + s.windowsize - 1, s.nblocks)
-        blksize, mv, size = s.blksize, s.mv, s.size
-        header = tftp.build_data_header
         if first <= s.sent_upto:
             s.retransmits += min(last, s.sent_upto) - first + 1
-        if s.gso:
-            seg = blksize + 4
-            per_call = max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg))
-            anc = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))]
-            block = first
-            while block <= last:
-                end = min(last, block + per_call - 1)
-                iov: list[bytes | memoryview] = []
-                for b in range(block, end + 1):
-                    off = (b - 1) * blksize
-                    iov.append(header(b))
-                    iov.append(mv[off:min(off + blksize, size)])
-                try:
-                    s.sock.sendmsg(iov, anc if end > block else [])
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT,
-                                     errno.EOPNOTSUPP):
-                        s.gso = False       # no GSO here: fall back to one send each
-                        self.use_gso = False
-                        continue
-                    self._close(s, "vanished" if exc.errno == errno.ECONNREFUSED
-                                else "send_error")
-                    return
-                block = end + 1
-        else:
-            sock = s.sock
-            for b in range(first, last + 1):
-                off = (b - 1) * blksize
-                try:
-                    sock.send(header(b) + mv[off:min(off + blksize, size)])
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    self._close(s, "vanished" if exc.errno == errno.ECONNREFUSED
-                                else "send_error")
-                    return
         if last > s.sent_upto:
             s.sent_upto = last
+        if s.gso:
+            following = self._send_gso(s, first, last)
+            if following is None:
+                return
+            first = following
+        blksize, mv, size, sock = s.blksize, s.mv, s.size, s.sock
+        for b in range(first, last + 1):
+            off = (b - 1) * blksize
+            try:
+                sock.send(_HEADERS[b & 0xFFFF] + mv[off:min(off + blksize, size)])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._close(s, "vanished" if exc.errno == errno.ECONNREFUSED else "send_error")
+                return
+
+    def _send_gso(self, s: _Session, first: int, last: int) -> int | None:
+        """Hand blocks ``first .. last`` to the kernel a batch per ``sendmsg``
+        (UDP_SEGMENT cuts the batch into datagrams; only the last may be
+        short, which is where a file's short last block always is).  Returns
+        the first block left for plain sends (``last + 1`` when none is, or
+        when the socket buffer is full), None when the session was closed."""
+        blksize, mv, size = s.blksize, s.mv, s.size
+        seg = blksize + 4
+        per_call = max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg))
+        anc = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))]
+        block = first
+        while block <= last:
+            end = min(last, block + per_call - 1)
+            iov: list[bytes | memoryview] = []
+            for b in range(block, end + 1):
+                off = (b - 1) * blksize
+                iov.append(_HEADERS[b & 0xFFFF])
+                iov.append(mv[off:min(off + blksize, size)])
+            try:
+                s.sock.sendmsg(iov, anc if end > block else [])
+            except (BlockingIOError, InterruptedError):
+                return last + 1
+            except OSError as exc:
+                if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    log.warning("tftp: UDP segmentation offload refused (%s); sending each "
+                                "block alone from now on", exc.strerror)
+                    s.gso = False
+                    self.use_gso = False
+                    return block
+                self._close(s, "vanished" if exc.errno == errno.ECONNREFUSED else "send_error")
+                return None
+            block = end + 1
+        return block
 
     def _arm(self, s: _Session) -> None:
         if s.closed:
@@ -669,7 +682,10 @@ class TftpServer:
             except Exception:
                 log.exception("tftp: on_transfer callback failed")
         s.data = b""
-        s.mv.release()
+        try:
+            s.mv.release()
+        except BufferError:   # a slice still queued somewhere; the GC frees it
+            pass
 
 
 def _pktinfo_dst(ancdata: list[tuple[int, int, bytes]]) -> str | None:

@@ -294,6 +294,38 @@ def test_windowsize_transfer_and_duplicate_acks(server, tree):
     assert seen <= 2 * tftp.block_count(len(data), 1024)
 
 
+def test_windowsize_without_segmentation_offload(tree):
+    with serve(tree, use_gso=False) as srv:
+        data, seen = fetch(srv.port, "file", [("blksize", "1468"), ("windowsize", "16")])
+    assert data == (tree / "file").read_bytes()
+    assert seen == tftp.block_count(len(data), 1468)
+
+
+def test_late_duplicate_rrq_does_not_disturb_the_transfer(server, tree):
+    request = rrq("file")
+    with client() as sock:
+        sock.sendto(request, ("127.0.0.1", server.port))
+        packet, peer = sock.recvfrom(70000)
+        chunks = [tftp.parse_packet(packet).payload]
+        sock.sendto(tftp.build_ack(1), peer)
+        packet, _ = sock.recvfrom(70000)
+        assert tftp.parse_packet(packet).block == 2
+        sock.sendto(request, ("127.0.0.1", server.port))    # a copy the network delayed
+        chunks.append(tftp.parse_packet(packet).payload)
+        block = 2
+        sock.sendto(tftp.build_ack(block), peer)
+        while len(chunks[-1]) == 512:
+            data, addr = sock.recvfrom(70000)
+            assert addr == peer
+            packet = tftp.parse_packet(data)
+            if isinstance(packet, Data) and packet.block == block + 1:
+                block += 1
+                chunks.append(packet.payload)
+            sock.sendto(tftp.build_ack(block), peer)
+    assert b"".join(chunks) == (tree / "file").read_bytes()
+    assert server.metrics.get("tftp_dropped_total", reason="duplicate_request") == 1
+
+
 def test_retransmitted_rrq_reuses_the_session(server):
     with client() as sock:
         sock.sendto(rrq("file", [("tsize", "0")]), ("127.0.0.1", server.port))
