@@ -38,7 +38,7 @@ def test_events_with_a_wrong_agent_clock_are_ordered_by_seq_and_stamped_by_the_s
             tasks.transition(IDC, "CLOCK-1", status, by="bob")
         url = f"{node.url}/agent/v1/events"
         # the agent's clock jumps between 2038 and 1921; its seq is what counts
-        batches = [
+        batches: list[list[dict[str, Any]]] = [
             [{"source": "agent", "seq": 1, "kind": "state", "status": "installing",
               "message": "start", "at": Y2038}],
             [{"source": "agent", "seq": 2, "kind": "progress", "percent": 20.0,
