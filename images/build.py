@@ -110,7 +110,7 @@ LIVE_TRIM = (
     "usr/share/tabset", "usr/share/base-files", "usr/share/polkit-1", "usr/share/misc",
     "usr/lib/locale", "usr/lib/terminfo", "usr/lib/apt", "usr/lib/dpkg", "usr/libexec",
     "usr/lib/x86_64-linux-gnu/perl-base", "usr/lib/x86_64-linux-gnu/perl",
-    "usr/lib/x86_64-linux-gnu/gconv", "usr/lib/x86_64-linux-gnu/perl5",
+    "usr/lib/x86_64-linux-gnu/perl5",
     "var/lib/apt", "var/cache", "var/log", "var/lib/dpkg", "etc/apt", "etc/ssl",
     "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib", "usr/lib/python3.11/tkinter",
     "usr/lib/python3.11/turtledemo", "usr/lib/python3.11/lib2to3",
@@ -133,6 +133,9 @@ LIVE_PY_DROP = ("_sqlite3", "_curses", "_curses_panel", "readline", "_dbm", "_gd
                 "xxlimited_35", "_codecs_cn", "_codecs_hk", "_codecs_jp", "_codecs_kr",
                 "_codecs_tw", "_codecs_iso2022", "_lsprof")
 
+#: The iconv (gconv) modules kept: mtools needs the DOS code pages.
+LIVE_GCONV = ("gconv-modules", "gconv-modules.d", "IBM437.so", "IBM850.so")
+
 #: Shared libraries the image keeps although nothing links to them: ctypes
 #: loads libudev (pyudev) by name through ldconfig's cache.
 LIVE_DLOPEN = ("libudev.so.1",)
@@ -154,6 +157,15 @@ def trim_live_root(root: Path) -> dict[str, int]:
             target.unlink()
         elif target.is_dir():
             shutil.rmtree(target)
+    # iconv modules: mtools converts file names through the DOS code page
+    # (850 by default) and fails without it; only those two are kept
+    gconv = root / "usr/lib/x86_64-linux-gnu/gconv"
+    for path in sorted(gconv.iterdir()) if gconv.is_dir() else []:
+        if path.name not in LIVE_GCONV:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     for so in (root / "usr/lib/python3.11/lib-dynload").glob("*.so"):
         if so.name.split(".")[0] in LIVE_PY_DROP:
             so.unlink()
@@ -521,6 +533,7 @@ def build_live(*, force: bool = False) -> Path:
     inputs: dict[str, object] = {
         "rootfs": rootfs_key, "kernel": kernel.package_version, "modules": LIVE_MODULES + extra,
         "trim": LIVE_TRIM, "programs": LIVE_PROGRAMS, "py_drop": LIVE_PY_DROP,
+        "gconv": LIVE_GCONV,
         "sources": tree_digest(sources, REPO),
         "overlay": tree_digest([p for p in live_dir.rglob("*") if p.is_file()], live_dir),
         "build.py": sha256_file(Path(__file__)), "zstd": ZSTD_LEVEL,

@@ -60,12 +60,14 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 #: Boot stages read from a VM's serial console, in the order they happen.
 #: Each is searched for only after the previous one matched, so the second
-#: PXE boot after the install does not confuse the first.
+#: PXE boot after the install does not confuse the first; a stage whose line
+#: never shows (another firmware's wording) is skipped when a later one does.
 SERIAL_STAGES: tuple[tuple[str, str], ...] = (
-    ("firmware", r"SeaBIOS|BdsDxe|UEFI"),
+    ("firmware", r"SeaBIOS|BdsDxe|UEFI|>>Start PXE"),
     ("pxe", r"iPXE \(http://ipxe\.org\)|Start PXE over IPv4|PXE-"),
     ("ipxe", r"iPXE initialising devices"),
-    ("boot-script", r"/boot/[0-9a-f:%-]+\.ipxe|/boot\.ipxe"),
+    ("boot-script", r"/boot\.ipxe\.\.\. ok"),
+    ("decision", r"^LPMOS \S+: "),
     ("kernel", r"Linux version"),
     ("agent", r"lpmos-live: starting agent"),
     ("disk-boot", r"lab-os: booted from disk"),
@@ -87,6 +89,15 @@ def _run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30.0,
     if check and done.returncode != 0:
         raise LabError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[:500]}")
     return done
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stderr_log(msg: str) -> None:
+    sys.stderr.write(f"[lab] {msg}\n")
+    sys.stderr.flush()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -226,9 +237,15 @@ class VM:
                 buffer = lines.pop()[-4096:]
                 for raw in lines:
                     line = re.sub(r"\x1b\[[0-9;?=]*[A-Za-z]|\x1bc|\r", "", raw).strip()
-                    while index < len(patterns) and patterns[index][1].search(line):
-                        self.mark(patterns[index][0], line)
-                        index += 1
+                    # the first stage at or after the current one that this
+                    # line shows (a stage the console never prints is skipped)
+                    while True:
+                        hit = next((j for j in range(index, len(patterns))
+                                    if patterns[j][1].search(line)), None)
+                        if hit is None:
+                            break
+                        self.mark(patterns[hit][0], line)
+                        index = hit + 1
             else:
                 time.sleep(0.2)
 
@@ -259,12 +276,13 @@ class Lab:
         self.etcd_endpoints = list(etcd_endpoints)
         self.catalog = catalog or REPO / "images" / "catalog.toml"
         self.node_args = list(node_args)
-        self.log = log or (lambda msg: sys.stderr.write(f"[lab] {msg}\n"))
+        self.log: Callable[[str], None] = log or _stderr_log
         self.python = python
         self.memory_mb = memory_mb
         self.vms: list[VM] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self._created_ns: list[str] = []
+        self._old_handlers: dict[int, Any] = {}
         self.etcd_proc: subprocess.Popen[bytes] | None = None
         self.node_proc: subprocess.Popen[bytes] | None = None
         self.dnsmasq_proc: subprocess.Popen[bytes] | None = None
@@ -281,6 +299,10 @@ class Lab:
                 raise LabError(f"{tool} not found: run 'scripts/setup.sh system'")
         self.workdir.mkdir(parents=True, exist_ok=True)
         cleanup_stale(self.log)
+        # SIGTERM/SIGHUP unwind like Ctrl-C, so __exit__ removes everything
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                self._old_handlers[sig] = signal.signal(sig, _raise_exit)
         try:
             self._network()
             self._dnsmasq()
@@ -306,6 +328,9 @@ class Lab:
             _run(["ip", "netns", "del", ns], check=False)
         self._created_ns.clear()
         _run(["ip", "link", "del", self.host_if], check=False)
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
 
     # -- the pieces ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ SYSTEM_PACKAGES=(
   chromium                       # browser tests (driven by Playwright, never downloaded)
   debootstrap cpio zstd squashfs-tools xz-utils   # live-image and lab-OS builds
   kmod syslinux syslinux-common grub-efi-amd64-bin  # images/build.py: modules, BIOS/UEFI boot loaders
+  vagrant vagrant-libvirt        # the Vagrant libvirt lab (Vagrantfile; 'vagrant validate' test)
   mtools dosfstools fdisk        # agent: NoCloud seed into the image FAT (mcopy), test fixtures (mkfs.vfat, sfdisk)
   python3-venv python3-dev gcc   # the virtualenv
 )

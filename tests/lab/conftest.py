@@ -1,0 +1,33 @@
+"""Fixtures of the QEMU lab tests: the built images (cached by images/build.py)
+and the root check every lab test needs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from images import build
+
+
+def require_lab_host() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the QEMU lab needs root (network namespaces, taps, DHCP ports)")
+    for tool in ("qemu-system-x86_64", "dnsmasq", "ip", "etcd", "curl"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} missing: run 'scripts/setup.sh system'")
+
+
+@pytest.fixture(scope="session")
+def lab_images() -> Iterator[dict[str, Path]]:
+    """Build (or reuse) the live image and the lab-os disk image."""
+    require_lab_host()
+    try:
+        live = build.build_live()
+        lab_os = build.build_lab_os()
+    except build.BuildError as exc:
+        pytest.fail(f"image build failed: {exc}")
+    yield {"live": live, "lab-os": lab_os}
