@@ -405,15 +405,37 @@ def prepare(workdir: Path, n_tasks: int, n_installs: int) -> tuple[EtcdProcess, 
     return etcd, catalog
 
 
+def wait_index_ready(node: NodeProcess, n_tasks: int, limit: float = 600.0) -> float:
+    """Seconds until the node's machine index knows the last task written
+    (its per-machine script answers "localboot" for a succeeded task), after
+    /healthz said the cache is loaded.  Non-destructive; safe to repeat."""
+    last = max((i for i in range(n_tasks) if _status_for(i) == "succeeded"), default=None)
+    if last is None:
+        return 0.0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        text = _get(f"{node.url}/boot/{machine_mac(last)}.ipxe?arch=x86_64&platform=efi")
+        if b"(decision localboot)" in text:
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise RuntimeError(f"the node's machine index did not know {machine_mac(last)} "
+                       f"after {limit:g} s")
+
+
 def claim_kickstarts(node: NodeProcess, n_installs: int) -> list[str]:
     """Boot every Rocky task once (the claim), return its kickstart paths."""
     paths = []
     for i in range(n_installs):
-        text = _get(f"{node.url}/boot/{machine_mac(i, 0x06)}.ipxe?arch=x86_64&platform=efi")
-        m = re.search(r"inst\.ks=http://[^/\s]+(/config/[^\s]+/ks\.cfg)", text.decode())
-        if not m:
+        text = b""
+        for _attempt in range(50):
+            text = _get(f"{node.url}/boot/{machine_mac(i, 0x06)}.ipxe?arch=x86_64&platform=efi")
+            m = re.search(r"inst\.ks=http://[^/\s]+(/config/[^\s]+/ks\.cfg)", text.decode())
+            if m:
+                paths.append(m.group(1))
+                break
+            time.sleep(0.2)
+        else:
             raise RuntimeError("no kickstart URL in the install script:\n" + text.decode())
-        paths.append(m.group(1))
     return paths
 
 
@@ -455,6 +477,7 @@ def run_rep(target: str, workdir: Path, etcd: EtcdProcess, catalog: Path, plan: 
     if target == "ours":
         node = NodeProcess(workdir / f"node{rep}", etcd.url, catalog, http_port=free_port())
         try:
+            wait_index_ready(node, plan["tasks"])
             for scenario in SCENARIOS:
                 out[scenario] = run_scenario(node.url, paths[scenario], [node.pid], plan, node,
                                              etcd)
@@ -655,8 +678,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from lpmos.store.embedded import free_port
 
+            t_start = time.monotonic()
             node = NodeProcess(work / "node-setup", etcd.url, catalog, http_port=free_port())
+            healthy_after = time.monotonic() - t_start
             try:
+                index_after = wait_index_ready(node, plan["tasks"]) + healthy_after
                 ks_paths = claim_kickstarts(node, plan["installs"])
                 m_paths = machine_paths(plan["tasks"])
                 bodies = {"first": _get(node.url + "/boot.ipxe"),
@@ -697,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load generator ceiling (canned-answer asyncio server, same machine): "
           f"{ceiling['rate_per_s']:.0f} requests/s, p99 {ceiling['p99_ms']:.2f} ms, "
           f"client CPU {ceiling['client_cpu_us_per_req']:.0f} us/request")
+    print(f"start-up with {plan['tasks'] + plan['installs']} tasks: /healthz ready after "
+          f"{healthy_after:.1f} s, machine index complete after {index_after:.1f} s")
     print(f"memory: regional node VmHWM {medians['ours']['memory']['node_vmhwm_kib'] / 1024:.0f}"
           f" MiB, etcd VmHWM {etcd_hwm / 1024:.0f} MiB")
     print(verdict(medians["ours"]))
@@ -707,7 +735,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1), "body_sizes": sizes,
         "median": medians, "runs": runs, "loadgen_ceiling": ceiling,
-        "etcd_vmhwm_kib": etcd_hwm, "verdict": verdict(medians["ours"])},
+        "etcd_vmhwm_kib": etcd_hwm, "verdict": verdict(medians["ours"]),
+        "startup": {"healthz_ready_s": round(healthy_after, 2),
+                    "index_complete_s": round(index_after, 2)}},
         indent=1, sort_keys=True))
     print(f"results: {json_path}")
     return 0
