@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from bootsvc.context import MemoryTimeline, NodeContext
 from bootsvc.machines import MachineIndex
+from bootsvc.reaper import Reaper, Timeouts
 from lpmos import __version__
 from lpmos.config import Config
 from lpmos.metrics import Registry
@@ -142,6 +143,7 @@ class RegionalNode:
         self._http: Any = None
         self._timeline: Any = None
         self._registration: NodeRegistration | None = None
+        self._reaper: Reaper | None = None
         self.ctx.metrics.gauge("lpmos_cache_staleness_seconds",
                                lambda: min(cache.staleness(), 1e9),
                                "seconds since etcd last confirmed the IDC cache is current")
@@ -169,6 +171,11 @@ class RegionalNode:
 
             self._http = HttpService(ctx)
             self._http.start()
+        self._reaper = Reaper(ctx, Timeouts(
+            agent=float(self.config["regional.agent_timeout"]),
+            firstboot=float(self.config["regional.firstboot_timeout"]),
+            boot=float(self.config["regional.boot_timeout"])))
+        self._reaper.start()
         self._registration = NodeRegistration(ctx, {
             "node": ctx.node_name, "idc": ctx.idc, "address": ctx.server_ip,
             "advertise_url": ctx.advertise_url, "version": __version__,
@@ -199,6 +206,8 @@ class RegionalNode:
         self._async.clear()
 
     def _stop_sync(self) -> None:
+        if self._reaper is not None:
+            self._reaper.stop()
         if self._registration is not None:
             self._registration.stop()
         if self._http is not None:

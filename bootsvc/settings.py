@@ -12,6 +12,7 @@ import socket
 from lpmos.config import (
     Setting,
     choice_list,
+    float_range,
     parse_name,
     parse_optional_ip,
     parse_optional_str,
@@ -36,6 +37,17 @@ NODE_SETTINGS: tuple[Setting, ...] = (
     Setting("regional.server_ip", "--server-ip", None, parse_optional_ip,
             "address machines reach this node at (DHCP option 54, TFTP next-server); "
             "default: the address of --interface, else --listen", metavar="IP"),
+    Setting("regional.agent_timeout", "--agent-timeout", 300.0, float_range(1.0, 86400.0),
+            "an installing task whose agent's liveness lease stays gone this many seconds "
+            "fails with the reason recorded", metavar="SECONDS"),
+    Setting("regional.firstboot_timeout", "--firstboot-timeout", 1800.0,
+            float_range(1.0, 86400.0),
+            "after the agent rebooted into the installed OS, fail the task if its first boot "
+            "has not called back within this many seconds", metavar="SECONDS"),
+    Setting("regional.boot_timeout", "--boot-timeout", 3600.0, float_range(1.0, 7 * 86400.0),
+            "fail a claimed (booting) task when nothing is heard from the machine for this "
+            "many seconds (installer-mode installs report through their hooks)",
+            metavar="SECONDS"),
     Setting("regional.advertise_url", "--advertise-url", None, parse_optional_url,
             "base URL machines use for boot HTTP (default: http://SERVER_IP:HTTP_PORT)",
             metavar="URL"),
