@@ -12,6 +12,10 @@ the worker opens the store, the watch cache and the app after the fork
 (gunicorn calls :meth:`_Gunicorn.load` in the worker because
 ``preload_app`` is off).
 
+Request headers are read in the worker's event loop, not on a pool thread
+(:mod:`web.worker`): a client dribbling its headers ("slowloris") holds no
+thread and is closed ``web.header_timeout`` seconds after connecting.
+
 Every live console holds one worker thread for as long as it is open
 (flask-sock on gthread), so ``web.threads`` must exceed ``web.ws_max_clients``
 by the number of concurrent REST calls wanted; the CLI refuses settings that
@@ -46,7 +50,8 @@ HELP = "run the web console and REST API (default 127.0.0.1:8080)"
 DESCRIPTION = (
     "Serve the LPMOS console and the REST API under /api/v1 (OpenAPI at "
     "/api/v1/openapi.json) with live updates over a WebSocket at /ws. Production serving is "
-    "gunicorn (one gthread worker: one etcd watch per process); --debug uses Flask's "
+    "gunicorn (one gthread worker that reads request headers in its event loop, with a "
+    "deadline: one etcd watch per process); --debug uses Flask's "
     "development server instead. Users and API tokens come from 'lpmos token'.")
 
 log = logging.getLogger("lpmos.web")
@@ -92,6 +97,11 @@ SETTINGS: tuple[Setting, ...] = (
             "console session lifetime in hours", metavar="HOURS"),
     Setting("web.secure_cookies", "--secure-cookies", False, parse_bool,
             "mark the session cookie Secure (set when serving behind HTTPS)", metavar="BOOL"),
+    Setting("web.header_timeout", "--header-timeout", 5.0, float_range(0.5, 300),
+            "seconds a client has to send a request's complete headers, from connecting (or "
+            "from the first byte of a kept-alive connection's next request); slower clients "
+            "get 408 and are closed, counted as web_refused_total{reason=\"header_timeout\"}",
+            metavar="SECONDS"),
 )
 
 
@@ -164,6 +174,9 @@ def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes) -> int:
     else:
         worker_config = config
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    from web.worker import buffered_worker
+
+    worker_class = buffered_worker(header_timeout=float(config["web.header_timeout"]))
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -174,7 +187,8 @@ def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes) -> int:
             options: dict[str, Any] = {
                 "bind": [bind],
                 "workers": 1,
-                "worker_class": "gthread",
+                # gthread with the header phase in the event loop (slowloris)
+                "worker_class": worker_class,
                 "threads": int(config["web.threads"]),
                 "preload_app": False,
                 "timeout": 60,
