@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -54,6 +55,7 @@ def digest(path) -> str:
 def test_lossy_duplicating_link_delivers_identical_bytes(server, root, tmp_path, name, spare,
                                                          cmd):
     out = tmp_path / "out"
+    sessions_before = server.metrics.total("tftp_sessions_total")
     with UdpRelay(("127.0.0.1", server.port), drop=0.1, duplicate=0.1, seed=4,
                   spare_first=spare) as relay:
         args = [a.format(out=out, port=relay.port, name=name) for a in cmd]
@@ -61,4 +63,10 @@ def test_lossy_duplicating_link_delivers_identical_bytes(server, root, tmp_path,
     assert result.returncode == 0, result.stderr
     assert digest(out) == digest(root / name)
     assert relay.stats["dropped"] > 0 and relay.stats["duplicated"] > 0
+    # the server records a transfer's retransmits when the session ends, which
+    # can be after the client exits (its final ACK may be the packet dropped)
+    deadline = time.monotonic() + 30
+    while server.metrics.total("tftp_sessions_total") <= sessions_before and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
     assert server.metrics.total("tftp_retransmits_total") > 0
