@@ -44,6 +44,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -54,6 +55,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BUILD = HERE / "build"
 CACHE = BUILD / "cache"
+#: where the artifacts go (the catalog expects build/; LPMOS_IMAGE_OUT is for
+#: side builds, e.g. checking that a rebuild gives the same bytes)
+OUT = Path(os.environ.get("LPMOS_IMAGE_OUT", str(BUILD)))
 
 SUITE = "bookworm"
 SOURCE_DATE_EPOCH = 1700000000
@@ -539,7 +543,7 @@ def build_live(*, force: bool = False) -> Path:
         "build.py": sha256_file(Path(__file__)), "zstd": ZSTD_LEVEL,
     }
     key = key_of(inputs)
-    out = BUILD / "live"
+    out = OUT / "live"
     if not force and up_to_date(out, key, ["vmlinuz", "initrd.img"]):
         log(f"live image up to date ({out})")
         return out
@@ -590,7 +594,7 @@ def build_live(*, force: bool = False) -> Path:
         f"lpmos live image\nkernel {kernel.version} ({kernel.package_version})\n")
     modules = install_modules(kernel, LIVE_MODULES + extra, stage)
     _set_times(stage)
-    tmp_out = BUILD / "live.tmp"
+    tmp_out = OUT / "live.tmp"
     shutil.rmtree(tmp_out, ignore_errors=True)
     tmp_out.mkdir(parents=True)
     shutil.copy2(kernel.vmlinuz, tmp_out / "vmlinuz")
@@ -647,7 +651,7 @@ def build_lab_os(*, force: bool = False) -> Path:
         "build.py": sha256_file(Path(__file__)),
     }
     key = key_of(inputs)
-    out = BUILD / "lab-os"
+    out = OUT / "lab-os"
     if not force and up_to_date(out, key, ["lab-os.img", "lab-os.img.sha256"]):
         log(f"lab-os image up to date ({out})")
         return out
@@ -672,15 +676,20 @@ def build_lab_os(*, force: bool = False) -> Path:
         _set_times(root)
         pack_initramfs(root, tmp / "initrd.img", compressor="gzip")
         # 2. GRUB for UEFI: one standalone EFI binary with its config inside
-        grub_cfg = tmp / "grub.cfg"
-        shutil.copyfile(src_dir / "grub.cfg", grub_cfg)
+        # (grub-mkimage with a memdisk tar we pack ourselves with fixed times:
+        # grub-mkstandalone's tar carries the build time, so no two builds
+        # would give the same bytes)
+        memdisk = tmp / "memdisk.tar"
+        info = tarfile.TarInfo("boot/grub/grub.cfg")
+        cfg = (src_dir / "grub.cfg").read_bytes()
+        info.size, info.mtime, info.mode = len(cfg), SOURCE_DATE_EPOCH, 0o644
+        with tarfile.open(memdisk, "w", format=tarfile.USTAR_FORMAT) as tar:
+            tar.addfile(info, io.BytesIO(cfg))
         bootx64 = tmp / "BOOTX64.EFI"
-        run(["grub-mkstandalone", "-O", "x86_64-efi", "-o", str(bootx64),
-             "--modules=part_gpt fat search search_label linux normal configfile echo",
-             "--install-modules=part_gpt fat search search_label linux normal configfile "
-             "echo test gzio",
-             "--locales=", "--fonts=", "--themes=", "--compress=no",
-             f"boot/grub/grub.cfg={grub_cfg}"], env=env, capture_output=True)
+        run(["grub-mkimage", "-O", "x86_64-efi", "-o", str(bootx64),
+             "-p", "(memdisk)/boot/grub", "-m", str(memdisk),
+             "memdisk", "tar", "normal", "configfile", "part_gpt", "fat", "search",
+             "search_label", "linux", "echo", "test", "gzio"], env=env, capture_output=True)
         # 3. the disk: GPT, ESP (boot files), CIDATA (empty, for the seed)
         esp_start, esp_size = 1 * MIB, 24 * MIB
         seed_start, seed_size = esp_start + esp_size, 4 * MIB
@@ -725,7 +734,7 @@ def build_lab_os(*, force: bool = False) -> Path:
         with img.open("r+b") as fh:
             fh.write(mbr)
         digest = sha256_file(img)
-        tmp_out = BUILD / "lab-os.tmp"
+        tmp_out = OUT / "lab-os.tmp"
         shutil.rmtree(tmp_out, ignore_errors=True)
         tmp_out.mkdir(parents=True)
         img.rename(tmp_out / "lab-os.img")

@@ -458,10 +458,23 @@ class Lab:
     # -- VMs -------------------------------------------------------------------------------------
 
     def boot_vm(self, name: str, *, firmware: str = "bios", serial: str | None = None,
-                disk_gb: int = 2, memory_mb: int | None = None) -> VM:
-        """Start one VM that network-boots; returns at once (see VM.wait_for)."""
+                disk_gb: int = 2, memory_mb: int | None = None,
+                disk_first: bool | None = None) -> VM:
+        """Start one VM that network-boots; returns at once (see VM.wait_for).
+
+        Boot order: BIOS VMs try the network first and leave to the disk when
+        the node says so (iPXE ``sanboot``).  UEFI VMs try the disk first
+        (``disk_first``, default for UEFI), as a real UEFI machine does after
+        an OS installer put its boot entry in front: the blank disk is
+        skipped so the first boot is PXE, and after the install OVMF boots
+        the disk instead of walking its other network options (PXE over
+        IPv6, HTTP boot) for minutes after iPXE exits.
+        """
         if firmware not in ("bios", "uefi"):
             raise ValueError("firmware: bios or uefi")
+        if disk_first is None:
+            disk_first = firmware == "uefi"
+        net_index, disk_index = (2, 1) if disk_first else (1, 2)
         n = len(self.vms)
         mac = f"52:54:00:77:{(self.owner >> 8) & 0xff:02x}:{(n + 1) & 0xff:02x}"
         serial = serial or f"LAB-{firmware.upper()}-{n + 1:02d}"
@@ -482,7 +495,7 @@ class Lab:
                "-uuid", vm_uuid,
                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
                "-drive", f"file={disk},if=none,id=d0,format=raw,cache=unsafe",
-               "-device", "virtio-blk-pci,drive=d0,bootindex=2"]
+               "-device", f"virtio-blk-pci,drive=d0,bootindex={disk_index}"]
         if firmware == "uefi":
             vars_fd = vmdir / "OVMF_VARS.fd"
             shutil.copyfile(OVMF_VARS, vars_fd)
@@ -490,12 +503,13 @@ class Lab:
                     "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                     "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
                     # romfile= (empty): no iPXE ROM, OVMF's own PXE client boots
-                    "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile=,bootindex=1"]
+                    "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile=,"
+                               f"bootindex={net_index}"]
         else:
             # QEMU's default ROM for the NIC: Debian's ipxe-qemu (efi-virtio.rom).
             # (An explicit romfile= path silently loads no ROM with this QEMU.)
             cmd += ["-machine", "pc",
-                    "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1"]
+                    "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex={net_index}"]
         vm.started = time.monotonic()
         vm.proc = self._spawn(cmd, f"vms/{name}/qemu.log", ns=self.ns)
         vm._watcher = threading.Thread(target=vm._watch, name=f"serial-{name}", daemon=True)
