@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,9 @@ def run(config: Config, args: argparse.Namespace) -> int:
     from lpmos.runtime import setup_logging
 
     setup_logging(config["log_level"], name="lpmos-demo")
+    # Ctrl-C must unwind even when started in the background of a script
+    # (where SIGINT arrives ignored): the lab's __exit__ does the cleanup
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     state = Path(config["state_dir"])
     started = time.monotonic()
     try:
@@ -101,6 +105,10 @@ def run(config: Config, args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         pass
+    except SystemExit:   # SIGTERM / SIGHUP (the lab turns them into SystemExit)
+        _print("lpmos demo: terminated; the lab network, VMs, node, control plane and etcd "
+               "are gone")
+        raise
     _print("lpmos demo: stopped; the lab network, VMs, node, control plane and etcd are gone")
     return 0
 
