@@ -70,6 +70,7 @@ SERIAL_STAGES: tuple[tuple[str, str], ...] = (
     ("decision", r"^LPMOS \S+: "),
     ("kernel", r"Linux version"),
     ("agent", r"lpmos-live: starting agent"),
+    ("registered", r"agent\.runner: registered as "),
     ("disk-boot", r"lab-os: booted from disk"),
     ("callback", r"lab-os: callback succeeded"),
 )
