@@ -61,6 +61,17 @@ DROP_STATUSES = frozenset({400, 404, 413, 422})   # the node will never take the
 POLL_WAIT = 25.0
 
 
+def read_boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
+    """The kernel's random id of this boot ("" when unreadable).  Sent with
+    the registration so that a retry after a lost answer can be re-issued a
+    token by the node; a new boot has a new id, as it needs a new token."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read().strip()[:64]
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 @dataclass
 class AgentOptions:
     server: str
@@ -119,7 +130,7 @@ class Agent:
         return {"sn": system.get("serial", ""), "uuid": system.get("uuid", ""),
                 "macs": [n["mac"] for n in nics], "boot_mac": boot_mac or "",
                 "arch": platform.machine() or "x86_64", "inventory": inventory,
-                "agent_version": AGENT_VERSION}
+                "agent_version": AGENT_VERSION, "boot_id": read_boot_id()}
 
     def register(self, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """Register (retrying with back-off until the deadline); keeps the

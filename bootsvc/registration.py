@@ -53,6 +53,7 @@ PLACEHOLDER_SERIALS = frozenset({"", "not specified", "to be filled by o.e.m.", 
                                  "default string", "system serial number", "not applicable",
                                  "n/a", "123456789", "0123456789"})
 _ARCH_RE = re.compile(r"[a-z0-9_]{1,16}")
+_BOOT_ID_RE = re.compile(r"[0-9a-fA-F-]{16,64}")
 
 
 class RegistrationConflict(Exception):
@@ -70,6 +71,7 @@ class RegisterRequest:
     arch: str
     inventory: dict[str, Any]
     agent_version: str
+    boot_id: str = ""     # the kernel's per-boot id (/proc/sys/kernel/random/boot_id)
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,10 @@ def parse_register(body: Any) -> RegisterRequest:
     if not isinstance(inventory, dict):
         raise ValidationError("inventory", "a JSON object")
     version = validate_text(body.get("agent_version", ""), "agent_version", 64)
-    return RegisterRequest(sn, uuid, macs, boot_mac, arch, inventory, version)
+    boot_id = body.get("boot_id") or ""
+    if not isinstance(boot_id, str) or not _BOOT_ID_RE.fullmatch(boot_id):
+        boot_id = ""      # optional; a malformed one is simply not used
+    return RegisterRequest(sn, uuid, macs, boot_mac, arch, inventory, version, boot_id.lower())
 
 
 def usable_serial(serial: str) -> bool:
@@ -204,14 +209,23 @@ class Registrar:
         token_key = self.keys.machine_token(idc, sn)
         server_kv = self.store.get(server_key)
         token_kv = self.store.get(token_key)
+        reissue = False
         if token_kv is not None:
             stored = _digest_of(token_kv.value)
             if not presented or stored is None or \
                     not hmac.compare_digest(token_digest(presented), stored):
-                self.metrics.inc("http_register_refused_total", reason="token_held")
-                raise RegistrationConflict(
-                    f"{sn} already holds a token from an earlier registration and this request "
-                    "does not carry it; reboot the machine to reset it")
+                if _same_boot(token_kv.value, req.boot_id):
+                    # the same boot registering again: its first answer (with
+                    # the token) was lost.  It proves itself with its boot id,
+                    # which only the machine and the network path have seen,
+                    # as they saw the token; the old token dies here.
+                    reissue = True
+                    self.metrics.inc("http_register_reissued_total")
+                else:
+                    self.metrics.inc("http_register_refused_total", reason="token_held")
+                    raise RegistrationConflict(
+                        f"{sn} already holds a token from an earlier registration and this "
+                        "request does not carry it; reboot the machine to reset it")
         stamp = time.time()
         if server_kv is not None:
             server = Server.from_json(server_kv.value)
@@ -257,8 +271,9 @@ class Registrar:
         server.validate()
         ops.insert(0, Put(server_key, server.to_json()))
         token: str | None = None
-        if token_kv is None:
-            token, put = self.tokens.issue(sn, why="registration")
+        if token_kv is None or reissue:
+            token, put = self.tokens.issue(sn, why="re-registration" if reissue else
+                                           "registration", boot_id=req.boot_id)
             ops.append(put)
         revision = self.store.commit(compares, ops)
         if token:
@@ -307,6 +322,18 @@ class Registrar:
         revoke the liveness of machines another node may be serving)."""
         with self._lock:
             self._leases.clear()
+
+
+def _same_boot(raw: bytes, boot_id: str) -> bool:
+    """Whether a stored token was issued to the boot with ``boot_id``."""
+    if not boot_id:
+        return False
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return False
+    stored = data.get("boot_sha256") if isinstance(data, dict) else None
+    return isinstance(stored, str) and hmac.compare_digest(token_digest(boot_id), stored)
 
 
 def _digest_of(raw: bytes) -> str | None:

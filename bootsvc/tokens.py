@@ -67,9 +67,18 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
 
-def token_record(token: str, *, node: str, why: str) -> bytes:
-    return json.dumps({"sha256": token_digest(token), "issued_at": time.time(), "node": node,
-                       "why": why}, sort_keys=True).encode()
+def token_record(token: str, *, node: str, why: str, boot_id: str = "") -> bytes:
+    """The stored form of a machine token: its SHA-256, never the token.
+
+    ``boot_id`` (the kernel's per-boot id the agent sent when it registered)
+    is kept hashed too, so a registration retried by the same boot after its
+    answer was lost can be re-issued a token (see
+    :meth:`bootsvc.registration.Registrar.register`)."""
+    record = {"sha256": token_digest(token), "issued_at": time.time(), "node": node,
+              "why": why}
+    if boot_id:
+        record["boot_sha256"] = token_digest(boot_id)
+    return json.dumps(record, sort_keys=True).encode()
 
 
 def _parse_record(raw: bytes) -> str | None:
@@ -221,12 +230,12 @@ class MachineTokens:
 
     # -- issuing (caller commits the op) -----------------------------------------------
 
-    def issue(self, sn: str, *, why: str) -> tuple[str, Put]:
+    def issue(self, sn: str, *, why: str, boot_id: str = "") -> tuple[str, Put]:
         """A new token and the Put that stores its hash (commit it in the
         caller's transaction), then :meth:`learn` the result."""
         token = new_token()
         return token, Put(self.keys.machine_token(self.idc, sn),
-                          token_record(token, node=self.node, why=why))
+                          token_record(token, node=self.node, why=why, boot_id=boot_id))
 
     def learn(self, sn: str, token: str, revision: int) -> None:
         """Record a token this node just stored at ``revision`` (so checks

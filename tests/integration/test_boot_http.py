@@ -223,12 +223,14 @@ def test_two_nodes_claiming_one_task_exactly_one_installs(
 
 
 def register(node: Node, sn: str = "SN1", mac: str = MAC, uuid: str = UUID,
-             token: str | None = None) -> requests.Response:
+             token: str | None = None, boot_id: str = "") -> requests.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return requests.post(f"{node.url}/agent/v1/register", headers=headers, json={
-        "sn": sn, "uuid": uuid, "macs": [mac], "boot_mac": mac, "arch": "x86_64",
-        "inventory": {"schema": 1, "system": {"serial": sn}}, "agent_version": "test"},
-        timeout=10)
+    body = {"sn": sn, "uuid": uuid, "macs": [mac], "boot_mac": mac, "arch": "x86_64",
+            "inventory": {"schema": 1, "system": {"serial": sn}}, "agent_version": "test"}
+    if boot_id:
+        body["boot_id"] = boot_id
+    return requests.post(f"{node.url}/agent/v1/register", headers=headers, json=body,
+                         timeout=10)
 
 
 def test_token_checks_401_403(node: Node) -> None:
@@ -263,6 +265,32 @@ def test_register_again_without_the_token_is_409(node: Node) -> None:
     assert register(node).status_code == 409
     again = register(node, token=token)
     assert again.status_code == 200 and again.json()["token"] is None
+
+
+def test_register_retried_by_the_same_boot_gets_a_new_token(node: Node) -> None:
+    """A registration whose answer was lost is retried without a token: the
+    same boot (same kernel boot id) is re-issued one and the first token
+    dies; another boot id, or none, still gets 409."""
+    boot = "0f6b2e1a-5c7d-4e2f-9a3b-1c2d3e4f5a6b"
+    first = register(node, boot_id=boot).json()["token"]
+    assert register(node).status_code == 409
+    assert register(node, boot_id="1" * 32).status_code == 409
+    retried = register(node, boot_id=boot)
+    assert retried.status_code == 200
+    second = retried.json()["token"]
+    assert second and second != first
+    url = f"{node.url}/agent/v1/heartbeat"
+    body = {"sn": "SN1", "state": "idle"}
+    ok = requests.post(url, json=body, headers={"Authorization": f"Bearer {second}"}, timeout=5)
+    assert ok.status_code == 200
+    deadline = time.monotonic() + 10
+    while True:    # the old token is refused once the node has seen the new one
+        old = requests.post(url, json=body, headers={"Authorization": f"Bearer {first}"},
+                            timeout=5)
+        if old.status_code in (401, 403) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert old.status_code in (401, 403)
 
 
 def test_duplicate_mac_with_another_uuid_is_flagged_and_never_installed(
