@@ -23,6 +23,21 @@ from lpmos.store.memory import MemoryStore
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _restore_empty_fixture_dirs() -> None:
+    """git keeps no empty directories, but the captured sysfs trees need
+    theirs (an empty ``sys/firmware/efi`` means UEFI); they are listed in
+    ``tests/fixtures/agent/empty-dirs.txt`` and recreated here."""
+    base = REPO / "tests" / "fixtures" / "agent"
+    listing = base / "empty-dirs.txt"
+    if listing.exists():
+        for line in listing.read_text().splitlines():
+            if line.strip():
+                (base / line.strip()).mkdir(parents=True, exist_ok=True)
+
+
+_restore_empty_fixture_dirs()
+
+
 @dataclass
 class EtcdServer:
     """A real etcd member the test may stop, continue, kill and restart."""
