@@ -97,6 +97,34 @@ class Spool:
         reserved = self._read_reserved()
         self._next = max([reserved, *(s + 1 for s in self._pending)])
         self._reserved = self._next    # nothing reserved by this process yet
+        self._heal_journal()
+
+    def _heal_journal(self) -> None:
+        """A crash between spooling an event and journaling it leaves the
+        event pending but not in the journal: journal it now (and finish a
+        line a crash cut short), so the journal lists every spooled event."""
+        path = self.dir / "journal.jsonl"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        except OSError:
+            return
+        if raw and not raw.endswith(b"\n"):
+            with path.open("ab") as fh:
+                fh.write(b"\n")
+        journaled = set()
+        for line in raw.splitlines():
+            try:
+                journaled.add(int(json.loads(line)["seq"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        for seq in self._pending:
+            if seq not in journaled:
+                try:
+                    self._journal((self.events_dir / f"{seq:016d}.json").read_bytes())
+                except OSError:
+                    continue
 
     # -- sequence numbers
     def _read_reserved(self) -> int:
@@ -137,8 +165,8 @@ class Spool:
             event.seq = self._take_seq()
             data = json.dumps(event.to_dict(), separators=(",", ":")).encode()
             write_durably(self.events_dir / f"{event.seq:016d}.json", data)
+            self._journal(data)           # before the sender can see (and ack) it
             self._pending.append(event.seq)
-            self._journal(data)
             self.metrics.inc("agent_spool_appended_total", kind=kind)
             self._changed.notify_all()
             return event

@@ -115,3 +115,24 @@ def test_journal_keeps_every_event_across_restarts(tmp_path: Path) -> None:
     spool.ack(["agent:0"])
     Spool(tmp_path).append(kind="log", message="two")
     assert [e["message"] for e in Spool(tmp_path).journal()] == ["one", "two"]
+
+
+def test_journal_healed_after_a_crash_between_spool_and_journal(tmp_path) -> None:
+    """An event spooled durably but not journaled (killed in between) is
+    journaled when the spool is opened again; a cut journal line is ended."""
+    from agent.spool import Spool
+
+    spool = Spool(tmp_path)
+    first = spool.append(kind="progress", message="one", percent=1)
+    second = spool.append(kind="progress", message="two", percent=2)
+    journal = tmp_path / "journal.jsonl"
+    lines = journal.read_bytes().splitlines()
+    # simulate the crash: the second event's journal line never made it, and
+    # a later write was cut short
+    journal.write_bytes(lines[0] + b"\n" + b'{"cut')
+    reopened = Spool(tmp_path)
+    seqs = [e["seq"] for e in reopened.journal()]
+    assert seqs == [first.seq, second.seq]
+    assert journal.read_bytes().endswith(b"\n")
+    third = reopened.append(kind="progress", message="three", percent=3)
+    assert [e["seq"] for e in reopened.journal()] == [first.seq, second.seq, third.seq]
