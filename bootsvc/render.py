@@ -38,7 +38,8 @@ should point here):
 | ``reason``          | why, in words (shown by ``echo``; use ``ipxe_text``)          |
 | ``sn``, ``mac``     | the machine (``mac`` lowercase with colons)                   |
 | ``arch``, ``platform`` | as iPXE reported them (``x86_64``; ``pcbios`` / ``efi``)   |
-| ``task``            | the task document (``Task.to_dict()``; ``{}`` when none)      |
+| ``task``            | the task's fields (``{}`` when none) except the bulky ``logs``, |
+|                     | ``history`` and ``event_seq``; ``task.progress`` is a dict     |
 | ``params``          | ``task.params`` with ``ssh_keys`` a list of strings and       |
 |                     | ``root_device_hints`` a dict                                  |
 | ``server``          | the server record (``{}`` when none)                          |
@@ -280,6 +281,30 @@ def hostname_for(sn: str, params: Mapping[str, Any]) -> str:
     return derived or "lpmos"
 
 
+#: task fields templates do not get: bounded but bulky bookkeeping (the log
+#: tail, the transition history, per-source event sequence numbers) that
+#: made every render deep-copy the whole document
+_TASK_BULK = frozenset({"logs", "history", "event_seq"})
+
+
+def _record_view(record: Any, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A task or server record as template data without a deep copy.
+
+    Scalars are copied; containers are shared with the node's cache, which
+    is safe because templates run in an immutable sandbox (no method that
+    mutates a list or dict can be called).  Nested records become dicts."""
+    if record is None:
+        return {}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        if f.name in skip:
+            continue
+        value = getattr(record, f.name)
+        nested = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        out[f.name] = dataclasses.asdict(value) if nested else value  # type: ignore[arg-type]
+    return out
+
+
 def _clean_params(params: Any) -> dict[str, Any]:
     """Task parameters as templates may rely on them: ``ssh_keys`` is a list
     of strings, ``root_device_hints`` a dict; anything else passes as data."""
@@ -345,8 +370,8 @@ def build_context(
     :class:`lpmos.models.Server` (or ``None``); ``image`` and ``live`` are
     catalog images.  Pure: no I/O.
     """
-    task_d: dict[str, Any] = task.to_dict() if task is not None else {}
-    server_d: dict[str, Any] = server.to_dict() if server is not None else {}
+    task_d = _record_view(task, skip=_TASK_BULK)
+    server_d = _record_view(server)
     params = _clean_params(task_d.get("params", {}))
     task_d["params"] = params
     hints = params["root_device_hints"]
