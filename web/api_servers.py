@@ -2,8 +2,9 @@
 
 Served from the process's watch cache.  The regional node writes server
 records (``/os/{idc}/servers/{sn}``, inventory schema v1, see
-``notes/agent_api.md``) and a machine's boot timeline
-(``/os/{idc}/machines/{sn}/timeline``, JSON); this blueprint only reads them.
+``docs/agent-api.md``) and a machine's boot timeline
+(``/os/{idc}/machines/{sn}/timeline``, JSON); this blueprint reads them,
+and lets an approver clear a conflict flag.
 Whatever a machine reported is returned as data; the console shows it with
 ``textContent``.
 """
@@ -15,11 +16,13 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from lpmos.audit import write_audit
 from lpmos.auth import Role
-from lpmos.models import ValidationError, validate_name, validate_sn
-from web.auth import requires
+from lpmos.models import Server, ValidationError, validate_name, validate_sn, validate_text
+from lpmos.store import Unchanged, atomic_update
+from web.auth import current_principal, requires
 from web.context import ctx
-from web.http import ApiError, decode_cursor, encode_cursor, parse_limit
+from web.http import ApiError, decode_cursor, encode_cursor, parse_json_body, parse_limit
 from web.index import task_summary
 
 bp = Blueprint("api_servers", __name__, url_prefix="/api/v1")
@@ -110,3 +113,45 @@ def get_timeline(idc: str, sn: str) -> Any:
         raise ApiError(404, "not_found", f"nothing known about {idc}/{sn}")
     return jsonify({"idc": idc, "sn": sn, "entries": entries, "transitions": transitions,
                     "revision": kv.mod_revision if kv else 0})
+
+
+@bp.post("/servers/<idc>/<sn>/clear-conflict")
+@requires(Role.APPROVER)
+def clear_conflict(idc: str, sn: str) -> Any:
+    """Clear a machine's conflict flag (a cloned VM, a MAC seen with another
+    UUID) once an approver has checked it; installs are refused while it is
+    set.  Body ``{"notes": "..."}`` (required: say what was checked).  One
+    CAS on the server record; audited with the flag before and after."""
+    c = ctx()
+    idc, sn = _ids(idc, sn)
+    body = parse_json_body(request.get_data(cache=True) or b"{}")
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    try:
+        notes = validate_text(body.get("notes", ""), "notes", 1000, single_line=False,
+                              allow_empty=False)
+    except ValidationError as exc:
+        raise ApiError(400, "bad_request", f"{exc} (say what was checked)") from None
+    before: list[str] = []
+
+    def clear(raw: bytes | None) -> bytes | None:
+        if raw is None:
+            raise ApiError(404, "not_found", f"no server {idc}/{sn}")
+        server = Server.from_json(raw)
+        if not server.conflict:
+            raise Unchanged
+        before[:] = [server.conflict]
+        server.conflict = ""
+        return server.to_json()
+
+    _value, revision = atomic_update(c.store, c.keys.server(idc, sn), clear)
+    if not before:
+        return jsonify({"cleared": False, "revision": revision,
+                        "detail": "the machine has no conflict flag"})
+    p = current_principal()
+    assert p is not None
+    write_audit(c.store, c.keys, actor=p.user, action="server.clear_conflict",
+                target=f"{idc}/{sn}", before={"conflict": before[0]}, after={"conflict": ""},
+                detail=notes, source=f"{p.source} from {request.remote_addr}")
+    c.cache.wait_for_revision(revision, 2.0)
+    return jsonify({"cleared": True, "revision": revision, "was": before[0]})

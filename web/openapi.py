@@ -70,6 +70,9 @@ DOCS: dict[str, dict[str, Any]] = {
                                        "response": "Object"},
     "GET /api/v1/servers/{idc}/{sn}/timeline": {"summary": "A machine's boot timeline",
                                                 "response": "Object"},
+    "POST /api/v1/servers/{idc}/{sn}/clear-conflict": {
+        "summary": "Clear a machine's conflict flag (cloned VM) after checking it (approver)",
+        "body": NOTES_BODY, "response": "Object"},
     "GET /api/v1/stats": {"summary": "Counts per state and IDC, installs per hour, median "
                                      "install time", "response": "Object"},
     "GET /api/v1/audit": {"summary": "Audit records, newest first",

@@ -123,6 +123,7 @@ MUTATING: list[tuple[str, str, str]] = [
     ("DELETE", "/api/v1/tokens/abcdef12", "admin"),
     ("PUT", "/api/v1/templates/tpl1", "operator"),
     ("DELETE", "/api/v1/templates/tpl1", "operator"),
+    ("POST", "/api/v1/servers/dc1/sn-x/clear-conflict", "approver"),
 ]
 BELOW = {"operator": "viewer", "approver": "operator", "admin": "approver"}
 
@@ -615,3 +616,28 @@ def test_demo_users_can_log_in_with_their_roles(env: WebEnv) -> None:
         c = env.app.test_client()
         r = c.post("/login", json={"user": user, "password": password})
         assert r.status_code == 200 and r.get_json()["role"] == role
+
+
+def test_approver_clears_a_conflict_flag_with_audit(env: WebEnv) -> None:
+    from lpmos.models import Server
+
+    key = env.keys.server("dc1", "clone-1")
+    env.store.put(key, Server(idc="dc1", sn="clone-1", macs=["52:54:00:0c:0c:01"],
+                              conflict="mac 52:54:00:0c:0c:01 also registered by clone-2")
+                  .to_json())
+    c = env.app.test_client()
+    url = "/api/v1/servers/dc1/clone-1/clear-conflict"
+    r = c.post(url, data=json.dumps({}), headers=env.headers("approver"))
+    assert r.status_code == 400 and "notes" in r.get_json()["detail"]   # say what was checked
+    r = c.post(url, data=json.dumps({"notes": "checked: clone-2 was a test VM, deleted"}),
+               headers=env.headers("approver"))
+    assert r.status_code == 200 and r.get_json()["cleared"] is True
+    assert Server.from_json(env.store.get(key).value).conflict == ""
+    audit = [json.loads(kv.value) for kv in env.store.range(env.keys.audit_prefix()).items]
+    record = [a for a in audit if a["action"] == "server.clear_conflict"][-1]
+    assert record["target"] == "dc1/clone-1" and "also registered" in record["before"]["conflict"]
+    again = c.post(url, data=json.dumps({"notes": "again"}), headers=env.headers("approver"))
+    assert again.status_code == 200 and again.get_json()["cleared"] is False
+    missing = c.post("/api/v1/servers/dc1/nope/clear-conflict",
+                     data=json.dumps({"notes": "x"}), headers=env.headers("approver"))
+    assert missing.status_code == 404
