@@ -19,9 +19,10 @@ import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
+from typing import Protocol
 
 from lpmos.models import ValidationError, now
-from lpmos.store import Compare, Conflict, Put, Store, range_all
+from lpmos.store import Compare, Conflict, KeyValue, Put, Store, range_all
 from lpmos.store.keys import Keys
 
 TOKEN_PREFIX = "lpm_"  # noqa: S105 (a prefix, not a secret)
@@ -103,14 +104,38 @@ class TokenRecord:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+class CacheReader(Protocol):
+    """What :class:`Auth` needs of a watch cache (:class:`lpmos.store.cache.WatchCache`)."""
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def get(self, key: str) -> KeyValue | None: ...
+
+
 class Auth:
-    def __init__(self, store: Store, keys: Keys) -> None:
+    """Users and tokens.  Writes go to etcd; checks read the process's watch
+    cache first when one is given (so an etcd outage does not lock operators
+    out of reads), and etcd when the cache does not have the key (a token or
+    user created a moment ago, before the watch delivered it).  A revoked
+    token stops working as soon as the watch delivers the deletion
+    (milliseconds), never later than that."""
+
+    def __init__(self, store: Store, keys: Keys, *, cache: CacheReader | None = None) -> None:
         self.store = store
         self.keys = keys
+        self.cache = cache
+
+    def _read(self, key: str) -> KeyValue | None:
+        if self.cache is not None and self.cache.loaded:
+            kv = self.cache.get(key)
+            if kv is not None:
+                return kv
+        return self.store.get(key)
 
     # -- users
     def get_user(self, name: str) -> User | None:
-        kv = self.store.get(self.keys.user(name))
+        kv = self._read(self.keys.user(name))
         if kv is None:
             return None
         data = json.loads(kv.value)
@@ -182,7 +207,7 @@ class Auth:
         if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
             return None
         digest = token_digest(token)
-        kv = self.store.get(self.keys.api_token(digest))
+        kv = self._read(self.keys.api_token(digest))
         if kv is None:
             return None
         # the lookup is by digest; compare again in constant time for form's sake

@@ -120,7 +120,7 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
     mutate_rate = float(values["web.mutate_rate"])
     context = WebContext(
         config=config, store=store, keys=keys, cache=cache, index=index,
-        tasks=TaskService(store, keys), auth=Auth(store, keys), catalog=catalog,
+        tasks=TaskService(store, keys), auth=Auth(store, keys, cache=cache), catalog=catalog,
         metrics=metrics,
         login_limiter=RateLimiter(float(values["web.login_rate"]),
                                   burst=max(3.0, float(values["web.login_rate"]) / 2)),

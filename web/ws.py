@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint, g, request
 from flask_sock import Sock
 
 from lpmos.metrics import Registry
@@ -86,6 +86,7 @@ class Hub:
         self.queue_size = queue_size
         self._lock = threading.Lock()
         self._clients: set[Client] = set()
+        self._reserved = 0          # places held for handshakes in progress
         self._history: deque[tuple[int, str]] = deque(maxlen=history)
         self._floor = cache.revision   # deltas after this revision are all in history
         self._rev = cache.revision
@@ -100,7 +101,23 @@ class Hub:
 
     def has_room(self) -> bool:
         with self._lock:
-            return not self._closed and len(self._clients) < self.max_clients
+            return not self._closed and \
+                len(self._clients) + self._reserved < self.max_clients
+
+    def reserve(self) -> bool:
+        """Hold a place for a client whose handshake is about to run, so
+        that capacity is decided before the handshake (a clean 503) even when
+        many arrive at once; :meth:`register` consumes the place and
+        :meth:`release` gives back one that was not used."""
+        with self._lock:
+            if self._closed or len(self._clients) + self._reserved >= self.max_clients:
+                return False
+            self._reserved += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._reserved = max(0, self._reserved - 1)
 
     def publish(self, kind: str, message: dict[str, Any]) -> None:
         """Called by the index on the cache thread; never blocks."""
@@ -142,12 +159,16 @@ class Hub:
         with contextlib.suppress(Exception):
             client.kill()
 
-    def register(self, since: int | None) -> tuple[Client, dict[str, Any], list[str]] | None:
+    def register(self, since: int | None, *, reserved: bool = False
+                 ) -> tuple[Client, dict[str, Any], list[str]] | None:
         """A new client, its hello message and the deltas to replay, or
         ``None`` when full.  Atomic with respect to :meth:`publish`: nothing
-        is lost or repeated between the replay and the live queue."""
+        is lost or repeated between the replay and the live queue.
+        ``reserved``: the client holds a place from :meth:`reserve`."""
         with self._lock:
-            if self._closed or len(self._clients) >= self.max_clients:
+            if reserved:
+                self._reserved = max(0, self._reserved - 1)
+            if self._closed or len(self._clients) + self._reserved >= self.max_clients:
                 return None
             client = Client(self.queue_size)
             replay: list[str] = []
@@ -189,8 +210,16 @@ def _gate() -> None:
                        reason="ws_unauthenticated")
     if request.headers.get("Upgrade", "").lower() != "websocket":
         raise ApiError(400, "bad_request", "this URL speaks WebSocket only")
-    if not c.hub.has_room():
+    if not c.hub.reserve():
         raise ApiError(503, "unavailable", "too many live consoles; retry later", reason="ws_full")
+    g.ws_reserved = True
+
+
+@bp.teardown_request
+def _release(_exc: BaseException | None) -> None:
+    """Give back a place reserved for a handshake that never registered."""
+    if g.pop("ws_reserved", False):
+        ctx().hub.release()
 
 
 def _since() -> int | None:
@@ -212,7 +241,7 @@ def _socket_of(ws: Any) -> socket.socket | None:
 def live(ws: Any) -> None:
     c = ctx()
     hub = c.hub
-    got = hub.register(_since())
+    got = hub.register(_since(), reserved=bool(g.pop("ws_reserved", False)))
     if got is None:
         ws.close(1013, "too many clients")
         return
