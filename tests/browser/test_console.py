@@ -192,3 +192,33 @@ def test_console_speaks_chinese_and_switches(console: tuple[WebEnv, str],
     page.wait_for_load_state()
     page.wait_for_selector("#tasks-table")
     assert page.text_content('.tab[data-view="tasks"]') == "Tasks"
+
+
+def test_approver_clears_a_conflict_from_the_server_drawer(console: tuple[WebEnv, str],
+                                                           browser: Any) -> None:
+    env, url = console
+    key = env.keys.server("dc1", "clone-a")
+    rev = env.store.put(key, Server(
+        idc="dc1", sn="clone-a", macs=["00:1a:2b:3c:4d:81"], last_seen=time.time(),
+        conflict="mac 00:1a:2b:3c:4d:81 also registered by clone-b").to_json())
+    env.context.cache.wait_for_revision(rev, 5)
+    # an operator sees the flag but has no button to clear it
+    operator = login(browser, url, "operator1")
+    operator.click('.tab[data-view="servers"]')
+    operator.click('#servers-body tr[data-key="dc1/clone-a"]')
+    operator.wait_for_selector("#boot-timeline, #drawer-body p.muted")
+    assert "also registered by clone-b" in operator.text_content("#drawer-body")
+    assert operator.locator("#clear-conflict").count() == 0
+    approver = login(browser, url, "approver1")
+    approver.click('.tab[data-view="servers"]')
+    approver.click('#servers-body tr[data-key="dc1/clone-a"]')
+    approver.click("#clear-conflict")
+    approver.fill("#modal-notes", "checked: clone-b was a leftover test VM")
+    approver.click("#modal-confirm")
+    deadline = time.monotonic() + 15
+    while Server.from_json(env.store.get(key).value).conflict:
+        assert time.monotonic() < deadline, "the conflict flag was not cleared"
+        time.sleep(0.1)
+    approver.wait_for_selector("#drawer-body")
+    approver.wait_for_function(
+        "() => !document.querySelector('#clear-conflict')", timeout=15000)

@@ -535,6 +535,16 @@
         return el("td", { class: "mono", text: v === undefined || v === null ? "" : String(v) });
       })))));
   }
+  async function clearConflict(idc, sn) {
+    const answer = await confirmDialog({ title: t("conflict.title", { t: `${idc}/${sn}` }), warn: t("conflict.warn"),
+      withNotes: true, confirmClass: "btn-danger", confirmText: t("act.clear_conflict") });
+    if (!answer) return;
+    try {
+      await api("POST", `/api/v1/servers/${encodeURIComponent(idc)}/${encodeURIComponent(sn)}/clear-conflict`, { notes: answer.notes });
+      toast(t("done.clear_conflict", { t: `${idc}/${sn}` }), "ok");
+      openServer(idc, sn);
+    } catch (err) { showError(err); }
+  }
   async function openServer(idc, sn) {
     const seq = ++drawerSeq;
     state.drawer = { kind: "server", idc, sn };
@@ -550,6 +560,8 @@
         el("div", { class: "toolbar" },
           el("span", { class: `badge ${server.online ? "online" : "offline"}`, text: t(server.online ? "servers.online" : "servers.offline") }),
           server.task ? badge(server.task.status) : null, el("span", { class: "spacer" }),
+          s.conflict && can("approver") ? el("button", { class: "btn btn-sm btn-danger", type: "button", id: "clear-conflict",
+            onclick: () => clearConflict(idc, sn), text: t("act.clear_conflict") }) : null,
           can("operator") && !(server.task && ACTIVE.has(server.task.status)) ? el("button", { class: "btn btn-sm btn-primary", type: "button",
             onclick: () => { document.getElementById("drawer").classList.add("hidden"); createForServer(s); }, text: t("act.create_task") }) : null),
         kv([["SN", s.sn], ["UUID", s.uuid], ["arch", s.arch], ["IP", s.ip], ["MACs", (s.macs || []).join(", ")],
