@@ -151,7 +151,7 @@ class RegionalNode:
                                "keys in the IDC cache")
 
     # -- lifecycle
-    def _start_sync(self) -> None:
+    def _start_core(self) -> None:
         ctx = self.ctx
         ctx.cache.start(wait=3.0)
         if not ctx.cache.loaded:
@@ -166,6 +166,10 @@ class RegionalNode:
                                           ctx.metrics, node=ctx.node_name)
             self._timeline.start()
             ctx.timeline = self._timeline
+
+    def _start_rest(self) -> None:
+        """HTTP last: once /healthz answers, DHCP and TFTP are already bound."""
+        ctx = self.ctx
         if "http" in self.services:
             from bootsvc.http_app import HttpService
 
@@ -218,9 +222,10 @@ class RegionalNode:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Start everything, run until ``stop`` is set, stop everything."""
-        self._start_sync()
+        self._start_core()
         try:
             await self._start_async()
+            self._start_rest()
             # everything built so far lives as long as the process: move it out
             # of the collector's way so GC pauses stay short on the DHCP path
             gc.collect()

@@ -28,13 +28,15 @@ pytestmark = [
 ]
 
 PREFIX = "/lab"
+# the event is logged after the address is configured, so a test that sees
+# "bound" in the log also finds the address on the interface
 SCRIPT = """#!/bin/sh
-echo "$1 ip=$ip mask=$mask router=$router dns=$dns lease=$lease serverid=$serverid \
-boot_file=$boot_file" >> {log}
 case "$1" in
   bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface" ;;
   deconfig) ip addr flush dev "$interface" ;;
 esac
+echo "$1 ip=$ip mask=$mask router=$router dns=$dns lease=$lease serverid=$serverid \
+boot_file=$boot_file" >> {log}
 """
 
 # our own script: the stock dhclient-script would rewrite the host's resolv.conf
