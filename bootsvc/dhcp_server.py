@@ -305,11 +305,8 @@ class DhcpResponder:
             # come to port 4011.
             self.drop("not_for_us" if mt == dhcp.REQUEST else "ignored_type")
             return None
-        decision = self._decide(pkt)
-        if isinstance(decision, BootRefusal):
-            self.drop(decision.reason)
-            return None
-        if not self._allowed(pkt.mac):
+        decision = self._boot_answer(pkt)
+        if decision is None:
             return None
         return self._boot_reply(pkt, src, server_ip, relayed, dhcp.OFFER, decision, port67=True)
 
@@ -318,13 +315,22 @@ class DhcpResponder:
         if pkt.msg_type not in (dhcp.REQUEST, dhcp.INFORM):
             self.drop("ignored_type")
             return None
+        decision = self._boot_answer(pkt)
+        if decision is None:
+            return None
+        return self._boot_reply(pkt, src, server_ip, relayed, dhcp.ACK, decision, port67=False)
+
+    def _boot_answer(self, pkt: dhcp.DhcpPacket) -> BootAnswer | None:
+        """The boot answer for a client both boot modes would serve, or
+        ``None`` after counting why not (refused by the decision, or a MAC
+        the filters do not allow)."""
         decision = self._decide(pkt)
         if isinstance(decision, BootRefusal):
             self.drop(decision.reason)
             return None
         if not self._allowed(pkt.mac):
             return None
-        return self._boot_reply(pkt, src, server_ip, relayed, dhcp.ACK, decision, port67=False)
+        return decision
 
     def _full(self, pkt: dhcp.DhcpPacket, src: tuple[str, int], server_ip: str,
               relayed: bool) -> Reply | None:

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(config: Config, args: argparse.Namespace) -> int:
     with open_store(config) as handle:
-        auth = Auth(handle.store, handle.keys)  # type: ignore[arg-type]
+        auth = Auth(handle.store, handle.keys)
         try:
             return _run(auth, args)
         except ValidationError as exc:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lpmos.config import Config
+from lpmos.store import Store
 from lpmos.store.keys import Keys
 
 
@@ -24,7 +25,7 @@ def setup_logging(level: str = "info", *, name: str = "lpmos") -> None:
 
 @dataclass
 class StoreHandle:
-    store: object
+    store: Store
     keys: Keys
     endpoints: list[str]
     embedded: bool

@@ -147,7 +147,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
         from web.app import create_app
 
         with open_store(config) as handle:
-            app = create_app(config, handle.store, handle.keys,  # type: ignore[arg-type]
+            app = create_app(config, handle.store, handle.keys,
                              secret_key=secret)
             log.warning("serving with Flask's development server on %s:%d (debug)", host, port)
             try:
@@ -216,7 +216,7 @@ def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes) -> int:
             from web.app import create_app
 
             handle = self._stack.enter_context(open_store(worker_config))
-            app = create_app(worker_config, handle.store, handle.keys,  # type: ignore[arg-type]
+            app = create_app(worker_config, handle.store, handle.keys,
                              secret_key=secret)
             self._stack.callback(app.extensions["lpmos"].close)
             return app
