@@ -3,7 +3,7 @@
 One run, side by side, median of several repetitions:
 
 * **ours** — ``lpmos regional --services http`` as operators run it (its
-  own process, waitress, default threads) on a real etcd (started here in a
+  own process: HTTP/1.1 on its asyncio loop) on a real etcd (started here in a
   temporary directory) holding ``--tasks`` tasks (10,000 by default: most
   pending, some succeeded/failed/cancelled, i.e. every non-destructive
   answer) plus a few installer-mode Rocky 9 tasks claimed before the run;
@@ -549,7 +549,7 @@ def profile_in_process(etcd_url: str, catalog: Path, workdir: Path,
     """Where ours spends its time: the boot HTTP WSGI app built as the
     regional node builds it (same cache, catalog, templates, timeline
     recording), called directly ``count`` times per scenario under cProfile
-    (no waitress, no sockets).  Returns a report: microseconds per request
+    (no HTTP server, no sockets).  Returns a report: microseconds per request
     of the app alone, and the top functions."""
     import cProfile
     import io
@@ -715,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     print(f"Boot HTTP benchmark ({'quick' if quick else 'full'}, median of {plan['reps']}, "
           f"{plan['seconds']:g} s per scenario, {plan['connections']} keep-alive connections): "
-          f"{plan['tasks']} tasks in etcd; ours = lpmos regional (waitress), reference = "
+          f"{plan['tasks']} tasks in etcd; ours = lpmos regional (asyncio + httptools), "
+          f"reference = "
           f"gunicorn sync x{plan['ref_workers']} serving static bodies of the same sizes "
           f"({sizes['first']}/{sizes['machine']}/{sizes['kickstart']} bytes); "
           f"{info['nproc']} x {info['cpu']}")

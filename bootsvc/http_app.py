@@ -25,10 +25,11 @@ bench can prove it).  An install is served only after
 :func:`bootsvc.claim.claim_install` confirmed it with etcd; otherwise the
 machine gets a wait-and-retry script.
 
-:class:`HttpService` serves the app with waitress (a production WSGI
-server) in background threads, with an idle/read timeout
-(``channel_timeout``), a request header and body size limit, a bounded
-worker pool and a connection limit.
+:class:`HttpService` serves the app with :mod:`bootsvc.http_server` (HTTP/1.1
+on the node's event loop; boot scripts that need no etcd request are
+answered inline, the rest of the app runs on a bounded thread pool) with a
+request deadline, an idle timeout, header and body size limits and a
+connection limit.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from bootsvc.decide import (
     install_kind,
 )
 from bootsvc.events import EventPipeline, EventsRefused
+from bootsvc.http_server import AsyncHttpServer, ThreadedLoop
 from bootsvc.machines import MachineView
 from bootsvc.registration import Registrar, RegistrationConflict, parse_register
 from bootsvc.render import Renderer, RenderError, build_context, file_url
@@ -75,6 +77,7 @@ from lpmos.config import (
     parse_optional_path,
     parse_str,
 )
+from lpmos.httpwire import phrase
 from lpmos.models import ProgressEvent, ValidationError, normalize_mac, validate_sn, validate_uuid
 from lpmos.states import FINAL, TaskStatus
 from lpmos.store import KeyValue, StoreError
@@ -149,6 +152,10 @@ def _word(value: str | None, limit: int = 16) -> str:
 # --- the services the routes use ---------------------------------------------------------
 
 
+#: rendered non-destructive boot scripts kept for reuse (cleared when full)
+SCRIPT_MEMO_SIZE = 50_000
+
+
 class BootHttp:
     """Everything the routes need, built once per app from the NodeContext."""
 
@@ -180,11 +187,16 @@ class BootHttp:
         self.long_polls_enabled = int(cfg.get("http.long_polls", 24)) > 0
         self._waiters: dict[str, list[threading.Event]] = {}
         self._waiters_lock = threading.Lock()
+        self._stopping = False
         ctx.cache.add_listener(self._on_change)
         self._health_at = 0.0
         self._health_ok = False
         self._health_lock = threading.Lock()
         self.boot_script_text = ""
+        # rendered non-destructive scripts: (template, decision, reason, sn, mac, arch,
+        # platform) -> (task, server, image, live, text); a hit needs the very same
+        # records (the machine index makes new objects on every change)
+        self._scripts: dict[tuple[str, ...], tuple[Any, Any, Any, Any, str]] = {}
         self._describe_metrics()
 
     def _describe_metrics(self) -> None:
@@ -195,6 +207,8 @@ class BootHttp:
                    "every non-destructive answer)")
         m.describe("http_requests_refused_total", "HTTP requests refused, by reason")
         m.describe("http_requests_total", "HTTP requests answered by the boot HTTP server")
+        m.describe("http_boot_script_renders_total",
+                   "per-machine boot scripts rendered (cached=no) or reused (cached=yes)")
 
     @property
     def live(self) -> Image | None:
@@ -205,7 +219,16 @@ class BootHttp:
         self.tokens.start()
         self.events.start()
 
+    def release_long_polls(self) -> None:
+        """Answer every waiting long poll now and no new one waits (stopping)."""
+        self._stopping = True
+        with self._waiters_lock:
+            waiters = [e for lst in self._waiters.values() for e in lst]
+        for event in waiters:
+            event.set()
+
     def stop(self) -> None:
+        self.release_long_polls()
         self.events.stop()
         self.tokens.stop()
 
@@ -227,7 +250,7 @@ class BootHttp:
             self._waiters.setdefault(sn, []).append(event)
         try:
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self._stopping:
                 if self.ctx.machines.view(sn).task_revision != revision:
                     return
                 event.wait(min(1.0, max(0.0, deadline - time.monotonic())))
@@ -288,12 +311,15 @@ class BootHttp:
 
     # -- the per-machine boot script (the hot path) ---------------------------------------
 
-    def boot_script(self, name: str, args: Mapping[str, str], remote_addr: str) -> str:
+    def boot_script(self, name: str, args: Mapping[str, str], remote_addr: str, *,
+                    inline: bool = False) -> str | None:
         """The per-machine iPXE script for ``/boot/<name>`` (``<mac>.ipxe``).
 
         Decided from the cache; only ``claim``/``continue`` decisions reach
         etcd (through :func:`bootsvc.claim.claim_install`), and fail closed
-        to a wait script.  Raises :class:`HttpError` for a bad name.
+        to a wait script.  Raises :class:`HttpError` for a bad name.  With
+        ``inline`` (called on the event loop) a decision that needs etcd
+        returns ``None`` instead: the caller runs it again on a thread.
         """
         s = self
         started = time.perf_counter()
@@ -334,6 +360,8 @@ class BootHttp:
         task = view.task if view is not None else None
         server = view.server if view is not None else None
         if decision.destructive and view is not None and image is not None:
+            if inline:
+                return None
             outcome = claim_install(s.ctx.store, s.ctx.keys, s.tokens, idc=s.ctx.idc,
                                     sn=view.sn, node=s.ctx.node_name,
                                     continuing=decision.action == CONTINUE,
@@ -352,9 +380,8 @@ class BootHttp:
                 decision = Decision(WAIT, TEMPLATES[WAIT], outcome.reason, decision.sn)
         sn = view.sn if view is not None else ""
         try:
-            text = s.renderer.render(decision.template, s.context(
-                decision=decision.action, reason=decision.reason, sn=sn, mac=mac, arch=arch,
-                platform=platform, task=task, server=server, image=image, token=token))
+            text = s._render_script(decision, sn=sn, mac=mac, arch=arch, platform=platform,
+                                    task=task, server=server, image=image, token=token)
         except RenderError as exc:
             log.error("boot script for %s: %s", mac, exc)
             s.metrics.inc("http_render_errors_total", template=decision.template)
@@ -373,11 +400,67 @@ class BootHttp:
         s.metrics.observe("http_boot_script_seconds", time.perf_counter() - started)
         return text
 
+    def _render_script(self, decision: Decision, *, sn: str, mac: str, arch: str,
+                       platform: str, task: Any, server: Any, image: Image | None,
+                       token: str) -> str:
+        """Render a boot script; one without a token (every non-destructive
+        answer) is rendered once per state of the machine's records and
+        reused while they stay the same (a pending machine's iPXE asks again
+        every ``retry_delay`` seconds)."""
+        live = self.live
+        key = (decision.template, decision.action, decision.reason, sn, mac, arch, platform)
+        if not token:
+            hit = self._scripts.get(key)
+            if hit is not None and hit[0] is task and hit[1] is server and hit[2] is image \
+                    and hit[3] is live:
+                self.metrics.inc("http_boot_script_renders_total", cached="yes")
+                return hit[4]
+        text = self.renderer.render(decision.template, self.context(
+            decision=decision.action, reason=decision.reason, sn=sn, mac=mac, arch=arch,
+            platform=platform, task=task, server=server, image=image, token=token))
+        self.metrics.inc("http_boot_script_renders_total", cached="no")
+        if not token:
+            if len(self._scripts) >= SCRIPT_MEMO_SIZE:
+                self._scripts.clear()
+            self._scripts[key] = (task, server, image, live, text)
+        return text
+
     def constant_script(self) -> str:
         self.metrics.inc("http_boot_constant_total")
         if not self.boot_script_text:
             self.boot_script_text = self.renderer.render("ipxe/boot.ipxe.j2", self.context())
         return self.boot_script_text
+
+    def fast_answer(self, path: str, query: str, remote_addr: str, *,
+                    inline: bool = True) -> tuple[int, str, bytes] | None:
+        """``GET /boot.ipxe`` and ``GET /boot/<mac>.ipxe`` without Flask:
+        ``(status, content type, body)``, or ``None`` for any other path and
+        (``inline``) for a script that needs etcd (an install claim).  The
+        same answers as the ``boot`` blueprint; the boot storm's hot path."""
+        if not path.startswith("/boot") or not path.endswith(".ipxe"):
+            return None
+        try:
+            if path == "/boot.ipxe":
+                text: str | None = self.constant_script()
+            elif path.startswith("/boot/") and path.count("/") == 2:
+                args = dict(parse_qsl(query[:2048], keep_blank_values=True, max_num_fields=16))
+                text = self.boot_script(path[6:], args, remote_addr, inline=inline)
+            else:
+                return None
+        except HttpError as exc:
+            self.metrics.inc("http_errors_total", error=exc.error)
+            self.metrics.inc("http_requests_total")
+            return exc.status, _JSON, json.dumps({"error": exc.error,
+                                                  "detail": exc.detail}).encode()
+        except ValueError:     # parse_qsl: too many fields
+            self.metrics.inc("http_requests_refused_total", reason="bad_query")
+            self.metrics.inc("http_requests_total")
+            return 400, _JSON, json.dumps({"error": "bad_query",
+                                           "detail": "too many query fields"}).encode()
+        if text is None:
+            return None
+        self.metrics.inc("http_requests_total")
+        return 200, "text/plain; charset=utf-8", text.encode()
 
 
 def _load_catalog(path: Any) -> Catalog:
@@ -449,7 +532,7 @@ def boot_ipxe() -> Response:
 def boot_machine(name: str) -> Response:
     s = svc()
     text = s.boot_script(name, request.args, request.remote_addr or "")
-    return text_response(text)
+    return text_response(text or "")
 
 
 # --- rendered install configs ----------------------------------------------------------
@@ -791,9 +874,9 @@ _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 def serve_file(path: Path, *, etag_hint: str | None = None, metric: str = "file") -> Response:
-    """A file with ETag / If-None-Match, one Range (206, or 416) and the
-    server's ``wsgi.file_wrapper`` (waitress streams it from the file in
-    large blocks without passing it through the app)."""
+    """A file with ETag / If-None-Match and one Range (206, or 416),
+    streamed in 256 KiB blocks (the server's ``wsgi.file_wrapper`` when it
+    has one)."""
     s = svc()
     try:
         fh = path.open("rb")
@@ -905,38 +988,18 @@ class BootFastPath:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        path = environ.get("PATH_INFO", "")
-        if environ.get("REQUEST_METHOD") != "GET" or not path.startswith("/boot") or \
-                not path.endswith(".ipxe"):
+        if environ.get("REQUEST_METHOD") != "GET":
             return self.app(environ, start_response)
-        boot = self.boot
-        status, ctype = "200 OK", "text/plain; charset=utf-8"
-        try:
-            if path == "/boot.ipxe":
-                text = boot.constant_script()
-            elif path.startswith("/boot/") and path.count("/") == 2:
-                query = environ.get("QUERY_STRING", "")[:2048]
-                args = dict(parse_qsl(query, keep_blank_values=True, max_num_fields=16))
-                text = boot.boot_script(path[6:], args, environ.get("REMOTE_ADDR", ""))
-            else:
-                return self.app(environ, start_response)
-        except HttpError as exc:
-            boot.metrics.inc("http_errors_total", error=exc.error)
-            status, ctype = f"{exc.status} {_REASONS.get(exc.status, 'Error')}", _JSON
-            text = json.dumps({"error": exc.error, "detail": exc.detail})
-        except ValueError:     # parse_qsl: too many fields
-            boot.metrics.inc("http_requests_refused_total", reason="bad_query")
-            status, ctype = "400 Bad Request", _JSON
-            text = json.dumps({"error": "bad_query", "detail": "too many query fields"})
-        body = text.encode()
-        boot.metrics.inc("http_requests_total")
-        start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))),
-                                ("Cache-Control", "no-store")])
+        answer = self.boot.fast_answer(environ.get("PATH_INFO", ""),
+                                       environ.get("QUERY_STRING", ""),
+                                       environ.get("REMOTE_ADDR", ""), inline=False)
+        if answer is None:
+            return self.app(environ, start_response)
+        status, ctype, body = answer
+        start_response(f"{status} {phrase(status)}",
+                       [("Content-Type", ctype), ("Content-Length", str(len(body))),
+                        ("Cache-Control", "no-store")])
         return [body]
-
-
-_REASONS = {400: "Bad Request", 404: "Not Found", 500: "Internal Server Error",
-            503: "Service Unavailable"}
 
 
 def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
@@ -989,98 +1052,74 @@ def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
 # --- the server ----------------------------------------------------------------------------
 
 
-def deadline_channel(base: type, timeout: float, metrics: Any) -> type:
-    """A waitress channel class whose requests must arrive in full (headers
-    and body) within ``timeout`` seconds of their first byte.
-
-    waitress's ``channel_timeout`` only closes *silent* connections; a slow
-    client sending its headers one byte at a time is never silent and would
-    keep its connection (and a share of ``connection_limit``) for hours.
-    Past the deadline the connection is closed at its next byte, counted as
-    ``http_requests_refused_total{reason="request_timeout"}``.  Runs on
-    waitress's I/O thread; answers in progress are not affected.
-    """
-
-    class DeadlineChannel(base):  # type: ignore[valid-type,misc]
-        _request_started = 0.0
-
-        def received(self, data: bytes) -> bool:
-            if data:
-                current = time.monotonic()
-                if self.request is None:
-                    self._request_started = current
-                elif current - self._request_started > timeout:
-                    if not getattr(self, "will_close", False):
-                        metrics.inc("http_requests_refused_total", reason="request_timeout")
-                    self.will_close = True
-                    return False
-            return bool(super().received(data))
-
-    return DeadlineChannel
-
-
 class HttpService:
-    """Serves :func:`create_app` with waitress on
-    ``regional.listen``:``http.port`` in a background thread."""
+    """Serves :func:`create_app` on ``regional.listen``:``http.port`` with
+    :class:`bootsvc.http_server.AsyncHttpServer`.
+
+    The node awaits :meth:`start_async` / :meth:`stop_async` on its own
+    event loop (the one DHCP and TFTP run on); :meth:`start` / :meth:`stop`
+    run it on a private loop thread instead (tests, tools)."""
 
     def __init__(self, ctx: NodeContext, *, app: Flask | None = None) -> None:
         self.ctx = ctx
         self.app = app or create_app(ctx)
         self.boot: BootHttp = self.app.extensions["lpmos_boot"]
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._server: AsyncHttpServer | None = None
+        self._own_loop: ThreadedLoop | None = None
         self.port = 0
 
-    def start(self) -> HttpService:
-        from waitress import create_server
-
+    async def start_async(self) -> HttpService:
         cfg = self.ctx.config
+        metrics = self.ctx.metrics
         self.boot.start()
-        self._server = create_server(
-            self.app,
+        server = AsyncHttpServer(
+            self.app.wsgi_app,
             host=cfg.get("regional.listen", "0.0.0.0"),
             port=int(cfg.get("http.port", 8081)),
             threads=int(cfg.get("http.threads", 32)),
             connection_limit=int(cfg.get("http.connection_limit", 2000)),
-            channel_timeout=int(max(1, round(float(cfg.get("http.timeout", 30.0))))),
-            cleanup_interval=max(1, int(float(cfg.get("http.timeout", 30.0)) // 2)),
-            max_request_body_size=int(cfg.get("http.max_body", 1024 * 1024)),
-            max_request_header_size=int(cfg.get("http.max_header", 16384)),
-            asyncore_use_poll=True,
-            asyncore_loop_timeout=0.5,
-            ident="lpmos",
-            expose_tracebacks=False,
+            timeout=float(cfg.get("http.timeout", 30.0)),
+            max_body=int(cfg.get("http.max_body", 1024 * 1024)),
+            max_header=int(cfg.get("http.max_header", 16384)),
+            fast=self.boot.fast_answer,
+            on_refused=lambda reason: metrics.inc("http_requests_refused_total", reason=reason),
         )
-        if hasattr(self._server, "channel_class"):
-            self._server.channel_class = deadline_channel(
-                self._server.channel_class, float(cfg.get("http.timeout", 30.0)),
-                self.ctx.metrics)
-        self.port = int(self._server.effective_port)
+        await server.start()
+        self._server = server
+        self.port = server.port
         if not self.ctx.advertise_url:
             host = self.ctx.server_ip or cfg.get("regional.listen", "127.0.0.1")
             if host in ("0.0.0.0", "::", ""):
                 host = "127.0.0.1"
             self.ctx.advertise_url = f"http://{host}:{self.port}"
-        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
-        self._thread.start()
         log.info("boot HTTP on %s:%d (machines use %s)", cfg.get("regional.listen"), self.port,
                  self.ctx.advertise_url)
         return self
 
-    def stop(self) -> None:
-        server = self._server
-        if server is not None:
-            try:
-                server.task_dispatcher.shutdown(timeout=5)
-            finally:
-                from waitress import wasyncore
-
-                wasyncore.close_all(server._map)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+    async def stop_async(self) -> None:
+        self.boot.release_long_polls()
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
         self.boot.stop()
-        self._server = None
+
+    def start(self) -> HttpService:
+        self._own_loop = ThreadedLoop("http-loop")
+        try:
+            self._own_loop.call(self.start_async())
+        except BaseException:
+            self._own_loop.close()
+            self._own_loop = None
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._own_loop is not None:
+            try:
+                self._own_loop.call(self.stop_async())
+            finally:
+                self._own_loop.close()
+                self._own_loop = None
 
 
 __all__: list[str] = ["SETTINGS", "BootHttp", "HttpError", "HttpService", "create_app",

@@ -2,10 +2,11 @@
 
 It builds the :class:`bootsvc.context.NodeContext` (the IDC watch cache, the
 machine index, metrics, the timeline) and runs the chosen services:
-DHCP and TFTP on one asyncio loop in the main thread, HTTP on its WSGI
-server's threads.  It registers itself at ``/os/{idc}/nodes/{node}`` under a
-lease kept alive while it runs, and keeps serving from its cache while etcd
-is unreachable (RELIABILITY: degraded, not down).
+DHCP, TFTP and boot HTTP on one asyncio loop in the main thread (the parts
+of the HTTP app that wait on etcd run on a bounded thread pool).  It
+registers itself at ``/os/{idc}/nodes/{node}`` under a lease kept alive
+while it runs, and keeps serving from its cache while etcd is unreachable
+(RELIABILITY: degraded, not down).
 """
 
 from __future__ import annotations
@@ -167,14 +168,17 @@ class RegionalNode:
             self._timeline.start()
             ctx.timeline = self._timeline
 
-    def _start_rest(self) -> None:
-        """HTTP last: once /healthz answers, DHCP and TFTP are already bound."""
-        ctx = self.ctx
+    async def _start_http(self) -> None:
+        """HTTP last: once /healthz answers, DHCP and TFTP are already bound.
+        It runs on the same event loop as DHCP and TFTP."""
         if "http" in self.services:
             from bootsvc.http_app import HttpService
 
-            self._http = HttpService(ctx)
-            self._http.start()
+            self._http = HttpService(self.ctx)
+            await self._http.start_async()
+
+    def _start_rest(self) -> None:
+        ctx = self.ctx
         self._reaper = Reaper(ctx, Timeouts(
             agent=float(self.config["regional.agent_timeout"]),
             firstboot=float(self.config["regional.firstboot_timeout"]),
@@ -202,6 +206,12 @@ class RegionalNode:
             self._async.append(dhcp)
 
     async def _stop_async(self) -> None:
+        if self._http is not None:
+            try:
+                await self._http.stop_async()
+            except Exception:
+                log.exception("error stopping boot HTTP")
+            self._http = None
         for service in reversed(self._async):
             try:
                 await service.stop()
@@ -214,8 +224,6 @@ class RegionalNode:
             self._reaper.stop()
         if self._registration is not None:
             self._registration.stop()
-        if self._http is not None:
-            self._http.stop()
         if self._timeline is not None:
             self._timeline.stop()
         self.ctx.cache.stop()
@@ -225,6 +233,7 @@ class RegionalNode:
         self._start_core()
         try:
             await self._start_async()
+            await self._start_http()
             self._start_rest()
             # everything built so far lives as long as the process: move it out
             # of the collector's way so GC pauses stay short on the DHCP path

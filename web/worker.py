@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import json
 import logging
 import selectors
 import socket
@@ -56,6 +55,8 @@ from functools import partial
 from typing import Any
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from lpmos.httpwire import build_refusal
 
 log = logging.getLogger("lpmos.web.worker")
 
@@ -107,17 +108,6 @@ def scan_head(buf: bytes | bytearray, limit: int, resume: int = 0) -> tuple[Head
     if len(buf) > limit:
         return Head.TOO_LARGE, len(buf)
     return Head.PARTIAL, len(buf)
-
-
-def build_refusal(status: int, reason: str, detail: str) -> bytes:
-    """A complete ``Connection: close`` HTTP/1.1 answer with a JSON body
-    shaped like the app's errors (``{"error", "detail"}``).  Pure."""
-    phrase = {400: "Bad Request", 408: "Request Timeout",
-              431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
-    body = (json.dumps({"error": reason, "detail": detail}) + "\n").encode()
-    head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    return head + body
 
 
 class BufferedConn(TConn):  # type: ignore[misc]

@@ -30,7 +30,7 @@ IDC = "dc1"
 
 class CountingStore:
     """Delegates to a real store; counts calls made on HTTP worker threads
-    (waitress names them ``waitress-N``)."""
+    (``http-loop`` answers inline, ``http-worker_N`` runs the app)."""
 
     def __init__(self, inner: EtcdStore) -> None:
         self.inner = inner
@@ -39,7 +39,7 @@ class CountingStore:
         self._lock = threading.Lock()
 
     def _count(self, what: str) -> None:
-        if threading.current_thread().name.startswith("waitress"):
+        if threading.current_thread().name.startswith("http-"):
             with self._lock:
                 self.http_calls.append(what)
 

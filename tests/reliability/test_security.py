@@ -1,4 +1,4 @@
-"""RELIABILITY / SECURITY on the real servers (``lpmos regional`` with waitress,
+"""RELIABILITY / SECURITY on the real servers (``lpmos regional`` with its asyncio HTTP server,
 ``lpmos control-plane`` with gunicorn), filling what the integration tests
 leave out:
 

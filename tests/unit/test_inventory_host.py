@@ -103,10 +103,10 @@ def test_cli_run_without_server_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_agent_imports_nothing_beyond_the_agent_extra(tmp_path: Path) -> None:
     """`pip install lpmos[agent]` must be enough: Flask, gRPC, scapy, Jinja2,
-    PyYAML, waitress, requests are blocked and the agent still works."""
+    PyYAML, httptools, requests are blocked and the agent still works."""
     code = r'''
 import sys
-BLOCKED = ("flask", "flask_sock", "grpc", "pyetcd", "scapy", "jinja2", "yaml", "waitress",
+BLOCKED = ("flask", "flask_sock", "grpc", "pyetcd", "scapy", "jinja2", "yaml", "httptools",
            "gunicorn", "requests", "google.protobuf", "werkzeug")
 class Block:
     def find_spec(self, name, path=None, target=None):
