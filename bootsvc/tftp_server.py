@@ -23,7 +23,14 @@ How it is fast:
 * retransmission timers are lazy: each send only stores a deadline, and one
   timer per session re-arms itself when it fires early;
 * metrics are counted per session and added to the registry once, at the
-  end of the transfer.
+  end of the transfer;
+* while the server is nearly idle (at most ``lockstep_threads`` transfers),
+  a lock-step transfer (no windowsize: most firmware) is driven by a thread
+  of its own with blocking ``recv``/``send`` once its options are settled:
+  one ACK costs two system calls and a few lines of Python, without the
+  event loop's wake-up machinery, which is what a single lock-step transfer
+  waits on (tftpd-hpa's process per transfer does the same).  Busy servers
+  keep every transfer on the loop, where one wake-up serves many sessions.
 
 How it stays up: sessions are bounded in total and per client address; a
 request that breaks a bound gets an ERROR and creates no session; when the
@@ -97,6 +104,10 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="N"),
     Setting("tftp.cache_mb", "--tftp-cache-mb", 256, int_range(0, 65536),
             "megabytes of hot files kept in memory", metavar="MB"),
+    Setting("tftp.lockstep_threads", "--tftp-lockstep-threads", 2, int_range(0, 64),
+            "lock-step transfers (no windowsize) driven by a thread of their own while the "
+            "server has at most this many transfers; 0: every transfer on the event loop",
+            metavar="N"),
 )
 
 #: Linux UDP generic segmentation offload (include/uapi/linux/udp.h).
@@ -126,7 +137,7 @@ class _Session:
     __slots__ = ("acked_dup", "base", "blksize", "client", "closed", "data", "deadline", "fd",
                  "gso", "last_progress", "mv", "name", "nblocks", "oack", "request",
                  "retransmits", "retries_left", "sent_upto", "size", "sock", "started", "state",
-                 "timeout", "timer", "virtual", "windowsize")
+                 "threaded", "timeout", "timer", "virtual", "windowsize")
 
     acked_dup: bool          # the gap signal was answered for the current window
     base: int                # first block not yet acknowledged
@@ -150,6 +161,7 @@ class _Session:
     sock: socket.socket
     started: float
     state: int
+    threaded: bool           # driven by its own thread (the loop only closes it)
     timeout: float
     timer: asyncio.TimerHandle | None
     virtual: bool
@@ -174,7 +186,7 @@ class TftpServer:
                  max_sessions_per_client: int = 8, timeout: float = 1.0, retries: int = 5,
                  cache_bytes: int = 256 * 1024 * 1024,
                  virtual_pattern: str = DEFAULT_VIRTUAL_PATTERN,
-                 use_gso: bool = True) -> None:
+                 use_gso: bool = True, lockstep_threads: int = 2) -> None:
         self.root = TftpRoot(root, cache_bytes=cache_bytes, virtual=virtual,
                              virtual_pattern=virtual_pattern)
         self.host = host
@@ -187,6 +199,8 @@ class TftpServer:
         self.max_sessions_per_client = max_sessions_per_client
         self.retries = retries
         self.use_gso = use_gso
+        self.lockstep_threads = lockstep_threads
+        self._threaded = 0
         self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -247,6 +261,8 @@ class TftpServer:
     def _describe(self) -> None:
         m = self.metrics
         m.describe("tftp_requests_total", "TFTP requests received on the server port")
+        m.describe("tftp_lockstep_threaded_total",
+                   "lock-step transfers driven by a thread of their own (idle server)")
         m.describe("tftp_refused_total", "requests answered with an ERROR and no session, "
                                          "by reason")
         m.describe("tftp_dropped_total", "datagrams dropped without an answer, by reason")
@@ -321,13 +337,15 @@ class TftpServer:
         if existing is not None:
             # a pending ERROR on the old session (a tsize probe being aborted)
             # must be seen before deciding the new request is a duplicate
-            self._on_readable(existing)
+            if not existing.threaded:
+                self._on_readable(existing)
             if not existing.closed:
                 if existing.request == datagram:
                     # the client did not hear our first answer: say it again;
                     # a late copy once the transfer is under way is ignored
                     self.metrics.inc("tftp_dropped_total", reason="duplicate_request")
-                    if existing.state == _STATE_OACK or existing.base == 1:
+                    if not existing.threaded and \
+                            (existing.state == _STATE_OACK or existing.base == 1):
                         existing.retransmits += 1
                         self._send_current(existing)
                     return
@@ -408,7 +426,7 @@ class TftpServer:
                       negotiated: tftp.Negotiated) -> None:
         assert self._loop is not None
         s = _Session()
-        s.closed, s.timer = False, None
+        s.closed, s.timer, s.threaded = False, None, False
         s.sock, s.fd, s.client, s.request = sock, sock.fileno(), addr, datagram
         s.name, s.data, s.mv, s.size, s.virtual = name, data, memoryview(data), len(data), virtual
         # retransmit after the client's timeout (RFC 2349) or ours, whichever
@@ -432,6 +450,8 @@ class TftpServer:
         self._by_fd[s.fd] = s
         self._epoll.register(s.fd, select.EPOLLIN)
         self._send_current(s)
+        if s.state == _STATE_DATA:
+            self._maybe_thread(s)
 
     # --- transfers -----------------------------------------------------------
 
@@ -602,6 +622,7 @@ class TftpServer:
             self._progress(s)
             self._send_window(s)
             self._arm(s)
+            self._maybe_thread(s)
             return
         block = tftp.unwrap_block(ack, s.sent_upto)
         if block >= s.base:
@@ -653,7 +674,16 @@ class TftpServer:
             del self._by_fd[s.fd]
             if self._epoll is not None:
                 self._epoll.unregister(s.fd)
-        s.sock.close()
+        if s.threaded:
+            # its thread owns the socket: wake it (a shut-down socket reads
+            # empty) and let it close the socket and release the buffer
+            self._threaded -= 1
+            try:
+                s.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass            # the thread closed it already
+        else:
+            s.sock.close()
         if self._sessions.get(s.client) is s:
             del self._sessions[s.client]
         ip = s.client[0]
@@ -681,11 +711,129 @@ class TftpServer:
                 self.on_transfer(record)
             except Exception:
                 log.exception("tftp: on_transfer callback failed")
-        s.data = b""
+        if not s.threaded:
+            s.data = b""
+            _release(s)
+
+    # --- lock-step transfers on a thread of their own --------------------------------------
+
+    def _maybe_thread(self, s: _Session) -> None:
+        """Hand a lock-step session whose block 1 is out to its own thread,
+        if the server is nearly idle and a thread slot is free."""
+        if s.closed or s.windowsize != 1 or self._threaded >= self.lockstep_threads or \
+                len(self._sessions) > self.lockstep_threads:
+            return
+        if self._by_fd.get(s.fd) is s:
+            del self._by_fd[s.fd]
+            if self._epoll is not None:
+                self._epoll.unregister(s.fd)
+        if s.timer is not None:
+            s.timer.cancel()
+            s.timer = None
+        s.threaded = True
+        self._threaded += 1
+        self.metrics.inc("tftp_lockstep_threaded_total")
+        threading.Thread(target=self._drive_lockstep, args=(s, self._loop),
+                         name="tftp-lockstep", daemon=True).start()
+
+    def _drive_lockstep(self, s: _Session, loop: asyncio.AbstractEventLoop | None) -> None:
+        """The thread's loop: blocking ``recv`` of the ACK (with ``SO_RCVTIMEO``
+        as the retransmission timer), ``send`` of the next block.  The same
+        rules as on the event loop: a duplicate ACK is never answered, the
+        wait doubles per timeout up to :data:`BACKOFF_CAP`, ``retries``
+        timeouts without progress end the transfer.  Ends by handing the
+        session back to the loop for its bookkeeping (:meth:`_close`) unless
+        the loop closed it first (eviction, shutdown)."""
+        sock, mv, blksize, nblocks = s.sock, s.mv, s.blksize, s.nblocks
+        status = "ok"
         try:
-            s.mv.release()
-        except BufferError:   # a slice still queued somewhere; the GC frees it
+            sock.setblocking(True)
+            _set_rcvtimeo(sock, s.timeout)
+            recv, send = sock.recv, sock.send
+            block = s.base                  # the block in flight (sent by the loop)
+            tries = 0
+            while not s.closed:
+                try:
+                    d = recv(2048)
+                except BlockingIOError:     # SO_RCVTIMEO: the retransmission timer
+                    if s.closed:
+                        break
+                    tries += 1
+                    if tries > self.retries:
+                        status = "timeout"
+                        break
+                    s.retransmits += 1
+                    off = (block - 1) * blksize
+                    send(_HEADERS[block & 0xFFFF] + mv[off:off + blksize])
+                    _set_rcvtimeo(sock, min(s.timeout * (2 ** tries),
+                                            max(s.timeout, BACKOFF_CAP)))
+                    continue
+                if not d and s.closed:
+                    break                   # shut down by the loop
+                if len(d) == 4 and d[1] == 4 and d[0] == 0:
+                    if ((d[2] << 8) | d[3]) != block & 0xFFFF:
+                        continue            # duplicate or stray ACK: never answered
+                    if block >= nblocks:
+                        s.base = block + 1
+                        break
+                    block += 1
+                    s.base = s.sent_upto = block
+                    s.last_progress = _monotonic()
+                    off = (block - 1) * blksize
+                    send(_HEADERS[block & 0xFFFF] + mv[off:off + blksize])
+                    if tries:
+                        tries = 0
+                        _set_rcvtimeo(sock, s.timeout)
+                    continue
+                other = self._threaded_other_packet(s, d)
+                if other:
+                    status = other
+                    break
+        except OSError as exc:
+            status = "vanished" if exc.errno == errno.ECONNREFUSED else "send_error"
+        except Exception:               # a bug must not leave the session behind
+            log.exception("tftp: lock-step thread for %s failed", s.client)
+            status = "internal_error"
+        if not s.closed and loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._close, s, status)
+            except RuntimeError:        # the loop is gone (shutdown)
+                pass
+        sock.close()
+        s.data = b""
+        _release(s)
+
+    def _threaded_other_packet(self, s: _Session, datagram: bytes) -> str | None:
+        """Anything but an ACK on a threaded session: the status that ends
+        it, or ``None`` when the datagram is dropped."""
+        try:
+            packet = tftp.parse_packet(datagram)
+        except MalformedPacket as exc:
+            self.metrics.inc("tftp_dropped_total", reason=f"session_{exc.reason}")
+            return None
+        if isinstance(packet, tftp.Error):
+            self.metrics.inc("tftp_client_errors_total", code=packet.code)
+            return "client_error"
+        self.metrics.inc("tftp_errors_sent_total", code=ErrorCode.ILLEGAL_OPERATION)
+        try:
+            s.sock.send(tftp.build_error(ErrorCode.ILLEGAL_OPERATION, "unexpected packet"))
+        except OSError:
             pass
+        return "illegal_packet"
+
+
+def _release(s: _Session) -> None:
+    try:
+        s.mv.release()
+    except BufferError:   # a slice still queued somewhere; the GC frees it
+        pass
+
+
+def _set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
+    """A blocking ``recv`` gives up after ``seconds`` (``BlockingIOError``)."""
+    sec = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", sec, max(1, int((seconds - sec) * 1e6))))
 
 
 def _pktinfo_dst(ancdata: list[tuple[int, int, bytes]]) -> str | None:
@@ -741,6 +889,7 @@ class TftpService:
             retries=int(cfg.get("tftp.retries", 5)),
             cache_bytes=int(cfg.get("tftp.cache_mb", 256)) * 1024 * 1024,
             virtual_pattern=r"boot\.ipxe",
+            lockstep_threads=int(cfg.get("tftp.lockstep_threads", 2)),
         )
 
     @property
@@ -830,6 +979,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-windowsize", type=int, default=64)
     parser.add_argument("--max-blksize", type=int, default=1468)
     parser.add_argument("--no-gso", action="store_true", help="one send per block")
+    parser.add_argument("--lockstep-threads", type=int, default=2,
+                        help="lock-step transfers on threads of their own while the server "
+                             "has at most this many (0: all on the event loop)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -838,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
                             retries=args.retries, max_sessions=args.max_sessions,
                             max_sessions_per_client=args.max_sessions_per_client,
                             max_windowsize=args.max_windowsize, max_blksize=args.max_blksize,
-                            use_gso=not args.no_gso)
+                            use_gso=not args.no_gso, lockstep_threads=args.lockstep_threads)
         await server.start()
         print(f"listening {args.host}:{server.port}", flush=True)
         try:

@@ -47,9 +47,11 @@ def serve(root: Path, **limits):
         yield srv
 
 
-@pytest.fixture
-def server(tree):
-    with serve(tree, max_sessions_per_client=64) as srv:
+@pytest.fixture(params=[2, 0], ids=["lockstep-thread", "event-loop"])
+def server(tree, request):
+    """The server, with a lock-step transfer driven by its own thread (an
+    idle server's way) and by the event loop (a busy server's way)."""
+    with serve(tree, max_sessions_per_client=64, lockstep_threads=request.param) as srv:
         yield srv
 
 
@@ -432,8 +434,9 @@ def test_silent_abandoned_sessions_never_block_new_clients(tree):
                 sock.close()
 
 
-def test_session_retransmits_then_gives_up(tree):
-    with serve(tree, timeout=0.1, retries=3) as srv:
+@pytest.mark.parametrize("threads", [2, 0], ids=["lockstep-thread", "event-loop"])
+def test_session_retransmits_then_gives_up(tree, threads):
+    with serve(tree, timeout=0.1, retries=3, lockstep_threads=threads) as srv:
         with client(0.5) as sock:
             sock.sendto(rrq("small"), ("127.0.0.1", srv.port))
             copies = []
@@ -455,4 +458,6 @@ def test_ack_for_last_block_completes_with_stats(server):
         sock.sendto(tftp.build_ack(1), peer)
     assert wait_for(lambda: server.records and server.records[-1]["status"] == "ok")
     assert server.records[-1]["bytes"] == 5
+    threaded = server.metrics.get("tftp_lockstep_threaded_total")
+    assert threaded == (1 if server.lockstep_threads else 0)
     assert isinstance(tftp.parse_packet(tftp.build_ack(1)), Ack)
