@@ -460,6 +460,9 @@ def run_scenario(url: str, paths: list[str], server_pids: list[int], plan: dict[
         calls = metric_sum(after, "http_boot_script_etcd_requests_total") - \
             metric_sum(before, "http_boot_script_etcd_requests_total")
         out["etcd_requests_per_script"] = round(calls / scripts, 4) if scripts else 0.0
+        renders = metric_sum(after, "http_boot_script_renders_total", cached="no") - \
+            metric_sum(before, "http_boot_script_renders_total", cached="no")
+        out["renders_per_script"] = round(renders / scripts, 4) if scripts else 0.0
         writes = (etcd1["put"] - etcd0["put"]) + (etcd1["delete"] - etcd0["delete"])
         out["etcd_writes_per_req"] = round(writes / max(res.ok, 1), 4)
     return out
@@ -499,6 +502,7 @@ ROWS = [("rate_per_s", "requests/s", 1), ("p50_ms", "p50 ms", 2), ("p99_ms", "p9
         ("errors", "errors", 0), ("server_cpu_us_per_req", "server CPU us/req", 0),
         ("client_cpu_pct", "client CPU %", 0)]
 OURS_ONLY = [("etcd_requests_per_script", "etcd requests/script", 3),
+             ("renders_per_script", "renders/script (rest reused)", 3),
              ("etcd_writes_per_req", "etcd writes/req (async)", 3)]
 
 
