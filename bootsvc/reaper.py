@@ -20,6 +20,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from bootsvc.context import NodeContext
 from lpmos.models import Task
@@ -44,28 +45,38 @@ def last_activity(task: Task) -> float:
     return max(task.updated_at, task.progress.updated_at, task.started_at)
 
 
+class Expiry(NamedTuple):
+    """Why a task fails: a fixed ``code`` (the metric's label) and the
+    ``reason`` recorded on the task for the operator."""
+
+    code: str           # firstboot_timeout | agent_lost | boot_timeout
+    reason: str
+
+
 def decide_expiry(task: Task, *, lease_present: bool, lease_gone_since: float | None,
-                  now: float, timeouts: Timeouts) -> str | None:
+                  now: float, timeouts: Timeouts) -> Expiry | None:
     """Why ``task`` must fail now, or ``None``."""
     if task.status not in (TaskStatus.BOOTING, TaskStatus.INSTALLING):
         return None
     quiet = now - last_activity(task)
     if task.progress.step == REBOOTING_STEP:
         if quiet > timeouts.firstboot:
-            return (f"the installed OS did not report its first boot within "
-                    f"{timeouts.firstboot:.0f} s after the agent rebooted the machine")
+            return Expiry("firstboot_timeout",
+                          f"the installed OS did not report its first boot within "
+                          f"{timeouts.firstboot:.0f} s after the agent rebooted the machine")
         return None
     if lease_present:
         return None
     if task.status == TaskStatus.INSTALLING:
         gone = max(lease_gone_since or 0.0, last_activity(task))
         if now - gone > timeouts.agent:
-            return (f"agent lost: no heartbeat for {now - gone:.0f} s "
-                    f"(timeout {timeouts.agent:.0f} s) while installing")
+            return Expiry("agent_lost", f"agent lost: no heartbeat for {now - gone:.0f} s "
+                                        f"(timeout {timeouts.agent:.0f} s) while installing")
         return None
     if quiet > timeouts.boot:
-        return (f"the machine was claimed for install but nothing was heard from it for "
-                f"{quiet:.0f} s (timeout {timeouts.boot:.0f} s)")
+        return Expiry("boot_timeout",
+                      f"the machine was claimed for install but nothing was heard from it "
+                      f"for {quiet:.0f} s (timeout {timeouts.boot:.0f} s)")
     return None
 
 
@@ -104,10 +115,11 @@ class Reaper:
             lease_present = self.ctx.cache.get(self.ctx.keys.lease(task.idc, task.sn)) is not None
             with self._lock:
                 gone_since = self._gone.get(task.sn)
-            reason = decide_expiry(task, lease_present=lease_present, lease_gone_since=gone_since,
+            expiry = decide_expiry(task, lease_present=lease_present, lease_gone_since=gone_since,
                                    now=now, timeouts=self.timeouts)
-            if reason is None:
+            if expiry is None:
                 continue
+            reason = expiry.reason
             def note(t: Task, r: str = reason) -> None:
                 t.add_log(f"[node] {r}")
 
@@ -121,7 +133,7 @@ class Reaper:
                 log.warning("reaper: cannot fail %s/%s now (%s)", task.idc, task.sn, exc)
                 continue
             log.warning("task %s/%s failed: %s", task.idc, task.sn, reason)
-            self.ctx.metrics.inc("tasks_expired_total", reason=reason.split(":")[0][:40])
+            self.ctx.metrics.inc("tasks_expired_total", reason=expiry.code)
             self.ctx.timeline.record(f"sn:{task.sn}", "expired", {"reason": reason})
             failed.append((task.sn, reason))
         return failed
