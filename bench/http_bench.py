@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -62,6 +61,8 @@ from bench.http_loadgen import (
     median,
     run,
 )
+from tests import catalog_fixture
+from tests.catalog_fixture import ROCKY_9
 
 REPO = Path(__file__).resolve().parent.parent
 IDC = "dc1"
@@ -274,46 +275,12 @@ def static_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 
 
 def write_catalog(root: Path, *, disk_bytes: int = 1 << 20) -> Path:
-    """A catalog in ``root``: the live image, an image-mode OS (``lab``) and
-    an installer-mode Rocky 9 (official mirror URLs, never fetched)."""
-    files = {"live/vmlinuz": os.urandom(64 * 1024), "live/initrd.img": os.urandom(64 * 1024),
-             "lab/disk.img": os.urandom(disk_bytes)}
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    sha = hashlib.sha256(files["lab/disk.img"]).hexdigest()
-    path = root / "catalog.toml"
-    path.write_text(f'''
-[[image]]
-name = "live"
-os_type = "LPMOS live"
-os_family = "lab"
-mode = "installer"
-kernel = "live/vmlinuz"
-initrd = "live/initrd.img"
-kernel_args = "quiet"
-
-[[image]]
-name = "lab"
-os_type = "Lab OS"
-os_family = "lab"
-version = "1"
-mode = "image"
-disk_image = "lab/disk.img"
-sha256 = "{sha}"
-size = {disk_bytes}
-
-[[image]]
-name = "rocky-9"
-os_type = "Rocky Linux 9"
-os_family = "rhel"
-version = "9"
-mode = "installer"
-kernel = "https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/images/pxeboot/vmlinuz"
-initrd = "https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/images/pxeboot/initrd.img"
-kernel_args = "inst.repo=https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/"
-''')
-    return path
+    """A catalog in ``root``: the live image, an image-mode OS (``lab``, with
+    its ``size``) and an installer-mode Rocky 9 (official mirror URLs, never
+    fetched)."""
+    return catalog_fixture.write_catalog(root, disk_name="lab", disk_bytes=disk_bytes,
+                                         write_size=True, live_bytes=(64 * 1024, 64 * 1024),
+                                         installers=(ROCKY_9,)).path
 
 
 def machine_mac(i: int, base: int = 0x02) -> str:

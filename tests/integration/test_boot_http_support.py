@@ -4,8 +4,6 @@ requests made from HTTP worker threads."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +22,8 @@ from lpmos.store import Compare, KeyValue, Op, Page
 from lpmos.store.cache import WatchCache
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
+from tests import catalog_fixture
+from tests.catalog_fixture import ROCKY_9, UBUNTU_24_04
 
 IDC = "dc1"
 
@@ -86,56 +86,12 @@ class CountingStore:
 
 
 def write_catalog(root: Path) -> tuple[Path, dict[str, bytes]]:
-    """A catalog with the live image, an image-mode OS and installer entries
-    (official mirror URLs, never fetched)."""
-    files = {
-        "live/vmlinuz": os.urandom(200_000),
-        "live/initrd.img": os.urandom(300_000),
-        "lab-os/disk.img": os.urandom(1 << 20),
-    }
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    sha = hashlib.sha256(files["lab-os/disk.img"]).hexdigest()
-    (root / "catalog.toml").write_text(f'''
-[[image]]
-name = "live"
-os_type = "LPMOS live"
-os_family = "lab"
-mode = "installer"
-kernel = "live/vmlinuz"
-initrd = "live/initrd.img"
-kernel_args = "quiet"
-
-[[image]]
-name = "lab-os"
-os_type = "Lab OS"
-os_family = "lab"
-version = "1"
-mode = "image"
-disk_image = "lab-os/disk.img"
-sha256 = "{sha}"
-
-[[image]]
-name = "rocky-9"
-os_type = "Rocky Linux 9"
-os_family = "rhel"
-version = "9"
-mode = "installer"
-kernel = "https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/images/pxeboot/vmlinuz"
-initrd = "https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/images/pxeboot/initrd.img"
-kernel_args = "inst.repo=https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/"
-
-[[image]]
-name = "ubuntu-24.04"
-os_type = "Ubuntu 24.04"
-os_family = "ubuntu"
-version = "24.04"
-mode = "installer"
-kernel = "https://releases.ubuntu.com/24.04/netboot/amd64/linux"
-initrd = "https://releases.ubuntu.com/24.04/netboot/amd64/initrd"
-''')
-    return root / "catalog.toml", files
+    """A catalog with the live image, an image-mode OS ("lab-os", 1 MiB) and
+    installer entries (Rocky 9 and Ubuntu 24.04, official mirror URLs, never
+    fetched); also the files' bytes."""
+    return catalog_fixture.write_catalog(root, disk_name="lab-os", disk_bytes=1 << 20,
+                                         live_bytes=(200_000, 300_000),
+                                         installers=(ROCKY_9, UBUNTU_24_04))
 
 
 @dataclass

@@ -9,7 +9,6 @@ started in its own session and killed by PID in the teardown.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -26,6 +25,8 @@ import requests
 
 from bootsvc import dhcp
 from lpmos.store.embedded import free_port
+from tests import catalog_fixture
+from tests.catalog_fixture import ROCKY_9
 
 REPO = Path(__file__).resolve().parents[2]
 IDC = "dc1"
@@ -55,42 +56,12 @@ def eventually(fn: Callable[[], Any], timeout: float = 15.0, interval: float = 0
 
 
 def write_catalog(root: Path) -> Path:
-    """A catalog with the live image, an image-mode OS ("Lab OS") and an
-    installer-mode OS ("Rocky Linux 9", official URLs, never fetched)."""
-    files = {"live/vmlinuz": os.urandom(50_000), "live/initrd.img": os.urandom(50_000),
-             "lab-os/disk.img": os.urandom(256 * 1024)}
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    sha = hashlib.sha256(files["lab-os/disk.img"]).hexdigest()
-    (root / "catalog.toml").write_text(f'''
-[[image]]
-name = "live"
-os_type = "LPMOS live"
-os_family = "lab"
-mode = "installer"
-kernel = "live/vmlinuz"
-initrd = "live/initrd.img"
-
-[[image]]
-name = "lab-os"
-os_type = "Lab OS"
-os_family = "lab"
-version = "1"
-mode = "image"
-disk_image = "lab-os/disk.img"
-sha256 = "{sha}"
-
-[[image]]
-name = "rocky-9"
-os_type = "Rocky Linux 9"
-os_family = "rhel"
-version = "9"
-mode = "installer"
-kernel = "https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/images/pxeboot/vmlinuz"
-initrd = "https://dl.rockylinux.org/pub/rocky/9/BaseOS/x86_64/os/images/pxeboot/initrd.img"
-''')
-    return root / "catalog.toml"
+    """A catalog with the live image (no kernel_args), an image-mode OS ("Lab
+    OS") and an installer-mode OS ("Rocky Linux 9" without kernel_args,
+    official URLs, never fetched)."""
+    return catalog_fixture.write_catalog(root, disk_name="lab-os", disk_bytes=256 * 1024,
+                                         live_bytes=(50_000, 50_000), live_kernel_args=False,
+                                         installers=(ROCKY_9._replace(kernel_args=""),)).path
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
