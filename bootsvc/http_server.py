@@ -246,7 +246,10 @@ class _Conn(asyncio.Protocol):
             req = self.queue.popleft()
             if fast is not None and req.method == b"GET":
                 url = httptools.parse_url(req.url)
-                answer = fast(url.path.decode("latin-1"),
+                path = url.path
+                if b"%" in path:        # iPXE sends ${net0/mac} as 52%3A54%3A...
+                    path = unquote_to_bytes(path)
+                answer = fast(path.decode("latin-1"),
                               url.query.decode("latin-1") if url.query else "", self.peer[0])
                 if answer is not None:
                     self.write_answer(req, *answer)

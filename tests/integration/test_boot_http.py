@@ -84,6 +84,18 @@ def test_constant_boot_script_chains_to_the_machine_url(node: Node) -> None:
     assert f"{node.url}/boot/${{net0/mac}}.ipxe?uuid=${{uuid:uristring}}" in r.text
 
 
+def test_percent_encoded_mac_as_ipxe_sends_it(node: Node) -> None:
+    """iPXE expands ``${net0/mac}`` in a URL path as ``52%3A54%3A...``: the
+    same machine, the same answer as with plain colons."""
+    mac = "52:54:00:bb:01:02"
+    encoded = requests.get(f"{node.url}/boot/{mac.replace(':', '%3A')}.ipxe?uuid={UUID}",
+                           timeout=5)
+    plain = boot(node, mac, uuid=UUID)
+    assert encoded.status_code == plain.status_code == 200, encoded.text
+    assert decision_of(encoded.text) == decision_of(plain.text) == "discovery"
+    assert encoded.text == plain.text
+
+
 def test_unknown_machine_discovers_with_no_etcd_request(node: Node) -> None:
     node.store.http_calls.clear()
     for i in range(20):

@@ -129,6 +129,9 @@ def test_keep_alive_and_pipelining_answer_in_order(server: Any) -> None:
                     "query": "q=2", "x": "t", "remote": "127.0.0.1"}
     assert got[2][2] == b"fast a=3 127.0.0.1"
     assert got[3][1]["connection"] == "close"
+    # the fast handler gets the path percent-decoded, as WSGI's PATH_INFO is
+    raw = exchange(srv.port, b"GET /f%61st?b=%3A HTTP/1.0\r\n\r\n")
+    assert raw.endswith(b"fast b=%3A 127.0.0.1")
     # the fast handler answered on the loop; the app ran on the pool
     assert all(t.startswith("http-worker") for t in app.threads), app.threads
 
