@@ -92,18 +92,20 @@ SETTINGS: tuple[Setting, ...] = (
             "on: machines without a task boot the live discovery image; off: they boot "
             "their local disk", metavar="on|off"),
     Setting("http.threads", "--http-threads", 32, int_range(2, 512),
-            "worker threads of the boot HTTP server", metavar="N"),
+            "threads running the app for requests that wait on etcd or stream files (claims, "
+            "agent API, configs, images); boot scripts are answered on the event loop",
+            metavar="N"),
     Setting("http.connection_limit", "--http-connection-limit", 2000, int_range(10, 100000),
-            "open connections at most; past it the server stops accepting until some close",
+            "open connections at most; past it a new connection is answered 503 and closed",
             metavar="N"),
     Setting("http.max_body", "--http-max-body", 1024 * 1024, int_range(1024, 64 * 1024 * 1024),
             "largest request body in bytes (larger: 413 before it is buffered)",
             metavar="BYTES"),
     Setting("http.max_header", "--http-max-header", 16384, int_range(1024, 1024 * 1024),
-            "largest request header block in bytes (larger: 431/400)", metavar="BYTES"),
+            "largest request header block in bytes (larger: 431)", metavar="BYTES"),
     Setting("http.timeout", "--http-timeout", 30.0, float_range(1.0, 3600.0),
-            "seconds a connection may stay silent (slow headers or body, idle keep-alive), "
-            "and a request may take to arrive in full, before it is closed",
+            "seconds a request may take to arrive in full from its first byte (else 408), "
+            "and a keep-alive connection may stay idle, before it is closed",
             metavar="SECONDS"),
     Setting("http.live_image", "--live-image", "live", parse_str,
             "catalog entry whose kernel and initrd are the live agent image (discovery and "
