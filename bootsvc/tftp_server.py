@@ -116,6 +116,8 @@ SOL_UDP = 17
 #: the kernel accepts at most 64 segments and 64 KiB per GSO send
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
+#: seconds ``stop()`` waits for a threaded transfer that has sent its last block
+THREAD_GRACE = 0.5
 #: Linux ``IP_PKTINFO`` (Python 3.11 does not export it)
 IP_PKTINFO = 8
 #: longest wait between retransmissions (atftp's and tftp-hpa's own timeout)
@@ -135,7 +137,7 @@ class _Session:
     """One transfer.  Block numbers here are absolute (1-based, never rolled)."""
 
     __slots__ = ("acked_dup", "base", "blksize", "client", "closed", "data", "deadline", "fd",
-                 "gso", "last_progress", "mv", "name", "nblocks", "oack", "request",
+                 "final", "gso", "last_progress", "mv", "name", "nblocks", "oack", "request",
                  "retransmits", "retries_left", "sent_upto", "size", "sock", "started", "state",
                  "threaded", "timeout", "timer", "virtual", "windowsize")
 
@@ -147,6 +149,7 @@ class _Session:
     data: bytes
     deadline: float          # loop time after which the timer retransmits
     fd: int
+    final: str               # a threaded session's own verdict, once it reached one
     gso: bool
     last_progress: float
     mv: memoryview
@@ -249,6 +252,14 @@ class TftpServer:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+        # a threaded transfer whose client sent its last ACK just now is still
+        # finishing on its thread: give those (at most lockstep_threads) a moment
+        # to end as they would, so a completed transfer is not logged "shutdown"
+        deadline = _monotonic() + THREAD_GRACE
+        while _monotonic() < deadline and any(
+                s.threaded and not s.final and s.base >= s.nblocks
+                for s in self._sessions.values()):
+            await asyncio.sleep(0.005)
         for session in list(self._sessions.values()):
             self._close(session, "shutdown")
         if self._epoll is not None and self._loop is not None:
@@ -426,7 +437,7 @@ class TftpServer:
                       negotiated: tftp.Negotiated) -> None:
         assert self._loop is not None
         s = _Session()
-        s.closed, s.timer, s.threaded = False, None, False
+        s.closed, s.timer, s.threaded, s.final = False, None, False, ""
         s.sock, s.fd, s.client, s.request = sock, sock.fileno(), addr, datagram
         s.name, s.data, s.mv, s.size, s.virtual = name, data, memoryview(data), len(data), virtual
         # retransmit after the client's timeout (RFC 2349) or ours, whichever
@@ -666,6 +677,10 @@ class TftpServer:
     def _close(self, s: _Session, status: str) -> None:
         if s.closed:
             return
+        if s.final:
+            # its thread finished the transfer and handed it back; the loop
+            # closing it first (shutdown, eviction) must not rewrite how it ended
+            status = s.final
         s.closed = True
         if s.timer is not None:
             s.timer.cancel()
@@ -795,6 +810,7 @@ class TftpServer:
             log.exception("tftp: lock-step thread for %s failed", s.client)
             status = "internal_error"
         if not s.closed and loop is not None:
+            s.final = status
             try:
                 loop.call_soon_threadsafe(self._close, s, status)
             except RuntimeError:        # the loop is gone (shutdown)

@@ -4,6 +4,7 @@ probe, abandoned and vanished clients."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -15,7 +16,7 @@ import pytest
 
 from bootsvc import tftp
 from bootsvc.tftp import Ack, Data, Error, ErrorCode, Oack
-from bootsvc.tftp_server import ThreadedTftpServer
+from bootsvc.tftp_server import ThreadedTftpServer, TftpServer
 from lpmos.metrics import Registry
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-ROOT"
@@ -461,3 +462,29 @@ def test_ack_for_last_block_completes_with_stats(server):
     threaded = server.metrics.get("tftp_lockstep_threaded_total")
     assert threaded == (1 if server.lockstep_threads else 0)
     assert isinstance(tftp.parse_packet(tftp.build_ack(1)), Ack)
+
+
+def test_a_threaded_transfer_ends_as_its_thread_saw_it(tree):
+    """A lock-step transfer on its own thread got its last ACK; before the
+    loop ran the hand-back, the loop closes the session (node shutdown,
+    eviction): the record still says ``ok``, not ``shutdown``."""
+    loop = asyncio.new_event_loop()
+    srv = TftpServer(tree, host="127.0.0.1", port=0, metrics=Registry(), lockstep_threads=2)
+    records: list[dict] = []
+    srv.on_transfer = records.append
+    loop.run_until_complete(srv.start())
+    try:
+        with client() as sock:
+            sock.sendto(rrq("small"), ("127.0.0.1", srv.port))
+            loop.run_until_complete(asyncio.sleep(0.1))     # DATA 1 out, a thread takes over
+            packet, peer = sock.recvfrom(70000)
+            assert tftp.parse_packet(packet) == Data(1, b"hello")
+            (session,) = srv._sessions.values()
+            assert session.threaded
+            sock.sendto(tftp.build_ack(1), peer)
+            assert wait_for(lambda: session.final == "ok")  # the loop has not run since
+            srv._close(session, "shutdown")
+        assert [r["status"] for r in records] == ["ok"] and records[0]["bytes"] == 5
+    finally:
+        loop.run_until_complete(srv.stop())
+        loop.close()
