@@ -350,6 +350,7 @@ class AsyncHttpServer:
         self.fast = fast
         self.on_refused = on_refused
         self.conns: set[_Conn] = set()
+        self.in_app = 0             # requests queued for or running on the pool
         self.stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -405,7 +406,13 @@ class AsyncHttpServer:
     # -- the WSGI side
     def run_app(self, conn: _Conn, req: _Request) -> asyncio.Future[tuple[bytes, bool]]:
         assert self._loop is not None and self._pool is not None
-        return self._loop.run_in_executor(self._pool, self._call_app, conn, req)
+        self.in_app += 1
+        fut = self._loop.run_in_executor(self._pool, self._call_app, conn, req)
+        fut.add_done_callback(self._app_finished)
+        return fut
+
+    def _app_finished(self, _fut: asyncio.Future[tuple[bytes, bool]]) -> None:
+        self.in_app -= 1
 
     def _environ(self, conn: _Conn, req: _Request) -> dict[str, Any]:
         url = httptools.parse_url(req.url)

@@ -565,6 +565,11 @@ def test_healthz_and_metrics(node: Node) -> None:
     m = requests.get(f"{node.url}/metrics", timeout=5)
     assert m.status_code == 200 and 'http_boot_scripts_total{decision="discovery"} 1' in m.text
     assert "http_boot_script_seconds_bucket" in m.text
+    # the server's own gauges: this client's connection is open; /metrics itself
+    # runs on the app's threads (boot scripts are answered inline)
+    gauges = {line.split()[0]: float(line.split()[1]) for line in m.text.splitlines()
+              if line.startswith(("http_connections_open ", "http_requests_in_app "))}
+    assert gauges["http_connections_open"] >= 1 and gauges["http_requests_in_app"] == 1
 
 
 @pytest.mark.slow
