@@ -16,7 +16,7 @@ import pytest
 
 from bootsvc import tftp
 from bootsvc.tftp import Ack, Data, Error, ErrorCode, Oack
-from bootsvc.tftp_server import ThreadedTftpServer, TftpServer
+from bootsvc.tftp_server import TftpServer, ThreadedTftpServer
 from lpmos.metrics import Registry
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-ROOT"
