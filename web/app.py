@@ -39,6 +39,7 @@ from lpmos.states import IllegalTransition
 from lpmos.store import Conflict, Store, StoreError
 from lpmos.store.keys import Keys
 from lpmos.tasks import TaskNotFound, TaskService
+from web.body import BodyTimeout, read_body
 from web.context import WebContext
 from web.http import ApiError
 from web.index import ConsoleCache, ConsoleIndex
@@ -56,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "web.four_eyes": False, "web.allowed_origins": [], "web.max_body": 1024 * 1024,
     "web.batch_max": 100, "web.login_rate": 10.0, "web.mutate_rate": 300.0,
     "web.ws_max_clients": 100, "web.ws_queue": 512, "web.ws_ping_interval": 20.0,
-    "web.session_hours": 12.0, "web.secure_cookies": False,
+    "web.session_hours": 12.0, "web.secure_cookies": False, "web.body_timeout": 30.0,
 }
 
 
@@ -138,14 +139,23 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
 
 def _install_hooks(app: Flask, context: WebContext) -> None:
     limit = int(context.settings["web.max_body"])
+    body_timeout = float(context.settings["web.body_timeout"])
 
     @app.before_request
-    def refuse_large_bodies() -> Any:
+    def read_bodies_within_limits() -> Any:
+        """413 from the announced length; then the whole body within
+        ``--body-timeout`` (408), read before any view runs."""
         length = request.content_length
         if length is not None and length > limit:
             context.metrics.inc("web_refused_total", reason="body_too_large")
             return ApiError(413, "too_large", f"the body is {length} bytes; at most {limit} "
                                               "are accepted").response()
+        try:
+            read_body(request.environ, body_timeout, limit)
+        except BodyTimeout:
+            context.metrics.inc("web_refused_total", reason="body_timeout")
+            return ApiError(408, "request_timeout", f"the request body did not arrive in full "
+                                                    f"within {body_timeout:g} s").response()
         return None
 
     @app.after_request

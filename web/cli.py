@@ -102,6 +102,10 @@ SETTINGS: tuple[Setting, ...] = (
             "from the first byte of a kept-alive connection's next request); slower clients "
             "get 408 and are closed, counted as web_refused_total{reason=\"header_timeout\"}",
             metavar="SECONDS"),
+    Setting("web.body_timeout", "--body-timeout", 30.0, float_range(0.5, 3600),
+            "seconds a client has to send a request's whole body once its headers are in; "
+            "slower clients get 408 and are closed, counted as "
+            "web_refused_total{reason=\"body_timeout\"}", metavar="SECONDS"),
 )
 
 
