@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bootsvc.http_server import AsyncHttpServer, ThreadedLoop
 
@@ -77,6 +80,15 @@ def fast(path: str, query: str, remote: str) -> tuple[int, str, bytes] | None:
 
 @pytest.fixture
 def server() -> Iterator[tuple[AsyncHttpServer, App]]:
+    yield from _serve()
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[tuple[AsyncHttpServer, App]]:
+    yield from _serve()
+
+
+def _serve() -> Iterator[tuple[AsyncHttpServer, App]]:
     app = App()
     refused: list[str] = []
     srv = AsyncHttpServer(app, host="127.0.0.1", port=0, threads=4, connection_limit=20,
@@ -255,3 +267,62 @@ def test_slow_and_idle_clients_are_cut_and_the_limit_holds(server: Any) -> None:
     finally:
         for s in held:
             s.close()
+
+
+# --- any bytes: a well-formed answer or a close, and the server keeps serving ----------
+
+_TOKENS = st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"OPTIONS", b"BREW", b"get", b""])
+_PATHS = st.sampled_from([b"/fast", b"/fast?x=%41", b"/echo", b"/small-unsized", b"/nope",
+                          b"/f%61st", b"*", b"", b"/%zz", b"/" + b"a" * 5000,
+                          b"http://h/fast"]) | st.binary(max_size=40)
+_VERSIONS = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.", b"HTTP/1.1 x",
+                             b""])
+_NAMES = st.sampled_from([b"Host", b"Content-Length", b"Transfer-Encoding", b"Expect",
+                          b"Connection", b"Upgrade", b"X", b""]) | st.binary(max_size=20)
+_VALUES = st.sampled_from([b"0", b"5", b"-1", b"chunked", b"close", b"keep-alive",
+                           b"100-continue", b"websocket", b"99999999999999999999",
+                           b"gzip, chunked"]) | st.binary(max_size=30)
+_REQUEST = st.builds(
+    lambda method, path, version, headers, body, eol: (
+        method + b" " + path + b" " + version + eol
+        + b"".join(n + b": " + v + eol for n, v in headers) + eol + body),
+    _TOKENS, _PATHS, _VERSIONS, st.lists(st.tuples(_NAMES, _VALUES), max_size=8),
+    st.binary(max_size=200), st.sampled_from([b"\r\n", b"\n", b"\r"]))
+_STATUS_OK = {200, 400, 404, 408, 413, 431, 503}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.lists(_REQUEST | st.binary(max_size=300), min_size=1, max_size=3))
+def test_any_bytes_get_an_answer_or_a_close(shared_server: Any, data: list[bytes]) -> None:
+    srv, _ = shared_server
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        try:
+            sock.sendall(b"".join(data))
+            sock.shutdown(socket.SHUT_WR)       # the server sees the end of our input
+        except OSError:
+            pass                                # refused and closed already
+        raw = b""
+        try:
+            while chunk := sock.recv(65536):
+                raw += chunk
+        except ConnectionResetError:
+            pass
+    # every answer on the wire starts with a well-formed status line
+    for m in re.finditer(rb"(?:^|\n)(HTTP/[^ \r\n]*) (\d{3}) ", raw):
+        assert m.group(1) == b"HTTP/1.1" and int(m.group(2)) in _STATUS_OK | {100}, raw[:300]
+    assert raw == b"" or raw.startswith(b"HTTP/1.1 "), raw[:300]
+    # and a normal client is still served
+    ok = exchange(srv.port, b"GET /fast HTTP/1.0\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 OK"), ok
+
+
+def test_fuzzed_server_holds_no_connection_afterwards(shared_server: Any) -> None:
+    """Runs after the fuzz test on the same server: every connection it made
+    is gone (no session leaks on odd input)."""
+    srv, _ = shared_server
+    deadline = time.monotonic() + 5
+    while srv.conns and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not srv.conns and srv.in_app == 0
