@@ -15,6 +15,7 @@ import pytest
 from agent.client import Backoff
 from agent.runner import Agent, AgentOptions
 from agent.spool import Spool
+from lpmos.models import Task
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from tests.integration.test_agent_fakenode import FakeNode
@@ -71,6 +72,23 @@ def run_agent(agent: Agent, timeout: float = 60.0) -> int | None:
     return result[0]
 
 
+def run_until_failed(node: FakeNode, agent: Agent) -> Task:
+    """Run ``agent`` until the node has the task failed, let its spool drain and
+    give it a second to (wrongly) go on, stop it; the failed task."""
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and node.task(SN).status != "failed":
+        time.sleep(0.1)
+    assert agent.spool.wait_empty(20)
+    time.sleep(1.0)                # a second install would show up as more events
+    agent.stop.set()
+    thread.join(20)
+    task = node.task(SN)
+    assert task is not None and task.status == "failed"
+    return task
+
+
 def assert_exactly_once_in_order(node: FakeNode, spool_dir: Path) -> list[dict]:
     journal = Spool(spool_dir).journal()
     ids = [f"agent:{e['seq']}" for e in journal]
@@ -110,18 +128,7 @@ def test_bad_checksum_fails_the_task(node: FakeNode, tmp_path: Path) -> None:
     node.image_sha256 = "0" * 64
     node.add_task(SN, MAC)
     agent = Agent(options(node, tmp_path), inventory=inventory())
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and node.task(SN).status != "failed":
-        time.sleep(0.1)
-    assert agent.spool.wait_empty(20)
-    time.sleep(1.0)                # a second install would show up as more events
-    agent.stop.set()
-    thread.join(20)
-    task = node.task(SN)
-    assert task.status == "failed"
-    assert "sha256 mismatch" in task.reason
+    assert "sha256 mismatch" in run_until_failed(node, agent).reason
     assert_exactly_once_in_order(node, tmp_path / "spool")
 
 
@@ -129,18 +136,7 @@ def test_no_suitable_disk_fails_with_reasons(node: FakeNode, tmp_path: Path) -> 
     node.add_task(SN, MAC)
     usb = [{"name": "sdz", "size_bytes": 64 << 30, "removable": True, "rotational": False}]
     agent = Agent(options(node, tmp_path, target=None), inventory=inventory(usb))
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and node.task(SN).status != "failed":
-        time.sleep(0.1)
-    assert agent.spool.wait_empty(20)
-    time.sleep(1.0)                # a second install would show up as more events
-    agent.stop.set()
-    thread.join(20)
-    task = node.task(SN)
-    assert task.status == "failed"
-    assert "sdz: removable" in task.reason
+    assert "sdz: removable" in run_until_failed(node, agent).reason
 
 
 @needs_tools

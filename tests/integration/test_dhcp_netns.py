@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,47 +32,49 @@ SHORT = 0.7     # seconds to wait for an answer that must not come
 class Lan:
     def __init__(self, net: NetnsPair, server: OurServer, client: PxeClient) -> None:
         self.net, self.server, self.client = net, server, client
+        self.stats: dict[str, dict[str, float]] = {}   # the server's counters, once stopped
 
     @property
     def url(self) -> str:
         return f"http://{self.net.server_ip}:8081"
 
 
-@pytest.fixture(scope="module")
-def pxe_lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
-    """Client without an address (a PXE ROM), the server in proxy mode."""
-    net = NetnsPair(client_address=False).create()
+@contextmanager
+def lan_on(net: NetnsPair, workdir: Path, *flags: str) -> Iterator[Lan]:
+    """Create ``net``, start our server in it with ``flags`` and a client socket;
+    on exit close the socket, stop the server (its counters left in ``Lan.stats``)
+    and remove the namespaces, however far the setup got."""
+    net.create()
     server = None
     sock = None
+    lan = None
     try:
-        server = OurServer(net, tmp_path_factory.mktemp("pxe"))
+        server = OurServer(net, workdir, *flags)
         sock = client_socket(net.client, net.client_if)
-        yield Lan(net, server, PxeClient(sock))
+        lan = Lan(net, server, PxeClient(sock))
+        yield lan
     finally:
         if sock is not None:
             sock.close()
-        if server is not None:
-            server.stop()
+        stats = server.stop() if server is not None else {}
+        if lan is not None:
+            lan.stats = stats
         net.destroy()
+
+
+@pytest.fixture(scope="module")
+def pxe_lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
+    """Client without an address (a PXE ROM), the server in proxy mode."""
+    with lan_on(NetnsPair(client_address=False), tmp_path_factory.mktemp("pxe")) as lan:
+        yield lan
 
 
 @pytest.fixture(scope="module")
 def booted_lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
     """Client with an address (after the site DHCP), for port 4011 and relays."""
-    net = NetnsPair(client_address=True).create()
-    server = None
-    sock = None
-    try:
-        server = OurServer(net, tmp_path_factory.mktemp("booted"),
-                           "--dhcp-relays", net.client_ip)
-        sock = client_socket(net.client, net.client_if)
-        yield Lan(net, server, PxeClient(sock))
-    finally:
-        if sock is not None:
-            sock.close()
-        if server is not None:
-            server.stop()
-        net.destroy()
+    net = NetnsPair(client_address=True)
+    with lan_on(net, tmp_path_factory.mktemp("booted"), "--dhcp-relays", net.client_ip) as lan:
+        yield lan
 
 
 def mac(n: int) -> str:
@@ -236,26 +239,18 @@ def _malformed() -> dict[str, bytes]:
 
 
 def test_malformed_packets_dropped_counted_and_loop_survives(tmp_path: Path) -> None:
-    net = NetnsPair(client_address=False).create()
-    server = None
-    sock = None
-    try:
-        server = OurServer(net, tmp_path, "--dhcp-allow-macs", f"{mac(0x91)},{mac(0x92)}")
-        sock = client_socket(net.client, net.client_if)
-        client = PxeClient(sock)
+    with lan_on(NetnsPair(client_address=False), tmp_path,
+                "--dhcp-allow-macs", f"{mac(0x91)},{mac(0x92)}") as lan:
+        client = lan.client
         cases = _malformed()
         for data in cases.values():
             for _ in range(3):
-                sock.sendto(data, ("255.255.255.255", 67))
+                client.sock.sendto(data, ("255.255.255.255", 67))
         assert client.discover(mac(0x91), arch=7) is not None      # still answering
         assert client.discover(mac(0x93), arch=7, timeout=SHORT) is None  # not allowed
         assert client.discover(mac(0x92), arch=0) is not None
         assert client.discover(mac(0x94), arch=11, timeout=SHORT) is None
-    finally:
-        if sock is not None:
-            sock.close()
-        stats = server.stop() if server is not None else {}
-        net.destroy()
+    stats = lan.stats
     dropped = stats["dhcp_dropped_total"]
     for reason in cases:
         assert dropped.get(f"reason={reason}") == 3, (reason, dropped)
@@ -266,39 +261,19 @@ def test_malformed_packets_dropped_counted_and_loop_survives(tmp_path: Path) -> 
 
 
 def test_known_only_without_machines_answers_nobody(tmp_path: Path) -> None:
-    net = NetnsPair(client_address=False).create()
-    server = None
-    sock = None
-    try:
-        server = OurServer(net, tmp_path, "--dhcp-known-only", "true")
-        sock = client_socket(net.client, net.client_if)
-        assert PxeClient(sock).discover(mac(0xA0), arch=7, timeout=SHORT) is None
-    finally:
-        if sock is not None:
-            sock.close()
-        stats = server.stop() if server is not None else {}
-        net.destroy()
-    assert stats["dhcp_dropped_total"]["reason=unknown_machine"] == 1
+    with lan_on(NetnsPair(client_address=False), tmp_path, "--dhcp-known-only", "true") as lan:
+        assert lan.client.discover(mac(0xA0), arch=7, timeout=SHORT) is None
+    assert lan.stats["dhcp_dropped_total"]["reason=unknown_machine"] == 1
 
 
 def test_configured_arm64_and_snponly(tmp_path: Path) -> None:
-    net = NetnsPair(client_address=False).create()
-    server = None
-    sock = None
-    try:
-        server = OurServer(net, tmp_path, "--dhcp-bootfile-efi64", "snponly.efi",
-                           "--dhcp-bootfile-arm64", "arm64/ipxe.efi")
-        sock = client_socket(net.client, net.client_if)
-        client = PxeClient(sock)
+    net = NetnsPair(client_address=False)
+    with lan_on(net, tmp_path, "--dhcp-bootfile-efi64", "snponly.efi",
+                "--dhcp-bootfile-arm64", "arm64/ipxe.efi") as lan:
+        client = lan.client
         arm = client.discover(mac(0xB0), arch=11, vendor_class=b"PXEClient:Arch:00011")
         x64 = client.discover(mac(0xB1), arch=9, vendor_class=b"PXEClient:Arch:00009")
         http = client.discover(mac(0xB2), arch=19, vendor_class=b"HTTPClient:Arch:00019")
-    finally:
-        if sock is not None:
-            sock.close()
-        if server is not None:
-            server.stop()
-        net.destroy()
     assert arm is not None and arm.boot_file == "arm64/ipxe.efi"
     assert x64 is not None and x64.boot_file == "snponly.efi"
     assert http is not None and http.boot_file == f"http://{net.server_ip}:8081/ipxe/arm64/ipxe.efi"
