@@ -70,11 +70,13 @@ class _Refuse(Exception):
 
 
 class _Request:
-    __slots__ = ("body", "headers", "keep_alive", "method", "url", "version")
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "url", "version")
 
     def __init__(self) -> None:
         self.method = b""
         self.url = b""
+        self.path = b""             # percent-encoded, as sent
+        self.query = b""
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
@@ -101,6 +103,7 @@ class _Conn(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.lingering = False      # refused: reading and dropping until closed
+        self.deferred: tuple[int, str, str] | None = None   # a refusal due after earlier answers
         self._drained: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol
@@ -195,6 +198,8 @@ class _Conn(asyncio.Protocol):
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
+        if parser.should_upgrade():     # WebSocket, h2c, CONNECT: never handed to the app
+            raise _Refuse(400, "upgrade", "protocol upgrades are not served here")
         self.in_head = False
         size = sum(len(n) + len(v) + 4 for n, v in req.headers) + len(req.url)
         server = self.server
@@ -227,6 +232,11 @@ class _Conn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         req = self.req
         assert req is not None
+        try:
+            url = httptools.parse_url(req.url)
+        except httptools.HttpParserInvalidURLError:
+            raise _Refuse(400, "bad_request", "malformed request target") from None
+        req.path, req.query = url.path or b"", url.query or b""
         self.req = None
         self.started = 0.0
         self.head_bytes = 0
@@ -245,18 +255,22 @@ class _Conn(asyncio.Protocol):
         while self.queue and not self.closed:
             req = self.queue.popleft()
             if fast is not None and req.method == b"GET":
-                url = httptools.parse_url(req.url)
-                path = url.path
+                path = req.path
                 if b"%" in path:        # iPXE sends ${net0/mac} as 52%3A54%3A...
                     path = unquote_to_bytes(path)
-                answer = fast(path.decode("latin-1"),
-                              url.query.decode("latin-1") if url.query else "", self.peer[0])
+                answer = fast(path.decode("latin-1"), req.query.decode("latin-1"), self.peer[0])
                 if answer is not None:
                     self.write_answer(req, *answer)
                     continue
             self.busy = True
             fut = self.server.run_app(self, req)
             fut.add_done_callback(functools.partial(self.app_done, req))
+            return
+        if self.deferred is not None and not self.closed:
+            status, reason, detail = self.deferred
+            self.deferred = None
+            self.lingering = False
+            self.refuse(status, reason, detail)
             return
         if self.read_paused and not self.closed and self.transport is not None:
             self.read_paused = False
@@ -311,7 +325,13 @@ class _Conn(asyncio.Protocol):
         """Answer ``status`` and close.  The close lingers: our side is shut
         for writing, whatever the client still sends is read and dropped for
         up to :data:`LINGER` seconds, so the refusal is not lost to a reset
-        (closing a socket with unread input sends RST)."""
+        (closing a socket with unread input sends RST).  With answers to
+        earlier (pipelined) requests still due, it waits for them: answers
+        go out in the order of the requests."""
+        if (self.busy or self.queue) and not self.closed:
+            self.deferred = (status, reason, detail)
+            self.lingering = True   # nothing more is read from this client
+            return
         self.server.count_refused(reason)
         transport = self.transport
         if transport is None or self.closed or transport.is_closing():
@@ -415,13 +435,12 @@ class AsyncHttpServer:
         self.in_app -= 1
 
     def _environ(self, conn: _Conn, req: _Request) -> dict[str, Any]:
-        url = httptools.parse_url(req.url)
         body = b"".join(req.body)
         environ: dict[str, Any] = {
             "REQUEST_METHOD": req.method.decode("latin-1"),
             "SCRIPT_NAME": "",
-            "PATH_INFO": unquote_to_bytes(url.path).decode("latin-1"),
-            "QUERY_STRING": url.query.decode("latin-1") if url.query else "",
+            "PATH_INFO": unquote_to_bytes(req.path).decode("latin-1"),
+            "QUERY_STRING": req.query.decode("latin-1"),
             "SERVER_NAME": self.host,
             "SERVER_PORT": str(self.port),
             "SERVER_PROTOCOL": f"HTTP/{req.version}",

@@ -148,6 +148,21 @@ def test_keep_alive_and_pipelining_answer_in_order(server: Any) -> None:
     assert all(t.startswith("http-worker") for t in app.threads), app.threads
 
 
+def test_a_refusal_waits_for_the_answers_before_it(server: Any) -> None:
+    """Pipelined: a request for the app, then one the parser refuses (a
+    target llhttp takes but the URL parser does not): 200 first, then the
+    400, then the close; nothing after the bad request is read."""
+    srv, _ = server
+    raw = exchange(srv.port, b"GET /echo?slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                             b"GET http:// HTTP/1.1\r\nHost: x\r\n\r\n"
+                             b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = responses(raw)
+    assert [g[0] for g in got] == ["HTTP/1.1 200 OK", "HTTP/1.1 400 Bad Request"], raw[:400]
+    assert json.loads(got[0][2])["query"] == "slow"
+    assert json.loads(got[1][2])["error"] == "bad_request"
+    assert got[1][1]["connection"] == "close"
+
+
 def test_http10_closes_and_head_has_no_body(server: Any) -> None:
     srv, _ = server
     raw = exchange(srv.port, b"GET /fast HTTP/1.0\r\n\r\n")
