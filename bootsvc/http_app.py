@@ -63,10 +63,11 @@ from bootsvc.decide import (
     install_kind,
 )
 from bootsvc.events import EventPipeline, EventsRefused
-from bootsvc.http_server import AsyncHttpServer, ThreadedLoop
+from bootsvc.http_server import AsyncHttpServer
 from bootsvc.machines import MachineView
 from bootsvc.registration import Registrar, RegistrationConflict, parse_register
 from bootsvc.render import Renderer, RenderError, build_context, file_url
+from bootsvc.threaded_loop import ThreadedLoop
 from bootsvc.tokens import MachineTokens, TokenError
 from lpmos.catalog import Catalog, CatalogError, Image, default_catalog_path, load_catalog
 from lpmos.config import (

@@ -34,7 +34,6 @@ import functools
 import io
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -553,23 +552,4 @@ class AsyncHttpServer:
         fut.result(timeout=max(self.timeout, 5.0) * 2)
 
 
-class ThreadedLoop:
-    """An asyncio loop in a daemon thread (for a server used outside the
-    node's own loop: tests, tools)."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def call(self, coro: Any, timeout: float = 15.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        if not self.loop.is_running():
-            self.loop.close()
-
-
-__all__ = ["AsyncHttpServer", "FastAnswer", "FastHandler", "ThreadedLoop"]
+__all__ = ["AsyncHttpServer", "FastAnswer", "FastHandler"]

@@ -67,6 +67,7 @@ from bootsvc.tftp_root import (
     VirtualSource,
     prepare_tftp_root,
 )
+from bootsvc.threaded_loop import ThreadedLoop
 from lpmos.config import Setting, float_range, int_range, parse_optional_path
 from lpmos.metrics import Registry
 
@@ -948,20 +949,18 @@ class ThreadedTftpServer:
     def __init__(self, root: Path, **kwargs: Any) -> None:
         self._kwargs = kwargs
         self._root = root
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="tftp-server")
+        self._loop: ThreadedLoop | None = None
         self.server: TftpServer | None = None
 
     def __enter__(self) -> TftpServer:
-        self._thread.start()
+        self._loop = ThreadedLoop("tftp-server")
 
         async def start() -> TftpServer:
             server = TftpServer(self._root, **self._kwargs)
             await server.start()
             return server
 
-        self.server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
+        self.server = self._loop.call(start(), 10)
         return self.server
 
     def call(self, fn: Callable[[], Any]) -> Any:
@@ -969,13 +968,13 @@ class ThreadedTftpServer:
         access to the server's state)."""
         async def run() -> Any:
             return fn()
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+        assert self._loop is not None
+        return self._loop.call(run(), 10)
 
     def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None
         if self.server is not None:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+            self._loop.call(self.server.stop(), 10)
         self._loop.close()
 
 

@@ -18,7 +18,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootsvc.http_server import AsyncHttpServer, ThreadedLoop
+from bootsvc.http_server import AsyncHttpServer
+from bootsvc.threaded_loop import ThreadedLoop
 
 BIG = bytes(range(256)) * (3 * 4096 + 7)      # ~3 MiB: streamed, not buffered
 
