@@ -661,19 +661,31 @@ class TftpServer:
         s.retries_left = self.retries
 
     def _on_other_packet(self, s: _Session, datagram: bytes) -> None:
+        status = self._other_packet(s, datagram)
+        if status:
+            self._close(s, status)
+
+    def _other_packet(self, s: _Session, datagram: bytes) -> str | None:
+        """Anything but an ACK on a session's port (the loop's sessions and the
+        threaded ones alike): the status that ends the session, or ``None``
+        when the datagram is dropped."""
         try:
             packet = tftp.parse_packet(datagram)
         except MalformedPacket as exc:
             self.metrics.inc("tftp_dropped_total", reason=f"session_{exc.reason}")
-            return
+            return None
         if isinstance(packet, tftp.Error):
             self.metrics.inc("tftp_client_errors_total", code=packet.code)
-            self._close(s, "aborted" if s.state == _STATE_OACK else "client_error")
-            return
+            return "aborted" if s.state == _STATE_OACK else "client_error"
         # DATA, RRQ, OACK on a read transfer's port: illegal (RFC 1350)
         self.metrics.inc("tftp_errors_sent_total", code=ErrorCode.ILLEGAL_OPERATION)
-        self._send(s, tftp.build_error(ErrorCode.ILLEGAL_OPERATION, "unexpected packet"))
-        self._close(s, "illegal_packet")
+        try:
+            s.sock.send(tftp.build_error(ErrorCode.ILLEGAL_OPERATION, "unexpected packet"))
+        except (BlockingIOError, InterruptedError):
+            pass            # lost like on the wire
+        except OSError as exc:
+            return "vanished" if exc.errno == errno.ECONNREFUSED else "send_error"
+        return "illegal_packet"
 
     def _close(self, s: _Session, status: str) -> None:
         if s.closed:
@@ -801,7 +813,7 @@ class TftpServer:
                         tries = 0
                         _set_rcvtimeo(sock, s.timeout)
                     continue
-                other = self._threaded_other_packet(s, d)
+                other = self._other_packet(s, d)
                 if other:
                     status = other
                     break
@@ -819,24 +831,6 @@ class TftpServer:
         sock.close()
         s.data = b""
         _release(s)
-
-    def _threaded_other_packet(self, s: _Session, datagram: bytes) -> str | None:
-        """Anything but an ACK on a threaded session: the status that ends
-        it, or ``None`` when the datagram is dropped."""
-        try:
-            packet = tftp.parse_packet(datagram)
-        except MalformedPacket as exc:
-            self.metrics.inc("tftp_dropped_total", reason=f"session_{exc.reason}")
-            return None
-        if isinstance(packet, tftp.Error):
-            self.metrics.inc("tftp_client_errors_total", code=packet.code)
-            return "client_error"
-        self.metrics.inc("tftp_errors_sent_total", code=ErrorCode.ILLEGAL_OPERATION)
-        try:
-            s.sock.send(tftp.build_error(ErrorCode.ILLEGAL_OPERATION, "unexpected packet"))
-        except OSError:
-            pass
-        return "illegal_packet"
 
 
 def _release(s: _Session) -> None:
