@@ -277,9 +277,10 @@ class _Conn(asyncio.Protocol):
 
     def write_answer(self, req: _Request, status: int, ctype: str, body: bytes) -> None:
         keep = req.keep_alive and not self.server.stopping
+        close = "" if keep else "Connection: close\r\n"
         head = (f"HTTP/1.1 {status} {phrase(status)}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
-                f"{'' if keep else 'Connection: close' + chr(13) + chr(10)}\r\n").encode()
+                f"{close}\r\n").encode()
         transport = self.transport
         assert transport is not None
         transport.write(head + body if req.method not in _NO_BODY else head)

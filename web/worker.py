@@ -239,6 +239,10 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
 
     def _drop_head(self, conn: BufferedConn) -> None:
         self._heads.pop(conn, None)
+        self._unwatch(conn)
+
+    def _unwatch(self, conn: BufferedConn) -> None:
+        """Take ``conn`` out of the poller, whether or not it is still in it."""
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
@@ -308,10 +312,7 @@ class BufferedThreadWorker(ThreadWorker):  # type: ignore[misc]
 
     def _end_linger(self, conn: BufferedConn) -> None:
         self._lingering.pop(conn, None)
-        try:
-            self.poller.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
+        self._unwatch(conn)
         conn.close()
 
     # -- timers -------------------------------------------------------------------------
