@@ -16,7 +16,7 @@ import pytest
 
 from bootsvc import tftp
 from bootsvc.tftp import Ack, Data, Error, ErrorCode, Oack
-from bootsvc.tftp_server import TftpServer, ThreadedTftpServer
+from bootsvc.tftp_server import SPIN_GIVE_UP, TftpServer, ThreadedTftpServer
 from lpmos.metrics import Registry
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-ROOT"
@@ -78,8 +78,9 @@ def exchange(port: int, datagram: bytes, timeout: float = 2.0):
 
 
 def fetch(port: int, name: str, options=(), sock: socket.socket | None = None,
-          dup_acks: int = 1) -> tuple[bytes, int]:
-    """A minimal RFC 1350/7440 client; returns (content, DATA packets seen)."""
+          dup_acks: int = 1, pace: float = 0.0) -> tuple[bytes, int]:
+    """A minimal RFC 1350/7440 client; returns (content, DATA packets seen).
+    ``pace``: seconds it waits before each ACK of a block (a slow client)."""
     own = sock is None
     sock = sock or client()
     opts = dict(options)
@@ -116,6 +117,8 @@ def fetch(port: int, name: str, options=(), sock: socket.socket | None = None,
             last = len(packet.payload) < blksize
             if last or in_window >= window:
                 in_window = 0
+                if pace:
+                    time.sleep(pace)
                 for _ in range(dup_acks):
                     sock.sendto(tftp.build_ack(packet.block), peer)
             if last:
@@ -488,3 +491,44 @@ def test_a_threaded_transfer_ends_as_its_thread_saw_it(tree):
     finally:
         loop.run_until_complete(srv.stop())
         loop.close()
+
+
+def polls(srv) -> tuple[float, float]:
+    m = srv.metrics
+    return (m.get("tftp_lockstep_polls_total", result="hit"),
+            m.get("tftp_lockstep_polls_total", result="miss"))
+
+
+def test_lockstep_thread_polls_for_a_quick_clients_ack(tree):
+    """The lock-step thread busy-polls for each ACK: a client on loopback
+    answers within the budget, so the waits end as hits."""
+    blocks = (tree / "file").stat().st_size // 512 + 1
+    with serve(tree, lockstep_threads=2, spin=1e-3) as srv:
+        content, _ = fetch(srv.port, "file")
+        assert content == (tree / "file").read_bytes()
+        assert wait_for(lambda: srv.records and srv.records[-1]["status"] == "ok")
+        hits, misses = polls(srv)
+        assert hits >= 1 and hits + misses <= blocks
+
+
+def test_lockstep_thread_stops_polling_for_a_slow_client(tree):
+    """A client slower than the budget: after SPIN_GIVE_UP misses in a row
+    the thread sleeps in recv for the rest of the transfer, which still
+    completes intact."""
+    blocks = (tree / "file").stat().st_size // 512 + 1
+    with serve(tree, lockstep_threads=2, spin=200e-6, timeout=1.0) as srv:
+        content, _ = fetch(srv.port, "file", pace=0.003)
+        assert content == (tree / "file").read_bytes()
+        assert wait_for(lambda: srv.records and srv.records[-1]["status"] == "ok")
+        hits, misses = polls(srv)
+        assert misses >= SPIN_GIVE_UP
+        assert hits + misses < blocks - 10       # it stopped polling well before the end
+
+
+def test_no_polling_when_spin_is_off(tree):
+    with serve(tree, lockstep_threads=2, spin=0) as srv:
+        content, _ = fetch(srv.port, "file")
+        assert content == (tree / "file").read_bytes()
+        assert wait_for(lambda: srv.records and srv.records[-1]["status"] == "ok")
+        assert polls(srv) == (0, 0)
+        assert srv.metrics.get("tftp_lockstep_threaded_total") == 1
