@@ -122,7 +122,7 @@ class Sandbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for proc in self.procs:
+        for proc in list(self.procs):      # kill() removes it from the list
             self.kill(proc)
         if self.netns:
             subprocess.run(["ip", "netns", "delete", self.netns], check=False)

@@ -825,6 +825,9 @@ class TftpServer:
         status = "ok"
         spin = self.spin
         hits = misses = missed = 0          # missed: misses in a row
+        # poll only while the server is idle: on a busy one the loop thread
+        # needs the CPU and the GIL that polling would take
+        sessions, idle = self._sessions, self.lockstep_threads
         try:
             sock.setblocking(True)
             _set_rcvtimeo(sock, s.timeout)
@@ -833,7 +836,7 @@ class TftpServer:
             tries = 0
             while not s.closed:
                 try:
-                    if spin:
+                    if spin and len(sessions) <= idle:
                         d = _poll_recv(recv, spin)
                         if d is None:
                             misses += 1

@@ -34,3 +34,14 @@ def test_tftp_bench_quick_prints_table_and_json(tmp_path):
         assert report["saturation"]["more_generators_ok"] > 0
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
     assert b"lpmos-tftpb-" not in netns.stdout    # the namespace was removed
+
+
+def test_bench_sandbox_stops_every_process_it_started():
+    """Every server the bench started is gone when it ends (a leftover
+    server would also skew the next run's numbers)."""
+    sys.path.insert(0, str(REPO))
+    from bench.tftp_bench import Sandbox
+
+    with Sandbox(use_netns=False) as sandbox:
+        procs = [sandbox.popen(["sleep", "30"]) for _ in range(3)]
+    assert [p.poll() for p in procs] == [-15, -15, -15]     # SIGTERM, all three
