@@ -8,6 +8,7 @@ import asyncio
 import os
 import socket
 import struct
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -532,3 +533,22 @@ def test_no_polling_when_spin_is_off(tree):
         assert wait_for(lambda: srv.records and srv.records[-1]["status"] == "ok")
         assert polls(srv) == (0, 0)
         assert srv.metrics.get("tftp_lockstep_threaded_total") == 1
+
+
+def test_lockstep_workers_are_started_once_and_stopped_with_the_server(tree):
+    """The lock-step threads are a fixed pool started with the server (not a
+    thread per transfer) and gone once it stops."""
+    def workers() -> int:
+        return sum(t.name.startswith("tftp-lockstep-") for t in threading.enumerate())
+
+    before = workers()
+    with serve(tree, lockstep_threads=3) as srv:
+        assert workers() == before + 3
+        for _ in range(4):
+            content, _ = fetch(srv.port, "file")
+            assert content == (tree / "file").read_bytes()
+        assert wait_for(lambda: len(srv.records) == 4)
+        assert [r["status"] for r in srv.records] == ["ok"] * 4
+        assert srv.metrics.get("tftp_lockstep_threaded_total") == 4
+        assert workers() == before + 3
+    assert workers() == before
