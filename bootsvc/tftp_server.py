@@ -25,8 +25,9 @@ How it is fast:
 * metrics are counted per session and added to the registry once, at the
   end of the transfer;
 * while the server is nearly idle (at most ``lockstep_threads`` transfers),
-  a lock-step transfer (no windowsize: most firmware) is driven by a thread
-  of its own with blocking ``recv``/``send`` once its options are settled:
+  a lock-step transfer (no windowsize: most firmware) is driven by one of
+  ``lockstep_threads`` threads (started with the server) with blocking
+  ``recv``/``send`` once its options are settled:
   one ACK costs two system calls and a few lines of Python, without the
   event loop's wake-up machinery, which is what a single lock-step transfer
   waits on (tftpd-hpa's process per transfer does the same).  The thread
@@ -118,7 +119,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tftp.cache_mb", "--tftp-cache-mb", 256, int_range(0, 65536),
             "megabytes of hot files kept in memory", metavar="MB"),
     Setting("tftp.lockstep_threads", "--tftp-lockstep-threads", 2, int_range(0, 64),
-            "lock-step transfers (no windowsize) driven by a thread of their own while the "
+            "threads that each drive one lock-step transfer (no windowsize) while the "
             "server has at most this many transfers; 0: every transfer on the event loop",
             metavar="N"),
     Setting("tftp.spin_us", "--tftp-spin", 50, int_range(0, 1000),
