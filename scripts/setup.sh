@@ -14,6 +14,7 @@ SYSTEM_PACKAGES=(
   tftpd-hpa tftp-hpa atftp curl  # TFTP reference server and real TFTP clients in tests
   busybox udhcpc isc-dhcp-client # real DHCP clients in tests
   iproute2 iptables openssl      # network namespaces, veths, bridges; test certificates
+  strace                         # the filesystem audit of a whole node run (tests/integration/test_fs_audit.py)
   chromium                       # browser tests (driven by Playwright, never downloaded)
   debootstrap cpio zstd squashfs-tools xz-utils   # live-image and lab-OS builds
   kmod syslinux syslinux-common grub-efi-amd64-bin  # images/build.py: modules, BIOS/UEFI boot loaders
