@@ -6,8 +6,10 @@ Starts every server itself, drives each with the same load generator
 (``bench.tftp_loadgen``, one process, bounded in count and time) and prints,
 per case, the median seconds of ``--reps`` repetitions for each server and the
 ratio reference/ours (above 1: ours is faster).  Repetitions are interleaved
-(ours, tftpd-hpa, dnsmasq, ours, ...) so that drift in the machine's load
-hits every server alike.
+and rotated (ours, tftpd-hpa, dnsmasq; then tftpd-hpa, dnsmasq, ours; ...)
+so that drift in the machine's load hits every server alike and no server
+always runs right after the same other one (tftpd-hpa's 200 forked children
+exiting, for one, leave the machine warmer or busier for whoever is next).
 
 When run as root, everything (servers, relay, generator) runs inside a network
 namespace the bench creates and removes, on its loopback; that is what lets
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tftp_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny run, seconds")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3, "
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5, "
                         "quick 1)")
     parser.add_argument("--json", type=Path, default=None,
                         help="where to write the results (default bench/results/tftp.json, "
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-netns", action="store_true",
                         help="run on the host's loopback even as root (dnsmasq is skipped)")
     args = parser.parse_args(argv)
-    reps = args.reps or (1 if args.quick else 3)
+    reps = args.reps or (1 if args.quick else 5)
     files, cases = (QUICK_FILES, QUICK_CASES) if args.quick else (FULL_FILES, FULL_CASES)
     use_netns = os.geteuid() == 0 and not args.no_netns and shutil.which("ip") is not None
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -387,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             size, digest = info[case.file]
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in servers}
-            for _ in range(reps):
-                for kind in servers:
+            for rep in range(reps):
+                turn = rep % len(servers)
+                for kind in servers[turn:] + servers[:turn]:
                     gens = args.generators if case.transfers > 1 else 1
                     runs[kind].append(measure(sandbox, running[kind], case, size, digest,
                                               gens))

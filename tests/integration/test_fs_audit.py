@@ -55,13 +55,14 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pytest
 import requests
 
 from bootsvc import dhcp
 from lpmos.models import Task
-from lpmos.store.embedded import _is_our_etcd, _pid_alive, free_port
+from lpmos.store.embedded import _is_our_etcd, _pid_alive
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.tasks import TaskService
@@ -71,10 +72,8 @@ from tests.reliability.support import (
     auth,
     decision_of,
     eventually,
-    free_udp,
     progress,
     register,
-    write_catalog,
 )
 
 # -- the trace ------------------------------------------------------------------------------
@@ -527,38 +526,22 @@ class TracedRegional(Regional):
     def state(self) -> Path:
         return self.workdir / "state"
 
-    def start(self, *, wait_for: tuple[str, ...] = ("ok",), timeout: float = 40.0) -> Regional:
-        self.ports = {"dhcp": free_udp(), "proxy": free_udp(), "tftp": free_udp(),
-                      "http": free_port()}
-        catalog = self.workdir / "images" / "catalog.toml"
-        if not catalog.exists():
-            (self.workdir / "images").mkdir(parents=True, exist_ok=True)
-            write_catalog(self.workdir / "images")
+    def command(self, catalog: Path) -> list[str]:
+        # etcd_url "": the embedded etcd under the state dir
+        return [*strace_cmd(self.workdir / "strace.log"), *super().command(catalog)]
+
+    def spawn(self, cmd: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
         cwd = self.workdir / "cwd"      # empty, not the state dir: a relative write shows
         cwd.mkdir()
-        cmd = [*strace_cmd(self.workdir / "strace.log"),
-               sys.executable, "-m", "lpmos", "regional", "--idc", IDC,
-               "--node-name", self.name, "--state-dir", str(self.state),
-               "--etcd-endpoints", "",          # empty: the embedded etcd under the state dir
-               "--etcd-prefix", self.prefix, "--catalog", str(catalog),
-               "--listen", "127.0.0.1", "--dhcp-port", str(self.ports["dhcp"]),
-               "--dhcp-proxy-port", str(self.ports["proxy"]),
-               "--tftp-port", str(self.ports["tftp"]), "--http-port", str(self.ports["http"]),
-               *self.flags]
         env = {k: v for k, v in os.environ.items() if not k.startswith("LPMOS_")}
         # Python's own bytecode cache (__pycache__/*.pyc of the source tree) is
         # not the node's doing; a deployed node runs precompiled.
         env["PYTHONDONTWRITEBYTECODE"] = "1"
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)
+        return subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
 
-        def up() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, self.log()
-            return bool(requests.get(self.url + "/healthz", timeout=3).json().get("status")
-                        in wait_for)
-
-        eventually(up, timeout, 0.1, what="traced node /healthz ok")
+    def start(self, *, wait_for: tuple[str, ...] = ("ok",), timeout: float = 40.0) -> Regional:
+        super().start(wait_for=wait_for, timeout=timeout)
         assert self.proc is not None
         kids = _children(self.proc.pid)
         assert len(kids) == 1, kids

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import requests
 
@@ -102,17 +102,8 @@ class Regional:
         if not catalog.exists():
             (self.workdir / "images").mkdir(parents=True, exist_ok=True)
             write_catalog(self.workdir / "images")
-        cmd = [sys.executable, "-m", "lpmos", "regional", "--idc", IDC,
-               "--node-name", self.name, "--state-dir", str(self.workdir / "state"),
-               "--etcd-endpoints", self.etcd_url, "--etcd-prefix", self.prefix,
-               "--catalog", str(catalog), "--listen", "127.0.0.1",
-               "--dhcp-port", str(self.ports["dhcp"]),
-               "--dhcp-proxy-port", str(self.ports["proxy"]),
-               "--tftp-port", str(self.ports["tftp"]), "--http-port", str(self.ports["http"]),
-               *self.flags]
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = self.spawn(self.command(catalog), log)
 
         def up() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.log()
@@ -121,6 +112,20 @@ class Regional:
 
         eventually(up, timeout, 0.2, what=f"{self.name} /healthz in {wait_for}")
         return self
+
+    def command(self, catalog: Path) -> list[str]:
+        return [sys.executable, "-m", "lpmos", "regional", "--idc", IDC,
+                "--node-name", self.name, "--state-dir", str(self.workdir / "state"),
+                "--etcd-endpoints", self.etcd_url, "--etcd-prefix", self.prefix,
+                "--catalog", str(catalog), "--listen", "127.0.0.1",
+                "--dhcp-port", str(self.ports["dhcp"]),
+                "--dhcp-proxy-port", str(self.ports["proxy"]),
+                "--tftp-port", str(self.ports["tftp"]), "--http-port", str(self.ports["http"]),
+                *self.flags]
+
+    def spawn(self, cmd: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
     def kill(self) -> None:
         if self.proc is not None:
