@@ -138,6 +138,8 @@ GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 #: seconds ``stop()`` waits for a threaded transfer that has sent its last block
 THREAD_GRACE = 0.5
+#: seconds before a repeated request for a threaded transfer is looked at again
+RECHECK_DELAY = 0.01
 #: Linux ``IP_PKTINFO`` (Python 3.11 does not export it)
 IP_PKTINFO = 8
 #: longest wait between retransmissions (atftp's and tftp-hpa's own timeout)
@@ -171,7 +173,7 @@ class _Session:
     data: bytes
     deadline: float          # loop time after which the timer retransmits
     fd: int
-    final: str               # a threaded session's own verdict, once it reached one
+    final: str               # how it ended: its thread's verdict, or the status at close
     gso: bool
     last_progress: float
     mv: memoryview
@@ -351,11 +353,26 @@ class TftpServer:
             except OSError:
                 # an ICMP error queued on the server socket: nothing to do
                 continue
-            try:
-                self._handle_request(datagram, (addr[0], addr[1]), local)
-            except Exception:   # one bad datagram must never stop the server
-                log.exception("tftp: unexpected error handling a request from %s", addr[0])
-                self.metrics.inc("tftp_dropped_total", reason="internal_error")
+            self._handle_safely(datagram, (addr[0], addr[1]), local)
+
+    def _handle_safely(self, datagram: bytes, addr: tuple[str, int], local: str | None,
+                       again: bool = False) -> None:
+        if self._sock is None:
+            return          # stopped while a request waited for a second look
+        try:
+            self._handle_request(datagram, addr, local, again)
+        except Exception:   # one bad datagram must never stop the server
+            log.exception("tftp: unexpected error handling a request from %s", addr[0])
+            self.metrics.inc("tftp_dropped_total", reason="internal_error")
+
+    def _request_again(self, datagram: bytes, addr: tuple[str, int], local: str | None,
+                       old: _Session) -> None:
+        """The second look at a repeated request for a threaded transfer: a new
+        transfer if the client had aborted the old one, else a late copy."""
+        if old.final == "client_error":
+            self._handle_safely(datagram, addr, local, again=True)
+        else:
+            self.metrics.inc("tftp_dropped_total", reason="duplicate_request")
 
     def _refuse(self, addr: tuple[str, int], code: int, message: str, reason: str) -> None:
         self.metrics.inc("tftp_refused_total", reason=reason)
@@ -366,8 +383,10 @@ class TftpServer:
             except OSError:
                 pass
 
-    def _handle_request(self, datagram: bytes, addr: tuple[str, int], local: str | None) -> None:
-        self.metrics.inc("tftp_requests_total")
+    def _handle_request(self, datagram: bytes, addr: tuple[str, int], local: str | None,
+                        again: bool = False) -> None:
+        if not again:
+            self.metrics.inc("tftp_requests_total")
         if addr[1] == 0:
             self.metrics.inc("tftp_dropped_total", reason="source_port_zero")
             return
@@ -392,7 +411,18 @@ class TftpServer:
             # must be seen before deciding the new request is a duplicate
             if not existing.threaded:
                 self._on_readable(existing)
+            elif existing.final:
+                # its thread has seen the end; the hand-back is on its way
+                self._close(existing, existing.final)
             if not existing.closed:
+                if existing.request == datagram and existing.threaded and not again:
+                    # the client may have aborted (ERROR) and asked again at
+                    # once: its thread may be reading that ERROR right now,
+                    # unseen from here; look again when it has had the time
+                    assert self._loop is not None
+                    self._loop.call_later(RECHECK_DELAY, self._request_again, datagram,
+                                          addr, local, existing)
+                    return
                 if existing.request == datagram:
                     # the client did not hear our first answer: say it again;
                     # a late copy once the transfer is under way is ignored
@@ -760,6 +790,7 @@ class TftpServer:
             # its thread finished the transfer and handed it back; the loop
             # closing it first (shutdown, eviction) must not rewrite how it ended
             status = s.final
+        s.final = status
         s.closed = True
         if s.timer is not None:
             s.timer.cancel()

@@ -330,7 +330,12 @@ def test_late_duplicate_rrq_does_not_disturb_the_transfer(server, tree):
                 chunks.append(packet.payload)
             sock.sendto(tftp.build_ack(block), peer)
     assert b"".join(chunks) == (tree / "file").read_bytes()
-    assert server.metrics.get("tftp_dropped_total", reason="duplicate_request") == 1
+    # for a threaded transfer the copy is judged a moment later (see the next test)
+    assert wait_for(lambda: server.metrics.get("tftp_dropped_total",
+                                               reason="duplicate_request") == 1)
+    assert wait_for(lambda: [r["status"] for r in server.records] == ["ok"])
+    time.sleep(0.05)
+    assert server.active_sessions == 0 and len(server.records) == 1   # no second transfer
 
 
 def test_retransmitted_rrq_reuses_the_session(server):
@@ -552,3 +557,27 @@ def test_lockstep_workers_are_started_once_and_stopped_with_the_server(tree):
         assert srv.metrics.get("tftp_lockstep_threaded_total") == 4
         assert workers() == before + 3
     assert workers() == before
+
+
+def test_abort_then_same_request_from_same_port_during_a_threaded_transfer(tree):
+    """A client aborts a lock-step transfer (driven by a thread) with ERROR and
+    at once sends the same RRQ again from the same port: that is a new
+    transfer, answered at once, not a duplicate of the old one to ignore."""
+    with serve(tree, lockstep_threads=2, timeout=1.0) as srv:
+        with client(0.5) as sock:
+            request = rrq("file")
+            sock.sendto(request, ("127.0.0.1", srv.port))
+            packet, first_peer = sock.recvfrom(70000)
+            assert tftp.parse_packet(packet) == Data(1, (tree / "file").read_bytes()[:512])
+            sock.sendto(tftp.build_ack(1), first_peer)
+            packet, _ = sock.recvfrom(70000)                 # DATA 2: the thread drives it
+            assert tftp.parse_packet(packet).block == 2
+            assert wait_for(lambda: srv.metrics.get("tftp_lockstep_threaded_total") == 1)
+            sock.sendto(tftp.build_error(ErrorCode.NOT_DEFINED, "abort"), first_peer)
+            sock.sendto(request, ("127.0.0.1", srv.port))
+            packet, peer = sock.recvfrom(70000)              # well within the 0.5 s
+            assert tftp.parse_packet(packet) == Data(1, (tree / "file").read_bytes()[:512])
+            assert peer != first_peer
+            sock.sendto(tftp.build_error(ErrorCode.NOT_DEFINED, "done"), peer)
+        assert wait_for(lambda: len(srv.records) == 2)
+        assert [r["status"] for r in srv.records] == ["client_error", "client_error"]
