@@ -680,7 +680,11 @@ class TftpServer:
                 return
             now = _monotonic()
             if ready:
-                end = min(now + spin, limit)
+                end = now + spin
+                if end > limit:
+                    # ACKs still flowing: let the loop's other work run, then go on
+                    self._loop.call_soon(self._on_sessions_ready)  # type: ignore[union-attr]
+                    return
 
     def _on_readable(self, s: _Session) -> None:
         if s.closed:
