@@ -24,19 +24,17 @@ How it is fast:
   timer per session re-arms itself when it fires early;
 * metrics are counted per session and added to the registry once, at the
   end of the transfer;
-* while the server is nearly idle (at most ``lockstep_threads`` transfers),
-  a lock-step transfer (no windowsize: most firmware) is driven by one of
-  ``lockstep_threads`` threads (started with the server) with blocking
-  ``recv``/``send`` once its options are settled:
-  one ACK costs two system calls and a few lines of Python, without the
-  event loop's wake-up machinery, which is what a single lock-step transfer
-  waits on (tftpd-hpa's process per transfer does the same).  The thread
-  busy-polls for the next ACK for up to ``spin`` seconds before it
-  sleeps in ``recv``, so the kernel's wake-up is not added to every block's
-  round trip; a client slower than that budget turns the polling off for
-  its transfer.  Busy servers keep every transfer on the loop, where one
-  wake-up serves many sessions, and the loop too polls the transfer sockets
-  a little longer before it goes back to sleep.
+* a lock-step transfer (no windowsize: most firmware) waits a round trip
+  per block, and on loopback or a fast LAN the kernel's wake-up of a
+  sleeping process is as long as the round trip itself (longer on a VM):
+  after the ready sessions are served, the set is polled again for up to
+  ``spin`` seconds (yielding the CPU between polls) before the loop may
+  sleep, and while ACKs keep coming the callback hands the loop its other
+  work every few polls and then goes on (see :meth:`_on_sessions_ready`).
+  An earlier design drove an idle server's lock-step transfers from threads
+  of their own; a thread waiting for the GIL behind a busy event loop got it
+  only every few milliseconds (CPython's switch interval), which stalled its
+  transfer, and polling on the loop is as fast.
 
 How it stays up: sessions are bounded in total and per client address; a
 request that breaks a bound gets an ERROR and creates no session; when the
@@ -56,11 +54,9 @@ import errno
 import ipaddress
 import logging
 import os
-import queue
 import select
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,8 +80,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lpmos.tftp")
 
-#: consecutive busy-polls that miss the ACK before a lock-step thread stops polling
-SPIN_GIVE_UP = 32
 #: the event loop's busy-poll of the transfer sockets lasts at most this many spins
 SPIN_LOOP_SPAN = 4
 
@@ -118,16 +112,12 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="N"),
     Setting("tftp.cache_mb", "--tftp-cache-mb", 256, int_range(0, 65536),
             "megabytes of hot files kept in memory", metavar="MB"),
-    Setting("tftp.lockstep_threads", "--tftp-lockstep-threads", 2, int_range(0, 64),
-            "threads that each drive one lock-step transfer (no windowsize) while the "
-            "server has at most this many transfers; 0: every transfer on the event loop",
-            metavar="N"),
     Setting("tftp.spin_us", "--tftp-spin", 50, int_range(0, 1000),
             "microseconds the server keeps polling for the next ACK, yielding the CPU "
             "between polls, before it sleeps: saves the kernel's wake-up on a block's "
-            "round trip (lock-step about 2x faster on loopback); a lock-step transfer whose "
-            f"ACKs come slower stops polling after {SPIN_GIVE_UP} misses in a row; "
-            "0: never poll", metavar="USEC"),
+            f"round trip (lock-step about 2x faster on loopback); at most {SPIN_LOOP_SPAN}x "
+            "that before the node's other work gets its turn; 0: never poll",
+            metavar="USEC"),
 )
 
 #: Linux UDP generic segmentation offload (include/uapi/linux/udp.h).
@@ -136,10 +126,6 @@ SOL_UDP = 17
 #: the kernel accepts at most 64 segments and 64 KiB per GSO send
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
-#: seconds ``stop()`` waits for a threaded transfer that has sent its last block
-THREAD_GRACE = 0.5
-#: seconds before a repeated request for a threaded transfer is looked at again
-RECHECK_DELAY = 0.01
 #: Linux ``IP_PKTINFO`` (Python 3.11 does not export it)
 IP_PKTINFO = 8
 #: longest wait between retransmissions (atftp's and tftp-hpa's own timeout)
@@ -152,7 +138,6 @@ REQUEST_BATCH = 64
 _STATE_OACK = 0
 _monotonic = time.monotonic   # the clock asyncio's loop.time() reads
 _sched_yield = os.sched_yield
-_DONTWAIT = socket.MSG_DONTWAIT
 _HEADERS = tuple(tftp.build_data_header(n) for n in range(tftp.BLOCK_MODULO))
 _STATE_DATA = 1
 
@@ -161,9 +146,9 @@ class _Session:
     """One transfer.  Block numbers here are absolute (1-based, never rolled)."""
 
     __slots__ = ("acked_dup", "base", "blksize", "client", "closed", "data", "deadline", "fd",
-                 "final", "gso", "last_progress", "mv", "name", "nblocks", "oack", "request",
+                 "gso", "last_progress", "mv", "name", "nblocks", "oack", "request",
                  "retransmits", "retries_left", "sent_upto", "size", "sock", "started", "state",
-                 "threaded", "timeout", "timer", "virtual", "windowsize")
+                 "timeout", "timer", "virtual", "windowsize")
 
     acked_dup: bool          # the gap signal was answered for the current window
     base: int                # first block not yet acknowledged
@@ -173,7 +158,6 @@ class _Session:
     data: bytes
     deadline: float          # loop time after which the timer retransmits
     fd: int
-    final: str               # how it ended: its thread's verdict, or the status at close
     gso: bool
     last_progress: float
     mv: memoryview
@@ -188,7 +172,6 @@ class _Session:
     sock: socket.socket
     started: float
     state: int
-    threaded: bool           # driven by its own thread (the loop only closes it)
     timeout: float
     timer: asyncio.TimerHandle | None
     virtual: bool
@@ -213,8 +196,7 @@ class TftpServer:
                  max_sessions_per_client: int = 8, timeout: float = 1.0, retries: int = 5,
                  cache_bytes: int = 256 * 1024 * 1024,
                  virtual_pattern: str = DEFAULT_VIRTUAL_PATTERN,
-                 use_gso: bool = True, lockstep_threads: int = 2,
-                 spin: float = 50e-6) -> None:
+                 use_gso: bool = True, spin: float = 50e-6) -> None:
         self.root = TftpRoot(root, cache_bytes=cache_bytes, virtual=virtual,
                              virtual_pattern=virtual_pattern)
         self.host = host
@@ -227,9 +209,7 @@ class TftpServer:
         self.max_sessions_per_client = max_sessions_per_client
         self.retries = retries
         self.use_gso = use_gso
-        self.lockstep_threads = lockstep_threads
         self.spin = spin
-        self._threaded = 0
         self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -238,9 +218,6 @@ class TftpServer:
         self._pktinfo = False
         self._epoll: select.epoll | None = None
         self._by_fd: dict[int, _Session] = {}
-        # lock-step sessions handed to the worker threads (None: a worker's exit)
-        self._handoff: queue.SimpleQueue[_Session | None] = queue.SimpleQueue()
-        self._workers: list[threading.Thread] = []
         self._describe()
 
     # --- lifecycle -----------------------------------------------------------
@@ -274,13 +251,6 @@ class TftpServer:
         self._loop.add_reader(sock.fileno(), self._on_request)
         self._epoll = select.epoll()
         self._loop.add_reader(self._epoll.fileno(), self._on_sessions_ready)
-        # started now, not per transfer: Thread.start() waits for the new
-        # thread to run, which held the loop ~0.2 ms on every transfer
-        self._workers = [threading.Thread(target=self._lockstep_worker, args=(self._loop,),
-                                          name=f"tftp-lockstep-{i}", daemon=True)
-                         for i in range(self.lockstep_threads)]
-        for worker in self._workers:
-            worker.start()
         log.info("tftp: serving %s on %s:%d", self.root.root, self.host, self.port)
 
     async def stop(self) -> None:
@@ -288,36 +258,18 @@ class TftpServer:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
-        # a threaded transfer whose client sent its last ACK just now is still
-        # finishing on its thread: give those (at most lockstep_threads) a moment
-        # to end as they would, so a completed transfer is not logged "shutdown"
-        deadline = _monotonic() + THREAD_GRACE
-        while _monotonic() < deadline and any(
-                s.threaded and not s.final and s.base >= s.nblocks
-                for s in self._sessions.values()):
-            await asyncio.sleep(0.005)
         for session in list(self._sessions.values()):
             self._close(session, "shutdown")
         if self._epoll is not None and self._loop is not None:
             self._loop.remove_reader(self._epoll.fileno())
             self._epoll.close()
             self._epoll = None
-        for _ in self._workers:
-            self._handoff.put(None)
-        for worker in self._workers:
-            worker.join(THREAD_GRACE)
-        self._workers = []
 
     # --- metrics -------------------------------------------------------------
 
     def _describe(self) -> None:
         m = self.metrics
         m.describe("tftp_requests_total", "TFTP requests received on the server port")
-        m.describe("tftp_lockstep_threaded_total",
-                   "lock-step transfers driven by a thread of their own (idle server)")
-        m.describe("tftp_lockstep_polls_total",
-                   "ACK waits of lock-step threads by how they ended: hit (the busy-poll "
-                   "caught the ACK), miss (it gave up and slept)")
         m.describe("tftp_refused_total", "requests answered with an ERROR and no session, "
                                          "by reason")
         m.describe("tftp_dropped_total", "datagrams dropped without an answer, by reason")
@@ -353,26 +305,11 @@ class TftpServer:
             except OSError:
                 # an ICMP error queued on the server socket: nothing to do
                 continue
-            self._handle_safely(datagram, (addr[0], addr[1]), local)
-
-    def _handle_safely(self, datagram: bytes, addr: tuple[str, int], local: str | None,
-                       again: bool = False) -> None:
-        if self._sock is None:
-            return          # stopped while a request waited for a second look
-        try:
-            self._handle_request(datagram, addr, local, again)
-        except Exception:   # one bad datagram must never stop the server
-            log.exception("tftp: unexpected error handling a request from %s", addr[0])
-            self.metrics.inc("tftp_dropped_total", reason="internal_error")
-
-    def _request_again(self, datagram: bytes, addr: tuple[str, int], local: str | None,
-                       old: _Session) -> None:
-        """The second look at a repeated request for a threaded transfer: a new
-        transfer if the client had aborted the old one, else a late copy."""
-        if old.final == "client_error":
-            self._handle_safely(datagram, addr, local, again=True)
-        else:
-            self.metrics.inc("tftp_dropped_total", reason="duplicate_request")
+            try:
+                self._handle_request(datagram, (addr[0], addr[1]), local)
+            except Exception:   # one bad datagram must never stop the server
+                log.exception("tftp: unexpected error handling a request from %s", addr[0])
+                self.metrics.inc("tftp_dropped_total", reason="internal_error")
 
     def _refuse(self, addr: tuple[str, int], code: int, message: str, reason: str) -> None:
         self.metrics.inc("tftp_refused_total", reason=reason)
@@ -383,10 +320,8 @@ class TftpServer:
             except OSError:
                 pass
 
-    def _handle_request(self, datagram: bytes, addr: tuple[str, int], local: str | None,
-                        again: bool = False) -> None:
-        if not again:
-            self.metrics.inc("tftp_requests_total")
+    def _handle_request(self, datagram: bytes, addr: tuple[str, int], local: str | None) -> None:
+        self.metrics.inc("tftp_requests_total")
         if addr[1] == 0:
             self.metrics.inc("tftp_dropped_total", reason="source_port_zero")
             return
@@ -407,28 +342,16 @@ class TftpServer:
             return
         existing = self._sessions.get(addr)
         if existing is not None:
-            # a pending ERROR on the old session (a tsize probe being aborted)
-            # must be seen before deciding the new request is a duplicate
-            if not existing.threaded:
-                self._on_readable(existing)
-            elif existing.final:
-                # its thread has seen the end; the hand-back is on its way
-                self._close(existing, existing.final)
+            # a pending ERROR on the old session (a tsize probe being aborted,
+            # or a transfer the client gives up and asks for again) must be
+            # seen before deciding the new request is a duplicate
+            self._on_readable(existing)
             if not existing.closed:
-                if existing.request == datagram and existing.threaded and not again:
-                    # the client may have aborted (ERROR) and asked again at
-                    # once: its thread may be reading that ERROR right now,
-                    # unseen from here; look again when it has had the time
-                    assert self._loop is not None
-                    self._loop.call_later(RECHECK_DELAY, self._request_again, datagram,
-                                          addr, local, existing)
-                    return
                 if existing.request == datagram:
                     # the client did not hear our first answer: say it again;
                     # a late copy once the transfer is under way is ignored
                     self.metrics.inc("tftp_dropped_total", reason="duplicate_request")
-                    if not existing.threaded and \
-                            (existing.state == _STATE_OACK or existing.base == 1):
+                    if existing.state == _STATE_OACK or existing.base == 1:
                         existing.retransmits += 1
                         self._send_current(existing)
                     return
@@ -509,7 +432,7 @@ class TftpServer:
                       negotiated: tftp.Negotiated) -> None:
         assert self._loop is not None
         s = _Session()
-        s.closed, s.timer, s.threaded, s.final = False, None, False, ""
+        s.closed, s.timer = False, None
         s.sock, s.fd, s.client, s.request = sock, sock.fileno(), addr, datagram
         s.name, s.data, s.mv, s.size, s.virtual = name, data, memoryview(data), len(data), virtual
         # retransmit after the client's timeout (RFC 2349) or ours, whichever
@@ -533,8 +456,6 @@ class TftpServer:
         self._by_fd[s.fd] = s
         self._epoll.register(s.fd, select.EPOLLIN)
         self._send_current(s)
-        if s.state == _STATE_DATA:
-            self._maybe_thread(s)
 
     # --- transfers -----------------------------------------------------------
 
@@ -650,11 +571,13 @@ class TftpServer:
         """Every ready transfer socket, from our epoll set, in one callback.
 
         Then, while transfers are in flight, the set is polled again (yielding
-        the CPU between polls) until no ACK came for :attr:`spin` seconds, and
-        for at most :data:`SPIN_LOOP_SPAN` times that in all, before the loop
-        gets control back and sleeps: an ACK that arrives within the spin is
-        answered without a wake-up.  The bound keeps the loop's other work
-        (new requests, DHCP, HTTP) at most that long behind."""
+        the CPU between polls) until no ACK came for :attr:`spin` seconds: an
+        ACK that arrives within the spin is answered without a wake-up.  After
+        :data:`SPIN_LOOP_SPAN` times that with ACKs still coming, the callback
+        schedules itself again and returns, so the loop's other work (new
+        requests, DHCP, HTTP) is at most that long behind and the transfers
+        go on without sleeping; once no ACK comes for a spin, the loop may
+        sleep."""
         epoll = self._epoll
         if epoll is None:
             return
@@ -734,7 +657,6 @@ class TftpServer:
             self._progress(s)
             self._send_window(s)
             self._arm(s)
-            self._maybe_thread(s)
             return
         block = tftp.unwrap_block(ack, s.sent_upto)
         if block >= s.base:
@@ -761,22 +683,17 @@ class TftpServer:
         s.retries_left = self.retries
 
     def _on_other_packet(self, s: _Session, datagram: bytes) -> None:
-        status = self._other_packet(s, datagram)
-        if status:
-            self._close(s, status)
-
-    def _other_packet(self, s: _Session, datagram: bytes) -> str | None:
-        """Anything but an ACK on a session's port (the loop's sessions and the
-        threaded ones alike): the status that ends the session, or ``None``
-        when the datagram is dropped."""
+        """Anything but an ACK on a session's port: dropped (malformed), or
+        the end of the session (the client's ERROR, an illegal packet)."""
         try:
             packet = tftp.parse_packet(datagram)
         except MalformedPacket as exc:
             self.metrics.inc("tftp_dropped_total", reason=f"session_{exc.reason}")
-            return None
+            return
         if isinstance(packet, tftp.Error):
             self.metrics.inc("tftp_client_errors_total", code=packet.code)
-            return "aborted" if s.state == _STATE_OACK else "client_error"
+            self._close(s, "aborted" if s.state == _STATE_OACK else "client_error")
+            return
         # DATA, RRQ, OACK on a read transfer's port: illegal (RFC 1350)
         self.metrics.inc("tftp_errors_sent_total", code=ErrorCode.ILLEGAL_OPERATION)
         try:
@@ -784,17 +701,13 @@ class TftpServer:
         except (BlockingIOError, InterruptedError):
             pass            # lost like on the wire
         except OSError as exc:
-            return "vanished" if exc.errno == errno.ECONNREFUSED else "send_error"
-        return "illegal_packet"
+            self._close(s, "vanished" if exc.errno == errno.ECONNREFUSED else "send_error")
+            return
+        self._close(s, "illegal_packet")
 
     def _close(self, s: _Session, status: str) -> None:
         if s.closed:
             return
-        if s.final:
-            # its thread finished the transfer and handed it back; the loop
-            # closing it first (shutdown, eviction) must not rewrite how it ended
-            status = s.final
-        s.final = status
         s.closed = True
         if s.timer is not None:
             s.timer.cancel()
@@ -803,16 +716,7 @@ class TftpServer:
             del self._by_fd[s.fd]
             if self._epoll is not None:
                 self._epoll.unregister(s.fd)
-        if s.threaded:
-            # its thread owns the socket: wake it (a shut-down socket reads
-            # empty) and let it close the socket and release the buffer
-            self._threaded -= 1
-            try:
-                s.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass            # the thread closed it already
-        else:
-            s.sock.close()
+        s.sock.close()
         if self._sessions.get(s.client) is s:
             del self._sessions[s.client]
         ip = s.client[0]
@@ -840,163 +744,14 @@ class TftpServer:
                 self.on_transfer(record)
             except Exception:
                 log.exception("tftp: on_transfer callback failed")
-        if not s.threaded:
-            s.data = b""
-            _release(s)
-
-    # --- lock-step transfers on a thread of their own --------------------------------------
-
-    def _maybe_thread(self, s: _Session) -> None:
-        """Hand a lock-step session whose block 1 is out to its own thread,
-        if the server is nearly idle and a thread slot is free."""
-        if s.closed or s.windowsize != 1 or self._threaded >= self.lockstep_threads or \
-                len(self._sessions) > self.lockstep_threads:
-            return
-        if self._by_fd.get(s.fd) is s:
-            del self._by_fd[s.fd]
-            if self._epoll is not None:
-                self._epoll.unregister(s.fd)
-        if s.timer is not None:
-            s.timer.cancel()
-            s.timer = None
-        s.threaded = True
-        self._threaded += 1
-        self.metrics.inc("tftp_lockstep_threaded_total")
-        self._handoff.put(s)
-
-    def _lockstep_worker(self, loop: asyncio.AbstractEventLoop) -> None:
-        """One of the ``lockstep_threads`` workers: drives the sessions handed
-        to it, one at a time, until told to exit."""
-        while (s := self._handoff.get()) is not None:
-            self._drive_lockstep(s, loop)
-
-    def _drive_lockstep(self, s: _Session, loop: asyncio.AbstractEventLoop | None) -> None:
-        """The thread's loop: blocking ``recv`` of the ACK (with ``SO_RCVTIMEO``
-        as the retransmission timer), ``send`` of the next block.  The same
-        rules as on the event loop: a duplicate ACK is never answered, the
-        wait doubles per timeout up to :data:`BACKOFF_CAP`, ``retries``
-        timeouts without progress end the transfer.  Ends by handing the
-        session back to the loop for its bookkeeping (:meth:`_close`) unless
-        the loop closed it first (eviction, shutdown)."""
-        sock, mv, blksize, nblocks = s.sock, s.mv, s.blksize, s.nblocks
-        status = "ok"
-        spin = self.spin
-        hits = misses = missed = 0          # missed: misses in a row
-        # poll only while the server is idle: on a busy one the loop thread
-        # needs the CPU and the GIL that polling would take
-        sessions, idle = self._sessions, self.lockstep_threads
-        try:
-            sock.setblocking(True)
-            _set_rcvtimeo(sock, s.timeout)
-            recv, send = sock.recv, sock.send
-            block = s.base                  # the block in flight (sent by the loop)
-            tries = 0
-            while not s.closed:
-                try:
-                    if spin and len(sessions) <= idle:
-                        d = _poll_recv(recv, spin)
-                        if d is None:
-                            misses += 1
-                            missed += 1
-                            if missed >= SPIN_GIVE_UP:
-                                spin = 0    # this client answers slower than we poll
-                            d = recv(2048)
-                        else:
-                            hits += 1
-                            missed = 0
-                    else:
-                        d = recv(2048)
-                except BlockingIOError:     # SO_RCVTIMEO: the retransmission timer
-                    if s.closed:
-                        break
-                    tries += 1
-                    if tries > self.retries:
-                        status = "timeout"
-                        break
-                    s.retransmits += 1
-                    off = (block - 1) * blksize
-                    send(_HEADERS[block & 0xFFFF] + mv[off:off + blksize])
-                    _set_rcvtimeo(sock, min(s.timeout * (2 ** tries),
-                                            max(s.timeout, BACKOFF_CAP)))
-                    continue
-                if not d and s.closed:
-                    break                   # shut down by the loop
-                if len(d) == 4 and d[1] == 4 and d[0] == 0:
-                    if ((d[2] << 8) | d[3]) != block & 0xFFFF:
-                        continue            # duplicate or stray ACK: never answered
-                    if block >= nblocks:
-                        s.base = block + 1
-                        break
-                    block += 1
-                    s.base = s.sent_upto = block
-                    s.last_progress = _monotonic()
-                    off = (block - 1) * blksize
-                    send(_HEADERS[block & 0xFFFF] + mv[off:off + blksize])
-                    if tries:
-                        tries = 0
-                        _set_rcvtimeo(sock, s.timeout)
-                    continue
-                other = self._other_packet(s, d)
-                if other:
-                    status = other
-                    break
-        except OSError as exc:
-            status = "vanished" if exc.errno == errno.ECONNREFUSED else "send_error"
-        except Exception:               # a bug must not leave the session behind
-            log.exception("tftp: lock-step thread for %s failed", s.client)
-            status = "internal_error"
-        if hits:
-            self.metrics.inc("tftp_lockstep_polls_total", hits, result="hit")
-        if misses:
-            self.metrics.inc("tftp_lockstep_polls_total", misses, result="miss")
-        if not s.closed and loop is not None:
-            s.final = status
-            try:
-                loop.call_soon_threadsafe(self._close, s, status)
-            except RuntimeError:        # the loop is gone (shutdown)
-                pass
-        sock.close()
         s.data = b""
         _release(s)
-
-
-def _poll_recv(recv: Callable[[int, int], bytes], budget: float) -> bytes | None:
-    """Busy-poll a socket for up to ``budget`` seconds: the datagram, or ``None``.
-
-    A lock-step transfer waits a round trip per block.  Sleeping in ``recv``
-    adds the kernel's wake-up to every one of them, which on loopback or a
-    fast LAN is as long as the round trip itself (more on a VM, where waking
-    an idle vCPU is an exit to the hypervisor).  Polling keeps the thread
-    awake for the short wait; ``sched_yield`` between polls lets a client
-    that shares this CPU run (and send its ACK) instead of waiting for our
-    time slice to end.  ``recv`` releases the GIL on every poll, so the event
-    loop thread is not held off."""
-    try:
-        return recv(2048, _DONTWAIT)
-    except BlockingIOError:
-        pass
-    end = _monotonic() + budget
-    while True:
-        _sched_yield()
-        try:
-            return recv(2048, _DONTWAIT)
-        except BlockingIOError:
-            if _monotonic() > end:
-                return None
-
 
 def _release(s: _Session) -> None:
     try:
         s.mv.release()
     except BufferError:   # a slice still queued somewhere; the GC frees it
         pass
-
-
-def _set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
-    """A blocking ``recv`` gives up after ``seconds`` (``BlockingIOError``)."""
-    sec = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                    struct.pack("ll", sec, max(1, int((seconds - sec) * 1e6))))
 
 
 def _pktinfo_dst(ancdata: list[tuple[int, int, bytes]]) -> str | None:
@@ -1052,7 +807,6 @@ class TftpService:
             retries=int(cfg.get("tftp.retries", 5)),
             cache_bytes=int(cfg.get("tftp.cache_mb", 256)) * 1024 * 1024,
             virtual_pattern=r"boot\.ipxe",
-            lockstep_threads=int(cfg.get("tftp.lockstep_threads", 2)),
             spin=int(cfg.get("tftp.spin_us", 50)) / 1e6,
         )
 
@@ -1141,9 +895,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-windowsize", type=int, default=64)
     parser.add_argument("--max-blksize", type=int, default=1468)
     parser.add_argument("--no-gso", action="store_true", help="one send per block")
-    parser.add_argument("--lockstep-threads", type=int, default=2,
-                        help="lock-step transfers on threads of their own while the server "
-                             "has at most this many (0: all on the event loop)")
     parser.add_argument("--spin", type=int, default=50, metavar="USEC",
                         help="microseconds the server busy-polls for the next ACK before it "
                              "sleeps (0: never)")
@@ -1155,8 +906,7 @@ def main(argv: list[str] | None = None) -> int:
                             retries=args.retries, max_sessions=args.max_sessions,
                             max_sessions_per_client=args.max_sessions_per_client,
                             max_windowsize=args.max_windowsize, max_blksize=args.max_blksize,
-                            use_gso=not args.no_gso, lockstep_threads=args.lockstep_threads,
-                            spin=args.spin / 1e6)
+                            use_gso=not args.no_gso, spin=args.spin / 1e6)
         await server.start()
         print(f"listening {args.host}:{server.port}", flush=True)
         try:

@@ -27,14 +27,14 @@ def root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", params=[2, 0], ids=["lockstep-thread", "event-loop"])
+@pytest.fixture(scope="module", params=[50e-6, 0.0], ids=["polling", "no-polling"])
 def server(root, request):
     # a short retransmission timeout keeps the test quick: each loss the
-    # server must notice costs one timeout.  Both ways of driving a lock-step
-    # transfer are tested: its own thread (an idle server) and the event loop.
+    # server must notice costs one timeout.  Both ways of waiting for an ACK
+    # are tested: polling the transfer sockets (the default) and sleeping.
     with ThreadedTftpServer(root, host="127.0.0.1", port=0, metrics=Registry(),
                             timeout=0.05, retries=40, max_sessions_per_client=64,
-                            lockstep_threads=request.param) as srv:
+                            spin=request.param) as srv:
         yield srv
 
 
