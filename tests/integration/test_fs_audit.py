@@ -264,6 +264,11 @@ class Audit:
             pid, body = int(m.group(1)), m.group(2)
             if body.startswith(("+++ ", "--- ")):
                 continue              # exit and signal notes
+            if body == "???( <detached ...>":
+                # strace lost a thread that was exiting (or detached at the end)
+                # before it could even read which call it was in: no arguments,
+                # no result, nothing done on its behalf after it
+                continue
             if body.endswith(" <unfinished ...>"):
                 self._pending[pid] = body.removesuffix(" <unfinished ...>")
                 continue
@@ -414,6 +419,13 @@ def test_parser_flags_writes_outside_and_only_writes() -> None:
     bad = [v.split(":")[0] for v in violations(audit, "/state")]
     assert bad == ["/etc/lpmos.toml", "/work/rel", "/var/lib/lpmos", "/tmp/b", "/home/x",
                    "/root/.cache/f", "/run/x", "/work/s.sock"]
+
+
+def test_parser_skips_a_thread_detached_mid_call_but_nothing_else_unknown() -> None:
+    audit = Audit("/w").feed(["2637  ???( <detached ...>"])
+    assert audit.problems == []
+    audit = Audit("/w").feed(["2637  ???(0x1, 0x2) = 0"])
+    assert audit.problems
 
 
 def test_parser_merges_unfinished_calls_and_decodes_escapes() -> None:
