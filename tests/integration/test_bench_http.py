@@ -46,7 +46,8 @@ class OneShotServer:
         self.close_every = close_every
         self.served = 0
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while True:
@@ -79,12 +80,20 @@ class OneShotServer:
                         return
 
     def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept(): the socket
+        # would go on listening (and answering) after the test; shutdown() does
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._acceptor.join(5)
         self.sock.close()
 
 
 @pytest.mark.parametrize("close_every", [0, 3])
 def test_load_generator_counts_every_answer(close_every: int) -> None:
     server = OneShotServer(b"x" * 553, close_every)
+    port = server.port
     try:
         res = run(build_requests(f"http://127.0.0.1:{server.port}/boot.ipxe", []),
                   connections=4, duration=30.0, max_requests=200)   # ends at 200
@@ -94,6 +103,8 @@ def test_load_generator_counts_every_answer(close_every: int) -> None:
     assert res.body_bytes == 200 * 553
     assert res.statuses[200] == 200
     assert server.served == 200
+    with pytest.raises(ConnectionRefusedError):     # the test's server is gone
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
     if close_every:
         assert res.connects >= 200 // close_every      # reconnected after every close
     else:

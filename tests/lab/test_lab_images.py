@@ -182,6 +182,7 @@ def test_lab_os_boots_from_disk_under_bios_and_uefi_and_calls_back(
                 os.killpg(proc.pid, 15)
                 proc.wait(20)
         server.shutdown()
+        server.server_close()       # shutdown() alone leaves the socket listening
 
 
 @pytest.mark.slow
