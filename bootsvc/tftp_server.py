@@ -696,14 +696,8 @@ class TftpServer:
             return
         # DATA, RRQ, OACK on a read transfer's port: illegal (RFC 1350)
         self.metrics.inc("tftp_errors_sent_total", code=ErrorCode.ILLEGAL_OPERATION)
-        try:
-            s.sock.send(tftp.build_error(ErrorCode.ILLEGAL_OPERATION, "unexpected packet"))
-        except (BlockingIOError, InterruptedError):
-            pass            # lost like on the wire
-        except OSError as exc:
-            self._close(s, "vanished" if exc.errno == errno.ECONNREFUSED else "send_error")
-            return
-        self._close(s, "illegal_packet")
+        if self._send(s, tftp.build_error(ErrorCode.ILLEGAL_OPERATION, "unexpected packet")):
+            self._close(s, "illegal_packet")
 
     def _close(self, s: _Session, status: str) -> None:
         if s.closed:

@@ -78,9 +78,8 @@ def exchange(port: int, datagram: bytes, timeout: float = 2.0):
 
 
 def fetch(port: int, name: str, options=(), sock: socket.socket | None = None,
-          dup_acks: int = 1, pace: float = 0.0) -> tuple[bytes, int]:
-    """A minimal RFC 1350/7440 client; returns (content, DATA packets seen).
-    ``pace``: seconds it waits before each ACK of a block (a slow client)."""
+          dup_acks: int = 1) -> tuple[bytes, int]:
+    """A minimal RFC 1350/7440 client; returns (content, DATA packets seen)."""
     own = sock is None
     sock = sock or client()
     opts = dict(options)
@@ -117,8 +116,6 @@ def fetch(port: int, name: str, options=(), sock: socket.socket | None = None,
             last = len(packet.payload) < blksize
             if last or in_window >= window:
                 in_window = 0
-                if pace:
-                    time.sleep(pace)
                 for _ in range(dup_acks):
                     sock.sendto(tftp.build_ack(packet.block), peer)
             if last:
