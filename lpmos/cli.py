@@ -31,6 +31,7 @@ from lpmos.config import (
     parse_bool,
     resolve,
     settings_by_key,
+    unknown_keys,
 )
 
 #: name → (module, one-line help).  Order is the order of ``lpmos --help``.
@@ -85,6 +86,37 @@ def command_settings(module: ModuleType) -> list[Setting]:
     return settings_by_key([COMMON, getattr(module, "SETTINGS", ())])
 
 
+def all_settings(only: str | None = None) -> tuple[list[Setting], list[str]]:
+    """The settings of every command (or of ``only``), and the commands whose
+    module is not installed here (their settings are unknown)."""
+    groups: list[tuple[Setting, ...]] = [COMMON]
+    missing = []
+    for name, (module_name, _help) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(name)
+            continue
+        groups.append(tuple(getattr(module, "SETTINGS", ())))
+    return settings_by_key(groups), missing
+
+
+def ignored_file_keys(config: Config, module: ModuleType) -> list[str]:
+    """Lines for the config file's keys that no command reads.  A key another
+    command reads is fine: one file serves every service of a host.  Nothing
+    is reported when some command's module is not installed, since its keys
+    cannot be told from typos."""
+    own = {s.key for s in command_settings(module)}
+    if all(key in own for key in config.file_keys):
+        return []
+    settings, missing = all_settings()
+    if missing:
+        return []
+    return unknown_keys(config.file_keys, (s.key for s in settings))
+
+
 def build_parser(selected: str | None) -> tuple[argparse.ArgumentParser, ModuleType | None]:
     parser = _Parser(
         prog="lpmos",
@@ -134,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"lpmos {args.command}: {exc}\n")
         return EXIT_USAGE
+    for line in ignored_file_keys(config, module):
+        sys.stderr.write(f"lpmos {args.command}: warning: config file {config.config_file}: "
+                         f"{line}\n")
     try:
         return int(module.run(config, args) or 0)
     except ConfigError as exc:

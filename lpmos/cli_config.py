@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 from pathlib import Path
 
-from lpmos.cli import COMMANDS
-from lpmos.config import COMMON, Config, Setting, resolve, settings_by_key
+from lpmos.cli import COMMANDS, all_settings
+from lpmos.config import Config, Setting, resolve
 
 HELP = "show the effective configuration and its sources"
 DESCRIPTION = ("Print every setting with its effective value and where it came from "
@@ -26,24 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _all_settings(only: str | None) -> list[Setting]:
-    groups: list[tuple[Setting, ...]] = [COMMON]
-    for name, (module_name, _help) in COMMANDS.items():
-        if only is not None and name != only:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        groups.append(tuple(getattr(module, "SETTINGS", ())))
-    return settings_by_key(groups)
-
-
 def run(config: Config, args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if v is not None}
     config_file = args.config or (Path(os.environ["LPMOS_CONFIG"])
                                   if os.environ.get("LPMOS_CONFIG") else None)
-    full = resolve(_all_settings(args.for_command), flags, os.environ, config_file)
+    # keys of the file that no command reads were reported on stderr by lpmos.cli
+    full = resolve(all_settings(args.for_command)[0], flags, os.environ, config_file)
     rows = full.describe()
     if args.json:
         print(json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=2))

@@ -16,6 +16,7 @@ allowed; the CLI turns that into exit code 2.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import tomllib
@@ -32,6 +33,13 @@ Parser = Callable[[Any], Any]
 
 class ConfigError(ValueError):
     """A setting has a value that is not allowed.  ``str()`` is one line."""
+
+
+#: keys LPMOS once read and no longer does, with what an operator should know
+RETIRED: dict[str, str] = {
+    "tftp.lockstep_threads": "removed; every TFTP transfer is driven from the event loop, "
+                             "which busy-polls for ACKs for tftp.spin_us",
+}
 
 
 # --- value parsers -----------------------------------------------------------
@@ -269,6 +277,8 @@ class Config:
     sources: dict[str, str]
     settings: dict[str, Setting] = field(default_factory=dict)
     config_file: Path | None = None
+    #: every key the config file sets (dotted, leaves only)
+    file_keys: list[str] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -284,7 +294,7 @@ class Config:
             key = dest.replace("__", ".")
             values[key] = value
             sources[key] = "override"
-        return Config(values, sources, self.settings, self.config_file)
+        return Config(values, sources, self.settings, self.config_file, self.file_keys)
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(key, shown value, source) rows; secrets are masked."""
@@ -311,6 +321,34 @@ def _lookup(data: Mapping[str, Any], key: str) -> tuple[bool, Any]:
             return False, None
         node = node[part]
     return True, node
+
+
+def leaf_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of a TOML document's values (tables walked, not listed)."""
+    keys = []
+    for name, value in data.items():
+        if isinstance(value, Mapping):
+            keys += leaf_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def unknown_keys(keys: Iterable[str], known: Iterable[str]) -> list[str]:
+    """One line per key that no setting reads: a typo (with the closest
+    setting, when one is close) or a retired setting, both ignored."""
+    known = set(known)
+    lines = []
+    for key in keys:
+        if key in known:
+            continue
+        if key in RETIRED:
+            lines.append(f"{key}: {RETIRED[key]}; ignored")
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        lines.append(f"{key}: no such setting, ignored{hint}")
+    return lines
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -370,7 +408,7 @@ def resolve(
                 f"{key}: {shown} from {source} is not allowed; expected {exc}"
             ) from None
         sources[key] = source
-    return Config(values, sources, table, used_file)
+    return Config(values, sources, table, used_file, leaf_keys(data))
 
 
 def settings_by_key(groups: Sequence[Iterable[Setting]]) -> list[Setting]:

@@ -78,3 +78,52 @@ def test_cli_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     for name in ("control-plane", "regional", "agent", "demo", "config", "token"):
         assert name in out
+
+
+def test_config_file_keys_no_command_reads_are_named_on_stderr(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A typo in the shared config file is reported (with the closest key),
+    a retired key says what became of it, and a key another command reads
+    (web's, read by ``lpmos regional``) is not reported."""
+    cfg_file = _write(tmp_path, 'log_level = "debug"\n'
+                                '[tftp]\nspinn_us = 20\nlockstep_threads = 4\n'
+                                '[etcd]\ntimeuot = 3\n'
+                                '[web]\nlisten = "127.0.0.1:8080"\n'
+                                '[nonsense]\nx = 1\n')
+    assert main(["config", "show", "--config", str(cfg_file)]) == 0
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert all(line.startswith(f"lpmos config: warning: config file {cfg_file}: ")
+               for line in lines), err
+    assert any("tftp.spinn_us: no such setting, ignored; did you mean tftp.spin_us?" in line
+               for line in lines), err
+    assert any("etcd.timeuot: no such setting, ignored; did you mean etcd.timeout?" in line
+               for line in lines), err
+    assert any("tftp.lockstep_threads: removed;" in line for line in lines), err
+    assert any(line.endswith("nonsense.x: no such setting, ignored") for line in lines), err
+    assert len(lines) == 4, err       # not log_level, not web.listen
+    assert "debug" in out             # and the rest of the file still applies
+
+
+def test_config_file_with_only_known_keys_warns_nothing(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    cfg_file = _write(tmp_path, '[tftp]\nspin_us = 20\n[etcd]\ntimeout = 3\n')
+    assert main(["config", "show", "--config", str(cfg_file)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_readme_config_example_uses_only_real_keys() -> None:
+    """The README's example config files name settings that exist."""
+    import re
+    import tomllib
+
+    from lpmos.cli import all_settings
+    from lpmos.config import leaf_keys, unknown_keys
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert blocks
+    settings, missing = all_settings()
+    assert not missing
+    for block in blocks:
+        assert unknown_keys(leaf_keys(tomllib.loads(block)), (s.key for s in settings)) == []
