@@ -4,12 +4,18 @@
 
 Starts every server itself, drives each with the same load generator
 (``bench.tftp_loadgen``, one process, bounded in count and time) and prints,
-per case, the median seconds of ``--reps`` repetitions for each server and the
-ratio reference/ours (above 1: ours is faster).  Repetitions are interleaved
-and rotated (ours, tftpd-hpa, dnsmasq; then tftpd-hpa, dnsmasq, ours; ...)
-so that drift in the machine's load hits every server alike and no server
-always runs right after the same other one (tftpd-hpa's 200 forked children
-exiting, for one, leave the machine warmer or busier for whoever is next).
+per case, the median seconds of ``--reps`` repetitions for each server
+(``--concurrent-reps`` for the concurrent cases, whose runs spread most) and
+the ratio reference/ours (above 1: ours is faster). Repetitions are
+interleaved and rotated (ours, tftpd-hpa, dnsmasq; then tftpd-hpa, dnsmasq,
+ours; ...; then the same with the order reversed) so that drift in the
+machine's load hits every server alike and every server runs right after every
+other one equally often (tftpd-hpa's 200 forked children exiting, for one,
+leave the machine warmer or busier for whoever is next). The ratio is the
+median over the rounds of the two servers' runs in one round, with a
+distribution-free 95 % confidence interval (from 6 rounds on); one round's
+runs spread by up to 50 % from the next round's, far more than two servers
+differ within a round.
 
 When run as root, everything (servers, relay, generator) runs inside a network
 namespace the bench creates and removes, on its loopback; that is what lets
@@ -41,6 +47,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -319,18 +326,61 @@ def fmt(seconds: float | None) -> str:
     return f"{seconds:.3f}"
 
 
+def round_order(servers: list[str], rep: int) -> list[str]:
+    """The servers' order in round ``rep``: rotations of the list, then of
+    the reversed list, so that over ``2 * len(servers)`` rounds every server
+    runs right after every other one equally often (a Williams design: what
+    one server leaves behind, tftpd-hpa's exiting children for one, weighs on
+    each of the others alike)."""
+    n = len(servers)
+    base = servers if (rep // n) % 2 == 0 else servers[::-1]
+    turn = rep % n
+    return base[turn:] + base[:turn]
+
+
+def _binom_cdf(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+
+
+def paired(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Ratio theirs/ours per repetition (the two ran in the same round, next
+    to each other), their median, how many favour ours, and a
+    distribution-free 95 % confidence interval for the median ratio (order
+    statistics of the sorted ratios, from the binomial distribution; needs 6
+    pairs or more).  The machine's drift between rounds is much larger than
+    the difference between two servers in one round, which is why the pairs
+    say more than the ratio of two medians."""
+    ratios = sorted(t["seconds"] / o["seconds"] for o, t in zip(ours, theirs, strict=False)
+                    if o.get("failed") == 0 and t.get("failed") == 0 and o["seconds"] > 0)
+    n = len(ratios)
+    if not n:
+        return None
+    out: dict[str, Any] = {"pairs": n, "median_ratio": round(statistics.median(ratios), 3),
+                           "ours_faster": sum(r > 1 for r in ratios), "ci95": None}
+    k = -1
+    while _binom_cdf(k + 1, n) <= 0.025:
+        k += 1
+    if k >= 0:      # the (k+1)-th smallest and largest bound the median
+        out["ci95"] = [round(ratios[k], 3), round(ratios[n - 1 - k], 3)]
+    return out
+
+
 def render_table(rows: list[dict[str, Any]], servers: list[str]) -> str:
     refs = [s for s in servers if s != "ours"]
-    head = ["case", "ours s"] + [h for r in refs for h in (f"{r} s", f"{r}/ours")]
+    head = ["case", "reps", "ours s"] + [h for r in refs for h in (f"{r} s", f"{r}/ours")]
     lines = [head]
     for row in rows:
         med = row["median_seconds"]
-        line = [row["case"], fmt(med.get("ours"))]
+        line = [row["case"], str(len(row["runs"].get("ours", []))), fmt(med.get("ours"))]
         for r in refs:
-            ours, theirs = med.get("ours"), med.get(r)
-            ratio = f"{theirs / ours:.2f}x" if ours and theirs and ours == ours \
-                and theirs == theirs else "-"
-            line += [fmt(theirs), ratio]
+            pair = (row.get("paired") or {}).get(r)
+            ratio = "-"
+            if pair:
+                ratio = f"{pair['median_ratio']:.2f}x"
+                if pair["ci95"]:
+                    ratio += f" ({pair['ci95'][0]:.2f}-{pair['ci95'][1]:.2f})"
+            line += [fmt(med.get(r)), ratio]
         lines.append(line)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = []
@@ -348,17 +398,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny run, seconds")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5, "
                         "quick 1)")
+    parser.add_argument("--concurrent-reps", type=int, default=None,
+                        help="repetitions of the concurrent cases, whose runs spread most "
+                             "(default 15, quick 1)")
     parser.add_argument("--json", type=Path, default=None,
                         help="where to write the results (default bench/results/tftp.json, "
                              "quick: tftp-quick.json)")
     parser.add_argument("--servers", default="ours,tftpd-hpa,dnsmasq")
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="run only the cases whose name contains TEXT (e.g. '200 x')")
     parser.add_argument("--generators", type=int, default=2,
                         help="load generator processes for the concurrent cases")
     parser.add_argument("--no-netns", action="store_true",
                         help="run on the host's loopback even as root (dnsmasq is skipped)")
     args = parser.parse_args(argv)
     reps = args.reps or (1 if args.quick else 5)
+    concurrent_reps = args.concurrent_reps or (1 if args.quick else 15)
     files, cases = (QUICK_FILES, QUICK_CASES) if args.quick else (FULL_FILES, FULL_CASES)
+    if args.only:
+        cases = [c for c in cases if args.only in c.id]
+        if not cases:
+            parser.error(f"no case's name contains {args.only!r}")
+        files = {c.file: files[c.file] for c in cases}
     use_netns = os.geteuid() == 0 and not args.no_netns and shutil.which("ip") is not None
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
     skipped: dict[str, str] = {}
@@ -389,9 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             size, digest = info[case.file]
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in servers}
-            for rep in range(reps):
-                turn = rep % len(servers)
-                for kind in servers[turn:] + servers[:turn]:
+            for rep in range(concurrent_reps if case.transfers > 1 else reps):
+                for kind in round_order(servers, rep):
                     gens = args.generators if case.transfers > 1 else 1
                     runs[kind].append(measure(sandbox, running[kind], case, size, digest,
                                               gens))
@@ -402,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"case": case.id, "file_bytes": size, "blksize": case.blksize,
                          "windowsize": case.windowsize, "transfers": case.transfers,
                          "concurrency": case.concurrency, "relay_delay": case.delay,
-                         "median_seconds": median, "runs": runs})
+                         "median_seconds": median,
+                         "paired": {k: paired(runs["ours"], runs[k]) for k in servers
+                                    if k != "ours" and "ours" in runs},
+                         "runs": runs})
             print(f"  {case.id}: " + ", ".join(f"{k} {fmt(v)}" for k, v in median.items()),
                   file=sys.stderr, flush=True)
         # saturation: the busiest concurrent case against the fastest reference
@@ -421,18 +484,23 @@ def main(argv: list[str] | None = None) -> int:
     table = render_table(rows, servers)
     report = {
         "command": "python -m bench.tftp_bench" + (" --quick" if args.quick else "")
-                   + (f" --reps {reps}" if args.reps else ""),
+                   + (f" --reps {reps}" if args.reps else "")
+                   + (f" --concurrent-reps {concurrent_reps}" if args.concurrent_reps else "")
+                   + (f" --only {args.only!r}" if args.only else ""),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                     "python": platform.python_version(),
                     "load_average_at_start": os.getloadavg()},
-        "netns": use_netns, "repetitions": reps, "servers": servers, "skipped": skipped,
+        "netns": use_netns, "repetitions": reps, "concurrent_repetitions": concurrent_reps,
+        "servers": servers, "skipped": skipped,
         "rows": rows, "saturation": sat, "table": table,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"TFTP benchmark, median of {reps} run(s), seconds (lower is better); "
-          "ratio = reference / ours (above 1: ours is faster)")
+    print(f"TFTP benchmark, median seconds of {reps} run(s), {concurrent_reps} for the "
+          "concurrent cases (lower is better); ratio = median of reference / ours over the "
+          "runs paired by round (above 1: ours is faster), with its 95 % confidence "
+          "interval from 6 runs on")
     print(table)
     if sat:
         print(f"saturation: {sat['server']} '{sat['case']}' took {fmt(sat['seconds'])} s with "

@@ -45,3 +45,38 @@ def test_bench_sandbox_stops_every_process_it_started():
     with Sandbox(use_netns=False) as sandbox:
         procs = [sandbox.popen(["sleep", "30"]) for _ in range(3)]
     assert [p.poll() for p in procs] == [-15, -15, -15]     # SIGTERM, all three
+
+
+def test_paired_ratio_and_its_confidence_interval():
+    """The ratio per round, their median, the rounds ours won, and the
+    95 % interval for the median (order statistics: with 10 pairs, the 2nd
+    smallest and 2nd largest, since P(Binomial(10, 1/2) <= 1) = 0.011 and
+    P(<= 2) = 0.055)."""
+    sys.path.insert(0, str(REPO))
+    from bench.tftp_bench import paired
+
+    ours = [{"failed": 0, "seconds": 1.0}] * 10
+    theirs = [{"failed": 0, "seconds": s} for s in (0.9, 1.3, 1.1, 1.2, 0.95, 1.05, 1.15,
+                                                   1.25, 1.4, 1.0)]
+    out = paired(ours, theirs)
+    assert out == {"pairs": 10, "median_ratio": 1.125, "ours_faster": 7, "ci95": [0.95, 1.3]}
+    # a failed run drops its pair; under 6 pairs there is no 95 % interval
+    theirs[0] = {"failed": 3, "seconds": 9.0}
+    assert paired(ours[:5], theirs[:5]) == {"pairs": 4, "median_ratio": 1.15,
+                                            "ours_faster": 3, "ci95": None}
+    assert paired(ours[:6], [{"failed": 0, "seconds": 2.0}] * 6)["ci95"] == [2.0, 2.0]
+    assert paired([], []) is None
+
+
+def test_round_order_puts_every_server_after_every_other_equally_often():
+    sys.path.insert(0, str(REPO))
+    from collections import Counter
+
+    from bench.tftp_bench import round_order
+
+    servers = ["ours", "tftpd-hpa", "dnsmasq"]
+    rounds = [round_order(servers, rep) for rep in range(6)]
+    assert all(sorted(r) == sorted(servers) for r in rounds)
+    follows = Counter((r[i], r[i + 1]) for r in rounds for i in range(2))
+    assert len(follows) == 6 and set(follows.values()) == {2}
+    assert Counter(r[0] for r in rounds) == {s: 2 for s in servers}
