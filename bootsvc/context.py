@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,3 +65,14 @@ class NodeContext:
     advertise_url: str = ""
     #: address machines reach this node at (DHCP option 54 / siaddr / TFTP server)
     server_ip: str = ""
+    #: checks, one per service with a thread pool, true while it has work queued
+    #: or running (see :meth:`threads_busy`)
+    busy_checks: list[Callable[[], bool]] = field(default_factory=list)
+
+    def threads_busy(self) -> bool:
+        """True while some service's threads have work.  The event loop then
+        must not keep the GIL busy: a thread waiting for it gets it only
+        when the loop blocks, or after a whole switch interval (5 ms) per
+        acquisition, so a busy-polling loop (TFTP's ``tftp.spin_us``) would
+        turn a 2 ms install claim into tens of milliseconds."""
+        return any(check() for check in self.busy_checks)

@@ -1089,6 +1089,7 @@ class HttpService:
         )
         await server.start()
         self._server = server
+        self.ctx.busy_checks.append(lambda: server.in_app > 0)
         metrics.gauge("http_connections_open", lambda: float(len(server.conns)),
                       "client connections open on the boot HTTP server")
         metrics.gauge("http_requests_in_app", lambda: float(server.in_app),

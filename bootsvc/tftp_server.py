@@ -30,7 +30,11 @@ How it is fast:
   after the ready sessions are served, the set is polled again for up to
   ``spin`` seconds (yielding the CPU between polls) before the loop may
   sleep, and while ACKs keep coming the callback hands the loop its other
-  work every few polls and then goes on (see :meth:`_on_sessions_ready`).
+  work every few polls and then goes on (see :meth:`_on_sessions_ready`);
+  it does not poll while another thread of the process has work
+  (:attr:`TftpServer.threads_busy`: boot HTTP's WSGI pool), since a thread
+  waiting for the GIL behind a busy loop gets it only when the loop blocks
+  or after a whole switch interval (5 ms) per acquisition.
   An earlier design drove an idle server's lock-step transfers from threads
   of their own; a thread waiting for the GIL behind a busy event loop got it
   only every few milliseconds (CPython's switch interval), which stalled its
@@ -218,6 +222,10 @@ class TftpServer:
         self._pktinfo = False
         self._epoll: select.epoll | None = None
         self._by_fd: dict[int, _Session] = {}
+        #: true while other threads of the process have work (boot HTTP's
+        #: WSGI pool): the loop then does not busy-poll for ACKs, see
+        #: :meth:`bootsvc.context.NodeContext.threads_busy`
+        self.threads_busy: Callable[[], bool] | None = None
         self._describe()
 
     # --- lifecycle -----------------------------------------------------------
@@ -577,7 +585,8 @@ class TftpServer:
         schedules itself again and returns, so the loop's other work (new
         requests, DHCP, HTTP) is at most that long behind and the transfers
         go on without sleeping; once no ACK comes for a spin, the loop may
-        sleep."""
+        sleep.  No polling while :attr:`threads_busy` says other threads
+        have work: they need the GIL, which they get when the loop blocks."""
         epoll = self._epoll
         if epoll is None:
             return
@@ -588,7 +597,7 @@ class TftpServer:
             if s is not None:
                 on_readable(s)
         spin = self.spin
-        if not spin or not by_fd:
+        if not spin or not by_fd or (self.threads_busy is not None and self.threads_busy()):
             return
         now = _monotonic()
         end, limit = now + spin, now + SPIN_LOOP_SPAN * spin
@@ -803,6 +812,7 @@ class TftpService:
             virtual_pattern=r"boot\.ipxe",
             spin=int(cfg.get("tftp.spin_us", 50)) / 1e6,
         )
+        self.server.threads_busy = ctx.threads_busy
 
     @property
     def port(self) -> int:

@@ -84,6 +84,20 @@ def test_constant_boot_script_chains_to_the_machine_url(node: Node) -> None:
     assert f"{node.url}/boot/${{net0/mac}}.ipxe?uuid=${{uuid:uristring}}" in r.text
 
 
+def test_app_threads_report_work_to_the_node_while_they_have_it(node: Node) -> None:
+    """Boot HTTP registers its thread pool's queue with the NodeContext;
+    TFTP stops busy-polling for ACKs while it is not empty (see
+    ``test_boot_http_threads_are_not_starved_by_tftp_polling``)."""
+    assert len(node.ctx.busy_checks) == 1 and not node.ctx.threads_busy()
+    server = node.service._server
+    server.in_app += 1          # as run_app does while a request is on the pool
+    try:
+        assert node.ctx.threads_busy()
+    finally:
+        server.in_app -= 1
+    assert not node.ctx.threads_busy()
+
+
 def test_percent_encoded_mac_as_ipxe_sends_it(node: Node) -> None:
     """iPXE expands ``${net0/mac}`` in a URL path as ``52%3A54%3A...``: the
     same machine, the same answer as with plain colons."""

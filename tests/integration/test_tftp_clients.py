@@ -195,6 +195,10 @@ def test_service_prepares_root_serves_ipxe_and_boot_script(tmp_path):
                       cache=None, machines=None, metrics=Registry(), timeline=timeline,
                       advertise_url="http://192.0.2.10:8081", server_ip="192.0.2.10")
     service = TftpService(ctx)
+    assert service.server.threads_busy is not None and not service.server.threads_busy()
+    ctx.busy_checks.append(lambda: True)        # boot HTTP's pool has work
+    assert service.server.threads_busy()
+    ctx.busy_checks.clear()
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(service.start())
