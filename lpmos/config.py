@@ -306,6 +306,9 @@ class Config:
                 shown = "********"
             elif isinstance(value, list):
                 shown = ",".join(str(v) for v in value)
+            elif isinstance(value, tuple) and len(value) == 2:      # HOST:PORT
+                host = f"[{value[0]}]" if ":" in str(value[0]) else value[0]
+                shown = f"{host}:{value[1]}"
             elif value is None:
                 shown = ""
             else:
@@ -398,7 +401,14 @@ def resolve(
         elif found:
             raw, source = file_value, f"file {used_file}"
         else:
-            values[key], sources[key] = setting.default, "default"
+            # a default goes through the parser like any value, so a setting
+            # has one type whatever its source ("127.0.0.1:8080" -> a tuple)
+            try:
+                values[key] = setting.parse(setting.default)
+            except ValueError as exc:
+                raise RuntimeError(f"{key}: the default {setting.default!r} is not "
+                                   f"allowed ({exc})") from None
+            sources[key] = "default"
             continue
         try:
             values[key] = setting.parse(raw)

@@ -127,3 +127,22 @@ def test_readme_config_example_uses_only_real_keys() -> None:
     assert not missing
     for block in blocks:
         assert unknown_keys(leaf_keys(tomllib.loads(block)), (s.key for s in settings)) == []
+
+
+def test_defaults_have_the_type_of_parsed_values() -> None:
+    """A default is parsed like a flag, env or file value: ``lpmos demo``
+    and ``lpmos control-plane`` unpack ``HOST, PORT`` from their listen
+    setting, which once crashed when it came from the default string."""
+    from lpmos.cli import all_settings
+
+    settings, missing = all_settings()
+    assert not missing
+    cfg = resolve(settings, {}, {}, None)
+    for setting in settings:
+        assert cfg.sources[setting.key] == "default"
+        assert cfg[setting.key] == setting.parse(setting.default), setting.key
+    assert cfg["demo.listen"] == ("127.0.0.1", 8080)
+    assert cfg["web.listen"] == ("127.0.0.1", 8080)
+    assert cfg["state_dir"] == Path("/var/lib/lpmos")
+    # and ``lpmos config show`` prints an address as it is written
+    assert ("web.listen", "127.0.0.1:8080", "default") in cfg.describe()
