@@ -190,6 +190,9 @@ class BootHttp:
         self.long_polls_enabled = int(cfg.get("http.long_polls", 24)) > 0
         self._waiters: dict[str, list[threading.Event]] = {}
         self._waiters_lock = threading.Lock()
+        #: long-polls parked in wait_for_task_change: they hold a pool thread
+        #: but need no GIL, so they do not count as the pool having work
+        self.parked = 0
         self._stopping = False
         ctx.cache.add_listener(self._on_change)
         self._health_at = 0.0
@@ -251,6 +254,7 @@ class BootHttp:
         event = threading.Event()
         with self._waiters_lock:
             self._waiters.setdefault(sn, []).append(event)
+            self.parked += 1
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and not self._stopping:
@@ -264,6 +268,7 @@ class BootHttp:
                         lst.append(event)
         finally:
             with self._waiters_lock:
+                self.parked -= 1
                 lst = self._waiters.get(sn, [])
                 if event in lst:
                     lst.remove(event)
@@ -1089,7 +1094,8 @@ class HttpService:
         )
         await server.start()
         self._server = server
-        self.ctx.busy_checks.append(lambda: server.in_app > 0)
+        # the pool has work unless all it holds are parked agent long-polls
+        self.ctx.busy_checks.append(lambda: server.in_app > self.boot.parked)
         metrics.gauge("http_connections_open", lambda: float(len(server.conns)),
                       "client connections open on the boot HTTP server")
         metrics.gauge("http_requests_in_app", lambda: float(server.in_app),

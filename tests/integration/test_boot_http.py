@@ -96,6 +96,26 @@ def test_app_threads_report_work_to_the_node_while_they_have_it(node: Node) -> N
     finally:
         server.in_app -= 1
     assert not node.ctx.threads_busy()
+    # an agent's task long-poll holds a pool thread but waits without the GIL:
+    # not work (discovered machines idle in long-polls all day)
+    reg = register(node, "LP-1", "52:54:00:00:09:01", "99999999-1111-1111-1111-111111111111")
+    token = reg.json()["token"]
+    url = f"{node.url}/agent/v1/task"
+    first = requests.get(url, params={"sn": "LP-1"}, headers=auth(token), timeout=5).json()
+    answers: list[int] = []
+    poll = threading.Thread(target=lambda: answers.append(requests.get(
+        url, params={"sn": "LP-1", "wait": 3, "revision": first["revision"]},
+        headers=auth(token), timeout=10).status_code))
+    poll.start()
+    try:
+        deadline = time.monotonic() + 5
+        while node.service.boot.parked == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert node.service.boot.parked == 1 and server.in_app == 1
+        assert not node.ctx.threads_busy()
+    finally:
+        poll.join(10)
+    assert answers == [200] and node.service.boot.parked == 0
 
 
 def test_percent_encoded_mac_as_ipxe_sends_it(node: Node) -> None:
