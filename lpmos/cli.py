@@ -15,9 +15,11 @@ an install that has the agent's dependencies only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +35,7 @@ from lpmos.config import (
     settings_by_key,
     unknown_keys,
 )
+from lpmos.store import StoreUnavailable
 
 #: name → (module, one-line help).  Order is the order of ``lpmos --help``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -176,6 +179,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (``lpmos config show | head``): not an error; stdout
+        # points at /dev/null so that the interpreter's final flush stays quiet
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (OSError, StoreUnavailable) as exc:
+        # a port in use, a missing interface, an unreachable etcd: the operator's
+        # to fix, so one line that says what, not a traceback
+        what = str(exc)
+        if isinstance(exc, StoreUnavailable):
+            endpoints = ", ".join(config.get("etcd.endpoints") or []) or "the embedded etcd"
+            what = f"etcd is unavailable ({endpoints}): {exc}"
+        sys.stderr.write(f"lpmos {args.command}: {what}\n")
+        if config.get("log_level") == "debug":
+            traceback.print_exc()
+        else:
+            sys.stderr.write(f"lpmos {args.command}: (--log-level debug prints the traceback)\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def parse_bool(raw: Any) -> bool:
 
 def int_range(lo: int, hi: int) -> Parser:
     def parse(raw: Any) -> int:
-        if isinstance(raw, bool):
+        # a float (TOML ``9.7``) is refused, not cut to 9, as "9.7" from a flag is
+        if isinstance(raw, bool | float):
             raise ValueError(f"an integer from {lo} to {hi}")
         try:
             value = int(raw)
@@ -359,11 +360,11 @@ def load_file(path: Path) -> dict[str, Any]:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"config: file {path} does not exist") from None
+        raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
 
 
 def resolve(

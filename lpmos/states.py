@@ -64,6 +64,19 @@ class IllegalTransition(ValueError):
         )
 
 
+class NotInState(IllegalTransition):
+    """The call moves only a task in state ``expected``: approve (pending)
+    and retry (failed) both lead to approved, and neither may do the
+    other's job under its own name.  HTTP status 409."""
+
+    def __init__(self, current: TaskStatus | str, target: TaskStatus | str,
+                 expected: TaskStatus | str) -> None:
+        super().__init__(current, target)
+        self.expected = TaskStatus(expected)
+        self.args = (f"only a {self.expected.value} task moves to {self.target.value} this "
+                     f"way; this one is {self.current.value}",)
+
+
 def can_transition(current: TaskStatus | str, target: TaskStatus | str) -> bool:
     return TaskStatus(target) in TRANSITIONS[TaskStatus(current)]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lpmos.models import ProgressEvent, Task, Transition, ValidationError, now
-from lpmos.states import FINAL, TRANSITIONS, TaskStatus, check_transition
+from lpmos.states import FINAL, TRANSITIONS, NotInState, TaskStatus, check_transition
 from lpmos.store import Compare, Conflict, Delete, Put, Store, Unchanged, atomic_update
 from lpmos.store.keys import Keys
 
@@ -172,12 +172,17 @@ class TaskService:
         reason: str = "",
         expect_revision: int | None = None,
         mutate: Callable[[Task], None] | None = None,
+        source: TaskStatus | str | None = None,
     ) -> Stored:
         """Move a task to ``target``; :class:`IllegalTransition` if the state
-        machine forbids it (checked against the state read in the same CAS)."""
+        machine forbids it (checked against the state read in the same CAS),
+        :class:`NotInState` if ``source`` is given and the task is not in it."""
         target = TaskStatus(target)
+        only = TaskStatus(source) if source is not None else None
 
         def fn(task: Task) -> None:
+            if only is not None and task.status != only.value:
+                raise NotInState(task.status, target, only)
             check_transition(task.status, target)
             stamp = now()
             task.add_transition(Transition(task.status, target.value, stamp, by, reason))

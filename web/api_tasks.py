@@ -22,7 +22,7 @@ from flask import Blueprint, jsonify, request
 from lpmos.audit import write_audit
 from lpmos.auth import Role
 from lpmos.models import Task, ValidationError, validate_name, validate_sn, validate_text
-from lpmos.states import IllegalTransition, TaskStatus
+from lpmos.states import IllegalTransition, NotInState, TaskStatus
 from lpmos.tasks import BatchRefused
 from web.auth import Principal, current_principal, requires
 from web.context import WebContext, ctx
@@ -287,7 +287,11 @@ def batch_create() -> Any:
 
 
 def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
-                note_field: str = "notes", four_eyes: bool = False) -> Any:
+                note_field: str = "notes", four_eyes: bool = False,
+                source: TaskStatus | None = None) -> Any:
+    """``source``: the one state the call applies to, when two calls lead to
+    the same state (approve: pending → approved; retry: failed → approved),
+    so that neither does the other's job under its name in the audit log."""
     c = ctx()
     idc, sn = _path_ids(idc, sn)
     body = _object_body()
@@ -312,10 +316,14 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
 
     try:
         stored = c.tasks.transition(idc, sn, target, by=user, reason=note,
-                                    expect_revision=expect, mutate=check)
+                                    expect_revision=expect, mutate=check, source=source)
     except IllegalTransition as exc:
         current = c.tasks.get(idc, sn)
-        raise ApiError(409, "illegal_transition", str(exc),
+        detail = str(exc)
+        if isinstance(exc, NotInState):
+            detail = (f"{action.removeprefix('task.')} applies to a {exc.expected.value} task; "
+                      f"{idc}/{sn} is {exc.current.value}")
+        raise ApiError(409, "illegal_transition", detail,
                        status=current.task.status if current else None,
                        revision=current.revision if current else 0) from None
     _audit(c, action, f"{idc}/{sn}", before, task_summary(stored.task, stored.revision), note)
@@ -328,7 +336,8 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
 def approve_task(idc: str, sn: str) -> Any:
     """pending → approved.  ``{"notes"?, "revision"?}``: with ``revision``
     the approval applies only to the task as you saw it (else 409)."""
-    return _transition(idc, sn, TaskStatus.APPROVED, "task.approve", four_eyes=True)
+    return _transition(idc, sn, TaskStatus.APPROVED, "task.approve", four_eyes=True,
+                       source=TaskStatus.PENDING)
 
 
 @bp.post("/tasks/<idc>/<sn>/reject")
@@ -349,7 +358,8 @@ def cancel_task(idc: str, sn: str) -> Any:
 @requires(Role.APPROVER)
 def retry_task(idc: str, sn: str) -> Any:
     """failed → approved (a new install: an approval, so the approver role)."""
-    return _transition(idc, sn, TaskStatus.APPROVED, "task.retry", four_eyes=True)
+    return _transition(idc, sn, TaskStatus.APPROVED, "task.retry", four_eyes=True,
+                       source=TaskStatus.FAILED)
 
 
 @bp.delete("/tasks/<idc>/<sn>")

@@ -226,6 +226,30 @@ def test_cancel_retry_delete_and_not_found(env: WebEnv) -> None:
     assert r.status_code == 404 and r.get_json()["error"] == "not_found"
 
 
+def test_retry_is_only_for_failed_and_approve_only_for_pending(env: WebEnv) -> None:
+    """Both lead to approved; neither does the other's job under its own
+    name in the audit log (a retry of a pending task used to approve it)."""
+    c = env.app.test_client()
+    svc = TaskService(env.store, env.keys)
+    sn = new_sn()
+    c.post("/api/v1/tasks", json=task_body(sn), headers=env.headers("operator"))
+    before = svc.get("dc1", sn)
+    r = c.post(f"/api/v1/tasks/dc1/{sn}/retry", json={}, headers=env.headers("approver"))
+    body = r.get_json()
+    assert r.status_code == 409 and body["error"] == "illegal_transition"
+    assert body["detail"] == f"retry applies to a failed task; dc1/{sn} is pending"
+    assert body["status"] == "pending" and body["revision"] == before.revision  # type: ignore[union-attr]
+    assert svc.get("dc1", sn).revision == before.revision  # type: ignore[union-attr]
+    c.post(f"/api/v1/tasks/dc1/{sn}/approve", json={}, headers=env.headers("approver"))
+    svc.transition("dc1", sn, "booting", by="node")
+    svc.transition("dc1", sn, "failed", by="node", reason="disk missing")
+    r = c.post(f"/api/v1/tasks/dc1/{sn}/approve", json={}, headers=env.headers("approver"))
+    assert r.status_code == 409
+    assert r.get_json()["detail"] == f"approve applies to a pending task; dc1/{sn} is failed"
+    r = c.post(f"/api/v1/tasks/dc1/{sn}/retry", json={}, headers=env.headers("approver"))
+    assert r.status_code == 200 and r.get_json()["task"]["status"] == "approved"
+
+
 @pytest.mark.parametrize(("body", "field"), [
     ({"idc": "dc1", "sn": "<img src=x onerror=alert(1)>", "mac": "00:1a:2b:3c:4d:5e",
       "os_type": "Ubuntu 22.04"}, "sn"),

@@ -146,3 +146,18 @@ def test_defaults_have_the_type_of_parsed_values() -> None:
     assert cfg["state_dir"] == Path("/var/lib/lpmos")
     # and ``lpmos config show`` prints an address as it is written
     assert ("web.listen", "127.0.0.1:8080", "default") in cfg.describe()
+
+
+def test_a_float_for_an_integer_setting_is_refused_not_cut(tmp_path: Path) -> None:
+    cfg_file = _write(tmp_path, '[web]\nthreads = 9.7\n')
+    from lpmos.cli import all_settings
+
+    with pytest.raises(ConfigError, match=r"web\.threads: 9\.7 from file .* expected an integer"):
+        resolve(all_settings()[0], {}, {}, cfg_file)
+
+
+def test_config_file_errors_name_the_file_once(capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Path) -> None:
+    assert main(["config", "show", "--config", str(tmp_path / "nope.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lpmos config: config file {tmp_path / 'nope.toml'} does not exist\n"
