@@ -75,7 +75,7 @@ def load_configured_catalog(config: Config) -> Catalog | None:
 
 def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | None = None,
                catalog: Catalog | None = _DEFAULT, cache: ConsoleCache | None = None,
-               settings: dict[str, Any] | None = None, cache_wait: float = 30.0) -> Flask:
+               settings: dict[str, Any] | None = None, cache_wait: float | None = None) -> Flask:
     """The control-plane application.
 
     ``store`` and ``keys`` come from :func:`lpmos.runtime.open_store`.
@@ -109,6 +109,12 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
     owns_cache = cache is None
     if cache is None:
         cache = ConsoleCache(store, keys)
+        # wait for the first load, but not for an etcd that is down: a call
+        # fails within etcd.timeout, so two of them and a second bound it; past
+        # that the console serves, /healthz says 503 "degraded" and the cache
+        # fills in when etcd answers (RELIABILITY: etcd down at start)
+        if cache_wait is None:
+            cache_wait = min(30.0, 2 * float(config.get("etcd.timeout", 2.0)) + 1)
         cache.start(wait=cache_wait)
     metrics.gauge("web_cache_staleness_seconds", cache.staleness,
                   "seconds since etcd last confirmed the watch cache")

@@ -249,3 +249,24 @@ def test_two_control_planes_fifty_concurrent_approve_cancel_one_wins(
                 assert body["revision"] == stored.revision, body
     finally:
         store.close()
+
+
+def test_control_plane_with_etcd_down_at_start_answers_healthz_degraded(
+        keys: Keys, control_plane_factory: Callable[..., ControlPlane]) -> None:
+    """It used to wait 30 s for its first cache load before answering
+    anything; now it waits about two etcd deadlines, then serves and says
+    it is degraded."""
+    import socket
+
+    with socket.socket() as s:          # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    started = time.monotonic()
+    cp = control_plane_factory(dead, keys.prefix).start(timeout=60, healthy=False)
+    try:
+        r = requests.get(cp.url + "/healthz", timeout=5)
+        assert r.status_code == 503, r.text
+        assert r.json()["status"] == "degraded" and r.json()["cache_loaded"] is False
+        assert time.monotonic() - started < 20, cp.log()
+    finally:
+        cp.kill()
