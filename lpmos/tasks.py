@@ -31,6 +31,11 @@ class TaskExists(Conflict):
     """A task for this machine is still active."""
 
 
+def _a(word: str) -> str:
+    """``word`` with its indefinite article: "a pending", "an approved"."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 class BatchRefused(ValidationError):
     """Some rows of a batch cannot be created; ``errors`` names each."""
 
@@ -75,7 +80,7 @@ class TaskService:
             old = Task.from_json(current.value)
             if old.state not in FINAL:
                 raise TaskExists(key, current.mod_revision,
-                                 f"{task.idc}/{task.sn} already has a {old.status} task")
+                                 f"{task.idc}/{task.sn} already has {_a(old.status)} task")
             expected = current.mod_revision
         revision = self.store.commit([Compare(key, expected)], [Put(key, task.to_json())])
         return Stored(task, revision)
@@ -111,7 +116,7 @@ class TaskService:
                 old = Task.from_json(current.value)
                 if old.state not in FINAL:
                     errors.append({"row": i, "field": "sn", "error":
-                                   f"{task.idc}/{task.sn} already has a {old.status} task"})
+                                   f"{task.idc}/{task.sn} already has {_a(old.status)} task"})
                     continue
                 expected = current.mod_revision
             compares.append(Compare(key, expected))

@@ -199,10 +199,11 @@ def create_task() -> Any:
     return resp
 
 
-def parse_batch(raw: bytes, mimetype: str) -> list[Any]:
+def parse_batch(raw: bytes, mimetype: str) -> tuple[list[Any], list[int] | None]:
     """Rows of a batch: a JSON list (or ``{"tasks": [...]}``) or CSV with a
     header row naming the columns (idc, sn, mac, os_type, os_version, image,
-    template, notes)."""
+    template, notes); for CSV also each row's line in the file (blank lines
+    are skipped, so the row index alone does not find it)."""
     if mimetype in ("text/csv", "application/csv") or \
             (not raw.lstrip().startswith((b"[", b"{")) and b"," in raw.split(b"\n", 1)[0]):
         try:
@@ -217,19 +218,21 @@ def parse_batch(raw: bytes, mimetype: str) -> list[Any]:
                            + ", ".join(CSV_FIELDS) + (f"; unknown: {', '.join(unknown)}"
                                                       if unknown else ""))
         rows: list[Any] = []
+        lines: list[int] = []
         try:
             for row in reader:
                 rows.append({k.strip(): (v or "").strip() for k, v in row.items()
                              if k is not None and (v or "").strip()})
+                lines.append(reader.line_num)
         except csv.Error as exc:
-            raise ApiError(400, "bad_request", f"CSV: {exc}") from None
-        return rows
+            raise ApiError(400, "bad_request", f"CSV line {reader.line_num}: {exc}") from None
+        return rows, lines
     data = parse_json_body(raw)
     if isinstance(data, dict) and isinstance(data.get("tasks"), list):
         data = data["tasks"]
     if not isinstance(data, list):
         raise ApiError(400, "bad_request", "send a JSON list of tasks, {\"tasks\": [...]}, or CSV")
-    return data
+    return data, None
 
 
 @bp.post("/tasks/batch")
@@ -238,7 +241,8 @@ def batch_create() -> Any:
     """Create many tasks at once, all or nothing.  Body: a JSON list, or CSV
     (``Content-Type: text/csv``, or a multipart upload in the field
     ``file``).  Any bad row refuses the whole batch with 400 and an
-    ``errors`` list ``[{"row", "field", "error"}]`` (rows count from 0)."""
+    ``errors`` list ``[{"row", "field", "error"}]`` (rows count from 0; a
+    CSV row's error also has its ``line`` in the file, the header being 1)."""
     c = ctx()
     if request.mimetype == "multipart/form-data":
         upload = request.files.get("file")
@@ -249,7 +253,7 @@ def batch_create() -> Any:
             else (upload.mimetype or "")
     else:
         raw, mimetype = request.get_data(cache=True), request.mimetype
-    rows = parse_batch(raw, mimetype)
+    rows, lines = parse_batch(raw, mimetype)
     limit = int(c.setting("web.batch_max", 100))
     if not rows:
         raise ApiError(400, "bad_request", "the batch is empty")
@@ -262,7 +266,8 @@ def batch_create() -> Any:
         try:
             tasks.append(build_task(c, row))
         except ValidationError as exc:
-            errors.append({"row": i, "field": exc.field, "error": str(exc)})
+            errors.append({"row": i, "field": exc.field, "error": str(exc),
+                           **({"line": lines[i]} if lines else {})})
     if errors:
         raise ApiError(400, "invalid", f"{len(errors)} of {len(rows)} rows are invalid; "
                                        "nothing was created", errors=errors)

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from lpmos.models import ProgressEvent, Task
-from lpmos.states import IllegalTransition
+from lpmos.states import IllegalTransition, NotInState, TaskStatus
 from lpmos.store import Conflict
 from lpmos.tasks import TaskExists, TaskNotFound, TaskService
 
@@ -46,9 +46,24 @@ def test_active_task_cannot_be_replaced_but_ended_one_can(svc: TaskService) -> N
     svc.create(_task(), by="op")
     with pytest.raises(TaskExists):
         svc.create(_task(), by="op")
-    svc.transition("dc1", "sn-001", "rejected", by="boss", reason="wrong rack")
+    svc.transition("dc1", "sn-001", "approved", by="boss")
+    with pytest.raises(TaskExists, match="dc1/sn-001 already has an approved task"):
+        svc.create(_task(), by="op")
+    svc.transition("dc1", "sn-001", "cancelled", by="boss", reason="wrong rack")
     again = svc.create(_task(), by="op")
     assert again.task.status == "pending"
+
+
+def test_approve_and_retry_move_only_their_own_state(svc: TaskService) -> None:
+    """Both lead to approved: ``source`` keeps each to its own (a retry of a
+    pending task used to approve it under the name retry)."""
+    svc.create(_task(), by="op")
+    with pytest.raises(NotInState) as err:
+        svc.transition("dc1", "sn-001", "approved", by="boss", source="failed")
+    assert (err.value.current, err.value.expected) == (TaskStatus.PENDING, TaskStatus.FAILED)
+    assert svc.get("dc1", "sn-001").task.status == "pending"  # type: ignore[union-attr]
+    svc.transition("dc1", "sn-001", "approved", by="boss", source="pending")
+    assert svc.get("dc1", "sn-001").task.attempt == 1  # type: ignore[union-attr]
 
 
 def test_expect_revision_conflict(svc: TaskService) -> None:

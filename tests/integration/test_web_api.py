@@ -441,6 +441,14 @@ def test_batch_is_all_or_nothing_with_an_error_per_row(env: WebEnv) -> None:
                headers=dict(env.headers("operator"), **{"Content-Type": "text/csv"}))
     assert r.status_code == 201
     assert audit_items(env, action="task.batch_create")[0]["after"] == [f"dc1/{sn}"]
+    # a CSV row's error names its line in the file too (blank lines skipped)
+    r = c.post("/api/v1/tasks/batch", data=f"idc,sn,mac,os_type\ndc1,{new_sn()},"
+                                           f"{mac_for(8)},Ubuntu 22.04\n\ndc1,{new_sn()},zz,"
+                                           "Ubuntu 22.04\n",
+               headers=dict(env.headers("operator"), **{"Content-Type": "text/csv"}))
+    assert r.status_code == 400
+    assert [(e["row"], e["line"], e["field"]) for e in r.get_json()["errors"]] == \
+        [(1, 4, "mac")]
 
 
 # -- audit --------------------------------------------------------------------------------
