@@ -65,10 +65,16 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: Sequence[Settin
         if isinstance(default, list):
             default = ",".join(str(d) for d in default) or "none"
         shown = "********" if s.secret and default else default
-        # a boolean flag given alone means true (``--no-reboot``); a value still works
-        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if s.parse is parse_bool else {}
+        choices = getattr(s.parse, "choices", None)
+        metavar = s.metavar or ("|".join(choices) if choices else s.key.split(".")[-1].upper())
+        extra: dict[str, Any] = {}
+        if s.parse is parse_bool:
+            # a boolean flag given alone means true (``--no-reboot``); a value still works
+            extra = {"nargs": "?", "const": "true"}
+            metavar = s.metavar or "on|off"
+            shown = "on" if default else "off"
         parser.add_argument(
-            s.flag, dest=s.dest, default=None, metavar=s.metavar or s.key.split(".")[-1].upper(),
+            s.flag, dest=s.dest, default=None, metavar=metavar,
             help=f"{s.help} (default: {shown}; env {s.env_var}; file key {s.key})", **extra,
         )
 

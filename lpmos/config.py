@@ -100,6 +100,7 @@ def choice(*options: str) -> Parser:
             raise ValueError("one of " + ", ".join(options))
         return text
 
+    parse.choices = options  # type: ignore[attr-defined]  # for --help's metavar
     return parse
 
 
