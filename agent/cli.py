@@ -71,7 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run (default): the agent; inventory: print this host's "
                              "inventory as JSON and exit")
     parser.add_argument("--once", action="store_true",
-                        help="register, print the inventory and the node's answer, exit")
+                        help="register (retrying an unreachable node for up to 30 s unless "
+                             "--deadline is given), print the inventory and the node's "
+                             "answer, exit")
 
 
 def _boot_params() -> Any:
@@ -90,6 +92,18 @@ def _boot_mac(config: Config, params: Any) -> str | None:
         except ValidationError as exc:
             raise ConfigError(str(exc)) from None
     return params.boot_mac  # type: ignore[no-any-return]
+
+
+#: how long ``--once`` retries an unreachable node unless --deadline says otherwise
+ONCE_DEADLINE = 30.0
+
+
+def _deadline(config: Config, once: bool) -> float:
+    """The agent's deadline; ``--once`` is a check run by a person, who wants
+    an answer in seconds, not the install's default of many minutes."""
+    if once and config.sources.get("agent.deadline") == "default":
+        return min(ONCE_DEADLINE, float(config["agent.deadline"]) or ONCE_DEADLINE)
+    return float(config["agent.deadline"])
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
@@ -116,7 +130,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     opts = AgentOptions(
         server=server, spool_dir=Path(spool_dir), no_reboot=config["agent.no_reboot"],
         target=config["agent.target"], allow_removable=config["agent.allow_removable"],
-        deadline=config["agent.deadline"], set_clock=config["agent.set_clock"],
+        deadline=_deadline(config, args.once), set_clock=config["agent.set_clock"],
         boot_mac=boot_mac, live=params.live, http_timeout=config["agent.http_timeout"],
         stall_timeout=config["agent.stall_timeout"],
     )
