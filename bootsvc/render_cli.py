@@ -92,8 +92,10 @@ def run(config: Config, args: argparse.Namespace) -> int:
             return 1
         names = CONFIG_TEMPLATES.get(install_kind(image), {})
         if template not in names:
-            sys.stderr.write(f"lpmos render: {install_kind(image)} installs have "
-                             f"{', '.join(sorted(names))}\n")
+            sys.stderr.write(f"lpmos render: {template!r} is not a template path (those "
+                             "have a '/': 'lpmos render --list'), 'boot', or a config name "
+                             f"of {install_kind(image)} installs "
+                             f"({', '.join(sorted(names)) or 'none'})\n")
             return 1
         template = names[template]
         if not template:

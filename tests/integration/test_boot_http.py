@@ -655,3 +655,8 @@ def test_lpmos_render_previews_a_task(etcd_server: Any, keys: Keys, tmp_path: Pa
     err = capsys.readouterr().err
     assert "kickstart/rhel9.ks.j2" in err and "newline" in err
     assert main(["render", "--task", f"{IDC}/NOPE", *common]) == 1
+    capsys.readouterr()
+    # a name that is neither a path, 'boot' nor a config name says what would be
+    assert main(["render", "--task", f"{IDC}/R-1", "--template", "nope.j2", *common]) == 1
+    err = capsys.readouterr().err
+    assert "'nope.j2' is not a template path" in err and "ks.cfg" in err, err
