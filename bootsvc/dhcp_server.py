@@ -549,6 +549,34 @@ def open_socket(listen: str, port: int, *, interface: str | None, rcvbuf: int,
     return sock
 
 
+def claim_port(listen: str, port: int, interface: str | None) -> socket.socket | None:
+    """Hold a name for ``listen:port`` (on ``interface``) among the LPMOS
+    nodes of this network namespace, or raise EADDRINUSE naming the clash.
+
+    The DHCP sockets take SO_REUSEADDR, so that a ProxyDHCP can share port
+    67 with the site's DHCP server on the same host and nodes can serve
+    different interfaces on one port; the price is that a second node
+    started by mistake on the same port binds too, and both answer.  An
+    abstract unix socket (one name space per network namespace, released
+    when the process dies however it dies) tells our own nodes apart from
+    everyone else.  Port 0 (a test's ephemeral port) needs no claim."""
+    if not port:
+        return None
+    name = f"\0lpmos-dhcp/{listen}:{port}/{interface or '*'}"
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        lock.bind(name)
+    except OSError as exc:
+        lock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise OSError(errno.EADDRINUSE,
+                      f"dhcp: another LPMOS node on this host already serves {listen}:{port}"
+                      f"{' on ' + interface if interface else ''}; stop it, or give this one "
+                      "another --dhcp-port/--dhcp-proxy-port or --interface") from None
+    return lock
+
+
 class DhcpService:
     """ProxyDHCP / lab DHCP of a regional node on the running asyncio loop.
 
@@ -580,6 +608,7 @@ class DhcpService:
             known_mac=ctx.machines.known_mac if ctx.machines is not None else None,
             pool=self.pool)
         self.sockets: list[tuple[socket.socket, PortKind]] = []
+        self._claims: list[socket.socket] = []
         self._latencies: list[float] = []
         self._pktinfo = True
         self._recorded: OrderedDict[str, tuple[tuple[Any, ...], float]] = OrderedDict()
@@ -620,6 +649,9 @@ class DhcpService:
         self._pktinfo = not (interface and self.ctx.server_ip)
         try:
             for port, kind in wanted:
+                claim = claim_port(listen, port, interface)
+                if claim is not None:
+                    self._claims.append(claim)
                 try:
                     sock = open_socket(listen, port, interface=interface, rcvbuf=rcvbuf,
                                        pktinfo=self._pktinfo)
@@ -647,6 +679,9 @@ class DhcpService:
                 loop.remove_reader(sock.fileno())
             sock.close()
         self.sockets = []
+        for claim in self._claims:
+            claim.close()
+        self._claims = []
         if self.writer is not None:
             writer = self.writer
             await asyncio.get_running_loop().run_in_executor(None, writer.stop)

@@ -105,3 +105,21 @@ def test_node_metrics_count_what_it_served(node) -> None:
     assert "http_boot_constant_total 1" in text
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(20) == 0
+
+
+def test_a_second_node_on_the_same_dhcp_port_is_refused(node, etcd_server, keys) -> None:
+    """The DHCP sockets share their port (SO_REUSEADDR, for the site's DHCP
+    server on the same host); a second LPMOS node started on the same port
+    by mistake is refused in one line instead of answering too."""
+    proc, ports, _base, tmp_path = node
+    cmd = [sys.executable, "-m", "lpmos", "regional", "--idc", "dc1", "--node-name", "node-2",
+           "--state-dir", str(tmp_path / "state-2"), "--etcd-endpoints", etcd_server.url,
+           "--etcd-prefix", keys.prefix, "--listen", "127.0.0.1", "--services", "dhcp",
+           "--dhcp-port", str(ports["dhcp"]), "--dhcp-proxy-port", str(_free_udp())]
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert second.returncode == 1, second.stderr
+    assert "Traceback" not in second.stderr
+    assert (f"dhcp: another LPMOS node on this host already serves 127.0.0.1:{ports['dhcp']}"
+            in second.stderr), second.stderr
+    assert proc.poll() is None        # the first node goes on
