@@ -68,6 +68,9 @@ class NodeContext:
     #: checks, one per service with a thread pool, true while it has work queued
     #: or running (see :meth:`threads_busy`)
     busy_checks: list[Callable[[], bool]] = field(default_factory=list)
+    #: conditions an operator should fix that do not stop the node, by topic;
+    #: /healthz lists them (a node name used twice, for one)
+    warnings: dict[str, str] = field(default_factory=dict)
 
     def threads_busy(self) -> bool:
         """True while some service's threads have work.  The event loop then

@@ -973,7 +973,8 @@ def healthz() -> Response:
                       "revision": cache.revision},
             "catalog": {"images": len(s.catalog.images), "live": s.live is not None},
             "events_spooled_tasks": spooled,
-            "installs": "refused while degraded" if degraded else "allowed"}
+            "installs": "refused while degraded" if degraded else "allowed",
+            "warnings": sorted(s.ctx.warnings.values())}
     return json_response(body, 503 if degraded else 200)
 
 

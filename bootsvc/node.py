@@ -23,6 +23,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -85,11 +86,19 @@ class NodeRegistration:
 
     def __init__(self, ctx: NodeContext, info: dict[str, Any]) -> None:
         self.ctx = ctx
-        self.info = info
+        # who we are: this process, and the (host, state directory) a restart
+        # of this node comes back with
+        self.info = {**info, "instance": uuid.uuid4().hex, "host": socket.gethostname(),
+                     "state_dir": str(ctx.config.get("state_dir", ""))}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="node-registration", daemon=True)
         self._lease = 0
         self.registered = False
+        self.conflict: str | None = None
+        self._conflict_logged = 0.0
+        ctx.metrics.gauge("node_name_conflict", lambda: float(self.conflict is not None),
+                          "1 while another live node registers under this node's name and "
+                          "IDC (each overwrites the other's record)")
 
     def start(self) -> None:
         self._thread.start()
@@ -111,12 +120,43 @@ class NodeRegistration:
         }
         return json.dumps(info, separators=(",", ":")).encode()
 
+    def _check_name(self, raw: bytes | None) -> None:
+        """Whose record is under our name: ours, our own previous run's (same
+        host and state directory; its lease outlives a quick restart), or
+        another live node's, which is an operator's mistake we can only
+        report: refusing to run would also refuse a node replaced in haste."""
+        other: dict[str, Any] = {}
+        if raw is not None:
+            with contextlib.suppress(ValueError, TypeError):
+                other = dict(json.loads(raw))
+        mine = self.info
+        if not other or other.get("instance") in (None, mine["instance"]) or \
+                (other.get("host"), other.get("state_dir")) == (mine["host"], mine["state_dir"]):
+            if self.conflict is not None:
+                log.info("node registration: the name %s is ours alone again",
+                         self.ctx.node_name)
+            self.conflict = None
+            self.ctx.warnings.pop("node_name", None)
+            return
+        self.conflict = (f"another node registers as {self.ctx.node_name!r} in IDC "
+                         f"{self.ctx.idc!r} (host {other.get('host')}, address "
+                         f"{other.get('address') or '?'}, state dir {other.get('state_dir')}); "
+                         "each overwrites the other's record: give every node its own "
+                         "--node-name")
+        self.ctx.warnings["node_name"] = self.conflict
+        now = time.monotonic()
+        if now - self._conflict_logged >= 60:
+            self._conflict_logged = now
+            log.error("node registration: %s", self.conflict)
+
     def _run(self) -> None:
         key = self.ctx.keys.node(self.ctx.idc, self.ctx.node_name)
         while not self._stop.is_set():
             try:
                 if not self._lease or self.ctx.store.keepalive(self._lease) <= 0:
                     self._lease = self.ctx.store.grant(NODE_LEASE_TTL)
+                current = self.ctx.store.get(key)
+                self._check_name(current.value if current is not None else None)
                 self.ctx.store.put(key, self._value(), lease=self._lease)
                 self.registered = True
             except StoreError as exc:

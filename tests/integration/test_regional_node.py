@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -123,3 +124,73 @@ def test_a_second_node_on_the_same_dhcp_port_is_refused(node, etcd_server, keys)
     assert (f"dhcp: another LPMOS node on this host already serves 127.0.0.1:{ports['dhcp']}"
             in second.stderr), second.stderr
     assert proc.poll() is None        # the first node goes on
+
+
+def _healthz(base: str) -> dict:
+    try:
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:       # 503 degraded still has the body
+        return json.loads(exc.read())
+
+
+def test_two_nodes_under_one_name_are_told_on_both(node, etcd_server, keys) -> None:
+    """Each would overwrite the other's record; both say so on /healthz (a
+    warning: installs go on) and in a metric until one of them is gone."""
+    proc, _ports, base, tmp_path = node
+    port2 = free_port()
+    cmd = [sys.executable, "-m", "lpmos", "regional", "--idc", "dc1", "--node-name", "node-t",
+           "--state-dir", str(tmp_path / "state-2"), "--etcd-endpoints", etcd_server.url,
+           "--etcd-prefix", keys.prefix, "--listen", "127.0.0.1", "--services", "http",
+           "--http-port", str(port2)]
+    log = (tmp_path / "node2.log").open("wb")
+    second = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    base2 = f"http://127.0.0.1:{port2}"
+
+    def warned(url: str) -> bool:
+        return any("another node registers as 'node-t' in IDC 'dc1'" in w
+                   for w in _healthz(url).get("warnings", []))
+    try:
+        deadline = time.monotonic() + 30
+        while not (warned(base) and warned(base2)):
+            assert second.poll() is None, (tmp_path / "node2.log").read_text()
+            assert proc.poll() is None
+            assert time.monotonic() < deadline, (_healthz(base), _healthz(base2))
+            time.sleep(0.3)
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+            assert "node_name_conflict 1" in r.read().decode()
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(30)
+        log.close()
+    # the second one revoked its record's lease on the way out: the name is ours alone
+    deadline = time.monotonic() + 20
+    while warned(base):
+        assert time.monotonic() < deadline, _healthz(base)
+        time.sleep(0.3)
+    assert "node registration: another node registers as" in \
+        (tmp_path / "node2.log").read_text()
+
+
+def test_a_restart_finding_its_own_previous_record_is_no_conflict(tmp_path: Path) -> None:
+    """The record of this node's previous run (same host and state
+    directory, another process) outlives a quick restart by its lease."""
+    from bootsvc.context import NodeContext
+    from bootsvc.node import NodeRegistration
+    from lpmos.config import COMMON, resolve
+
+    config = resolve(COMMON, {"state_dir": str(tmp_path)}, {}, None)
+    ctx = NodeContext(config=config, idc="dc1", node_name="n1", store=None, keys=None,  # type: ignore[arg-type]
+                      cache=None, machines=None)  # type: ignore[arg-type]
+    reg = NodeRegistration(ctx, {"node": "n1", "address": "10.0.0.1"})
+    previous = dict(reg.info, instance="an-earlier-process")
+    reg._check_name(json.dumps(previous).encode())
+    assert reg.conflict is None and ctx.warnings == {}
+    elsewhere = dict(previous, host="other-host", address="10.0.0.2")
+    reg._check_name(json.dumps(elsewhere).encode())
+    assert reg.conflict is not None and "host other-host, address 10.0.0.2" in reg.conflict
+    assert ctx.warnings["node_name"] == reg.conflict
+    reg._check_name(json.dumps(dict(reg.info)).encode())      # ours again
+    assert reg.conflict is None and ctx.warnings == {}
+    reg._check_name(b"not json")                                # unreadable: not a conflict
+    assert reg.conflict is None
