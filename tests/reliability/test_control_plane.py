@@ -14,6 +14,7 @@ import requests
 
 from lpmos.auth import Auth
 from lpmos.models import ProgressEvent
+from lpmos.store.embedded import free_port
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.tasks import TaskService
@@ -256,11 +257,7 @@ def test_control_plane_with_etcd_down_at_start_answers_healthz_degraded(
     """It used to wait 30 s for its first cache load before answering
     anything; now it waits about two etcd deadlines, then serves and says
     it is degraded."""
-    import socket
-
-    with socket.socket() as s:          # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"       # a port nobody listens on
     started = time.monotonic()
     cp = control_plane_factory(dead, keys.prefix).start(timeout=60, healthy=False)
     try:

@@ -3,7 +3,6 @@ unreachable node in seconds, unless told otherwise."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from agent.cli import ONCE_DEADLINE, SETTINGS, _deadline
 from lpmos.config import COMMON, resolve, settings_by_key
+from lpmos.store.embedded import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,9 +26,7 @@ def test_once_retries_for_seconds_unless_a_deadline_is_given() -> None:
 
 
 def test_once_against_a_dead_node_fails_with_one_line(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "lpmos", "agent", "--once", "--server", dead,
                              "--state-dir", str(tmp_path), "--deadline", "2"], cwd=REPO,

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lpmos.store.embedded import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -18,10 +20,7 @@ def _lpmos(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 def test_unreachable_etcd_is_one_line_and_exit_1() -> None:
-    with socket.socket() as s:          # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"     # a port nobody listens on
     result = _lpmos("token", "list", "--etcd-endpoints", url, "--etcd-timeout", "0.5")
     assert result.returncode == 1, result.stderr
     lines = result.stderr.splitlines()
