@@ -289,10 +289,20 @@ class BootHttp:
                              live_kernel_args=self.live_kernel_args,
                              retry_delay=self.retry_delay, **kw)
 
-    def require_token(self, sn: str) -> str:
-        token = request_token()
+    def authenticate(self, claimed: Any, token: str | None = None) -> str:
+        """Check a request's machine token before anything else of the
+        request is validated (issue 16): no token or an unknown one → 401,
+        another machine's → 403.  ``claimed`` is the SN the request names,
+        unvalidated (from its path, query or body); when it is no valid SN
+        the token must still be some machine's, and the caller's own
+        validation then refuses the SN with a 400.  ``token`` is one from the
+        path; by default the request's (header, else ``?token=``)."""
+        token = request_token() if token is None else token
         try:
-            self.tokens.check(sn, token)
+            if isinstance(claimed, str) and _is_sn(claimed):
+                self.tokens.check(claimed, token)
+            else:
+                self.tokens.authenticate(token)
         except TokenError as exc:
             raise HttpError(exc.status_code, "token_" + exc.reason, str(exc)) from None
         assert token is not None
@@ -519,11 +529,21 @@ def text_response(text: str, status: int = 200) -> Response:
     return resp
 
 
-def checked_sn(sn: str) -> str:
+def checked_sn(sn: Any) -> str:
+    if not isinstance(sn, str):
+        raise HttpError(400, "bad_sn", "sn: a serial number is required")
     try:
         return validate_sn(sn)
     except ValidationError as exc:
         raise HttpError(400, "bad_sn", str(exc)) from None
+
+
+def _is_sn(value: str) -> bool:
+    try:
+        validate_sn(value)
+    except ValidationError:
+        return False
+    return True
 
 
 # --- boot ------------------------------------------------------------------------------
@@ -560,17 +580,10 @@ def config_file_tokened(sn: str, token: str, name: str) -> Response:
 
 def _config(sn: str, name: str, path_token: str | None) -> Response:
     s = svc()
+    token = s.authenticate(sn, path_token)
     sn = checked_sn(sn)
     if not _CONFIG_NAME_RE.fullmatch(name):
         raise HttpError(404, "not_found", "no such config")
-    if path_token is not None:
-        try:
-            s.tokens.check(sn, path_token)
-        except TokenError as exc:
-            raise HttpError(exc.status_code, "token_" + exc.reason, str(exc)) from None
-        token = path_token
-    else:
-        token = s.require_token(sn)
     view = s.ctx.machines.view(sn)
     task = view.task
     if task is None or task.state not in (TaskStatus.BOOTING, TaskStatus.INSTALLING):
@@ -647,8 +660,8 @@ def parse_callback(body: Any, *, now: float) -> ProgressEvent:
 @callback_bp.post("/callback/<sn>")
 def callback(sn: str) -> Response:
     s = svc()
+    s.authenticate(sn)
     sn = checked_sn(sn)
-    s.require_token(sn)
     body = read_json()
     try:
         event = parse_callback(body, now=time.time())
@@ -701,22 +714,31 @@ def register() -> Response:
         "task": result.task.to_dict() if result.task is not None else None})
 
 
-def _agent_sn(s: BootHttp, raw: Any) -> str:
-    if not isinstance(raw, str):
-        raise HttpError(400, "bad_sn", "sn: a serial number is required")
-    sn = checked_sn(raw)
-    s.require_token(sn)
-    return sn
+def _agent_body(s: BootHttp) -> tuple[str, dict[str, Any]]:
+    """An agent POST's machine and body.  The token comes first: without
+    one the answer is 401 before the body is parsed; then it must be the
+    machine's the body names (403), and only then is the body judged (400)."""
+    if not request_token():
+        s.authenticate(None)
+    try:
+        body, error = read_json(), None
+    except HttpError as exc:
+        body, error = None, exc
+    s.authenticate(body.get("sn") if isinstance(body, dict) else None)
+    if error is not None:
+        raise error
+    if not isinstance(body, dict):
+        raise HttpError(400, "bad_request", "a JSON object is required")
+    return checked_sn(body.get("sn")), body
 
 
 @agent_bp.post("/heartbeat")
 def heartbeat() -> Response:
     s = svc()
-    body = read_json()
-    if not isinstance(body, dict):
-        raise HttpError(400, "bad_request", "a JSON object is required")
-    sn = _agent_sn(s, body.get("sn"))
-    state = body.get("state") if isinstance(body.get("state"), str) else "unknown"
+    sn, body = _agent_body(s)
+    state = body.get("state", "unknown")
+    if not isinstance(state, str):
+        raise HttpError(400, "bad_request", "state: a string such as idle or installing")
     try:
         s.registrar.heartbeat(sn, str(state))
     except StoreError as exc:
@@ -730,8 +752,8 @@ def heartbeat() -> Response:
 @agent_bp.get("/task")
 def agent_task() -> Response:
     s = svc()
-    sn = _agent_sn(s, request.args.get("sn"))
-    token = request_token() or ""
+    token = s.authenticate(request.args.get("sn"))
+    sn = checked_sn(request.args.get("sn"))
     try:
         wait = max(0.0, min(LONG_POLL_MAX, float(request.args.get("wait", 0))))
         raw_rev = request.args.get("revision")
@@ -809,10 +831,7 @@ def _install_spec(s: BootHttp, view: MachineView, task: Any, image: Image,
 @agent_bp.post("/events")
 def agent_events() -> Response:
     s = svc()
-    body = read_json()
-    if not isinstance(body, dict):
-        raise HttpError(400, "bad_request", "a JSON object is required")
-    sn = _agent_sn(s, body.get("sn"))
+    sn, body = _agent_body(s)
     raw = body.get("events")
     if not isinstance(raw, list) or len(raw) > EVENTS_MAX:
         raise HttpError(400, "bad_request", f"events: a list of at most {EVENTS_MAX} events")
@@ -851,13 +870,7 @@ def image_file(name: str, file: str) -> Response:
     if which is None:
         raise HttpError(404, "not_found", "no such image file")
     if which == "disk_image":
-        token = request_token()
-        if not token:
-            s.metrics.inc("http_token_refused_total", reason="missing")
-            raise HttpError(401, "token_missing", "disk images need a machine token")
-        if s.tokens.owner(token) is None:
-            s.metrics.inc("http_token_refused_total", reason="invalid")
-            raise HttpError(401, "token_invalid", "invalid or revoked machine token")
+        s.authenticate(None)        # any machine's token (a disk image is no secret of one)
     path = s.catalog.local_path(getattr(image, which))
     assert path is not None
     etag = image.sha256 if which == "disk_image" and image.sha256 else None

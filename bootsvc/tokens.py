@@ -179,6 +179,20 @@ class MachineTokens:
         with self._lock:
             return self._by_digest.get(token_digest(token))
 
+    def authenticate(self, token: str | None) -> str:
+        """The SN ``token`` belongs to (cache only); :class:`TokenError` 401
+        when it is missing or no machine's.  For requests that name no
+        machine yet (or name it in a part not validated yet), and for the
+        files any machine may fetch."""
+        if not token:
+            self.metrics.inc("http_token_refused_total", reason="missing")
+            raise TokenError("a machine token is required (Authorization: Bearer TOKEN)")
+        owner = self.owner(token)
+        if owner is None:
+            self.metrics.inc("http_token_refused_total", reason="invalid")
+            raise TokenError("invalid or revoked machine token", reason="invalid")
+        return owner
+
     def check(self, sn: str, token: str | None) -> None:
         """Return if ``token`` is ``sn``'s; raise :class:`TokenError` (401:
         missing or unknown, 403: another machine's) otherwise."""
