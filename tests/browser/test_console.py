@@ -222,3 +222,52 @@ def test_approver_clears_a_conflict_from_the_server_drawer(console: tuple[WebEnv
     approver.wait_for_selector("#drawer-body")
     approver.wait_for_function(
         "() => !document.querySelector('#clear-conflict')", timeout=15000)
+
+
+def test_a_task_created_while_the_list_loads_stays_in_the_list(console: tuple[WebEnv, str],
+                                                               browser: Any) -> None:
+    """The task list is a snapshot; a task created while that request is in
+    flight reaches the page over /ws first, and the older snapshot must not
+    wipe it when it lands (the console kept only the snapshot)."""
+    env, url = console
+    page = login(browser, url, "operator1")
+    client = env.app.test_client()
+
+    def create(sn: str, mac: str) -> None:
+        r = client.post("/api/v1/tasks", json={"idc": "dc1", "sn": sn, "mac": mac,
+                                               "os_type": "Debian 12"},
+                        headers=env.headers("operator"))
+        assert r.status_code == 201, r.get_json()
+
+    create("SN-SNAP-A", "00:1a:2b:3c:4d:91")
+    page.wait_for_selector('#tasks-body tr[data-key="dc1/SN-SNAP-A"]')
+    held: list[tuple[Any, Any]] = []
+
+    def hold(route: Any) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append((route, route.fetch()))   # the snapshot is taken now, answered later
+
+    def is_list(u: str) -> bool:
+        return "/api/v1/tasks?" in u
+
+    page.route(is_list, hold)
+    page.click('.tab[data-view="servers"]')
+    page.click('.tab[data-view="tasks"]')       # a new first page of the task list
+    deadline = time.monotonic() + 20
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, "the console did not ask for the task list"
+    create("SN-SNAP-B", "00:1a:2b:3c:4d:92")
+    page.wait_for_selector('#tasks-body tr[data-key="dc1/SN-SNAP-B"]')   # live, over /ws
+    route, snapshot = held[0]
+    assert "SN-SNAP-B" not in snapshot.text()
+    route.fulfill(response=snapshot)
+    # the count is written after the snapshot is applied: "1 tasks" is the
+    # snapshot's total (the page said 0 since its login-time load)
+    page.wait_for_function(
+        "() => document.querySelector('#tasks-count') && "
+        "document.querySelector('#tasks-count').textContent.includes('1 tasks')")
+    assert page.locator('#tasks-body tr[data-key="dc1/SN-SNAP-A"]').count() == 1
+    assert page.locator('#tasks-body tr[data-key="dc1/SN-SNAP-B"]').count() == 1

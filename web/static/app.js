@@ -343,18 +343,41 @@
     sn.focus();
   }
 
+  // A first page is a snapshot of the control plane's cache at data.revision.
+  // Deltas that arrive over /ws while it is in flight are applied at once and
+  // also kept; once the snapshot has replaced the table, those newer than it
+  // are applied again, so a change made during the request is never lost.  A
+  // load superseded by a later one (a view switch, then the hello resync) is
+  // dropped: only the newest snapshot replaces the table.
+  const snapshots = { tasks: { seq: 0, buffer: null }, servers: { seq: 0, buffer: null } };
+  function beginSnapshot(kind) {
+    const s = snapshots[kind]; s.seq += 1; s.buffer = []; return s.seq;
+  }
+  function isCurrentSnapshot(kind, seq) { return snapshots[kind].seq === seq; }
+  function keepDelta(kind, msg) { const s = snapshots[kind]; if (s.buffer) s.buffer.push(msg); }
+  function endSnapshot(kind, revision, apply) {
+    const s = snapshots[kind]; const kept = s.buffer || []; s.buffer = null;
+    for (const msg of kept) if (typeof msg.rev !== "number" || typeof revision !== "number" || msg.rev > revision) apply(msg);
+  }
+
   async function loadTasks(more) {
     if (!tasksBody) return;
     const f = state.taskFilters;
+    const seq = more ? 0 : beginSnapshot("tasks");
     try {
       const data = await api("GET", `/api/v1/tasks${qs({ idc: f.idc, status: f.status, q: f.q, limit: 50, cursor: more ? state.taskCursor : "" })}`);
+      if (!more && !isCurrentSnapshot("tasks", seq)) return;
       if (!more) { clear(tasksBody); state.tasks.clear(); state.taskRows.clear(); }
       for (const task of data.items) putTaskRow(task, false);
+      if (!more) endSnapshot("tasks", data.revision, applyTaskDelta);
       state.taskCursor = data.next_cursor;
       tasksMore.classList.toggle("hidden", !data.next_cursor);
       tasksCount.textContent = data.total !== null && data.total !== undefined ? t("tasks.count", { n: data.total }) : "";
       if (!tasksBody.firstChild) tasksBody.append(el("tr", { class: "empty-row" }, el("td", { colspan: "9", class: "empty", text: t("common.none") })));
-    } catch (err) { if (err.status) showError(err); }
+    } catch (err) {
+      if (!more && isCurrentSnapshot("tasks", seq)) snapshots.tasks.buffer = null;
+      if (err.status) showError(err);
+    }
   }
 
   function putTaskRow(task, prepend) {
@@ -490,17 +513,23 @@
   }
   async function loadServers(more) {
     if (!serversBody) return;
+    const seq = more ? 0 : beginSnapshot("servers");
     try {
       const data = await api("GET", `/api/v1/servers${qs({ idc: serverFilters.idc, q: serverFilters.q, limit: 50, cursor: more ? serverCursor : "" })}`);
+      if (!more && !isCurrentSnapshot("servers", seq)) return;
       if (!more) { clear(serversBody); state.servers.clear(); state.serverRows.clear(); }
       for (const s of data.items) {
         const row = serverRow(s); serversBody.append(row);
         state.servers.set(`${s.idc}/${s.sn}`, s); state.serverRows.set(`${s.idc}/${s.sn}`, row);
       }
+      if (!more) endSnapshot("servers", data.revision, (msg) => applyServerDelta(msg.t, msg));
       serverCursor = data.next_cursor;
       serversMore.classList.toggle("hidden", !data.next_cursor);
       if (!serversBody.firstChild) serversBody.append(el("tr", {}, el("td", { colspan: "11", class: "empty", text: t("common.none") })));
-    } catch (err) { if (err.status) showError(err); }
+    } catch (err) {
+      if (!more && isCurrentSnapshot("servers", seq)) snapshots.servers.buffer = null;
+      if (err.status) showError(err);
+    }
   }
   function applyServerDelta(kind, msg) {
     const key = `${msg.idc}/${msg.sn}`;
@@ -832,10 +861,10 @@
       case "hello": if (msg.resync) reloadView(); break;
       case "resync": reloadView(); break;
       case "task":
-        applyTaskDelta(msg); scheduleStats();
+        keepDelta("tasks", msg); applyTaskDelta(msg); scheduleStats();
         if (msg.op === "del" || (msg.task && msg.task.status)) { clearTimeout(idcTimer); idcTimer = setTimeout(loadIdcs, 1500); }
         break;
-      case "server": case "online": applyServerDelta(msg.t, msg); break;
+      case "server": case "online": keepDelta("servers", msg); applyServerDelta(msg.t, msg); break;
       case "node": clearTimeout(idcTimer); idcTimer = setTimeout(loadIdcs, 500); break;
       case "template": loadTemplates(); break;
       case "timeline":
