@@ -2,6 +2,7 @@
 # Install what LPMOS needs on a fresh Debian 12 machine, only what is missing:
 #   scripts/setup.sh system   -> Debian packages (apt-get), as root
 #   scripts/setup.sh venv     -> .venv with the project and its Python dependencies
+#   scripts/setup.sh versions -> notes on packages whose version differs from the checked one
 # Both are idempotent and fast when nothing changed (stamp files in .venv/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,31 @@ SYSTEM_PACKAGES=(
   mtools dosfstools fdisk        # agent: NoCloud seed into the image FAT (mcopy), test fixtures (mkfs.vfat, sfdisk)
   python3-venv python3-dev gcc   # the virtualenv
 )
+
+# Versions the lab and the tests were last run green with. The lab depends on
+# these packages' behaviour (firmware boot order, iPXE ROMs, etcd's API, the
+# browser Playwright drives), so setup says when it finds another version; it
+# never pins one. A new version is usually fine: run 'make test' and update
+# the line when it passes.
+CHECKED_VERSIONS=(
+  "qemu-system-x86 1:7.2+dfsg-7+deb12u18+b3"
+  "ovmf 2022.11-6+deb12u2"
+  "ipxe 1.0.0+git-20190125.36a4c85-5.1"
+  "ipxe-qemu 1.0.0+git-20190125.36a4c85-5.1"
+  "etcd-server 3.4.23-4+b4"
+)
+
+check_versions() {
+  local line p want have
+  for line in "${CHECKED_VERSIONS[@]}"; do
+    p=${line%% *}; want=${line#* }
+    have=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null) || continue
+    if [[ "$have" != "$want" ]]; then
+      echo "setup: note: $p is $have; the lab and tests were last checked with $want" \
+           "(not pinned: if a lab test fails, compare with that version)" >&2
+    fi
+  done
+}
 
 system() {
   local missing=()
@@ -61,8 +87,9 @@ venv() {
 }
 
 case "${1:-all}" in
-  system) system ;;
+  system) system; check_versions ;;
   venv) venv ;;
-  all) system; venv ;;
-  *) echo "usage: $0 [system|venv|all]" >&2; exit 2 ;;
+  all) system; check_versions; venv ;;
+  versions) check_versions ;;
+  *) echo "usage: $0 [system|venv|all|versions]" >&2; exit 2 ;;
 esac

@@ -33,3 +33,30 @@ def test_agent_modules_import_no_server_dependency() -> None:
     assert out.returncode == 0, out.stderr
     loaded = set(out.stdout.split())
     assert not (loaded & SERVER_ONLY), f"the agent pulled in {sorted(loaded & SERVER_ONLY)}"
+
+
+def _versions_note(tmp_path: Path, version: str) -> str:
+    """Run ``setup.sh versions`` with a dpkg-query that reports ``version``
+    for every package."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "dpkg-query").write_text(f"#!/bin/sh\nprintf '%s' '{version}'\n")
+    (fake / "dpkg-query").chmod(0o755)
+    done = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), "versions"],
+                          capture_output=True, text=True, check=True, timeout=30,
+                          env={"PATH": f"{fake}:/usr/bin:/bin"})
+    return done.stderr
+
+
+def test_setup_names_a_package_whose_version_differs_from_the_checked_one(
+        tmp_path: Path) -> None:
+    text = (REPO / "scripts" / "setup.sh").read_text()
+    checked = text.split("CHECKED_VERSIONS=(", 1)[1].split(")", 1)[0]
+    ovmf = next(line.strip().strip('"') for line in checked.splitlines()
+                if line.strip().startswith('"ovmf '))
+    note = _versions_note(tmp_path, "9999-new")
+    assert f"setup: note: ovmf is 9999-new; the lab and tests were last checked with " \
+           f"{ovmf.split(' ', 1)[1]}" in note
+    assert "not pinned" in note
+    # the checked version itself says nothing about ovmf
+    assert "ovmf" not in _versions_note(tmp_path, ovmf.split(" ", 1)[1])
