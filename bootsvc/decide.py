@@ -25,6 +25,8 @@ the catalog image the task asks for and two switches, and returns a
 | ``failed`` / ``cancelled`` / ``rejected``            | localboot   | local disk         |
 | approved/booting/installing, server flagged conflict | wait        | wait (no install)  |
 | approved/booting/installing, image not in catalog    | wait        | wait (no install)  |
+| approved/booting/installing, image not installable   | wait        | wait (no install)  |
+| (the catalog's live image: ``Image.installable``)    |             |                    |
 | approved/booting/installing, no install template     | wait        | wait (no install)  |
 
 ``claim`` and ``continue`` are *destructive*: the service must confirm them
@@ -154,6 +156,8 @@ def decide_boot(
     if image is None:
         return Decision(WAIT, TEMPLATES[WAIT],
                         f"task image {task.image or task.os_type} is not in the catalog", sn)
+    if not image.installable:
+        return Decision(WAIT, TEMPLATES[WAIT], image.not_installable_reason, sn)
     template = INSTALL_TEMPLATES.get(install_kind(image))
     if template is None:
         return Decision(WAIT, TEMPLATES[WAIT],

@@ -222,7 +222,8 @@ class RegionalNode:
         self._reaper = Reaper(ctx, Timeouts(
             agent=float(self.config["regional.agent_timeout"]),
             firstboot=float(self.config["regional.firstboot_timeout"]),
-            boot=float(self.config["regional.boot_timeout"])))
+            boot=float(self.config["regional.boot_timeout"])),
+            images=self._http.boot if self._http is not None else None)
         self._reaper.start()
         self._registration = NodeRegistration(ctx, {
             "node": ctx.node_name, "idc": ctx.idc, "address": ctx.server_ip,

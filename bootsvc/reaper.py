@@ -1,12 +1,15 @@
 """Fail installs whose machine went quiet (design brief: "an installing task
 whose agent lease expires and stays gone past a timeout fails with the reason
-recorded").
+recorded"), and approved tasks that no boot node ever claimed.
 
 :func:`decide_expiry` is pure: from a task, whether its agent's liveness lease
-is present, when it disappeared, the time and the timeouts, it says why the
-task must fail, or ``None``.  :class:`Reaper` runs it over the node's IDC
-cache every few seconds and applies the verdict with a CAS on the revision it
-judged, so a task that moved meanwhile (the agent came back, an operator
+is present, when it disappeared, the time, the timeouts and (for an approved
+task) why this node would not install it, it says why the task must fail, or
+``None``.  Ages are measured on server clocks only: the approval time the
+control plane stamped on the task (``approved_at``, else the task's history)
+and the node's own clock, never a machine's.  :class:`Reaper` runs it over
+the node's IDC cache every few seconds and applies the verdict with a CAS on
+the revision it judged, so a task that moved meanwhile (the agent came back, an operator
 cancelled) is left alone, and two nodes of one IDC never fail a task twice.
 It judges only while the cache is fresh: a node cut off from etcd sees every
 lease as "gone" and must not act on that (leases show liveness; they never
@@ -20,9 +23,12 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from bootsvc.context import NodeContext
+from bootsvc.decide import CLAIM, CONTINUE, decide_boot
+from bootsvc.machines import MachineView
+from lpmos.catalog import Image
 from lpmos.models import Task
 from lpmos.states import IllegalTransition, TaskStatus
 from lpmos.store import Conflict, KeyValue, StoreError
@@ -37,7 +43,8 @@ REBOOTING_STEP = "rebooting"
 class Timeouts:
     agent: float = 300.0       # installing, the agent's lease gone this long
     firstboot: float = 1800.0  # the agent rebooted into the OS; no first-boot call this long
-    boot: float = 3600.0       # booting (claimed), nothing heard from the machine this long
+    boot: float = 3600.0       # booting (claimed), nothing heard from the machine this long;
+                               # approved, and no node claimed it this long after approval
 
 
 def last_activity(task: Task) -> float:
@@ -45,17 +52,47 @@ def last_activity(task: Task) -> float:
     return max(task.updated_at, task.progress.updated_at, task.started_at)
 
 
+def approved_since(task: Task) -> float:
+    """Server time of the task's latest approval: ``approved_at`` (stamped by
+    the control plane in the approving CAS), else the newest transition to
+    ``approved`` in its history, else its last update.  A task with a
+    ``not_before`` (not a task field yet) must count from the later of the
+    two: an approved task waiting for its window is not unclaimed."""
+    if task.approved_at:
+        return task.approved_at
+    for t in reversed(task.history):
+        if t.to_status == TaskStatus.APPROVED.value:
+            return t.at
+    return task.updated_at
+
+
 class Expiry(NamedTuple):
     """Why a task fails: a fixed ``code`` (the metric's label) and the
     ``reason`` recorded on the task for the operator."""
 
-    code: str           # firstboot_timeout | agent_lost | boot_timeout
+    code: str           # firstboot_timeout | agent_lost | boot_timeout | never_claimed |
+                        # unservable
     reason: str
 
 
 def decide_expiry(task: Task, *, lease_present: bool, lease_gone_since: float | None,
-                  now: float, timeouts: Timeouts) -> Expiry | None:
-    """Why ``task`` must fail now, or ``None``."""
+                  now: float, timeouts: Timeouts, unservable: str = "") -> Expiry | None:
+    """Why ``task`` must fail now, or ``None``.
+
+    ``unservable`` (approved tasks only) is why this node would not install
+    the task if its machine booted now (:func:`why_unservable`), "" when it
+    would: the reason then names it instead of asking whether the machine
+    is on."""
+    if task.status == TaskStatus.APPROVED.value:
+        waited = now - approved_since(task)
+        if waited <= timeouts.boot:
+            return None
+        head = (f"approved {waited:.0f} s ago and never claimed by a boot node "
+                f"(timeout {timeouts.boot:.0f} s)")
+        if unservable:
+            return Expiry("unservable", f"{head}; {unservable}")
+        return Expiry("never_claimed",
+                      f"{head}: is the machine powered on and network-booting?")
     if task.status not in (TaskStatus.BOOTING, TaskStatus.INSTALLING):
         return None
     quiet = now - last_activity(task)
@@ -80,11 +117,39 @@ def decide_expiry(task: Task, *, lease_present: bool, lease_gone_since: float | 
     return None
 
 
+class InstallImages(Protocol):
+    """What the node's boot HTTP knows of its catalog
+    (:class:`bootsvc.http_app.BootHttp` is one)."""
+
+    def image_for(self, view: MachineView | None) -> Image | None: ...
+
+    @property
+    def live(self) -> Image | None: ...
+
+
+def why_unservable(view: MachineView, *, node: str, image: Image | None,
+                 live_available: bool) -> str:
+    """Why ``node`` would not install ``view``'s task if its machine booted
+    now ("" when it would claim or continue it): the boot decision's own
+    reason (:func:`bootsvc.decide.decide_boot`: the image is not in this
+    node's catalog, is not installable, the machine is flagged ...)."""
+    decision = decide_boot(view, discovery=True, image=image, live_available=live_available)
+    if decision.action in (CLAIM, CONTINUE):
+        return ""
+    return f"node {node} would not install it: {decision.reason}"
+
+
 class Reaper:
+    """Runs :func:`decide_expiry` over the node's IDC cache.  ``images``
+    (the node's boot HTTP) lets the reason of an approved task that was
+    never claimed say why this node would not serve it; without it (a node
+    running no boot HTTP) the reason cannot tell."""
+
     def __init__(self, ctx: NodeContext, timeouts: Timeouts, *, interval: float = 10.0,
-                 max_staleness: float = 5.0) -> None:
+                 max_staleness: float = 5.0, images: InstallImages | None = None) -> None:
         self.ctx = ctx
         self.timeouts = timeouts
+        self.images = images
         self.interval = interval
         self.max_staleness = max_staleness
         self.tasks = TaskService(ctx.store, ctx.keys)
@@ -116,7 +181,8 @@ class Reaper:
             with self._lock:
                 gone_since = self._gone.get(task.sn)
             expiry = decide_expiry(task, lease_present=lease_present, lease_gone_since=gone_since,
-                                   now=now, timeouts=self.timeouts)
+                                   now=now, timeouts=self.timeouts,
+                                   unservable=self._unservable(task, revision))
             if expiry is None:
                 continue
             reason = expiry.reason
@@ -137,6 +203,14 @@ class Reaper:
             self.ctx.timeline.record(f"sn:{task.sn}", "expired", {"reason": reason})
             failed.append((task.sn, reason))
         return failed
+
+    def _unservable(self, task: Task, revision: int) -> str:
+        if self.images is None or task.status != TaskStatus.APPROVED.value:
+            return ""
+        view = MachineView(task.sn, task, revision, self.ctx.machines.view(task.sn).server)
+        return why_unservable(view, node=self.ctx.node_name,
+                              image=self.images.image_for(view),
+                              live_available=self.images.live is not None)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)

@@ -46,7 +46,8 @@ NODE_SETTINGS: tuple[Setting, ...] = (
             "has not called back within this many seconds", metavar="SECONDS"),
     Setting("regional.boot_timeout", "--boot-timeout", 3600.0, float_range(1.0, 7 * 86400.0),
             "fail a claimed (booting) task when nothing is heard from the machine for this "
-            "many seconds (installer-mode installs report through their hooks)",
+            "many seconds (installer-mode installs report through their hooks), and an "
+            "approved task no node has claimed this many seconds after its approval",
             metavar="SECONDS"),
     Setting("regional.advertise_url", "--advertise-url", None, parse_optional_url,
             "base URL machines use for boot HTTP (default: http://SERVER_IP:HTTP_PORT)",

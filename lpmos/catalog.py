@@ -15,9 +15,18 @@ Each ``[[image]]`` entry:
 | sha256_file  | a file holding that checksum (written by the image build), read |
 |              | at load time when ``sha256`` is empty                          |
 | kernel_args  | default kernel arguments (installer mode)                      |
+| role         | ``install`` (default): a task may install it; ``live``: the    |
+|              | live agent image machines boot for discovery and image-mode    |
+|              | installs, never a task's target (kernel and initrd required)   |
 
 :func:`load_catalog` validates the file; :meth:`Catalog.check_files` reports
 missing files and wrong checksums by name.
+
+:attr:`Image.installable` is the one place that says whether a task may ask
+for an entry; :meth:`Catalog.resolve` (every task and template the control
+plane accepts) refuses the others by name, :meth:`Catalog.installable` is
+what the API and the console offer, and the boot decision waits on such a
+task (``bootsvc.decide``) until the node's reaper fails it.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from lpmos.models import ValidationError
 
 FAMILIES = ("ubuntu", "debian", "rhel", "lab")
 MODES = ("image", "installer")
+ROLES = ("install", "live")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
@@ -55,6 +65,20 @@ class Image:
     size: int = 0
     kernel_args: str = ""
     description: str = ""
+    role: str = "install"
+
+    @property
+    def installable(self) -> bool:
+        """Whether a task may ask for this entry (``role = "install"``)."""
+        return self.role == "install"
+
+    @property
+    def not_installable_reason(self) -> str:
+        """Why a task may not ask for this entry ("" when it may)."""
+        if self.installable:
+            return ""
+        return (f"{self.name} is the live agent image (role {self.role!r}), which machines "
+                f"boot for discovery; it cannot be installed")
 
     def is_url(self, value: str) -> bool:
         return value.startswith(("http://", "https://"))
@@ -81,12 +105,23 @@ class Catalog:
                 return img
         return None
 
+    def installable(self) -> list[Image]:
+        """The entries a task may ask for, by name: what the API and the
+        console offer."""
+        return sorted((i for i in self.images.values() if i.installable), key=lambda i: i.name)
+
     def resolve(self, os_type: str, os_version: str = "", image: str = "") -> Image:
+        """The installable image a new task asks for, or :class:`ValidationError`
+        naming the field: not in the catalog, or an entry no task may install."""
         found = self.find(os_type, os_version, image)
+        field_name = "image" if image else "os_type"
+        known = ", ".join(f"{i.os_type} ({i.name})" for i in self.installable()) or "none"
         if found is None:
-            known = ", ".join(sorted(f"{i.os_type} ({i.name})" for i in self.images.values()))
-            raise ValidationError("image" if image else "os_type",
-                                  f"not in the image catalog; known: {known or 'none'}")
+            raise ValidationError(field_name,
+                                  f"not in the image catalog; installable: {known}")
+        if not found.installable:
+            raise ValidationError(field_name,
+                                  f"{found.not_installable_reason}; installable: {known}")
         return found
 
     def local_path(self, value: str) -> Path | None:
@@ -140,6 +175,10 @@ def parse_catalog(data: dict[str, object], path: Path | None = None) -> Catalog:
             raise CatalogError(f"{where}: os_family must be one of {', '.join(FAMILIES)}")
         if img.mode not in MODES:
             raise CatalogError(f"{where}: mode must be one of {', '.join(MODES)}")
+        if img.role not in ROLES:
+            raise CatalogError(f"{where}: role must be one of {', '.join(ROLES)}")
+        if img.role == "live" and not (img.kernel and img.initrd):
+            raise CatalogError(f"{where}: the live image needs kernel and initrd")
         if img.mode == "image" and not img.disk_image:
             raise CatalogError(f"{where}: image mode needs disk_image")
         if img.mode == "installer" and not (img.kernel and img.initrd):

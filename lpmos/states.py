@@ -4,6 +4,8 @@
     pending → rejected
     any non-terminal state → cancelled
     failed → approved (retry)
+    approved → failed (no node claimed it within the boot timeout)
+    booting → succeeded | failed (an installer may report before any progress)
 
 :func:`check_transition` is pure: it says whether a move is allowed and
 raises :class:`IllegalTransition` naming both states when it is not.  The CAS
@@ -39,13 +41,23 @@ DESTRUCTIVE: frozenset[TaskStatus] = frozenset({S.APPROVED, S.BOOTING, S.INSTALL
 
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     S.PENDING: frozenset({S.APPROVED, S.REJECTED, S.CANCELLED}),
-    S.APPROVED: frozenset({S.BOOTING, S.CANCELLED}),
+    S.APPROVED: frozenset({S.BOOTING, S.FAILED, S.CANCELLED}),
     S.BOOTING: frozenset({S.INSTALLING, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
     S.INSTALLING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset({S.APPROVED}),
     S.REJECTED: frozenset(),
     S.CANCELLED: frozenset(),
+}
+
+#: Transitions a machine's own ``state`` event may make
+#: (:meth:`lpmos.tasks.TaskService.apply_events`): all but ``approved →
+#: failed``.  A machine reports on an install it has claimed; only a regional
+#: node's reaper judges that an approved task was never claimed, and an event
+#: of the previous attempt replayed after a retry must not fail the new one.
+REPORTABLE: dict[TaskStatus, frozenset[TaskStatus]] = {
+    state: targets - {S.FAILED} if state is S.APPROVED else targets
+    for state, targets in TRANSITIONS.items()
 }
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lpmos.models import ProgressEvent, Task, Transition, ValidationError, now
-from lpmos.states import FINAL, TRANSITIONS, NotInState, TaskStatus, check_transition
+from lpmos.states import FINAL, REPORTABLE, NotInState, TaskStatus, check_transition
 from lpmos.store import Compare, Conflict, Delete, Put, Store, Unchanged, atomic_update
 from lpmos.store.keys import Keys
 
@@ -288,4 +288,5 @@ class TaskService:
 
 
 def _allowed_from(state: TaskStatus) -> frozenset[TaskStatus]:
-    return TRANSITIONS[state]
+    """Where a machine's ``state`` event may move a task from ``state``."""
+    return REPORTABLE[state]

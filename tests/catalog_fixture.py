@@ -64,7 +64,8 @@ def write_catalog(root: Path, *, disk_name: str = "lab-os", disk_bytes: int = 1 
         (root / rel).write_bytes(data)
     sha = hashlib.sha256(files[disk]).hexdigest()
     live = ('[[image]]\nname = "live"\nos_type = "LPMOS live"\nos_family = "lab"\n'
-            'mode = "installer"\nkernel = "live/vmlinuz"\ninitrd = "live/initrd.img"\n')
+            'role = "live"\nmode = "installer"\nkernel = "live/vmlinuz"\n'
+            'initrd = "live/initrd.img"\n')
     if live_kernel_args:
         live += 'kernel_args = "quiet"\n'
     image = (f'[[image]]\nname = "{disk_name}"\nos_type = "Lab OS"\nos_family = "lab"\n'

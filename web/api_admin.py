@@ -350,10 +350,11 @@ def list_nodes(idc: str) -> Any:
 @requires(Role.VIEWER)
 def catalog() -> Any:
     """The installable images (empty when no catalog is configured: any OS
-    name is then accepted)."""
+    name is then accepted).  Entries no task may install (the live agent
+    image) are left out; the console's OS list is this list."""
     cat = ctx().catalog
     items = [] if cat is None else [
         {"name": i.name, "os_type": i.os_type, "os_family": i.os_family, "version": i.version,
          "arch": i.arch, "mode": i.mode, "description": i.description}
-        for i in sorted(cat.images.values(), key=lambda i: i.name)]
+        for i in cat.installable()]
     return jsonify({"items": items, "configured": cat is not None})

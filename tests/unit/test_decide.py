@@ -21,6 +21,8 @@ IMAGE = Image("lab-os", "Lab OS", "lab", "1", mode="image", disk_image="lab-os/d
 RHEL = Image("rocky-9", "Rocky Linux 9", "rhel", "9", mode="installer",
              kernel="https://mirror.invalid/vmlinuz", initrd="https://mirror.invalid/initrd")
 ODD = Image("odd", "Odd", "lab", "1", mode="installer", kernel="k", initrd="i")
+LIVE = Image("live", "LPMOS live", "lab", role="live", mode="installer", kernel="k",
+             initrd="i")
 
 
 def view(status: str | None, *, conflict: str = "", step: str = "",
@@ -53,6 +55,8 @@ TABLE: list[tuple[str, MachineView | None, bool, Image | None, bool, str, str]] 
      "not in the catalog"),
     ("approved, no script for family", view("approved"), True, ODD, True, WAIT,
      "no install script"),
+    ("approved, the live image (not installable)", view("approved"), True, LIVE, True, WAIT,
+     "cannot be installed"),
     ("approved, image mode without live", view("approved"), True, IMAGE, False, WAIT,
      "live image"),
     ("approved, conflict", view("approved", conflict="mac reused"), True, IMAGE, True, WAIT,

@@ -6,6 +6,7 @@ import pytest
 
 from lpmos.states import (
     ACTIVE,
+    REPORTABLE,
     TRANSITIONS,
     IllegalTransition,
     TaskStatus,
@@ -16,7 +17,7 @@ from lpmos.states import (
 S = TaskStatus
 ALLOWED = {
     (S.PENDING, S.APPROVED), (S.PENDING, S.REJECTED), (S.PENDING, S.CANCELLED),
-    (S.APPROVED, S.BOOTING), (S.APPROVED, S.CANCELLED),
+    (S.APPROVED, S.BOOTING), (S.APPROVED, S.FAILED), (S.APPROVED, S.CANCELLED),
     (S.BOOTING, S.INSTALLING), (S.BOOTING, S.SUCCEEDED), (S.BOOTING, S.FAILED),
     (S.BOOTING, S.CANCELLED),
     (S.INSTALLING, S.SUCCEEDED), (S.INSTALLING, S.FAILED), (S.INSTALLING, S.CANCELLED),
@@ -48,3 +49,11 @@ def test_every_active_state_can_be_cancelled() -> None:
 
 def test_table_matches_design() -> None:
     assert {(a, b) for a, bs in TRANSITIONS.items() for b in bs} == ALLOWED
+
+
+def test_a_machine_cannot_report_an_approved_task_failed() -> None:
+    # only the reaper judges a task nobody claimed; every other move is reportable
+    assert S.FAILED in TRANSITIONS[S.APPROVED]
+    assert S.FAILED not in REPORTABLE[S.APPROVED]
+    assert {(a, b) for a, bs in REPORTABLE.items() for b in bs} == ALLOWED - {
+        (S.APPROVED, S.FAILED)}

@@ -1,0 +1,70 @@
+"""The image catalog's rule of what a task may install (lpmos.catalog)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lpmos.catalog import CatalogError, load_catalog, parse_catalog
+from lpmos.models import ValidationError
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+LIVE = {"name": "live", "os_type": "LPMOS live", "os_family": "lab", "role": "live",
+        "mode": "installer", "kernel": "live/vmlinuz", "initrd": "live/initrd.img"}
+LAB_OS = {"name": "lab-os", "os_type": "LPMOS lab OS", "os_family": "lab", "version": "1",
+          "disk_image": "lab-os.img"}
+
+
+def test_the_live_role_is_not_installable_and_not_offered() -> None:
+    cat = parse_catalog({"image": [LIVE, LAB_OS]})
+    assert cat.images["lab-os"].installable and cat.images["lab-os"].role == "install"
+    assert not cat.images["live"].installable
+    assert [i.name for i in cat.installable()] == ["lab-os"]
+    # the node still finds it (it boots it for discovery)
+    assert cat.find("LPMOS live") is cat.images["live"]
+
+
+@pytest.mark.parametrize("os_type,image,field", [
+    ("LPMOS live", "", "os_type"),
+    ("lpmos LIVE", "", "os_type"),       # os_type is matched case-blind
+    ("live", "", "os_type"),             # by name in os_type
+    ("anything", "live", "image"),       # by image name
+])
+def test_a_task_for_the_live_image_is_refused_with_the_reason(os_type: str, image: str,
+                                                              field: str) -> None:
+    cat = parse_catalog({"image": [LIVE, LAB_OS]})
+    with pytest.raises(ValidationError) as err:
+        cat.resolve(os_type, image=image)
+    assert err.value.field == field
+    assert "live is the live agent image" in err.value.message
+    assert "cannot be installed" in err.value.message
+    assert "installable: LPMOS lab OS (lab-os)" in err.value.message
+    assert "(live)" not in err.value.message.split("installable:")[1]
+
+
+def test_an_unknown_os_lists_only_installable_entries() -> None:
+    cat = parse_catalog({"image": [LIVE, LAB_OS]})
+    with pytest.raises(ValidationError) as err:
+        cat.resolve("Plan 9")
+    assert err.value.message == "not in the image catalog; installable: LPMOS lab OS (lab-os)"
+    assert cat.resolve("LPMOS lab OS").name == "lab-os"
+
+
+@pytest.mark.parametrize("entry,words", [
+    (dict(LIVE, role="discovery"), "role must be one of install, live"),
+    # the live image is booted as kernel + initrd, whatever its mode says
+    (dict(LIVE, mode="image", disk_image="x.img", kernel="", initrd=""),
+     "the live image needs kernel and initrd"),
+])
+def test_bad_roles_are_refused_at_load(entry: dict[str, str], words: str) -> None:
+    with pytest.raises(CatalogError, match=words):
+        parse_catalog({"image": [entry]})
+
+
+def test_the_shipped_catalog_offers_everything_but_the_live_image() -> None:
+    cat = load_catalog(REPO / "images" / "catalog.toml")
+    assert "live" in cat.images and not cat.images["live"].installable
+    offered = {i.name for i in cat.installable()}
+    assert offered == set(cat.images) - {"live"} and "lab-os" in offered
