@@ -213,8 +213,33 @@ class VM:
         text = re.sub(r"\x1b\[[0-9;?=]*[A-Za-z]|\x1bc|\r", "", text)
         return "\n".join(text.splitlines()[-lines:])
 
+    @property
+    def qmp_socket(self) -> Path:
+        return self.workdir / "qmp.sock"
+
+    def qemu_state(self) -> str:
+        """What QEMU itself says of the machine: its run state (``running``,
+        ``paused`` on an I/O error, ``shutdown``...) and where the CPU is.
+        When a console falls silent this tells a firmware loop (running, the
+        same RIP region) from a stopped machine."""
+        try:
+            replies = qmp_call(self.qmp_socket, [
+                {"execute": "query-status"},
+                {"execute": "human-monitor-command",
+                 "arguments": {"command-line": "info registers"}}])
+        except (OSError, ValueError) as exc:
+            return f"(QMP unavailable: {exc})"
+        status = replies[0].get("return", {})
+        regs = str(replies[1].get("return", ""))
+        words = regs.split()
+        ip = next((w for w in words if w.startswith(("RIP=", "EIP="))), "IP=?")
+        hlt = next((w for w in words if w.startswith("HLT=")), "HLT=?")
+        return (f"QEMU: status {status.get('status', '?')}, running {status.get('running')}, "
+                f"CPU0 {ip} {hlt}")
+
     def describe(self) -> str:
-        return (f"{self.timeline()}\n--- serial console of {self.name} (last lines) ---\n"
+        return (f"{self.timeline()}\n{self.qemu_state()}\n"
+                f"--- serial console of {self.name} (last lines) ---\n"
                 f"{self.console_tail()}\n--- end of {self.name} ---")
 
     # -- the serial watcher --------------------------------------------------------------
@@ -492,6 +517,7 @@ class Lab:
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-name", name, "-m",
                str(memory_mb or self.memory_mb), "-smp", "1", "-nographic",
                "-monitor", "none", "-serial", f"file:{vm.serial_log}",
+               "-qmp", f"unix:{vm.qmp_socket},server=on,wait=off",
                "-smbios", f"type=1,manufacturer=LPMOS,product=lab-vm,serial={serial}",
                "-uuid", vm_uuid,
                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
@@ -518,6 +544,36 @@ class Lab:
         self.vms.append(vm)
         self.log(f"VM {name}: {firmware}, serial {serial}, MAC {mac}, console {vm.serial_log}")
         return vm
+
+
+def qmp_call(path: Path, commands: Sequence[dict[str, Any]], *,
+             timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Send ``commands`` to a QEMU QMP socket and return one reply each
+    (asynchronous events in between are skipped)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        reader = sock.makefile("rb")
+
+        def reply() -> dict[str, Any]:
+            while True:
+                line = reader.readline()
+                if not line:
+                    raise OSError("QMP closed the connection")
+                msg = json.loads(line)
+                if "event" not in msg:
+                    return dict(msg)
+
+        reply()                                            # the greeting
+        sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+        reply()
+        out = []
+        for command in commands:
+            sock.sendall(json.dumps(command).encode() + b"\n")
+            out.append(reply())
+        return out
 
 
 def http_json(method: str, url: str, body: Any = None, *, token: str | None = None,

@@ -15,6 +15,7 @@ the test with that VM's serial console.
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,11 @@ def test_bios_and_uefi_vms_install_lab_os_end_to_end(lab_images: dict[str, Path]
                     assert result["percents"], "no progress was ever reported"
                     assert vm.seen("disk-boot") and vm.seen("callback")
                     assert vm.seen("disk-boot").at > vm.seen("agent").at  # type: ignore[union-attr]
+                    # the live image's scripts call only what the image has
+                    # (sh says "script: LINE: command: not found" otherwise)
+                    missing = re.findall(r"^\S+: \d+: \S+: not found$", vm.console_tail(100000),
+                                         re.MULTILINE)
+                    assert missing == [], missing
     finally:
         print(f"\nlab e2e: {time.monotonic() - started:.0f} s in all")
         for vm in vms:
