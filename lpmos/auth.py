@@ -7,6 +7,9 @@
   SHA-256 (a fast hash is right for high-entropy secrets: there is nothing to
   brute-force).  The token record names its user; the role is read from the
   user at every check, so demoting a user demotes their tokens.
+* Every write takes an optional ``audit`` builder whose record is committed
+  in the same transaction (:mod:`lpmos.audit`); it is given public views
+  only (no password hash, no token).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
 from lpmos.models import ValidationError, now
-from lpmos.store import Compare, Conflict, KeyValue, Put, Store, range_all
+from lpmos.store import Compare, Conflict, Delete, KeyValue, Op, Put, Store, range_all
 from lpmos.store.keys import Keys
 
 TOKEN_PREFIX = "lpm_"  # noqa: S105 (a prefix, not a secret)
@@ -141,23 +145,30 @@ class Auth:
         data = json.loads(kv.value)
         return User(**{k: v for k, v in data.items() if k in User.__dataclass_fields__})
 
-    def put_user(self, name: str, role: str, password: str | None = None) -> User:
-        """Create or update a user (role, and password when given)."""
+    def put_user(self, name: str, role: str, password: str | None = None, *,
+                 audit: Callable[[User | None, User], Op] | None = None) -> User:
+        """Create or update a user (role, and password when given).
+        ``audit(before, after)`` gets the user the commit replaces (``None``
+        for a new one) and the one it writes."""
         validate_username(name)
         Role.parse(role)
         key = self.keys.user(name)
         for _ in range(10):
             kv = self.store.get(key)
+            before: User | None = None
             if kv is not None:
+                before = User(**json.loads(kv.value))
                 user = User(**json.loads(kv.value))
                 user.role = role
             else:
                 user = User(name=name, role=role, created_at=now())
             if password is not None:
                 user.password_hash = hash_password(password)
+            ops: list[Op] = [Put(key, json.dumps(asdict(user)).encode())]
+            if audit is not None:
+                ops.append(audit(before, user))
             try:
-                self.store.commit([Compare(key, kv.mod_revision if kv else 0)],
-                                  [Put(key, json.dumps(asdict(user)).encode())])
+                self.store.commit([Compare(key, kv.mod_revision if kv else 0)], ops)
                 return user
             except Conflict:
                 continue
@@ -176,31 +187,43 @@ class Auth:
         return user if verify_password(password, user.password_hash) else None
 
     # -- tokens
-    def create_token(self, user: str, *, label: str = "") -> tuple[str, TokenRecord]:
+    def create_token(self, user: str, *, label: str = "",
+                     audit: Callable[[TokenRecord], Op] | None = None
+                     ) -> tuple[str, TokenRecord]:
+        """A new token for ``user``: ``(token, record)``; only the record
+        (id, user, label, no secret) is given to ``audit``."""
         if self.get_user(user) is None:
             raise ValidationError("user", f"no user named {user}")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         digest = token_digest(token)
         record = TokenRecord(id=digest[:12], user=user, created_at=now(), label=label)
-        self.store.commit([Compare(self.keys.api_token(digest), 0)],
-                          [Put(self.keys.api_token(digest), json.dumps(asdict(record)).encode())])
+        ops: list[Op] = [Put(self.keys.api_token(digest), json.dumps(asdict(record)).encode())]
+        if audit is not None:
+            ops.append(audit(record))
+        self.store.commit([Compare(self.keys.api_token(digest), 0)], ops)
         return token, record
 
     def tokens(self) -> list[TokenRecord]:
         return [TokenRecord(**json.loads(kv.value))
                 for kv in range_all(self.store, self.keys.api_tokens()).items]
 
-    def revoke_token(self, token_id: str) -> int:
-        """Revoke tokens whose id (digest prefix, at least 6 digits) matches."""
+    def revoke_token(self, token_id: str, *,
+                     audit: Callable[[list[TokenRecord]], Op] | None = None) -> int:
+        """Revoke tokens whose id (digest prefix, at least 6 digits) matches,
+        all in one transaction (with ``audit(revoked)``'s record), only if
+        none of them changed since they were read (else :class:`Conflict`).
+        Returns how many; 0 writes nothing."""
         if not re.fullmatch(r"[0-9a-f]{6,64}", token_id):
             raise ValidationError("id", "6-64 hex digits, as shown by `lpmos token list`")
-        count = 0
-        for kv in range_all(self.store, self.keys.api_tokens()).items:
-            digest = kv.key.rsplit("/", 1)[1]
-            if digest.startswith(token_id):
-                self.store.delete(kv.key)
-                count += 1
-        return count
+        matches = [kv for kv in range_all(self.store, self.keys.api_tokens()).items
+                   if kv.key.rsplit("/", 1)[1].startswith(token_id)]
+        if not matches:
+            return 0
+        ops: list[Op] = [Delete(kv.key) for kv in matches]
+        if audit is not None:
+            ops.append(audit([TokenRecord(**json.loads(kv.value)) for kv in matches]))
+        self.store.commit([Compare(kv.key, kv.mod_revision) for kv in matches], ops)
+        return len(matches)
 
     def verify_token(self, token: str) -> User | None:
         """The active user owning ``token``, or ``None``."""

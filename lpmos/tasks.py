@@ -5,6 +5,11 @@ Every change to a task document goes through :func:`lpmos.store.atomic_update`
 saw, as the API does for "approve what I looked at"), so two approvers, two
 nodes or two browsers can never both win: the loser gets :class:`Conflict`
 or :class:`IllegalTransition` (both HTTP 409).
+
+Every mutating method takes an optional ``audit`` builder: the audit record
+it returns is committed in the same transaction as the change (see
+:mod:`lpmos.audit`), built from the task the transaction replaces and the
+one it writes, so the record names exactly what that commit did.
 """
 
 from __future__ import annotations
@@ -14,7 +19,17 @@ from dataclasses import dataclass
 
 from lpmos.models import ProgressEvent, Task, Transition, ValidationError, now
 from lpmos.states import FINAL, REPORTABLE, NotInState, TaskStatus, check_transition
-from lpmos.store import Compare, Conflict, Delete, Put, Store, Unchanged, atomic_update
+from lpmos.store import (
+    Compare,
+    Conflict,
+    Delete,
+    KeyValue,
+    Op,
+    Put,
+    Store,
+    Unchanged,
+    atomic_update,
+)
 from lpmos.store.keys import Keys
 
 
@@ -52,6 +67,12 @@ class Stored:
     revision: int
 
 
+#: Builds the audit record of one task change for the change's own
+#: transaction: ``audit(before, after)`` gets the stored task the commit
+#: replaces (``None``: none) and the task it writes (``None``: a delete).
+AuditFn = Callable[[Stored | None, Task | None], Op]
+
+
 class TaskService:
     def __init__(self, store: Store, keys: Keys) -> None:
         self.store = store
@@ -63,10 +84,11 @@ class TaskService:
             return None
         return Stored(Task.from_json(kv.value), kv.mod_revision)
 
-    def create(self, task: Task, *, by: str) -> Stored:
+    def create(self, task: Task, *, by: str, audit: AuditFn | None = None) -> Stored:
         """Store a new ``pending`` task.  An existing task for the same
         machine may be replaced only when it has ended (succeeded, failed,
-        rejected, cancelled); an active one raises :class:`TaskExists`."""
+        rejected, cancelled); an active one raises :class:`TaskExists`.
+        ``audit`` gets the ended task being replaced as ``before``."""
         task.validate()
         stamp = now()
         task.status = TaskStatus.PENDING.value
@@ -76,23 +98,30 @@ class TaskService:
         key = self.keys.task(task.idc, task.sn)
         current = self.store.get(key)
         expected = 0
+        replaced: Stored | None = None
         if current is not None:
             old = Task.from_json(current.value)
             if old.state not in FINAL:
                 raise TaskExists(key, current.mod_revision,
                                  f"{task.idc}/{task.sn} already has {_a(old.status)} task")
             expected = current.mod_revision
-        revision = self.store.commit([Compare(key, expected)], [Put(key, task.to_json())])
+            replaced = Stored(old, current.mod_revision)
+        ops: list[Op] = [Put(key, task.to_json())]
+        if audit is not None:
+            ops.append(audit(replaced, task))
+        revision = self.store.commit([Compare(key, expected)], ops)
         return Stored(task, revision)
 
-    def create_many(self, tasks: list[Task], *, by: str) -> list[Stored]:
+    def create_many(self, tasks: list[Task], *, by: str,
+                    audit: Callable[[list[Task]], Op] | None = None) -> list[Stored]:
         """Store several new ``pending`` tasks in ONE etcd transaction: all or
         none.  Each machine may appear once and must have no active task
         (as :meth:`create`); otherwise :class:`BatchRefused` lists every bad
         row (0-based index) and nothing is written.  A concurrent write to any
         of the keys between the check and the commit raises :class:`Conflict`
         (nothing written).  etcd refuses transactions of more than
-        ``--max-txn-ops`` (default 128) operations; callers bound the size."""
+        ``--max-txn-ops`` (default 128) operations; callers bound the size
+        (the batch's one audit record, ``audit(tasks)``, is one of them)."""
         errors: list[dict[str, object]] = []
         seen: dict[str, int] = {}
         compares: list[Compare] = []
@@ -125,16 +154,20 @@ class TaskService:
             raise BatchRefused(errors)
         if not puts:
             return []
-        revision = self.store.commit(compares, puts)
+        ops: list[Op] = list(puts)
+        if audit is not None:
+            ops.append(audit(tasks))
+        revision = self.store.commit(compares, ops)
         return [Stored(t, revision) for t in tasks]
 
     def update(self, idc: str, sn: str, fn: Callable[[Task], None], *,
-               expect_revision: int | None = None) -> Stored:
+               expect_revision: int | None = None, audit: AuditFn | None = None) -> Stored:
         """Apply ``fn`` (which mutates the task, or raises) under CAS.
 
         With ``expect_revision`` the write happens only if the task is still
         at that revision (no retry: the caller decided on what it saw).
-        ``fn`` may raise :class:`lpmos.store.Unchanged` to write nothing.
+        ``fn`` may raise :class:`lpmos.store.Unchanged` to write nothing
+        (and no audit record).
         """
         key = self.keys.task(idc, sn)
         result: list[Task] = []
@@ -159,9 +192,18 @@ class TaskService:
             except Unchanged:
                 return Stored(Task.from_json(kv.value), kv.mod_revision)
             assert new is not None
-            revision = self.store.commit([Compare(key, expect_revision)], [Put(key, new)])
+            ops: list[Op] = [Put(key, new)]
+            if audit is not None:
+                ops.append(audit(Stored(Task.from_json(kv.value), kv.mod_revision), result[0]))
+            revision = self.store.commit([Compare(key, expect_revision)], ops)
             return Stored(result[0], revision)
-        raw, revision = atomic_update(self.store, key, apply)
+
+        def audited(current: KeyValue | None, _new: bytes | None) -> list[Op]:
+            assert audit is not None and current is not None   # apply() refused a missing task
+            return [audit(Stored(Task.from_json(current.value), current.mod_revision), result[0])]
+
+        raw, revision = atomic_update(self.store, key, apply,
+                                      extra=audited if audit is not None else None)
         if not result:    # Unchanged
             assert raw is not None
             return Stored(Task.from_json(raw), revision)
@@ -178,6 +220,7 @@ class TaskService:
         expect_revision: int | None = None,
         mutate: Callable[[Task], None] | None = None,
         source: TaskStatus | str | None = None,
+        audit: AuditFn | None = None,
     ) -> Stored:
         """Move a task to ``target``; :class:`IllegalTransition` if the state
         machine forbids it (checked against the state read in the same CAS),
@@ -215,7 +258,7 @@ class TaskService:
             if mutate is not None:
                 mutate(task)
 
-        return self.update(idc, sn, fn, expect_revision=expect_revision)
+        return self.update(idc, sn, fn, expect_revision=expect_revision, audit=audit)
 
     def apply_events(self, idc: str, sn: str, events: list[ProgressEvent], *,
                      by: str = "") -> tuple[Stored, list[str]]:
@@ -273,7 +316,8 @@ class TaskService:
 
         return self.update(idc, sn, fn), list(applied)
 
-    def delete(self, idc: str, sn: str, *, expect_revision: int | None = None) -> Task:
+    def delete(self, idc: str, sn: str, *, expect_revision: int | None = None,
+               audit: AuditFn | None = None) -> Task:
         key = self.keys.task(idc, sn)
         kv = self.store.get(key)
         if kv is None:
@@ -283,7 +327,10 @@ class TaskService:
         task = Task.from_json(kv.value)
         if task.state in (TaskStatus.BOOTING, TaskStatus.INSTALLING):
             raise ValidationError("status", f"cannot delete a {task.status} task; cancel it first")
-        self.store.commit([Compare(key, kv.mod_revision)], [Delete(key)])
+        ops: list[Op] = [Delete(key)]
+        if audit is not None:
+            ops.append(audit(Stored(task, kv.mod_revision), None))
+        self.store.commit([Compare(key, kv.mod_revision)], ops)
         return task
 
 

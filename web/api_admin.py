@@ -4,6 +4,8 @@ IDCs with their regional nodes, and the image catalog.
 Audit records are read from etcd (they are not in the watch cache, which
 would grow with them), a bounded number of keys per request.  Their key
 starts with a sortable UTC time stamp, so a time range is a key range.
+Each is written in the transaction of its change, so its ``revision`` (the
+key's mod_revision) is the change's.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from lpmos.audit import audit_stamp, write_audit
-from lpmos.auth import Role
+from lpmos.audit import audit_stamp
+from lpmos.auth import Role, TokenRecord, User
 from lpmos.models import ValidationError, now, validate_text
-from lpmos.store import Compare, Conflict, Delete, KeyValue, Put, Store
+from lpmos.store import Compare, Conflict, Delete, KeyValue, Op, Put, Store
+from web.audit import request_auditor
 from web.auth import Principal, current_principal, requires
-from web.context import WebContext, ctx
+from web.context import ctx
 from web.http import ApiError, decode_cursor, encode_cursor, parse_json_body, parse_limit
 
 bp = Blueprint("api_admin", __name__, url_prefix="/api/v1")
@@ -36,12 +39,6 @@ def _principal() -> Principal:
     p = current_principal()
     assert p is not None
     return p
-
-
-def _audit(c: WebContext, action: str, target: str, before: Any, after: Any) -> None:
-    p = _principal()
-    write_audit(c.store, c.keys, actor=p.user, action=action, target=target, before=before,
-                after=after, source=f"{p.source} from {request.remote_addr}")
 
 
 def _object_body() -> dict[str, Any]:
@@ -90,6 +87,7 @@ def _decode(kv: KeyValue) -> dict[str, Any] | None:
     if not isinstance(record, dict):
         return None
     record["id"] = kv.key.rsplit("/", 1)[1]
+    record["revision"] = kv.mod_revision      # the change's: one transaction
     return record
 
 
@@ -213,10 +211,13 @@ def put_user(name: str) -> Any:
         raise ApiError(400, "invalid", "role: one of viewer, operator, approver, admin")
     if password is not None and (not isinstance(password, str) or not 8 <= len(password) <= 256):
         raise ApiError(400, "invalid", "password: 8 to 256 characters")
-    before = c.auth.get_user(name)
-    user = c.auth.put_user(name, role, password)
-    _audit(c, "user.put", name, before.public() if before else None,
-           dict(user.public(), password_changed=password is not None))
+    auditor = request_auditor(c)
+
+    def audit(before: User | None, after: User) -> Op:
+        return auditor.op("user.put", name, before=before.public() if before else None,
+                          after=dict(after.public(), password_changed=password is not None))
+
+    user = c.auth.put_user(name, role, password, audit=audit)
     return jsonify({"user": user.public()})
 
 
@@ -237,8 +238,13 @@ def create_token() -> Any:
     label = validate_text(body.get("label", ""), "label", 100)
     if not isinstance(user, str):
         raise ApiError(400, "invalid", "user: the user name")
-    token, record = c.auth.create_token(user, label=label)
-    _audit(c, "token.create", record.id, None, {"user": user, "label": label})
+    auditor = request_auditor(c)
+
+    def audit(created: TokenRecord) -> Op:
+        return auditor.op("token.create", created.id,
+                          after={"user": created.user, "label": created.label})
+
+    token, record = c.auth.create_token(user, label=label, audit=audit)
     resp = jsonify({"token": token, "id": record.id, "user": user})
     resp.status_code = 201
     return resp
@@ -248,10 +254,15 @@ def create_token() -> Any:
 @requires(Role.ADMIN)
 def revoke_token(token_id: str) -> Any:
     c = ctx()
-    count = c.auth.revoke_token(token_id)
+    auditor = request_auditor(c)
+
+    def audit(revoked: list[TokenRecord]) -> Op:
+        return auditor.op("token.revoke", token_id, after=None, before=[
+            {"id": r.id, "user": r.user, "label": r.label} for r in revoked])
+
+    count = c.auth.revoke_token(token_id, audit=audit)
     if count == 0:
         raise ApiError(404, "not_found", f"no token with id {token_id}")
-    _audit(c, "token.revoke", token_id, {"id": token_id}, None)
     return jsonify({"revoked": count})
 
 
@@ -304,10 +315,10 @@ def put_template(name: str) -> Any:
         raise Conflict(key, seen)
     data["updated_by"] = _principal().user
     data["updated_at"] = now()
-    revision = c.store.commit([Compare(key, seen)],
-                              [Put(key, json.dumps(data, sort_keys=True).encode())])
     before = json.loads(current.value) if current else None
-    _audit(c, "template.put", name, before, data)
+    revision = c.store.commit([Compare(key, seen)], [
+        Put(key, json.dumps(data, sort_keys=True).encode()),
+        request_auditor(c).op("template.put", name, before=before, after=data)])
     c.cache.wait_for_revision(revision, 2.0)
     return jsonify({"template": dict(data, name=name), "revision": revision})
 
@@ -320,8 +331,9 @@ def delete_template(name: str) -> Any:
     current = c.store.get(key) if TEMPLATE_NAME_RE.fullmatch(name) else None
     if current is None:
         raise ApiError(404, "not_found", f"no template named {name}")
-    revision = c.store.commit([Compare(key, current.mod_revision)], [Delete(key)])
-    _audit(c, "template.delete", name, json.loads(current.value), None)
+    revision = c.store.commit([Compare(key, current.mod_revision)], [
+        Delete(key),
+        request_auditor(c).op("template.delete", name, before=json.loads(current.value))])
     c.cache.wait_for_revision(revision, 2.0)
     return jsonify({"deleted": name})
 

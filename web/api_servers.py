@@ -16,11 +16,11 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from lpmos.audit import write_audit
 from lpmos.auth import Role
 from lpmos.models import Server, ValidationError, validate_name, validate_sn, validate_text
-from lpmos.store import Unchanged, atomic_update
-from web.auth import current_principal, requires
+from lpmos.store import KeyValue, Op, Unchanged, atomic_update
+from web.audit import request_auditor
+from web.auth import requires
 from web.context import ctx
 from web.http import ApiError, decode_cursor, encode_cursor, parse_json_body, parse_limit
 from web.index import task_summary
@@ -121,7 +121,8 @@ def clear_conflict(idc: str, sn: str) -> Any:
     """Clear a machine's conflict flag (a cloned VM, a MAC seen with another
     UUID) once an approver has checked it; installs are refused while it is
     set.  Body ``{"notes": "..."}`` (required: say what was checked).  One
-    CAS on the server record; audited with the flag before and after."""
+    CAS on the server record, with the audit record (the flag before and
+    after) in the same transaction."""
     c = ctx()
     idc, sn = _ids(idc, sn)
     body = parse_json_body(request.get_data(cache=True) or b"{}")
@@ -133,6 +134,7 @@ def clear_conflict(idc: str, sn: str) -> Any:
     except ValidationError as exc:
         raise ApiError(400, "bad_request", f"{exc} (say what was checked)") from None
     before: list[str] = []
+    auditor = request_auditor(c)
 
     def clear(raw: bytes | None) -> bytes | None:
         if raw is None:
@@ -144,14 +146,13 @@ def clear_conflict(idc: str, sn: str) -> Any:
         server.conflict = ""
         return server.to_json()
 
-    _value, revision = atomic_update(c.store, c.keys.server(idc, sn), clear)
+    def audit(_current: KeyValue | None, _new: bytes | None) -> list[Op]:
+        return [auditor.op("server.clear_conflict", f"{idc}/{sn}", detail=notes,
+                           before={"conflict": before[0]}, after={"conflict": ""})]
+
+    _value, revision = atomic_update(c.store, c.keys.server(idc, sn), clear, extra=audit)
     if not before:
         return jsonify({"cleared": False, "revision": revision,
                         "detail": "the machine has no conflict flag"})
-    p = current_principal()
-    assert p is not None
-    write_audit(c.store, c.keys, actor=p.user, action="server.clear_conflict",
-                target=f"{idc}/{sn}", before={"conflict": before[0]}, after={"conflict": ""},
-                detail=notes, source=f"{p.source} from {request.remote_addr}")
     c.cache.wait_for_revision(revision, 2.0)
     return jsonify({"cleared": True, "revision": revision, "was": before[0]})

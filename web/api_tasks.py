@@ -2,7 +2,8 @@
 delete and batch-import install tasks.
 
 Every change goes through :class:`lpmos.tasks.TaskService` (one CAS each)
-and writes an audit record (who, what, before, after).  Lists are served from
+with its audit record (who, what, before, after) in the same transaction.
+Lists are served from
 the process's watch cache (:class:`web.index.ConsoleIndex`), never from
 etcd range reads.  After a write the view waits briefly for the cache to
 reach the written revision, so the caller's next list shows its change.
@@ -19,11 +20,12 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from lpmos.audit import write_audit
 from lpmos.auth import Role
 from lpmos.models import Task, ValidationError, validate_name, validate_sn, validate_text
 from lpmos.states import IllegalTransition, NotInState, TaskStatus
-from lpmos.tasks import BatchRefused
+from lpmos.store import Op
+from lpmos.tasks import AuditFn, BatchRefused, Stored
+from web.audit import request_auditor
 from web.auth import Principal, current_principal, requires
 from web.context import WebContext, ctx
 from web.http import ApiError, decode_cursor, encode_cursor, parse_json_body, parse_limit
@@ -61,11 +63,27 @@ def _synced(c: WebContext, revision: int) -> None:
     c.cache.wait_for_revision(revision, READ_YOUR_WRITES_WAIT)
 
 
-def _audit(c: WebContext, action: str, target: str, before: Any, after: Any,
-           detail: str = "") -> None:
-    p = _principal()
-    write_audit(c.store, c.keys, actor=p.user, action=action, target=target, before=before,
-                after=after, detail=detail, source=f"{p.source} from {request.remote_addr}")
+def audit_summary(task: Task | None) -> dict[str, Any] | None:
+    """A task as an audit record shows it: the list row's summary without
+    the revision, which the record cannot know before etcd commits it (the
+    record's own ``revision`` is the change's, see :mod:`lpmos.audit`)."""
+    if task is None:
+        return None
+    summary = task_summary(task, 0)
+    del summary["revision"]
+    return summary
+
+
+def _audit(c: WebContext, action: str, target: str, detail: str = "") -> AuditFn:
+    """The audit builder of one task change by this request's caller."""
+    auditor = request_auditor(c)
+
+    def build(before: Stored | None, after: Task | None) -> Op:
+        return auditor.op(action, target, detail=detail,
+                          before=task_summary(before.task, before.revision) if before else None,
+                          after=audit_summary(after))
+
+    return build
 
 
 def _path_ids(idc: str, sn: str) -> tuple[str, str]:
@@ -187,9 +205,8 @@ def create_task() -> Any:
     c = ctx()
     body = _body(allow_empty=False)
     task = build_task(c, body)
-    stored = c.tasks.create(task, by=_principal().user)
-    after = task_summary(stored.task, stored.revision)
-    _audit(c, "task.create", f"{task.idc}/{task.sn}", None, after, task.notes)
+    stored = c.tasks.create(task, by=_principal().user,
+                            audit=_audit(c, "task.create", f"{task.idc}/{task.sn}", task.notes))
     _synced(c, stored.revision)
     ignored = sorted(set(body) - set(TASK_FIELDS)) if isinstance(body, dict) else []
     resp = jsonify({"task": stored.task.to_dict(), "revision": stored.revision,
@@ -272,15 +289,19 @@ def batch_create() -> Any:
         raise ApiError(400, "invalid", f"{len(errors)} of {len(rows)} rows are invalid; "
                                        "nothing was created", errors=errors)
     user = _principal().user
+    auditor = request_auditor(c)
+
+    def audit(created: list[Task]) -> Op:
+        return auditor.op("task.batch_create", f"{len(created)} tasks",
+                          after=[f"{t.idc}/{t.sn}" for t in created])
+
     try:
-        stored = c.tasks.create_many(tasks, by=user)
+        stored = c.tasks.create_many(tasks, by=user, audit=audit)
     except BatchRefused as exc:
         raise ApiError(409, "conflict", f"{len(exc.errors)} of {len(rows)} rows conflict with "
                                         "existing tasks; nothing was created",
                        errors=exc.errors) from None
     revision = stored[-1].revision if stored else c.cache.revision
-    _audit(c, "task.batch_create", f"{len(stored)} tasks", None,
-           [f"{s.task.idc}/{s.task.sn}" for s in stored])
     _synced(c, revision)
     resp = jsonify({"created": len(stored), "revision": revision,
                     "tasks": [task_summary(s.task, s.revision) for s in stored]})
@@ -309,10 +330,6 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
     if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int)):
         raise ApiError(400, "invalid", "revision: an integer (the task revision you saw)")
     user = _principal().user
-    before_stored = c.tasks.get(idc, sn)
-    if before_stored is None:
-        raise ApiError(404, "not_found", f"no task for {idc}/{sn}")
-    before = task_summary(before_stored.task, before_stored.revision)
 
     def check(task: Task) -> None:
         if four_eyes and c.setting("web.four_eyes", False) and task.created_by == user:
@@ -321,7 +338,8 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
 
     try:
         stored = c.tasks.transition(idc, sn, target, by=user, reason=note,
-                                    expect_revision=expect, mutate=check, source=source)
+                                    expect_revision=expect, mutate=check, source=source,
+                                    audit=_audit(c, action, f"{idc}/{sn}", note))
     except IllegalTransition as exc:
         current = c.tasks.get(idc, sn)
         detail = str(exc)
@@ -331,7 +349,6 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
         raise ApiError(409, "illegal_transition", detail,
                        status=current.task.status if current else None,
                        revision=current.revision if current else 0) from None
-    _audit(c, action, f"{idc}/{sn}", before, task_summary(stored.task, stored.revision), note)
     _synced(c, stored.revision)
     return jsonify({"task": stored.task.to_dict(), "revision": stored.revision})
 
@@ -384,10 +401,10 @@ def delete_task(idc: str, sn: str) -> Any:
     if before is None:
         raise ApiError(404, "not_found", f"no task for {idc}/{sn}")
     try:
-        task = c.tasks.delete(idc, sn, expect_revision=expect)
+        c.tasks.delete(idc, sn, expect_revision=expect,
+                       audit=_audit(c, "task.delete", f"{idc}/{sn}"))
     except ValidationError as exc:
         raise ApiError(409, "illegal_transition", str(exc), status=before.task.status,
                        revision=before.revision) from None
-    _audit(c, "task.delete", f"{idc}/{sn}", task_summary(task, before.revision), None)
     _synced(c, c.store.revision())
     return jsonify({"deleted": f"{idc}/{sn}"})

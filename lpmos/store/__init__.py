@@ -216,15 +216,18 @@ def atomic_update(
     fn: Callable[[bytes | None], bytes | None],
     *,
     retries: int = 16,
-    extra: Callable[[bytes | None, bytes | None], Sequence[Op]] | None = None,
+    extra: Callable[[KeyValue | None, bytes | None], Sequence[Op]] | None = None,
 ) -> tuple[bytes | None, int]:
     """Read ``key``, apply ``fn``, write back only if nobody wrote in between.
 
     ``fn`` gets the current value (``None`` if absent) and returns the new
     value, or ``None`` to delete the key, or raises :class:`Unchanged` to
     leave it alone (the current value and revision are then returned).  It
-    may run several times and must not have side effects.  ``extra`` may
-    add operations to the same transaction (for example an index key).  On a
+    may run several times and must not have side effects.  ``extra(current,
+    new)`` may add operations to the same transaction (an index key, the
+    audit record of the change): it gets the key as read (``None`` if
+    absent) and the value about to be written, runs once per attempt, and
+    what it returns is committed with that attempt or not at all.  On a
     lost race it re-reads and retries up to ``retries`` times with a short
     jittered back-off, then raises :class:`Conflict`.
 
@@ -242,7 +245,7 @@ def atomic_update(
             return old, revision
         ops: list[Op] = [Put(key, new) if new is not None else Delete(key)]
         if extra is not None:
-            ops.extend(extra(old, new))
+            ops.extend(extra(current, new))
         try:
             return new, store.commit([Compare(key, revision)], ops)
         except Conflict as exc:
