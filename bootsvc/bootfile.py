@@ -21,8 +21,9 @@ Rules, in order:
 4. UEFI HTTP boot types need ``HTTPClient`` and get
    ``{http_base}/{file}``; PXE types need ``PXEClient`` and get the TFTP
    file name; a mismatch is refused (``arch_class_mismatch``);
-5. a family whose boot file is not configured (arm64 by default) is refused
-   (``no_bootfile``).
+5. a family whose boot file is not configured is refused (``no_bootfile``):
+   arm64 and efi32 by default, since Debian ships iPXE for BIOS and x86-64
+   UEFI only, and 32-bit UEFI firmware cannot run the x86-64 ``ipxe.efi``.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class BootPolicy:
     """
 
     bootfiles: Mapping[str, str | None] = field(default_factory=lambda: {
-        "bios": "undionly.kpxe", "efi32": "ipxe.efi", "efi64": "ipxe.efi", "arm64": None})
+        "bios": "undionly.kpxe", "efi32": None, "efi64": "ipxe.efi", "arm64": None})
     script_url: str = ""
     http_base: str = ""
 

@@ -30,7 +30,10 @@ Protocol choices (PXE 2.1, and pixiecore's documented approach):
   option 82 is echoed only to a configured relay and otherwise ignored;
 * lab mode ("full") also assigns addresses; boot clients get the boot file
   in the same OFFER/ACK (``file``/siaddr/option 66, as ``dhcp-boot`` does
-  in dnsmasq), other clients only the address.
+  in dnsmasq), other clients only the address;
+* the sockets always bind 0.0.0.0 (see :func:`decide_bind`): Linux delivers
+  a broadcast DISCOVER only to a socket bound to the wildcard, so a unicast
+  ``--listen`` becomes the identity we answer as, not the bind address.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import fcntl
 import gc
 import ipaddress
 import json
@@ -64,6 +66,7 @@ from bootsvc.bootfile import (
     parse_bootfile,
 )
 from bootsvc.dhcp_leases import Lease, LeasePool, LeaseWriter, parse_range
+from bootsvc.settings import listen_address
 from lpmos.config import (
     Config,
     ConfigError,
@@ -138,9 +141,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dhcp.bootfile_bios", "--dhcp-bootfile-bios", "undionly.kpxe", parse_bootfile,
             "TFTP boot file for BIOS PXE clients (arch 0); none: do not answer them",
             metavar="FILE"),
-    Setting("dhcp.bootfile_efi32", "--dhcp-bootfile-efi32", "ipxe.efi", parse_bootfile,
-            "boot file for 32-bit UEFI clients (arch 6, HTTP boot 15); none: do not answer",
-            metavar="FILE"),
+    Setting("dhcp.bootfile_efi32", "--dhcp-bootfile-efi32", None, parse_bootfile,
+            "boot file for 32-bit UEFI clients (arch 6, HTTP boot 15), an i386 EFI build of "
+            "iPXE you put under the TFTP root (the x86-64 ipxe.efi does not run there); "
+            "none (default): do not answer them", metavar="FILE"),
     Setting("dhcp.bootfile_efi64", "--dhcp-bootfile-efi64", "ipxe.efi", parse_bootfile,
             "boot file for x86-64 UEFI clients (arch 7, 9; HTTP boot 16), e.g. snponly.efi; "
             "none: do not answer", metavar="FILE"),
@@ -514,14 +518,59 @@ _RECV_SIZE = dhcp.MAX_PACKET + 1
 _BATCH = 256                 # datagrams read per wake-up before yielding to the loop
 
 
-def interface_ipv4(name: str) -> str | None:
-    """The primary IPv4 address of interface ``name`` (SIOCGIFADDR), or None."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
-        except OSError:
-            return None
-    return socket.inet_ntoa(packed[20:24])
+WILDCARD_IP = "0.0.0.0"
+
+
+class NoDhcpInterface(OSError):
+    """``--listen`` names an address, and no interface is known on which a
+    wildcard socket would hear the broadcasts meant for it."""
+
+
+@dataclass(frozen=True, slots=True)
+class DhcpBind:
+    """Where the DHCP sockets bind: the wildcard address, on ``interface``
+    (SO_BINDTODEVICE) or, when ``None``, on every interface."""
+
+    interface: str | None
+    address: str = WILDCARD_IP
+
+
+def decide_bind(listen: str | None, interface: str | None, owner: str | None) -> DhcpBind:
+    """The DHCP bind for ``--listen`` (``None``: the wildcard) and
+    ``--interface``; ``owner`` is the interface that holds ``listen``, if any.
+
+    Linux delivers a broadcast (a DISCOVER from a client without an address)
+    only to sockets bound to 0.0.0.0, never to one bound to a unicast
+    address; such a ProxyDHCP would hear only unicast and relayed requests,
+    and no PXE ROM would get an answer.  So the bind is always the wildcard,
+    and an address in ``--listen`` says which interface (the one holding it,
+    unless ``--interface`` says otherwise) and whom we answer as (see
+    :func:`bootsvc.node.default_server_ip`).  With an address and no
+    interface to bind, raise :class:`NoDhcpInterface`: the sockets would
+    answer on every interface as that address."""
+    if interface:
+        return DhcpBind(interface)
+    if listen is None:
+        return DhcpBind(None)
+    if owner:
+        return DhcpBind(owner)
+    raise NoDhcpInterface(
+        f"dhcp: --listen {listen} is not an IPv4 address of an interface of this host, and "
+        "broadcast DISCOVERs reach only a socket bound to 0.0.0.0 on an interface: give "
+        f"--interface IFACE (DHCP then answers there as {listen}), or --listen 0.0.0.0")
+
+
+def read_address_interface(address: str) -> str | None:
+    """The interface that holds the IPv4 ``address``, or ``None`` (also
+    when psutil, a server dependency, is missing)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == address for a in addrs):
+            return str(name).split(":", 1)[0]      # an alias label (eth0:1) names no device
+    return None
 
 
 def open_socket(listen: str, port: int, *, interface: str | None, rcvbuf: int,
@@ -549,9 +598,10 @@ def open_socket(listen: str, port: int, *, interface: str | None, rcvbuf: int,
     return sock
 
 
-def claim_port(listen: str, port: int, interface: str | None) -> socket.socket | None:
-    """Hold a name for ``listen:port`` (on ``interface``) among the LPMOS
-    nodes of this network namespace, or raise EADDRINUSE naming the clash.
+def claim_port(port: int, interface: str | None) -> socket.socket | None:
+    """Hold a name for the wildcard DHCP ``port`` on ``interface`` (``None``:
+    every interface) among the LPMOS nodes of this network namespace, or
+    raise EADDRINUSE naming the clash.
 
     The DHCP sockets take SO_REUSEADDR, so that a ProxyDHCP can share port
     67 with the site's DHCP server on the same host and nodes can serve
@@ -559,10 +609,13 @@ def claim_port(listen: str, port: int, interface: str | None) -> socket.socket |
     started by mistake on the same port binds too, and both answer.  An
     abstract unix socket (one name space per network namespace, released
     when the process dies however it dies) tells our own nodes apart from
-    everyone else.  Port 0 (a test's ephemeral port) needs no claim."""
+    everyone else.  The name carries no --listen address: every DHCP socket
+    binds the wildcard (:func:`decide_bind`), so two nodes on one interface
+    hear the same broadcasts whatever addresses they answer as.  Port 0 (a
+    test's ephemeral port) needs no claim."""
     if not port:
         return None
-    name = f"\0lpmos-dhcp/{listen}:{port}/{interface or '*'}"
+    name = f"\0lpmos-dhcp/{WILDCARD_IP}:{port}/{interface or '*'}"
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         lock.bind(name)
@@ -571,9 +624,10 @@ def claim_port(listen: str, port: int, interface: str | None) -> socket.socket |
         if exc.errno != errno.EADDRINUSE:
             raise
         raise OSError(errno.EADDRINUSE,
-                      f"dhcp: another LPMOS node on this host already serves {listen}:{port}"
-                      f"{' on ' + interface if interface else ''}; stop it, or give this one "
-                      "another --dhcp-port/--dhcp-proxy-port or --interface") from None
+                      f"dhcp: another LPMOS node on this host already serves UDP port {port} "
+                      f"{'on ' + interface if interface else 'on every interface'}; stop it, "
+                      "or give this one another --dhcp-port/--dhcp-proxy-port or --interface"
+                      ) from None
     return lock
 
 
@@ -581,8 +635,9 @@ class DhcpService:
     """ProxyDHCP / lab DHCP of a regional node on the running asyncio loop.
 
     ``start()`` binds UDP ``dhcp.port`` (and ``dhcp.proxy_port`` unless 0) on
-    ``regional.listen`` (bind to 0.0.0.0 to receive broadcasts), optionally
-    with SO_BINDTODEVICE to ``regional.interface``.  Answers come from memory;
+    0.0.0.0, with SO_BINDTODEVICE to ``regional.interface`` or to the
+    interface holding the ``regional.listen`` address (:func:`decide_bind`),
+    and answers as ``ctx.server_ip``.  Answers come from memory;
     lab-mode leases are written behind to etcd and keep working while etcd is
     down.  ``stop()`` closes the sockets and flushes lease writes briefly.
     """
@@ -638,8 +693,11 @@ class DhcpService:
         loop = asyncio.get_running_loop()
         self._loop = loop
         config = self.ctx.config
-        listen = config.get("regional.listen", "0.0.0.0")
+        listen = listen_address(config)
         interface = config.get("regional.interface")
+        bind = decide_bind(listen, interface, read_address_interface(listen)
+                           if listen is not None and not interface else None)
+        address, interface = bind.address, bind.interface
         rcvbuf = config["dhcp.rcvbuf"]
         wanted: list[tuple[int, PortKind]] = [(config["dhcp.port"], "dhcp")]
         if config["dhcp.proxy_port"]:
@@ -649,17 +707,17 @@ class DhcpService:
         self._pktinfo = not (interface and self.ctx.server_ip)
         try:
             for port, kind in wanted:
-                claim = claim_port(listen, port, interface)
+                claim = claim_port(port, interface)
                 if claim is not None:
                     self._claims.append(claim)
                 try:
-                    sock = open_socket(listen, port, interface=interface, rcvbuf=rcvbuf,
+                    sock = open_socket(address, port, interface=interface, rcvbuf=rcvbuf,
                                        pktinfo=self._pktinfo)
                 except OSError as exc:
                     hint = (" (ports below 1024 need CAP_NET_BIND_SERVICE, an interface "
                             "binding CAP_NET_RAW)" if exc.errno in (errno.EACCES, errno.EPERM)
                             else "")
-                    raise OSError(exc.errno, f"dhcp: cannot bind UDP {listen}:{port}"
+                    raise OSError(exc.errno, f"dhcp: cannot bind UDP {address}:{port}"
                                   f"{' on ' + interface if interface else ''}: "
                                   f"{exc.strerror}{hint}") from exc
                 self.sockets.append((sock, kind))
@@ -669,8 +727,9 @@ class DhcpService:
             raise
         if self.writer is not None:
             self.writer.start()
-        log.info("dhcp: %s mode on %s ports %s (server ip %s)", self.mode, listen,
-                 ",".join(str(p) for p, _ in wanted), self.ctx.server_ip or "per interface")
+        log.info("dhcp: %s mode on %s (%s) ports %s, answering as %s", self.mode, address,
+                 interface or "every interface", ",".join(str(p) for p, _ in wanted),
+                 self.ctx.server_ip or "the address of the arrival interface")
 
     async def stop(self) -> None:
         loop = self._loop
@@ -807,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
     is the production entry point."""
     from bootsvc.context import NodeContext
     from bootsvc.machines import MachineIndex
+    from bootsvc.node import default_server_ip
     from lpmos.cli import add_setting_flags
     from lpmos.config import resolve
     from lpmos.store.cache import WatchCache
@@ -836,11 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = Keys(config["etcd.prefix"])
     idc = config["regional.idc"]
     cache = WatchCache(store, keys.idc(idc), name="dhcp").start(wait=2.0)
-    server_ip = config["regional.server_ip"]
-    if not server_ip and config["regional.interface"]:
-        server_ip = interface_ipv4(config["regional.interface"])
-    if not server_ip and config["regional.listen"] not in ("0.0.0.0", ""):
-        server_ip = config["regional.listen"]
+    # the node's rule, without its last resort: with no address configured
+    # each reply answers as the address of the interface it arrived on
+    server_ip = default_server_ip(config, fallback=False)
     advertise = config["regional.advertise_url"] or (f"http://{server_ip}:8081"
                                                      if server_ip else "")
     ctx = NodeContext(config=config, idc=idc, node_name=config["regional.node_name"],

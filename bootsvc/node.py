@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from bootsvc.context import MemoryTimeline, NodeContext
 from bootsvc.machines import MachineIndex
 from bootsvc.reaper import Reaper, Timeouts
+from bootsvc.settings import listen_address
 from lpmos import __version__
 from lpmos.config import Config
 from lpmos.metrics import Registry
@@ -58,20 +59,24 @@ def interface_address(name: str) -> str | None:
     return socket.inet_ntoa(packed[20:24])
 
 
-def default_server_ip(config: Config) -> str:
-    """Where machines reach us: --server-ip, else --interface's address, else
-    --listen when it is a concrete address, else the address of the default
-    route's source (found without sending anything)."""
+def default_server_ip(config: Config, *, fallback: bool = True) -> str:
+    """Where machines reach us: --server-ip, else --listen when it names an
+    address (TFTP and HTTP are bound there, so machines must be sent there,
+    even when it is not the interface's primary address), else --interface's
+    address, else (with ``fallback``) the address of the default route's
+    source (found without sending anything), else ``""``."""
     if config["regional.server_ip"]:
         return str(config["regional.server_ip"])
+    listen = listen_address(config)
+    if listen is not None:
+        return listen
     iface = config["regional.interface"]
     if iface:
         addr = interface_address(iface)
         if addr:
             return addr
-    listen = str(config["regional.listen"])
-    if listen not in ("0.0.0.0", "::", ""):
-        return listen
+    if not fallback:
+        return ""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.connect(("192.0.2.1", 9))   # TEST-NET-1; connect() on UDP sends nothing

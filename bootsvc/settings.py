@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 
 from lpmos.config import (
+    Config,
     Setting,
     choice_list,
     float_range,
@@ -19,6 +20,16 @@ from lpmos.config import (
     parse_optional_url,
     parse_str,
 )
+
+#: ``--listen`` values that name no address: bind every address
+WILDCARD_LISTEN = frozenset({"", "0.0.0.0", "::"})
+
+
+def listen_address(config: Config) -> str | None:
+    """The address ``--listen`` names, or ``None`` for a wildcard."""
+    listen = str(config.get("regional.listen") or "")
+    return None if listen in WILDCARD_LISTEN else listen
+
 
 NODE_SETTINGS: tuple[Setting, ...] = (
     Setting("regional.idc", "--idc", "dc1", parse_name,
@@ -30,13 +41,16 @@ NODE_SETTINGS: tuple[Setting, ...] = (
             choice_list("dhcp", "tftp", "http"),
             "which services to run, comma list of dhcp, tftp, http", metavar="LIST"),
     Setting("regional.listen", "--listen", "0.0.0.0", parse_str,
-            "address the DHCP, TFTP and HTTP sockets bind to", metavar="ADDR"),
+            "address the TFTP and HTTP sockets bind to; DHCP answers as this address but "
+            "binds 0.0.0.0 on --interface (default: the interface holding it), since only "
+            "such a socket hears broadcast DISCOVERs", metavar="ADDR"),
     Setting("regional.interface", "--interface", None, parse_optional_str,
             "network interface the ProxyDHCP binds to (SO_BINDTODEVICE) and takes its "
             "address from", metavar="IFACE"),
     Setting("regional.server_ip", "--server-ip", None, parse_optional_ip,
             "address machines reach this node at (DHCP option 54, TFTP next-server); "
-            "default: the address of --interface, else --listen", metavar="IP"),
+            "default: --listen when it is an address, else the address of --interface",
+            metavar="IP"),
     Setting("regional.agent_timeout", "--agent-timeout", 300.0, float_range(1.0, 86400.0),
             "an installing task whose agent's liveness lease stays gone this many seconds "
             "fails with the reason recorded", metavar="SECONDS"),

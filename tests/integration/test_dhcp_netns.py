@@ -86,11 +86,11 @@ def mac(n: int) -> str:
 ROWS = [
     # arch, vendor class, expected file ("" = no answer), expects option 43 (BIOS bypass)
     (0, PXE_BIOS, "undionly.kpxe", True),
-    (6, b"PXEClient:Arch:00006:UNDI:003016", "ipxe.efi", False),
+    (6, b"PXEClient:Arch:00006:UNDI:003016", "", False),     # IA32: no 32-bit file configured
     (7, PXE_EFI, "ipxe.efi", False),
     (9, b"PXEClient:Arch:00009:UNDI:003016", "ipxe.efi", False),
     (16, HTTP_EFI, "http://{server}:8081/ipxe/ipxe.efi", False),
-    (15, b"HTTPClient:Arch:00015", "http://{server}:8081/ipxe/ipxe.efi", False),
+    (15, b"HTTPClient:Arch:00015", "", False),
     (11, b"PXEClient:Arch:00011:UNDI:003016", "", False),      # arm64 not configured
     (19, b"HTTPClient:Arch:00019", "", False),
     (10, b"PXEClient:Arch:00010", "", False),                  # arm32: unsupported
@@ -277,3 +277,38 @@ def test_configured_arm64_and_snponly(tmp_path: Path) -> None:
     assert arm is not None and arm.boot_file == "arm64/ipxe.efi"
     assert x64 is not None and x64.boot_file == "snponly.efi"
     assert http is not None and http.boot_file == f"http://{net.server_ip}:8081/ipxe/arm64/ipxe.efi"
+
+
+PXE_IA32 = b"PXEClient:Arch:00006:UNDI:003016"
+HTTP_IA32 = b"HTTPClient:Arch:00015:UNDI:003001"
+
+
+def _ia32_boots(lan: Lan, timeout: float) -> tuple[dhcp.DhcpPacket | None, ...]:
+    """An IA32 UEFI client on each path: a PXE DISCOVER on 67, a boot-server
+    REQUEST on 4011, an HTTP boot DISCOVER on 67."""
+    net, client = lan.net, lan.client
+    return (client.discover(mac(0xC0), arch=6, vendor_class=PXE_IA32, timeout=timeout),
+            client.request(mac(0xC1), (net.server_ip, 4011), arch=6, vendor_class=PXE_IA32,
+                           ciaddr=net.client_ip, timeout=timeout),
+            client.discover(mac(0xC2), arch=15, vendor_class=HTTP_IA32, timeout=timeout))
+
+
+def test_ia32_uefi_gets_no_x86_64_binary(tmp_path: Path) -> None:
+    """Out of the box nothing fits a 32-bit UEFI client: no answer on any
+    path (never the x86-64 ipxe.efi), each one counted."""
+    with lan_on(NetnsPair(client_address=True), tmp_path) as lan:
+        assert _ia32_boots(lan, SHORT) == (None, None, None)
+    assert lan.stats["dhcp_dropped_total"]["reason=no_bootfile"] == 3
+    assert not lan.stats.get("dhcp_packets_out_total")
+
+
+def test_ia32_uefi_gets_the_configured_32bit_file(tmp_path: Path) -> None:
+    net = NetnsPair(client_address=True)
+    with lan_on(net, tmp_path, "--dhcp-bootfile-efi32", "i386/ipxe.efi") as lan:
+        offer, ack, http = _ia32_boots(lan, 3.0)
+        x64 = lan.client.discover(mac(0xC3), arch=7, vendor_class=PXE_EFI)
+    assert offer is not None and offer.boot_file == "i386/ipxe.efi"
+    assert ack is not None and ack.msg_type == dhcp.ACK and ack.boot_file == "i386/ipxe.efi"
+    assert http is not None and http.boot_file == f"http://{net.server_ip}:8081/ipxe/i386/ipxe.efi"
+    assert http.vendor_class == b"HTTPClient"
+    assert x64 is not None and x64.boot_file == "ipxe.efi"     # x86-64 unchanged

@@ -121,8 +121,8 @@ def test_a_second_node_on_the_same_dhcp_port_is_refused(node, etcd_server, keys)
                             check=False)
     assert second.returncode == 1, second.stderr
     assert "Traceback" not in second.stderr
-    assert (f"dhcp: another LPMOS node on this host already serves 127.0.0.1:{ports['dhcp']}"
-            in second.stderr), second.stderr
+    assert (f"dhcp: another LPMOS node on this host already serves UDP port {ports['dhcp']} "
+            "on lo" in second.stderr), second.stderr
     assert proc.poll() is None        # the first node goes on
 
 

@@ -13,13 +13,17 @@ from bootsvc.bootfile import (
     decide_boot,
     parse_bootfile,
 )
+from bootsvc.dhcp_server import SETTINGS, policy_from_config
+from lpmos.config import Config
 
 BASE = "http://10.77.0.1:8081"
 POLICY = BootPolicy(
-    bootfiles={"bios": "undionly.kpxe", "efi32": "ipxe.efi", "efi64": "ipxe.efi", "arm64": None},
+    bootfiles={"bios": "undionly.kpxe", "efi32": None, "efi64": "ipxe.efi", "arm64": None},
     script_url=f"{BASE}/boot.ipxe", http_base=f"{BASE}/ipxe")
 ARM = BootPolicy(bootfiles={**POLICY.bootfiles, "arm64": "arm64/ipxe.efi"},
                  script_url=POLICY.script_url, http_base=POLICY.http_base)
+IA32 = BootPolicy(bootfiles={**POLICY.bootfiles, "efi32": "i386/ipxe.efi"},
+                  script_url=POLICY.script_url, http_base=POLICY.http_base)
 SNP = BootPolicy(bootfiles={**POLICY.bootfiles, "efi64": "snponly.efi"},
                  script_url=POLICY.script_url, http_base=POLICY.http_base)
 NO_URL = BootPolicy(bootfiles=POLICY.bootfiles)
@@ -31,7 +35,10 @@ HTTP = b"HTTPClient:Arch:00016:UNDI:003001"
 TABLE = [
     # PXE ROMs
     (0, PXE, None, False, POLICY, ("tftp", "undionly.kpxe")),
-    (6, PXE, None, False, POLICY, ("tftp", "ipxe.efi")),
+    (6, PXE, None, False, POLICY, "no_bootfile"),       # ipxe.efi is x86-64: it cannot run
+    (6, PXE, None, False, SNP, "no_bootfile"),
+    (6, PXE, None, False, IA32, ("tftp", "i386/ipxe.efi")),
+    (7, PXE, None, False, IA32, ("tftp", "ipxe.efi")),
     (7, PXE, None, False, POLICY, ("tftp", "ipxe.efi")),
     (9, PXE, None, False, POLICY, ("tftp", "ipxe.efi")),
     (7, PXE, None, False, SNP, ("tftp", "snponly.efi")),
@@ -43,7 +50,11 @@ TABLE = [
     (None, PXE, None, False, POLICY, "missing_arch"),
     # UEFI HTTP boot
     (16, HTTP, None, False, POLICY, ("http", f"{BASE}/ipxe/ipxe.efi")),
-    (15, HTTP, None, False, POLICY, ("http", f"{BASE}/ipxe/ipxe.efi")),
+    (15, HTTP, None, False, POLICY, "no_bootfile"),
+    (15, HTTP, None, False, IA32, ("http", f"{BASE}/ipxe/i386/ipxe.efi")),
+    (16, HTTP, None, False, IA32, ("http", f"{BASE}/ipxe/ipxe.efi")),
+    (15, PXE, None, False, IA32, "arch_class_mismatch"),
+    (6, HTTP, None, False, IA32, "arch_class_mismatch"),
     (16, HTTP, None, False, SNP, ("http", f"{BASE}/ipxe/snponly.efi")),
     (19, HTTP, None, False, POLICY, "no_bootfile"),
     (19, HTTP, None, False, ARM, ("http", f"{BASE}/ipxe/arm64/ipxe.efi")),
@@ -55,6 +66,7 @@ TABLE = [
     (7, PXE, b"iPXE", False, POLICY, ("script", f"{BASE}/boot.ipxe")),
     (9, PXE, None, True, POLICY, ("script", f"{BASE}/boot.ipxe")),
     (11, PXE, b"iPXE", False, POLICY, ("script", f"{BASE}/boot.ipxe")),
+    (6, PXE, b"iPXE", False, POLICY, ("script", f"{BASE}/boot.ipxe")),  # a 32-bit iPXE runs
     (16, HTTP, b"iPXE", True, POLICY, ("script", f"{BASE}/boot.ipxe")),
     (7, PXE, b"\x04iPXE", False, POLICY, ("script", f"{BASE}/boot.ipxe")),
     (7, PXE, b"gPXE", False, POLICY, ("tftp", "ipxe.efi")),
@@ -78,6 +90,26 @@ def test_decide_boot_table(arch: int | None, vc: bytes, uc: bytes | None, o175: 
         assert isinstance(decision, BootAnswer), decision
         assert (decision.kind, decision.filename) == expected
         assert decision.vendor_class == ("HTTPClient" if vc.startswith(b"HTTP") else "PXEClient")
+
+
+def _default_config() -> Config:
+    return Config({s.key: s.parse(s.default) for s in SETTINGS}, {})
+
+
+@pytest.mark.parametrize(("arch", "vc"), [(6, PXE), (15, HTTP)])
+def test_ia32_uefi_refused_with_the_default_settings(arch: int, vc: bytes) -> None:
+    """Debian ships no 32-bit UEFI iPXE: out of the box an IA32 client gets
+    no answer rather than the x86-64 ipxe.efi it cannot run."""
+    for policy in (policy_from_config(_default_config(), BASE), BootPolicy()):
+        decision = decide_boot(ClientInfo(arch, vc), policy)
+        assert isinstance(decision, BootRefusal), decision
+        assert decision.reason == "no_bootfile" and "efi32" in decision.detail
+
+
+def test_efi32_setting_configures_ia32() -> None:
+    config = _default_config().with_values(dhcp__bootfile_efi32="i386/ipxe.efi")
+    decision = decide_boot(ClientInfo(6, PXE), policy_from_config(config, BASE))
+    assert isinstance(decision, BootAnswer) and decision.filename == "i386/ipxe.efi"
 
 
 def test_ipxe_never_gets_an_ipxe_binary() -> None:

@@ -45,6 +45,22 @@ def test_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert "lpmos regional: (--log-level debug prints the traceback)" in result.stderr
 
 
+def test_a_listen_address_dhcp_cannot_hear_on_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """An address on no interface (TEST-NET-1): the ProxyDHCP cannot know
+    where to hear broadcast DISCOVERs, and says what to give instead."""
+    url = f"http://127.0.0.1:{free_port()}"     # no etcd: the node gets as far as DHCP
+    result = _lpmos("regional", "--state-dir", str(tmp_path), "--idc", "dc1",
+                    "--listen", "192.0.2.77", "--services", "dhcp", "--dhcp-port", "0",
+                    "--dhcp-proxy-port", "0", "--etcd-endpoints", url, "--etcd-timeout", "0.5",
+                    timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[-2].startswith("lpmos regional: dhcp: --listen 192.0.2.77 "), result.stderr
+    assert "give --interface IFACE" in lines[-2]
+    assert lines[-1] == "lpmos regional: (--log-level debug prints the traceback)"
+
+
 def test_output_cut_short_by_its_reader_is_not_an_error() -> None:
     """``lpmos config show | head -1``: no BrokenPipeError traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "lpmos", "config", "show"], cwd=REPO,
