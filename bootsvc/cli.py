@@ -42,5 +42,6 @@ def run(config: Config, args: argparse.Namespace) -> int:
     setup_logging(config["log_level"], name=f"regional[{config['regional.idc']}]")
     ensure_state_dir(config)
     with open_store(config) as handle:
-        node = RegionalNode(config, handle.store, handle.keys)
+        node = RegionalNode(config, handle.store, handle.keys,
+                            maintenance=handle.maintenance())
         return node.run_forever()

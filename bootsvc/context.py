@@ -71,6 +71,9 @@ class NodeContext:
     #: conditions an operator should fix that do not stop the node, by topic;
     #: /healthz lists them (a node name used twice, for one)
     warnings: dict[str, str] = field(default_factory=dict)
+    #: checks of conditions that make the node degraded (etcd's NOSPACE alarm,
+    #: for one), each returning its reasons; /healthz says degraded and lists them
+    degraded_checks: list[Callable[[], list[str]]] = field(default_factory=list)
 
     def threads_busy(self) -> bool:
         """True while some service's threads have work.  The event loop then

@@ -976,9 +976,18 @@ def healthz() -> Response:
     staleness = cache.staleness()
     reachable = s.etcd_healthy()
     spooled = len(s.events.spooled_tasks())
-    degraded = not reachable or not cache.loaded or staleness > 10.0 or spooled > 0
-    body = {"status": "degraded" if degraded else "ok", "node": s.ctx.node_name,
-            "idc": s.ctx.idc,
+    reasons = [why for check in s.ctx.degraded_checks for why in check()]
+    if not reachable:
+        reasons.append("etcd does not answer")
+    if not cache.loaded:
+        reasons.append("the IDC cache has not loaded from etcd yet")
+    elif staleness > 10.0:
+        reasons.append(f"etcd has not confirmed the IDC cache for {staleness:.0f} s")
+    if spooled:
+        reasons.append(f"progress of {spooled} task(s) is spooled to disk, not yet in etcd")
+    degraded = bool(reasons)
+    body = {"status": "degraded" if degraded else "ok", "reasons": reasons,
+            "node": s.ctx.node_name, "idc": s.ctx.idc,
             "etcd": {"reachable": reachable},
             "cache": {"loaded": cache.loaded,
                       "staleness_seconds": None if staleness == float("inf")

@@ -37,6 +37,7 @@ from lpmos.metrics import Registry
 from lpmos.store import Store, StoreError
 from lpmos.store.cache import WatchCache
 from lpmos.store.keys import Keys
+from lpmos.store.maintenance import EtcdMaintenance
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,10 @@ class NodeRegistration:
 
 
 class RegionalNode:
-    def __init__(self, config: Config, store: Store, keys: Keys) -> None:
+    def __init__(self, config: Config, store: Store, keys: Keys, *,
+                 maintenance: EtcdMaintenance | None = None) -> None:
+        """``maintenance`` (:meth:`lpmos.runtime.StoreHandle.maintenance`)
+        runs while the node does; etcd's alarms make /healthz degraded."""
         self.config = config
         idc = str(config["regional.idc"])
         cache = WatchCache(store, keys.idc(idc), name=f"idc-{idc}")
@@ -195,10 +199,16 @@ class RegionalNode:
                                "seconds since etcd last confirmed the IDC cache is current")
         self.ctx.metrics.gauge("lpmos_cache_keys", lambda: float(len(cache)),
                                "keys in the IDC cache")
+        self._maintenance = maintenance
+        if maintenance is not None:
+            maintenance.describe(self.ctx.metrics)
+            self.ctx.degraded_checks.append(maintenance.reasons)
 
     # -- lifecycle
     def _start_core(self) -> None:
         ctx = self.ctx
+        if self._maintenance is not None:
+            self._maintenance.start()
         ctx.cache.start(wait=3.0)
         if not ctx.cache.loaded:
             log.warning("etcd unreachable at start: serving degraded (no installs) until it "
@@ -272,6 +282,8 @@ class RegionalNode:
             self._registration.stop()
         if self._timeline is not None:
             self._timeline.stop()
+        if self._maintenance is not None:
+            self._maintenance.stop()
         self.ctx.cache.stop()
 
     async def serve(self, stop: asyncio.Event) -> None:

@@ -265,6 +265,24 @@ COMMON: tuple[Setting, ...] = (
     Setting("etcd.password", "--etcd-password", None, parse_optional_str,
             "etcd password (prefer the LPMOS_ETCD_PASSWORD environment variable)",
             metavar="PASSWORD", secret=True),
+    Setting("etcd.auto_compaction_mode", "--etcd-auto-compaction-mode", "periodic",
+            choice("periodic", "revision"),
+            "embedded etcd: how --etcd-auto-compaction-retention is read (a cluster's "
+            "operator sets etcd's own --auto-compaction-mode)"),
+    Setting("etcd.auto_compaction_retention", "--etcd-auto-compaction-retention", "5m",
+            parse_str,
+            "embedded etcd: history etcd keeps, a duration (periodic: 5m, 1h) or a number of "
+            "revisions (revision); a watch further behind reloads its prefix",
+            metavar="RETENTION"),
+    Setting("etcd.quota_backend_bytes", "--etcd-quota-backend-bytes", 0,
+            int_range(0, 8 * 1024**3),
+            "embedded etcd: backend quota in bytes (0: etcd's default, 2 GiB); past it etcd "
+            "raises the NOSPACE alarm and refuses writes", metavar="BYTES"),
+    Setting("etcd.maintenance_interval", "--etcd-maintenance-interval", 10.0,
+            float_range(0.2, 3600.0),
+            "seconds between checks of etcd's alarms and database size (shown in /healthz "
+            "and /metrics); the embedded etcd is also defragmented when that pays",
+            metavar="SECONDS"),
     Setting("catalog", "--catalog", None, parse_optional_path,
             "image catalog TOML (default: images/catalog.toml of the source tree when present)",
             metavar="FILE"),

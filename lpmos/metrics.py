@@ -32,6 +32,14 @@ def _fmt_labels(labels: Labels, extra: Iterable[tuple[str, str]] = ()) -> str:
     return "{" + ",".join(f'{k}="{v}"' for k, v in esc) + "}"
 
 
+def _fmt_value(value: float) -> str:
+    """Whole numbers in full (a byte count of 3145728, not ``3.14573e+06``),
+    others as ``%g``."""
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return f"{value:g}"
+
+
 class Histogram:
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.buckets = buckets
@@ -49,7 +57,7 @@ class Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counters: dict[str, dict[Labels, float]] = defaultdict(dict)
-        self._gauges: dict[str, Callable[[], float]] = {}
+        self._gauges: dict[str, dict[Labels, Callable[[], float]]] = defaultdict(dict)
         self._hists: dict[str, dict[Labels, Histogram]] = defaultdict(dict)
         self._help: dict[str, str] = {}
 
@@ -70,9 +78,12 @@ class Registry:
         with self._lock:
             return sum(self._counters.get(name, {}).values())
 
-    def gauge(self, name: str, fn: Callable[[], float], help_text: str = "") -> None:
-        """A value read at render time (queue depth, cache staleness ...)."""
-        self._gauges[name] = fn
+    def gauge(self, name: str, fn: Callable[[], float], help_text: str = "",
+              **labels: object) -> None:
+        """A value read at render time (queue depth, cache staleness ...);
+        with ``labels``, one series of several under ``name``
+        (``etcd_alarm{alarm="nospace"}``)."""
+        self._gauges[name][_labels(labels)] = fn
         if help_text:
             self._help[name] = help_text
 
@@ -100,7 +111,7 @@ class Registry:
                     lines.append(f"# HELP {name} {self._help[name]}")
                 lines.append(f"# TYPE {name} counter")
                 for labels, value in sorted(self._counters[name].items()):
-                    lines.append(f"{name}{_fmt_labels(labels)} {value:g}")
+                    lines.append(f"{name}{_fmt_labels(labels)} {_fmt_value(value)}")
             for name in sorted(self._hists):
                 if name in self._help:
                     lines.append(f"# HELP {name} {self._help[name]}")
@@ -112,15 +123,19 @@ class Registry:
                         lines.append(f"{name}_bucket{_fmt_labels(labels, [('le', f'{bound:g}')])} "
                                      f"{cumulative}")
                     lines.append(f"{name}_bucket{_fmt_labels(labels, [('le', '+Inf')])} {hist.n}")
-                    lines.append(f"{name}_sum{_fmt_labels(labels)} {hist.total:g}")
+                    lines.append(f"{name}_sum{_fmt_labels(labels)} {_fmt_value(hist.total)}")
                     lines.append(f"{name}_count{_fmt_labels(labels)} {hist.n}")
         for name in sorted(self._gauges):
-            try:
-                value = float(self._gauges[name]())
-            except Exception:  # noqa: S112 (a broken gauge must not break /metrics)
+            series = []
+            for labels, fn in sorted(self._gauges[name].items(), key=lambda item: item[0]):
+                try:
+                    series.append(f"{name}{_fmt_labels(labels)} {_fmt_value(float(fn()))}")
+                except Exception:  # noqa: S112 (a broken gauge must not break /metrics)
+                    continue
+            if not series:
                 continue
             if name in self._help:
                 lines.append(f"# HELP {name} {self._help[name]}")
             lines.append(f"# TYPE {name} gauge")
-            lines.append(f"{name} {value:g}")
+            lines.extend(series)
         return "\n".join(lines) + "\n"

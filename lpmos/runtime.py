@@ -8,10 +8,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lpmos.config import Config
+from lpmos.config import Config, ConfigError
 from lpmos.store import Store
 from lpmos.store.keys import Keys
+
+if TYPE_CHECKING:
+    from lpmos.store.embedded import EtcdOptions
+    from lpmos.store.maintenance import EtcdMaintenance
 
 
 def setup_logging(level: str = "info", *, name: str = "lpmos") -> None:
@@ -29,12 +34,45 @@ class StoreHandle:
     keys: Keys
     endpoints: list[str]
     embedded: bool
+    config: Config | None = None
+
+    def maintenance(self, *, name: str = "etcd-maintenance") -> EtcdMaintenance | None:
+        """The etcd maintenance loop of a long-running service, not started
+        (:mod:`lpmos.store.maintenance`): alarms and sizes for any etcd,
+        defragmentation only of the embedded one.  ``None`` for a store
+        that is not etcd."""
+        from lpmos.store.etcd import EtcdStore
+        from lpmos.store.maintenance import EtcdMaintenance
+
+        if not isinstance(self.store, EtcdStore):
+            return None
+        config = self.config
+        return EtcdMaintenance(
+            self.store, defragment=self.embedded, name=name,
+            quota_bytes=int(config.get("etcd.quota_backend_bytes", 0)) if config else 0,
+            interval=float(config.get("etcd.maintenance_interval", 10.0)) if config else 10.0)
+
+
+def embedded_options(config: Config) -> EtcdOptions:
+    """The flags of an etcd this process starts itself, from the
+    ``etcd.auto_compaction_*`` and ``etcd.quota_backend_bytes`` settings."""
+    from lpmos.store.embedded import EtcdOptions
+
+    try:
+        return EtcdOptions(
+            auto_compaction_mode=str(config.get("etcd.auto_compaction_mode", "periodic")),
+            auto_compaction_retention=str(config.get("etcd.auto_compaction_retention", "5m")),
+            quota_backend_bytes=int(config.get("etcd.quota_backend_bytes", 0)))
+    except ValueError as exc:
+        raise ConfigError(f"etcd.auto_compaction_retention: {exc}") from None
 
 
 @contextlib.contextmanager
-def open_store(config: Config) -> Iterator[StoreHandle]:
+def open_store(config: Config, *, embedded: bool = False) -> Iterator[StoreHandle]:
     """The configured etcd store; with no endpoints, the private embedded etcd
-    of the state directory (started or reused, and released on exit)."""
+    of the state directory (started or reused, and released on exit).
+    ``embedded``: the configured endpoint is that private etcd, started by a
+    parent process (the control plane's gunicorn master)."""
     from lpmos.store.embedded import ensure_local_etcd
     from lpmos.store.etcd import EtcdStore
 
@@ -43,7 +81,7 @@ def open_store(config: Config) -> Iterator[StoreHandle]:
     if not endpoints:
         state_dir = Path(config["state_dir"])
         state_dir.mkdir(parents=True, exist_ok=True)
-        local = ensure_local_etcd(state_dir)
+        local = ensure_local_etcd(state_dir, embedded_options(config))
         endpoints = [local.client_url]
         logging.getLogger("lpmos").info(
             "no --etcd-endpoints given: using the private etcd at %s (data in %s)",
@@ -58,7 +96,8 @@ def open_store(config: Config) -> Iterator[StoreHandle]:
         password=config["etcd.password"],
     )
     try:
-        yield StoreHandle(store, Keys(config["etcd.prefix"]), endpoints, local is not None)
+        yield StoreHandle(store, Keys(config["etcd.prefix"]), endpoints,
+                          embedded or local is not None, config)
     finally:
         store.close()
         if local is not None:

@@ -26,12 +26,22 @@ def stats() -> Any:
 
 @bp.get("/healthz")
 def healthz() -> Any:
-    """200 while the watch cache is loaded and recently confirmed by etcd,
-    else 503 ``degraded`` (the console keeps serving its last view)."""
+    """200 while the watch cache is loaded and recently confirmed by etcd
+    and etcd has no alarm raised, else 503 ``degraded`` with the
+    ``reasons`` (the console keeps serving its last view; with a NOSPACE
+    alarm reads work and every write is refused)."""
     c = ctx()
     staleness = c.cache.staleness()
-    ok = c.cache.loaded and staleness < STALE_AFTER
-    body = {"status": "ok" if ok else "degraded", "cache_loaded": c.cache.loaded,
+    reasons = []
+    if not c.cache.loaded:
+        reasons.append("the watch cache has not loaded from etcd yet")
+    elif staleness >= STALE_AFTER:
+        reasons.append(f"etcd has not confirmed the watch cache for {staleness:.0f} s")
+    if c.maintenance is not None:
+        reasons.extend(c.maintenance.reasons())
+    ok = not reasons
+    body = {"status": "ok" if ok else "degraded", "reasons": reasons,
+            "cache_loaded": c.cache.loaded,
             "cache_staleness": staleness if staleness != float("inf") else None,
             "revision": c.cache.revision, "tasks": c.index.task_count(),
             "ws_clients": c.hub.client_count(), "last_error": c.cache.last_error}

@@ -38,6 +38,7 @@ from lpmos.models import ValidationError
 from lpmos.states import IllegalTransition
 from lpmos.store import Conflict, Store, StoreError
 from lpmos.store.keys import Keys
+from lpmos.store.maintenance import EtcdMaintenance
 from lpmos.tasks import TaskNotFound, TaskService
 from web.body import BodyTimeout, read_body
 from web.context import WebContext
@@ -75,14 +76,17 @@ def load_configured_catalog(config: Config) -> Catalog | None:
 
 def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | None = None,
                catalog: Catalog | None = _DEFAULT, cache: ConsoleCache | None = None,
-               settings: dict[str, Any] | None = None, cache_wait: float | None = None) -> Flask:
+               settings: dict[str, Any] | None = None, cache_wait: float | None = None,
+               maintenance: EtcdMaintenance | None = None) -> Flask:
     """The control-plane application.
 
     ``store`` and ``keys`` come from :func:`lpmos.runtime.open_store`.
     ``cache`` may be given already started (else one is started here and
     stopped by ``app.extensions["lpmos"].close()``).  ``settings`` override
     ``web.*`` values of ``config`` (tests).  ``catalog`` defaults to the
-    configured one; ``None`` disables the OS check.
+    configured one; ``None`` disables the OS check.  ``maintenance``
+    (:meth:`lpmos.runtime.StoreHandle.maintenance`) is started here and
+    stopped by ``close()``: etcd's alarms then show in /healthz and /metrics.
     """
     values = dict(DEFAULTS)
     values.update({k: v for k, v in config.values.items() if k.startswith("web.")})
@@ -118,6 +122,9 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
         cache.start(wait=cache_wait)
     metrics.gauge("web_cache_staleness_seconds", cache.staleness,
                   "seconds since etcd last confirmed the watch cache")
+    if maintenance is not None:
+        maintenance.describe(metrics)
+        maintenance.start()
     index = ConsoleIndex(cache, keys)
     from web.ws import Hub, configure
 
@@ -132,7 +139,7 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
         login_limiter=RateLimiter(float(values["web.login_rate"]),
                                   burst=max(3.0, float(values["web.login_rate"]) / 2)),
         mutate_limiter=RateLimiter(mutate_rate, burst=max(10.0, mutate_rate / 4)),
-        hub=hub, settings=values, owns_cache=owns_cache)
+        hub=hub, settings=values, owns_cache=owns_cache, maintenance=maintenance)
     app.extensions["lpmos"] = context
 
     from web import api_admin, api_servers, api_stats, api_tasks, auth, console, openapi, ws

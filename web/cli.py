@@ -152,7 +152,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
         with open_store(config) as handle:
             app = create_app(config, handle.store, handle.keys,
-                             secret_key=secret)
+                             secret_key=secret, maintenance=handle.maintenance())
             log.warning("serving with Flask's development server on %s:%d (debug)", host, port)
             try:
                 app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
@@ -168,11 +168,12 @@ def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes) -> int:
     local = None
     if not config["etcd.endpoints"]:
         # start (or reuse) the private etcd in the master; the worker connects to it
+        from lpmos.runtime import embedded_options
         from lpmos.store.embedded import ensure_local_etcd
 
         state_dir = Path(config["state_dir"])
         state_dir.mkdir(parents=True, exist_ok=True)
-        local = ensure_local_etcd(state_dir)
+        local = ensure_local_etcd(state_dir, embedded_options(config))
         log.info("no --etcd-endpoints given: using the private etcd at %s", local.client_url)
         worker_config = config.with_values(etcd__endpoints=[local.client_url])
     else:
@@ -219,9 +220,10 @@ def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes) -> int:
             # runs in the worker, after fork: gRPC channels and the watch start here
             from web.app import create_app
 
-            handle = self._stack.enter_context(open_store(worker_config))
+            handle = self._stack.enter_context(open_store(worker_config,
+                                                          embedded=local is not None))
             app = create_app(worker_config, handle.store, handle.keys,
-                             secret_key=secret)
+                             secret_key=secret, maintenance=handle.maintenance())
             self._stack.callback(app.extensions["lpmos"].close)
             return app
 

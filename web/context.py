@@ -18,6 +18,7 @@ from lpmos.config import Config
 from lpmos.metrics import Registry
 from lpmos.store import Store
 from lpmos.store.keys import Keys
+from lpmos.store.maintenance import EtcdMaintenance
 from lpmos.tasks import TaskService
 from web.index import ConsoleCache, ConsoleIndex
 from web.ratelimit import RateLimiter
@@ -42,6 +43,8 @@ class WebContext:
     hub: Hub
     settings: dict[str, Any] = field(default_factory=dict)
     owns_cache: bool = True
+    #: etcd's alarms and sizes (None: not watched, e.g. a test's MemoryStore)
+    maintenance: EtcdMaintenance | None = None
 
     def setting(self, key: str, default: Any = None) -> Any:
         """A ``web.*`` value: the resolved config's, else the default here."""
@@ -51,6 +54,8 @@ class WebContext:
 
     def close(self) -> None:
         self.hub.close()
+        if self.maintenance is not None:
+            self.maintenance.stop()
         if self.owns_cache:
             self.cache.stop()
 

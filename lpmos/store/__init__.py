@@ -21,7 +21,8 @@ Contract every implementation keeps:
   ``mod_revision == 0`` in a condition means "the key does not exist";
 * a watch yields batches of events in revision order, starting at the
   revision asked for; it raises :class:`Compacted` when that revision is
-  gone, and :class:`StoreUnavailable` when the stream breaks.
+  gone, and :class:`StoreUnavailable` when the stream breaks;
+* a write refused for lack of space raises :class:`NoSpace`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ class StoreUnavailable(StoreError):
     """The backend did not answer within the deadline, or is unreachable."""
 
     status_code = 503
+
+
+class NoSpace(StoreUnavailable):
+    """etcd refused a write because its backend quota is full (the NOSPACE
+    alarm).  Reads still work; writes fail until the history is compacted,
+    the backend defragmented and the alarm disarmed.  A StoreUnavailable, so
+    every writer's outage path (spool, fail closed, 503) applies."""
 
 
 class Conflict(StoreError):

@@ -11,6 +11,13 @@ process is still our etcd on that data directory).
 
 A file lock (``flock``) serialises start-up, so two services started at
 once on one state directory share one etcd.
+
+The server is started with :class:`EtcdOptions`: etcd's own periodic
+compaction (``--auto-compaction-*``, by default history older than 5
+minutes is dropped, so progress and timeline writes cannot grow it without
+bound) and its backend quota (``--quota-backend-bytes``).  Defragmentation
+and the alarms are watched by :mod:`lpmos.store.maintenance`.  The options
+of whichever service starts the server apply until it is restarted.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,9 +42,50 @@ log = logging.getLogger(__name__)
 
 ETCD_BINARY_CANDIDATES = ("etcd", "/usr/bin/etcd")
 
+#: a Go duration (``5m``, ``1h30m``, ``90s``), as etcd parses the periodic retention
+_GO_DURATION = re.compile(r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
+
 
 class EmbeddedEtcdError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class EtcdOptions:
+    """The flags LPMOS gives an etcd it starts itself.
+
+    ``auto_compaction_mode`` ``periodic`` keeps ``auto_compaction_retention``
+    of history (a Go duration, ``5m``; etcd 3.4 compacts every retention
+    period up to an hour), ``revision`` keeps that many revisions (checked
+    every 5 minutes).  A watch that falls further behind than the retention
+    reloads its prefix (:mod:`lpmos.store.cache`); nothing is lost.
+    ``quota_backend_bytes`` 0 is etcd's default (2 GiB); past the quota etcd
+    raises the NOSPACE alarm and refuses writes."""
+
+    auto_compaction_mode: str = "periodic"
+    auto_compaction_retention: str = "5m"
+    quota_backend_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        retention = self.auto_compaction_retention
+        if self.auto_compaction_mode == "periodic":
+            if not (_GO_DURATION.fullmatch(retention) or retention.isdigit()):
+                raise ValueError(f"auto-compaction retention {retention!r}: periodic mode "
+                                 "takes a duration such as 5m or 1h")
+        elif self.auto_compaction_mode == "revision":
+            if not retention.isdigit() or int(retention) < 1:
+                raise ValueError(f"auto-compaction retention {retention!r}: revision mode "
+                                 "takes a number of revisions such as 10000")
+        else:
+            raise ValueError(f"auto-compaction mode {self.auto_compaction_mode!r}: "
+                             "periodic or revision")
+        if self.quota_backend_bytes < 0:
+            raise ValueError("quota-backend-bytes: 0 (etcd's default) or more")
+
+    def args(self) -> list[str]:
+        return ["--auto-compaction-mode", self.auto_compaction_mode,
+                "--auto-compaction-retention", self.auto_compaction_retention,
+                "--quota-backend-bytes", str(self.quota_backend_bytes)]
 
 
 def find_etcd_binary() -> str:
@@ -156,8 +205,11 @@ def start_etcd(
     initial_cluster: str | None = None,
     scheme: str = "http",
     wait_healthy: Callable[[str], bool] | None = lambda url: healthy(url, timeout=0.5),
+    options: EtcdOptions | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start one etcd member on loopback; return the process and client URL.
+
+    ``options`` (compaction, quota) default to :class:`EtcdOptions`'s.
 
     Used by :func:`ensure_local_etcd` and by the test fixtures (which also
     start clusters with ``initial_cluster`` and TLS with ``scheme="https"``
@@ -180,6 +232,7 @@ def start_etcd(
         "--initial-cluster", initial_cluster or f"{name}={peer_url}",
         "--grpc-keepalive-min-time", "1s",
         "--logger", "zap", "--log-outputs", "stderr",
+        *(options or EtcdOptions()).args(),
     ]
     args += extra_args or []
     log_fh = (log_path or data_dir.parent / "etcd.log").open("ab")
@@ -202,8 +255,9 @@ def start_etcd(
     raise EmbeddedEtcdError(f"etcd did not become healthy within {wait:g}s")
 
 
-def ensure_local_etcd(state_dir: Path) -> LocalEtcd:
-    """Start, or reuse, the private etcd of ``state_dir``; register this process."""
+def ensure_local_etcd(state_dir: Path, options: EtcdOptions | None = None) -> LocalEtcd:
+    """Start, or reuse, the private etcd of ``state_dir``; register this
+    process.  ``options`` apply when it is started here."""
     base = state_dir / "etcd"
     base.mkdir(parents=True, exist_ok=True)
     with _locked(base / "lock"):
@@ -220,7 +274,7 @@ def ensure_local_etcd(state_dir: Path) -> LocalEtcd:
             except (ValueError, KeyError, OSError):
                 running = None
         if running is None:
-            proc, url = start_etcd(base / "data", log_path=base / "etcd.log")
+            proc, url = start_etcd(base / "data", log_path=base / "etcd.log", options=options)
             info_path.write_text(json.dumps({"pid": proc.pid, "client_url": url}))
             running = LocalEtcd(url, proc.pid, base, started_here=True, process=proc)
             log.info("started private etcd (pid %d) at %s, data in %s", proc.pid, url,

@@ -15,7 +15,14 @@ etcd is healthy again.  We take only the generated protobuf/gRPC stubs from
 * gRPC's reconnect back-off is capped at 2 s (its default grows to 120 s), so
   calls work again within seconds after etcd comes back;
 * a watch confirms it is current with etcd's progress requests; a watch that
-  does not answer one within its deadline is treated as broken.
+  does not answer one within its deadline is treated as broken;
+* a write refused because etcd's backend quota is full (the NOSPACE alarm)
+  raises :class:`lpmos.store.NoSpace`, a :class:`StoreUnavailable`.
+
+Maintenance calls (:meth:`EtcdStore.status`, :meth:`EtcdStore.alarms`,
+:meth:`EtcdStore.compact`, :meth:`EtcdStore.defragment`) are not part of the
+:class:`lpmos.store.Store` interface; :mod:`lpmos.store.maintenance` uses
+them.
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
+from google.protobuf.unknown_fields import UnknownFieldSet  # type: ignore[import-untyped]
 from pyetcd.etcdrpc import rpc_pb2 as pb
 from pyetcd.etcdrpc import rpc_pb2_grpc as pbg
 
@@ -39,6 +48,7 @@ from lpmos.store import (
     Delete,
     Event,
     KeyValue,
+    NoSpace,
     Op,
     Page,
     Put,
@@ -71,6 +81,51 @@ def prefix_end(prefix: str) -> bytes:
             raw[i] += 1
             return bytes(raw[: i + 1])
     return b"\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    """One etcd member's answer to the Maintenance Status call.
+
+    ``db_size`` is the backend file's size; ``db_size_in_use`` the part
+    holding live pages (the rest is free space left by compaction, which
+    only a defragmentation gives back to the file system).  ``errors`` are
+    the member's alarm strings (``"memberID:… alarm:NOSPACE"``)."""
+
+    endpoint: str
+    member_id: int
+    leader: int
+    version: str
+    revision: int
+    raft_index: int
+    db_size: int
+    db_size_in_use: int
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """An alarm raised on a member: ``name`` is etcd's (``NOSPACE``, ``CORRUPT``)."""
+
+    member_id: int
+    name: str
+
+
+# StatusResponse fields newer than the pyetcd stubs (etcd >= 3.4's rpc.proto);
+# protobuf keeps them as unknown fields
+_STATUS_ERRORS = 8
+_STATUS_DB_SIZE_IN_USE = 9
+
+
+def _status_extras(resp: Any) -> tuple[tuple[str, ...], int]:
+    errors: list[str] = []
+    in_use = 0
+    for field in UnknownFieldSet(resp):
+        if field.field_number == _STATUS_ERRORS and isinstance(field.data, bytes):
+            errors.append(field.data.decode(errors="replace").strip())
+        elif field.field_number == _STATUS_DB_SIZE_IN_USE and isinstance(field.data, int):
+            in_use = field.data
+    return tuple(errors), in_use
 
 
 def _kv(kv: Any) -> KeyValue:
@@ -152,6 +207,10 @@ class EtcdStore:
     def _error(self, exc: grpc.RpcError, what: str) -> StoreError:
         code = exc.code() if hasattr(exc, "code") else None
         detail = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "space exceeded" in (detail or ""):
+            return NoSpace(f"etcd {what}: {detail} (the NOSPACE alarm is raised: etcd "
+                           "refuses writes until it is compacted, defragmented and the "
+                           "alarm disarmed)")
         if code in _RETRYABLE or code == grpc.StatusCode.CANCELLED:
             return StoreUnavailable(f"etcd {what}: {code.name if code else '?'}: {detail}")
         return StoreError(f"etcd {what}: {code.name if code else '?'}: {detail}")
@@ -162,10 +221,11 @@ class EtcdStore:
                 self._current = (failed + 1) % len(self._eps)
 
     def _call(self, what: str, fn: Callable[[_Endpoint, float, Any], T], *,
-              idempotent: bool) -> T:
+              idempotent: bool, timeout: float | None = None) -> T:
         if self._closed:
             raise StoreUnavailable("store is closed")
-        deadline = time.monotonic() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         attempts = len(self._eps) if idempotent else 1
         last: grpc.RpcError | None = None
         reauthed = False
@@ -193,7 +253,7 @@ class EtcdStore:
                 i += 1
         if last is not None:
             raise self._error(last, what) from None
-        raise StoreUnavailable(f"etcd {what}: no answer within {self.timeout:g}s")
+        raise StoreUnavailable(f"etcd {what}: no answer within {timeout:g}s")
 
     # -- the interface --------------------------------------------------------
 
@@ -296,19 +356,60 @@ class EtcdStore:
                 raise
 
     def compact(self, revision: int) -> None:
-        """Compact history up to ``revision`` (tests and maintenance)."""
+        """Compact history up to ``revision`` and wait until the member has
+        applied it (``physical``).  :class:`Compacted` if ``revision`` is
+        already compacted away (nothing to do)."""
         req = pb.CompactionRequest(revision=revision, physical=True)
-        self._call("compact", lambda ep, t, md: ep.kv.Compact(req, timeout=t, metadata=md),
+        try:
+            self._call("compact", lambda ep, t, md: ep.kv.Compact(req, timeout=t, metadata=md),
+                       idempotent=True)
+        except StoreError as exc:
+            if "compacted" in str(exc):
+                raise Compacted(revision) from None
+            raise
+
+    def status(self) -> MemberStatus:
+        """The Status of the member behind the current endpoint."""
+        req = pb.StatusRequest()
+        answered: list[str] = []
+
+        def call(ep: _Endpoint, t: float, md: Any) -> Any:
+            answered[:] = [ep.url]
+            return ep.maintenance.Status(req, timeout=t, metadata=md)
+
+        resp = self._call("status", call, idempotent=True)
+        errors, in_use = _status_extras(resp)
+        return MemberStatus(endpoint=answered[0], member_id=int(resp.header.member_id),
+                            leader=int(resp.leader), version=str(resp.version),
+                            revision=int(resp.header.revision), raft_index=int(resp.raftIndex),
+                            db_size=int(resp.dbSize), db_size_in_use=in_use, errors=errors)
+
+    def alarms(self) -> list[Alarm]:
+        """The alarms raised in the cluster (any member), e.g. NOSPACE."""
+        req = pb.AlarmRequest(action=pb.AlarmRequest.GET, memberID=0, alarm=pb.NONE)
+        resp = self._call("alarm list",
+                          lambda ep, t, md: ep.maintenance.Alarm(req, timeout=t, metadata=md),
+                          idempotent=True)
+        return [Alarm(int(a.memberID), pb.AlarmType.Name(a.alarm)) for a in resp.alarms
+                if a.alarm != pb.NONE]
+
+    def disarm(self, alarm: Alarm) -> None:
+        """Clear ``alarm`` (after the condition that raised it is gone)."""
+        req = pb.AlarmRequest(action=pb.AlarmRequest.DEACTIVATE, memberID=alarm.member_id,
+                              alarm=pb.AlarmType.Value(alarm.name))
+        self._call("alarm disarm",
+                   lambda ep, t, md: ep.maintenance.Alarm(req, timeout=t, metadata=md),
                    idempotent=True)
 
-    def status(self) -> dict[str, Any]:
-        """Version and leader of the current endpoint (health checks)."""
-        req = pb.StatusRequest()
-        resp = self._call("status",
-                          lambda ep, t, md: ep.maintenance.Status(req, timeout=t, metadata=md),
-                          idempotent=True)
-        return {"version": resp.version, "leader": resp.leader, "db_size": resp.dbSize,
-                "member_id": resp.header.member_id, "endpoint": self.endpoints[self._current]}
+    def defragment(self, timeout: float = 60.0) -> None:
+        """Defragment the member behind the current endpoint (only that
+        one: defragmentation is per member, and it blocks the member's reads
+        and writes while it runs, so it has its own, longer ``timeout``).
+        Not retried on another endpoint."""
+        req = pb.DefragmentRequest()
+        self._call("defragment",
+                   lambda ep, t, md: ep.maintenance.Defragment(req, timeout=t, metadata=md),
+                   idempotent=False, timeout=max(self.timeout, timeout))
 
     def watch(self, prefix: str, start_revision: int) -> EtcdWatch:
         if self._closed:

@@ -64,7 +64,7 @@ def _leader(members: list[Member]) -> Member:
         s = EtcdStore([m.url], timeout=2)
         try:
             st = s.status()
-            if st["leader"] == st["member_id"]:
+            if st.leader == st.member_id:
                 return m
         except StoreUnavailable:
             pass
