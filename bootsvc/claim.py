@@ -139,7 +139,7 @@ def claim_install(
         task.status = TaskStatus.BOOTING.value
         task.started_at = stamp
         task.updated_at = stamp
-        task.claimed_by = node
+        task.served_by(node)
         ops.append(Put(task_key, task.to_json()))
     token = ""
     if renew == "delete":

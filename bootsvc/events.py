@@ -19,6 +19,10 @@ Contract (agent_api.md §4, RELIABILITY L1/L2):
   by a background thread once etcd answers again.  While a task has spooled
   events, its new events are spooled behind them, so per-source order is
   kept (a later seq applied first would make the earlier ones "late").
+* Once etcd stored a chunk of events (directly or from the spool), their
+  log lines go to the node's full install log of the task's attempt
+  (:class:`bootsvc.install_log.InstallLogs`, which skips events it already
+  wrote), since the task document keeps only the newest lines.
 * There is no request thread pool of its own: the first waiting request of
   a task does the write for everyone in the batch (leader/follower), so the
   number of concurrent etcd writes is bounded by the HTTP worker threads.
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bootsvc.install_log import InstallLogs
 from lpmos.metrics import Registry
 from lpmos.models import ProgressEvent, ValidationError
 from lpmos.store import Conflict, StoreError
@@ -83,8 +88,10 @@ class _TaskQueue:
 
 class EventPipeline:
     def __init__(self, tasks: TaskService, idc: str, metrics: Registry, spool_dir: Path, *,
-                 interval: float = 0.5, timeout: float = 10.0, by: str = "") -> None:
+                 interval: float = 0.5, timeout: float = 10.0, by: str = "",
+                 logs: InstallLogs | None = None) -> None:
         self.tasks = tasks
+        self.logs = logs
         self.idc = idc
         self.metrics = metrics
         self.interval = interval
@@ -194,12 +201,13 @@ class EventPipeline:
     def _apply(self, sn: str, events: list[ProgressEvent]) -> str:
         status = ""
         for i in range(0, len(events), MAX_EVENTS_PER_WRITE):
-            stored, applied = self.tasks.apply_events(self.idc, sn,
-                                                      events[i:i + MAX_EVENTS_PER_WRITE],
-                                                      by=self.by)
+            chunk = events[i:i + MAX_EVENTS_PER_WRITE]
+            stored, applied = self.tasks.apply_events(self.idc, sn, chunk, by=self.by)
             self.metrics.inc("http_events_applied_total", len(applied))
             self.metrics.inc("http_events_etcd_writes_total")
             status = stored.task.status
+            if self.logs is not None:
+                self.logs.append(sn, stored.task.attempt, chunk)
         return status
 
     # -- the spool -----------------------------------------------------------------------

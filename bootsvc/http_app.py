@@ -17,6 +17,8 @@ Everything a machine fetches after iPXE is loaded:
 |                                         | images         |                             |
 | GET  /ipxe/<file>                       | —              | files: iPXE binaries        |
 | GET  /healthz, /metrics                 | —              | ops                         |
+| GET  /node/v1/logs/<sn>                 | control plane  | bootsvc.node_api            |
+|                                         | signature      |                             |
 
 The boot script decision (:func:`bootsvc.decide.decide_boot`) is made from
 the node's watch cache: a non-destructive answer makes no etcd request
@@ -64,6 +66,7 @@ from bootsvc.decide import (
 )
 from bootsvc.events import EventPipeline, EventsRefused
 from bootsvc.http_server import AsyncHttpServer
+from bootsvc.install_log import open_install_logs
 from bootsvc.machines import MachineView
 from bootsvc.registration import Registrar, RegistrationConflict, parse_register
 from bootsvc.render import Renderer, RenderError, build_context, file_url
@@ -182,10 +185,11 @@ class BootHttp:
         self.registrar = Registrar(ctx.store, ctx.keys, ctx.idc, ctx.machines, self.tokens,
                                    ctx.cache, ctx.metrics, node=ctx.node_name,
                                    heartbeat_interval=self.heartbeat_interval)
+        self.install_logs = open_install_logs(cfg, state_dir, ctx.node_name, ctx.metrics)
         self.events = EventPipeline(self.tasks, ctx.idc, ctx.metrics,
                                     state_dir / "spool" / ctx.node_name,
                                     interval=float(cfg.get("http.event_interval", 0.5)),
-                                    by=f"node:{ctx.node_name}")
+                                    by=f"node:{ctx.node_name}", logs=self.install_logs)
         self.long_polls = threading.BoundedSemaphore(max(1, int(cfg.get("http.long_polls", 24))))
         self.long_polls_enabled = int(cfg.get("http.long_polls", 24)) > 0
         self._waiters: dict[str, list[threading.Event]] = {}
@@ -1044,6 +1048,9 @@ def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
     app.extensions["lpmos_boot"] = BootHttp(ctx, catalog=catalog, templates_dir=templates_dir)
     for bp in (boot_bp, config_bp, callback_bp, agent_bp, files_bp, ops_bp):
         app.register_blueprint(bp)
+    from bootsvc import node_api  # it imports this module's helpers
+
+    node_api.register(app)
     app.wsgi_app = BootFastPath(app.extensions["lpmos_boot"], app.wsgi_app)  # type: ignore[method-assign]
 
     @app.after_request

@@ -24,6 +24,7 @@ from lpmos.store.keys import RESERVED_IDC_NAMES
 SCHEMA_VERSION = 1
 LOG_LINES_KEPT = 200          # newest lines kept in the task document
 HISTORY_KEPT = 50             # newest transitions kept in the task document
+ATTEMPT_NODES_KEPT = 50       # newest attempts whose serving node the task remembers
 MESSAGE_MAX = 1000            # characters of one log line / progress message
 PARAMS_MAX_BYTES = 16 * 1024  # JSON size of a task's free-form parameters
 
@@ -181,6 +182,9 @@ class Task:
     finished_at: float = 0.0       # reached succeeded / failed
     reason: str = ""               # why it failed / was cancelled / rejected
     attempt: int = 0               # incremented by each approval
+    #: the regional node that served each attempt (str(attempt) → node name,
+    #: the newest ATTEMPT_NODES_KEPT): that node keeps the attempt's full log
+    attempt_nodes: dict[str, str] = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
     logs: list[str] = field(default_factory=list)
     history: list[Transition] = field(default_factory=list)
@@ -220,6 +224,23 @@ class Task:
         self.history.append(t)
         del self.history[:-HISTORY_KEPT]
 
+    def served_by(self, node: str) -> None:
+        """Record that regional node ``node`` serves the current attempt
+        (its install claim): the attempt's full log lives there."""
+        self.claimed_by = node
+        self.attempt_nodes[str(self.attempt)] = node
+        for old in sorted(self.attempt_nodes, key=int)[:-ATTEMPT_NODES_KEPT]:
+            del self.attempt_nodes[old]
+
+    def node_of_attempt(self, attempt: int) -> str:
+        """The node that served ``attempt`` (``""``: none known).  Tasks
+        claimed before ``attempt_nodes`` existed name only the current
+        attempt's node, in ``claimed_by``."""
+        node = self.attempt_nodes.get(str(attempt), "")
+        if not node and attempt == self.attempt:
+            node = self.claimed_by
+        return node
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -243,6 +264,9 @@ class Task:
         task.logs = [str(x) for x in task.logs] if isinstance(task.logs, list) else []
         task.event_seq = {str(k): int(v) for k, v in task.event_seq.items()} \
             if isinstance(task.event_seq, dict) else {}
+        nodes = task.attempt_nodes if isinstance(task.attempt_nodes, dict) else {}
+        task.attempt_nodes = {str(k): v for k, v in nodes.items()
+                              if str(k).isdigit() and isinstance(v, str)}
         return task.validate()
 
     @classmethod
@@ -341,6 +365,13 @@ class ProgressEvent:
     @property
     def event_id(self) -> str:
         return f"{self.source}:{self.seq}"
+
+    def log_line(self) -> str:
+        """The line this event adds to its task's log (``""``: none), as the
+        task document and the node's full install log both write it."""
+        if not self.message:
+            return ""
+        return f"[{self.source}] {self.step + ': ' if self.step else ''}{self.message}"
 
     def validate(self) -> ProgressEvent:
         if not isinstance(self.source, str) or not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}",

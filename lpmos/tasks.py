@@ -305,7 +305,7 @@ class TaskService:
                     task.progress.step = ev.step
                 if ev.message:
                     task.progress.message = ev.message
-                    task.add_log(f"[{ev.source}] {ev.step + ': ' if ev.step else ''}{ev.message}")
+                    task.add_log(ev.log_line())     # as the node's full log writes it
                 if ev.bytes_total:
                     task.progress.bytes_done = ev.bytes_done
                     task.progress.bytes_total = ev.bytes_total

@@ -9,6 +9,7 @@ registers one blueprint per concern:
 | ------------- | -------------------- | -------------------------------------- |
 | auth          | web.auth             | login, logout, session, roles, CSRF    |
 | api_tasks     | web.api_tasks        | tasks: CRUD, transitions, batch        |
+| api_logs      | web.api_logs         | a task's full install log (from a node)|
 | api_servers   | web.api_servers      | discovered servers, inventory, timeline|
 | api_stats     | web.api_stats        | stats, /healthz, /metrics              |
 | api_admin     | web.api_admin        | audit, users, tokens, templates, IDCs  |
@@ -59,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "web.batch_max": 100, "web.login_rate": 10.0, "web.mutate_rate": 300.0,
     "web.ws_max_clients": 100, "web.ws_queue": 512, "web.ws_ping_interval": 20.0,
     "web.session_hours": 12.0, "web.secure_cookies": False, "web.body_timeout": 30.0,
+    "web.node_timeout": 3.0,
 }
 
 
@@ -142,9 +144,20 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
         hub=hub, settings=values, owns_cache=owns_cache, maintenance=maintenance)
     app.extensions["lpmos"] = context
 
-    from web import api_admin, api_servers, api_stats, api_tasks, auth, console, openapi, ws
+    from web import (
+        api_admin,
+        api_logs,
+        api_servers,
+        api_stats,
+        api_tasks,
+        auth,
+        console,
+        openapi,
+        ws,
+    )
 
-    for module in (auth, api_tasks, api_servers, api_stats, api_admin, ws, openapi, console):
+    for module in (auth, api_tasks, api_logs, api_servers, api_stats, api_admin, ws, openapi,
+                   console):
         app.register_blueprint(module.bp)
     _install_hooks(app, context)
     return app

@@ -106,6 +106,9 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a client has to send a request's whole body once its headers are in; "
             "slower clients get 408 and are closed, counted as "
             "web_refused_total{reason=\"body_timeout\"}", metavar="SECONDS"),
+    Setting("web.node_timeout", "--node-timeout", 3.0, float_range(0.2, 60),
+            "seconds the control plane waits for a regional node's answer (a task's full "
+            "install log) before it answers 504", metavar="SECONDS"),
 )
 
 

@@ -449,6 +449,13 @@ class ConsoleIndex:
                 })
             return result
 
+    def node(self, idc: str, name: str) -> dict[str, Any] | None:
+        """A regional node's registration record while it is alive (its key
+        lives under the node's lease), else ``None``."""
+        with self._lock:
+            found = self._nodes.get((idc, name))
+        return dict(found[0]) if found is not None else None
+
     def templates(self) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(data, name=name, revision=rev)

@@ -51,6 +51,13 @@ DOCS: dict[str, dict[str, Any]] = {
     "GET /api/v1/tasks/{idc}/{sn}": {"summary": "One task with history and log",
                                      "params": [_q("fresh", "1: read etcd, not the cache")],
                                      "response": "TaskResult"},
+    "GET /api/v1/tasks/{idc}/{sn}/log": {
+        "summary": "The full install log of one attempt, fetched from the regional node that "
+                   "served it (404: no such task, attempt or log; 503/504: the node is down "
+                   "or did not answer within --node-timeout)",
+        "params": [_q("attempt", "attempt number, 1 to the task's attempt (default: the "
+                                 "current one)", _I)],
+        "response": "TaskLog"},
     "DELETE /api/v1/tasks/{idc}/{sn}": {
         "summary": "Delete a task that is not booting or installing",
         "params": [_q("revision", "delete only at this revision", _I)], "response": "Object"},
@@ -126,6 +133,12 @@ SCHEMAS: dict[str, Any] = {
         "items": {"type": "array", "items": {"type": "object"}},
         "next_cursor": {"type": "string", "nullable": True},
         "total": {"type": "integer", "nullable": True}, "revision": _I}},
+    "TaskLog": {"type": "object", "properties": {
+        "idc": _S, "sn": _S, "attempt": _I, "attempts": _I, "node": _S,
+        "first_line": {"type": "integer",
+                       "description": "lines dropped before `lines` by the node's size bound"},
+        "truncated": {"type": "boolean"},
+        "lines": {"type": "array", "items": _S}}},
     "BatchResult": {"type": "object", "properties": {"created": _I, "revision": _I,
                                                      "tasks": {"type": "array"}}},
     "Template": {"type": "object", "required": ["os_type"], "properties": {

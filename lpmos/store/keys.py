@@ -19,6 +19,7 @@ start with ``_`` so they can never collide with an IDC.
 | {p}/_auth/users/{name}                | user (role, password hash)          |
 | {p}/_auth/tokens/{sha256}             | API token record                    |
 | {p}/_templates/{name}                 | task template (preset)              |
+| {p}/_secrets/node_api                 | control plane → node API HMAC key   |
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ class Keys:
 
     def templates(self) -> str:
         return f"{self.prefix}/_templates/"
+
+    def node_api_secret(self) -> str:
+        """The key the control plane signs its requests to regional nodes
+        with (:mod:`lpmos.nodeapi`); readable by services only."""
+        return f"{self.prefix}/_secrets/node_api"
 
     # -- parser
     def parse(self, key: str) -> ParsedKey | None:

@@ -271,3 +271,67 @@ def test_a_task_created_while_the_list_loads_stays_in_the_list(console: tuple[We
         "document.querySelector('#tasks-count').textContent.includes('1 tasks')")
     assert page.locator('#tasks-body tr[data-key="dc1/SN-SNAP-A"]').count() == 1
     assert page.locator('#tasks-body tr[data-key="dc1/SN-SNAP-B"]').count() == 1
+
+
+def test_full_log_panel_fetches_the_whole_log_as_text(console: tuple[WebEnv, str],
+                                                      browser: Any) -> None:
+    """The task drawer's "Full log" button shows GET .../log (here from a
+    stand-in node that answers the control plane's signed call) as text,
+    and keeps it open while live updates rebuild the drawer."""
+    import http.server
+    import threading
+
+    from lpmos.models import Task
+
+    env, url = console
+    asked: list[str] = []
+
+    class FakeNode(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.headers.get("Authorization", ""))
+            body = json.dumps({"lines": [EVIL, "second line"], "first_line": 3}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    node = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeNode)
+    threading.Thread(target=node.serve_forever, daemon=True).start()
+    try:
+        env.store.put(env.keys.node("dc1", "node-log"), json.dumps(
+            {"advertise_url": f"http://127.0.0.1:{node.server_address[1]}"}).encode())
+        svc = TaskService(env.store, env.keys)
+        svc.create(Task(idc="dc1", sn="SN-FULL-LOG", mac="00:1a:2b:3c:4d:a1",
+                        os_type="Debian 12"), by="operator1")
+        svc.transition("dc1", "SN-FULL-LOG", "approved", by="approver1")
+        stored = svc.transition("dc1", "SN-FULL-LOG", "booting", by="node:node-log",
+                                mutate=lambda t: t.served_by("node-log"))
+        env.context.cache.wait_for_revision(stored.revision, 5)
+        errors: list[str] = []
+        page = login(browser, url, "viewer1")
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.click('#tasks-body tr[data-key="dc1/SN-FULL-LOG"]')
+        page.click("#full-log-toggle")
+        page.wait_for_selector("#full-log-text")
+        assert page.text_content("#full-log-text") == f"{EVIL}\nsecond line"
+        assert "3 older lines" in page.text_content("#full-log")
+        assert page.locator("img").count() == 0
+        assert asked and asked[0].startswith("LPMOS-HMAC ")
+        # a live update rebuilds the drawer: the panel comes back without a new fetch
+        svc.apply_events("dc1", "SN-FULL-LOG", [ProgressEvent("agent", 1, percent=5.0,
+                                                              message="moving")])
+        page.wait_for_function("() => document.querySelector('#task-log') && "
+                               "document.querySelector('#task-log').textContent"
+                               ".includes('moving')")
+        page.wait_for_selector("#full-log-text")
+        assert len(asked) == 1
+        page.click("#full-log-toggle")
+        assert page.locator("#full-log-text").count() == 0
+        assert errors == []
+    finally:
+        node.shutdown()
+        node.server_close()

@@ -77,6 +77,7 @@ ROUTE_GUARDS = {
     "/agent/v1/heartbeat": "token", "/agent/v1/task": "token", "/agent/v1/events": "token",
     "/callback/<sn>": "token", "/config/<sn>/<name>": "token",
     "/config/<sn>/t/<token>/<name>": "token", "/static/<path:filename>": "flask default",
+    "/node/v1/logs/<sn>": "the control plane's signature (tests/integration/test_install_log.py)",
 }
 
 
