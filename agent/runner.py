@@ -54,6 +54,7 @@ from agent.inventory import collect_inventory, read_default_route_iface
 from agent.inventory.nics import decide_boot_mac
 from agent.spool import Spool
 from lpmos.metrics import Registry
+from lpmos.states import REBOOT_STEP
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +371,7 @@ class Agent:
             self.report({"kind": "progress", "step": "synced", "percent": 98.0,
                          "message": f"image verified (sha256 {spec.sha256[:12]}...), seed at "
                                     f"byte {offset}, synced"})
-            self.report({"kind": "progress", "step": "rebooting", "percent": 100.0,
+            self.report({"kind": "progress", "step": REBOOT_STEP, "percent": 100.0,
                          "message": "rebooting into the installed system"
                          if not self.opts.no_reboot else "done (--no-reboot)"})
             return True

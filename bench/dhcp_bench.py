@@ -1,7 +1,7 @@
 """ProxyDHCP benchmark: ours vs dnsmasq, side by side, in network namespaces.
 
 Also home of the process wrappers the DHCP network tests use:
-:class:`OurServer` (``python -m bootsvc.dhcp_server`` inside a namespace) and
+:class:`OurServer` (``python -m bootsvc.dhcp.server`` inside a namespace) and
 :class:`Dnsmasq` (dnsmasq inside a namespace, as ProxyDHCP or as the
 site's address-only DHCP server), and :func:`etcd_in_netns`.
 """
@@ -39,7 +39,7 @@ class OurServer:
         workdir.mkdir(parents=True, exist_ok=True)
         self.stats_file = workdir / "dhcp-stats.json"
         self.log_file = workdir / "dhcp-server.log"
-        cmd = net.exec_args(net.server, sys.executable, "-m", "bootsvc.dhcp_server",
+        cmd = net.exec_args(net.server, sys.executable, "-m", "bootsvc.dhcp.server",
                             "--interface", net.server_if, "--state-dir", str(workdir),
                             "--stats-file", str(self.stats_file), *flags)
         with self.log_file.open("ab") as log:
@@ -171,12 +171,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def codec_costs(n: int) -> dict[str, float]:
-    """Microseconds per OFFER: built by scapy vs by bootsvc.dhcp (plus our
+    """Microseconds per OFFER: built by scapy vs by bootsvc.wire.dhcp (plus our
     parse of a DISCOVER), measured in this process."""
     from scapy.layers.dhcp import BOOTP, DHCP
     from scapy.layers.inet import IP, UDP  # noqa: F401  (scapy layer binding)
 
-    from bootsvc import dhcp
+    from bootsvc.wire import dhcp
 
     chaddr = bytes.fromhex("525400123456")
     server = "10.231.0.1"
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print(table)
     print(f"codec: scapy builds an OFFER in {codec['scapy_build_offer_us']} us, "
-          f"bootsvc.dhcp in {codec['ours_build_offer_us']} us "
+          f"bootsvc.wire.dhcp in {codec['ours_build_offer_us']} us "
           f"(parse of a DISCOVER {codec['ours_parse_discover_us']} us)")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({

@@ -527,9 +527,9 @@ def profile_in_process(etcd_url: str, catalog: Path, workdir: Path,
     import pstats
 
     from bootsvc.cli import SETTINGS as NODE
-    from bootsvc.http_app import create_app
+    from bootsvc.http.app import create_app
     from bootsvc.node import RegionalNode
-    from bootsvc.timeline import EtcdTimeline
+    from bootsvc.state.timeline import EtcdTimeline
     from lpmos.config import COMMON, resolve, settings_by_key
     from lpmos.store.etcd import EtcdStore
     from lpmos.store.keys import Keys

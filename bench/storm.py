@@ -67,7 +67,7 @@ from bench.http_bench import (
     write_catalog,
 )
 from bench.http_loadgen import cpu_seconds, median, percentile
-from bootsvc import dhcp
+from bootsvc.wire import dhcp
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_MACHINES = 5000

@@ -18,8 +18,8 @@ DESCRIPTION = (
     "and address is a flag, so it runs unprivileged on loopback high ports for tests. "
     "Binding ports below 1024 needs root or CAP_NET_BIND_SERVICE.")
 
-_SERVICE_MODULES = ("bootsvc.dhcp_server", "bootsvc.tftp_server", "bootsvc.http_app",
-                    "bootsvc.install_log")
+_SERVICE_MODULES = ("bootsvc.dhcp.server", "bootsvc.tftp.server", "bootsvc.http.app",
+                    "bootsvc.state.install_log")
 
 
 def _service_settings() -> list[Setting]:

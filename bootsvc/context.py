@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bootsvc.machines import MachineIndex
+from bootsvc.state.machines import MachineIndex
 from lpmos.config import Config
 from lpmos.metrics import Registry
 from lpmos.store import Store

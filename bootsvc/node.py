@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import gc
 import json
 import logging
 import random
 import signal
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -28,9 +26,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bootsvc.context import MemoryTimeline, NodeContext
-from bootsvc.machines import MachineIndex
-from bootsvc.reaper import Reaper, Timeouts
-from bootsvc.settings import listen_address
+from bootsvc.netif import default_server_ip
+from bootsvc.policy.reaping import Timeouts
+from bootsvc.state.machines import MachineIndex
+from bootsvc.state.reaper import Reaper
 from lpmos import __version__
 from lpmos.config import Config
 from lpmos.metrics import Registry
@@ -48,42 +47,6 @@ class AsyncService(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
-
-
-def interface_address(name: str) -> str | None:
-    """The IPv4 address of a network interface (SIOCGIFADDR), or ``None``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
-        except OSError:
-            return None
-    return socket.inet_ntoa(packed[20:24])
-
-
-def default_server_ip(config: Config, *, fallback: bool = True) -> str:
-    """Where machines reach us: --server-ip, else --listen when it names an
-    address (TFTP and HTTP are bound there, so machines must be sent there,
-    even when it is not the interface's primary address), else --interface's
-    address, else (with ``fallback``) the address of the default route's
-    source (found without sending anything), else ``""``."""
-    if config["regional.server_ip"]:
-        return str(config["regional.server_ip"])
-    listen = listen_address(config)
-    if listen is not None:
-        return listen
-    iface = config["regional.interface"]
-    if iface:
-        addr = interface_address(iface)
-        if addr:
-            return addr
-    if not fallback:
-        return ""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))   # TEST-NET-1; connect() on UDP sends nothing
-            return str(s.getsockname()[0])
-        except OSError:
-            return "127.0.0.1"
 
 
 class NodeRegistration:
@@ -214,9 +177,9 @@ class RegionalNode:
             log.warning("etcd unreachable at start: serving degraded (no installs) until it "
                         "answers; last error: %s", ctx.cache.last_error or "timeout")
         try:
-            from bootsvc.timeline import EtcdTimeline
+            from bootsvc.state.timeline import EtcdTimeline
         except ImportError:
-            log.warning("bootsvc.timeline missing: the boot timeline stays in memory")
+            log.warning("bootsvc.state.timeline missing: the boot timeline stays in memory")
         else:
             self._timeline = EtcdTimeline(ctx.store, ctx.keys, ctx.idc, ctx.machines,
                                           ctx.metrics, node=ctx.node_name)
@@ -227,7 +190,7 @@ class RegionalNode:
         """HTTP last: once /healthz answers, DHCP and TFTP are already bound.
         It runs on the same event loop as DHCP and TFTP."""
         if "http" in self.services:
-            from bootsvc.http_app import HttpService
+            from bootsvc.http.app import HttpService
 
             self._http = HttpService(self.ctx)
             await self._http.start_async()
@@ -249,13 +212,13 @@ class RegionalNode:
 
     async def _start_async(self) -> None:
         if "tftp" in self.services:
-            from bootsvc.tftp_server import TftpService
+            from bootsvc.tftp.server import TftpService
 
             tftp = TftpService(self.ctx)
             await tftp.start()
             self._async.append(tftp)
         if "dhcp" in self.services and self.config.get("dhcp.mode", "proxy") != "off":
-            from bootsvc.dhcp_server import DhcpService
+            from bootsvc.dhcp.server import DhcpService
 
             dhcp = DhcpService(self.ctx)
             await dhcp.start()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bootsvc.decide import CONFIG_TEMPLATES, decide_boot, install_kind
-from bootsvc.http_app import SETTINGS as HTTP_SETTINGS
-from bootsvc.http_app import _load_catalog
-from bootsvc.machines import MachineView
+from bootsvc.http.app import SETTINGS as HTTP_SETTINGS
+from bootsvc.http.app import _load_catalog
+from bootsvc.policy.machine import MachineView
+from bootsvc.policy.script import CONFIG_TEMPLATES, decide_script, install_kind
 from bootsvc.render import Renderer, RenderError, build_context
 from bootsvc.settings import NODE_SETTINGS
 from lpmos.config import Config, Setting
@@ -82,7 +82,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     decision, reason = "preview", "preview"
     if template == "boot":
         view = MachineView(sn, task, task_kv.mod_revision, server)
-        d = decide_boot(view, discovery=bool(config.get("http.discovery", True)), image=image,
+        d = decide_script(view, discovery=bool(config.get("http.discovery", True)), image=image,
                         live_available=live is not None)
         template, decision, reason = d.template, d.action, d.reason
     elif "/" not in template:

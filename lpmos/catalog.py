@@ -26,7 +26,7 @@ missing files and wrong checksums by name.
 for an entry; :meth:`Catalog.resolve` (every task and template the control
 plane accepts) refuses the others by name, :meth:`Catalog.installable` is
 what the API and the console offer, and the boot decision waits on such a
-task (``bootsvc.decide``) until the node's reaper fails it.
+task (``bootsvc.policy.script``) until the node's reaper fails it.
 """
 
 from __future__ import annotations

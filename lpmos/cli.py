@@ -42,7 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "control-plane": ("web.cli", "run the web console and REST API (default 127.0.0.1:8080)"),
     "regional": ("bootsvc.cli", "run a regional boot node: ProxyDHCP, TFTP and boot HTTP"),
     "agent": ("agent.cli", "run the live-image agent, or print this host's inventory"),
-    "demo": ("lpmos.demo", "run everything on this machine with a QEMU lab"),
+    "demo": ("lab.demo", "run everything on this machine with a QEMU lab"),
     "config": ("lpmos.cli_config", "show the effective configuration and its sources"),
     "token": ("lpmos.cli_token", "create, list and revoke API tokens and users"),
     "render": ("bootsvc.render_cli", "preview a rendered boot script or install config"),

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+#: The progress step an agent reports once the disk is written and it reboots
+#: the machine into the installed system: from then on a boot is a disk boot.
+REBOOT_STEP = "rebooting"
+
 
 class TaskStatus(StrEnum):
     PENDING = "pending"

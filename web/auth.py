@@ -47,6 +47,7 @@ from lpmos.models import ValidationError
 from lpmos.store import StoreError
 from web.context import ctx
 from web.http import ApiError, parse_json_body
+from web.language import page_language
 
 bp = Blueprint("auth", __name__)
 
@@ -231,8 +232,6 @@ def _start_session(user: User) -> None:
 
 @bp.get("/login")
 def login_page() -> Any:
-    from web.console import page_language
-
     return render_template("login.html", csrf=csrf_token(), lang=page_language(), error="")
 
 
@@ -240,8 +239,6 @@ def login_page() -> Any:
 def login() -> Any:
     """Form login from the console page (CSRF-checked), or JSON ``{"user",
     "password"}`` for scripts, which answers ``{"user", "role", "csrf"}``."""
-    from web.console import page_language
-
     is_form = request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data")
     if is_form:
         if not origin_allowed(request.headers.get("Origin")):

@@ -11,24 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, redirect, render_template, request
+from flask import Blueprint, redirect, render_template
 
 from web.auth import csrf_token, current_principal
+from web.language import page_language
 
 bp = Blueprint("console", __name__)
-
-LANGUAGES = ("en", "zh")
-
-
-def page_language() -> str:
-    """``en`` or ``zh``: the ``lang`` cookie, else the best Accept-Language match."""
-    cookie = request.cookies.get("lang", "")
-    if cookie in LANGUAGES:
-        return cookie
-    best = request.accept_languages.best_match(["en", "zh", "zh-CN", "zh-Hans", "zh-TW"],
-                                               default="en")
-    return "zh" if best and best.startswith("zh") else "en"
-
 
 @bp.get("/")
 def index() -> Any:

@@ -8,7 +8,7 @@ module-level clients or mutable globals (STYLE principle 8).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from flask import current_app
 
@@ -23,8 +23,14 @@ from lpmos.tasks import TaskService
 from web.index import ConsoleCache, ConsoleIndex
 from web.ratelimit import RateLimiter
 
-if TYPE_CHECKING:
-    from web.ws import Hub
+
+class LiveHub(Protocol):
+    """What the rest of the app asks of the WebSocket hub
+    (:class:`web.ws.Hub`, which the ``/ws`` route uses in full)."""
+
+    def client_count(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -40,7 +46,7 @@ class WebContext:
     metrics: Registry
     login_limiter: RateLimiter
     mutate_limiter: RateLimiter
-    hub: Hub
+    hub: LiveHub
     settings: dict[str, Any] = field(default_factory=dict)
     owns_cache: bool = True
     #: etcd's alarms and sizes (None: not watched, e.g. a test's MemoryStore)

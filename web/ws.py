@@ -201,7 +201,6 @@ sock = Sock()
 @bp.before_request
 def _gate() -> None:
     """Authentication, Origin and room are checked before the handshake."""
-    c = ctx()
     if not origin_allowed(request.headers.get("Origin")):
         raise ApiError(403, "forbidden", "WebSocket from a foreign Origin refused",
                        reason="ws_origin")
@@ -210,7 +209,7 @@ def _gate() -> None:
                        reason="ws_unauthenticated")
     if request.headers.get("Upgrade", "").lower() != "websocket":
         raise ApiError(400, "bad_request", "this URL speaks WebSocket only")
-    if not c.hub.reserve():
+    if not _hub().reserve():
         raise ApiError(503, "unavailable", "too many live consoles; retry later", reason="ws_full")
     g.ws_reserved = True
 
@@ -219,7 +218,13 @@ def _gate() -> None:
 def _release(_exc: BaseException | None) -> None:
     """Give back a place reserved for a handshake that never registered."""
     if g.pop("ws_reserved", False):
-        ctx().hub.release()
+        _hub().release()
+
+
+def _hub() -> Hub:
+    hub = ctx().hub
+    assert isinstance(hub, Hub), "the app's hub is a web.ws.Hub"
+    return hub
 
 
 def _since() -> int | None:
@@ -240,7 +245,7 @@ def _socket_of(ws: Any) -> socket.socket | None:
 @sock.route("/ws", bp=bp)  # type: ignore[untyped-decorator]
 def live(ws: Any) -> None:
     c = ctx()
-    hub = c.hub
+    hub = _hub()
     got = hub.register(_since(), reserved=bool(g.pop("ws_reserved", False)))
     if got is None:
         ws.close(1013, "too many clients")

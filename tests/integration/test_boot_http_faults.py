@@ -12,7 +12,7 @@ import pytest
 import requests
 from test_boot_http_support import IDC, eventually, start_node, write_catalog
 
-from bootsvc.events import EventPipeline
+from bootsvc.state.events import EventPipeline
 from lpmos.metrics import Registry
 from lpmos.models import ProgressEvent, Task
 from lpmos.store.etcd import EtcdStore

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from bootsvc.context import NodeContext
-from bootsvc.http_app import SETTINGS, HttpService
-from bootsvc.machines import MachineIndex
+from bootsvc.http.app import SETTINGS, HttpService
 from bootsvc.settings import NODE_SETTINGS
-from bootsvc.timeline import EtcdTimeline
+from bootsvc.state.machines import MachineIndex
+from bootsvc.state.timeline import EtcdTimeline
 from lpmos.config import COMMON, resolve, settings_by_key
 from lpmos.metrics import Registry
 from lpmos.store import Compare, KeyValue, Op, Page

@@ -17,7 +17,7 @@ import pytest
 
 from bench.dhcp_bench import OurServer, etcd_in_netns, etcdctl_get_prefix
 from bench.dhcp_loadgen import NetnsPair, PxeClient, client_socket, ip
-from bootsvc import dhcp
+from bootsvc.wire import dhcp
 
 pytestmark = [
     pytest.mark.netns,

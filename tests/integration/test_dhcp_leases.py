@@ -10,13 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from bootsvc import dhcp
-from bootsvc.bootfile import BootRefusal
 from bootsvc.context import MemoryTimeline, NodeContext
-from bootsvc.dhcp_leases import Lease, LeasePool, LeaseWriter, parse_range
-from bootsvc.dhcp_server import SETTINGS, DhcpResponder, DhcpService
-from bootsvc.machines import MachineIndex
+from bootsvc.dhcp.server import SETTINGS, DhcpResponder, DhcpService
+from bootsvc.policy.bootfile import BootRefusal
 from bootsvc.settings import NODE_SETTINGS
+from bootsvc.state.dhcp_leases import Lease, LeasePool, LeaseWriter, parse_range
+from bootsvc.state.machines import MachineIndex
+from bootsvc.wire import dhcp
 from lpmos.config import COMMON, resolve, settings_by_key
 from lpmos.models import Server
 from lpmos.store.cache import WatchCache

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from bench.dhcp_loadgen import NetnsPair, PxeClient, client_socket, ip
-from bootsvc import dhcp
+from bootsvc.wire import dhcp
 
 pytestmark = [
     pytest.mark.netns,

@@ -14,7 +14,7 @@ import pytest
 
 from bench.dhcp_bench import OurServer
 from bench.dhcp_loadgen import NetnsPair, PxeClient, client_socket
-from bootsvc import dhcp
+from bootsvc.wire import dhcp
 
 pytestmark = [
     pytest.mark.netns,

@@ -61,7 +61,7 @@ import psutil
 import pytest
 import requests
 
-from bootsvc import dhcp
+from bootsvc.wire import dhcp
 from lpmos.models import Task
 from lpmos.store.embedded import _is_our_etcd, _pid_alive
 from lpmos.store.etcd import EtcdStore

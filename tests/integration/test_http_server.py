@@ -1,4 +1,4 @@
-"""bootsvc.http_server on loopback: framing, limits and streaming, with raw
+"""bootsvc.http.server on loopback: framing, limits and streaming, with raw
 sockets (so every byte on the wire is checked), curl and requests."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootsvc.http_server import AsyncHttpServer
+from bootsvc.http.server import AsyncHttpServer
 from bootsvc.threaded_loop import ThreadedLoop
 
 BIG = bytes(range(256)) * (3 * 4096 + 7)      # ~3 MiB: streamed, not buffered

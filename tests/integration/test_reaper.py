@@ -9,8 +9,10 @@ import time
 from collections.abc import Callable
 
 from bootsvc.context import NodeContext
-from bootsvc.machines import MachineIndex, MachineView
-from bootsvc.reaper import Reaper, Timeouts
+from bootsvc.policy.machine import MachineView
+from bootsvc.policy.reaping import Timeouts
+from bootsvc.state.machines import MachineIndex
+from bootsvc.state.reaper import Reaper
 from lpmos.catalog import Catalog, Image, load_catalog
 from lpmos.config import COMMON, resolve
 from lpmos.models import ProgressEvent, Task

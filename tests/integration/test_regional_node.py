@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bootsvc import dhcp
+from bootsvc.wire import dhcp
 from lpmos.store.embedded import free_port
 from lpmos.store.etcd import EtcdStore
 

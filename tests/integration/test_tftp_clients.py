@@ -15,7 +15,7 @@ import pytest
 
 from bootsvc.context import MemoryTimeline, NodeContext
 from bootsvc.settings import NODE_SETTINGS
-from bootsvc.tftp_server import SETTINGS, TftpService, ThreadedTftpServer
+from bootsvc.tftp.server import SETTINGS, TftpService, ThreadedTftpServer
 from lpmos.config import COMMON, resolve, settings_by_key
 from lpmos.metrics import Registry
 

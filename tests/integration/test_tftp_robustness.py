@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bootsvc import tftp
-from bootsvc.tftp import Ack, Data, Error, ErrorCode, Oack
-from bootsvc.tftp_server import TftpServer, ThreadedTftpServer
+from bootsvc.tftp.server import TftpServer, ThreadedTftpServer
+from bootsvc.wire import tftp
+from bootsvc.wire.tftp import Ack, Data, Error, ErrorCode, Oack
 from lpmos.metrics import Registry
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-ROOT"
@@ -542,7 +542,7 @@ def _app_latencies_during_transfers(root: Path) -> list[float]:
     import http.client
     import subprocess
 
-    from bootsvc.http_server import AsyncHttpServer
+    from bootsvc.http.server import AsyncHttpServer
     from bootsvc.threaded_loop import ThreadedLoop
 
     def app(environ, start_response):

@@ -29,8 +29,8 @@ import yaml  # noqa: F401
 
 with atheris.instrument_imports(include=["bootsvc", "lpmos", "web"]):
     from bootsvc import render
-    from bootsvc.http_app import parse_callback
-    from bootsvc.registration import parse_register
+    from bootsvc.http.app import parse_callback
+    from bootsvc.state.registration import parse_register
     from lpmos.models import ProgressEvent, ValidationError
     from web.http import ApiError, json_depth, parse_json_body
 

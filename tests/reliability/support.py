@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import requests
 
-from bootsvc import dhcp
+from bootsvc.wire import dhcp
 from lpmos.store.embedded import free_port
 from tests import catalog_fixture
 from tests.catalog_fixture import ROCKY_9

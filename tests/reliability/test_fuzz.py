@@ -36,13 +36,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bootsvc.context import MemoryTimeline, NodeContext
-from bootsvc.decide import CONFIG_TEMPLATES, INSTALL_TEMPLATES, TEMPLATES
-from bootsvc.http_app import SETTINGS as HTTP_SETTINGS
-from bootsvc.http_app import create_app, parse_callback
-from bootsvc.machines import MachineIndex
-from bootsvc.registration import parse_register
+from bootsvc.http.app import SETTINGS as HTTP_SETTINGS
+from bootsvc.http.app import create_app, parse_callback
+from bootsvc.policy.script import CONFIG_TEMPLATES, INSTALL_TEMPLATES, TEMPLATES
 from bootsvc.render import Renderer, RenderError, build_context
 from bootsvc.settings import NODE_SETTINGS
+from bootsvc.state.machines import MachineIndex
+from bootsvc.state.registration import parse_register
 from lpmos.catalog import Image
 from lpmos.config import COMMON, resolve, settings_by_key
 from lpmos.metrics import Registry

@@ -93,9 +93,9 @@ def fill(value: Any, sn: str, tok: str) -> Any:
 
 def test_every_boot_route_is_in_the_guard_table(tmp_path: Path) -> None:
     from bootsvc.context import MemoryTimeline, NodeContext
-    from bootsvc.http_app import SETTINGS, create_app
-    from bootsvc.machines import MachineIndex
+    from bootsvc.http.app import SETTINGS, create_app
     from bootsvc.settings import NODE_SETTINGS
+    from bootsvc.state.machines import MachineIndex
     from lpmos.config import COMMON, resolve, settings_by_key
     from lpmos.metrics import Registry
     from lpmos.store.cache import WatchCache

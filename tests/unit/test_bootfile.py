@@ -1,19 +1,19 @@
-"""decide_boot as a table: every architecture row, client kind and refusal."""
+"""decide_bootfile as a table: every architecture row, client kind and refusal."""
 
 from __future__ import annotations
 
 import pytest
 
-from bootsvc import dhcp
-from bootsvc.bootfile import (
+from bootsvc.dhcp.server import SETTINGS, policy_from_config
+from bootsvc.policy.bootfile import (
     BootAnswer,
     BootPolicy,
     BootRefusal,
     ClientInfo,
-    decide_boot,
+    decide_bootfile,
     parse_bootfile,
 )
-from bootsvc.dhcp_server import SETTINGS, policy_from_config
+from bootsvc.wire import dhcp
 from lpmos.config import Config
 
 BASE = "http://10.77.0.1:8081"
@@ -82,7 +82,7 @@ TABLE = [
 @pytest.mark.parametrize(("arch", "vc", "uc", "o175", "policy", "expected"), TABLE)
 def test_decide_boot_table(arch: int | None, vc: bytes, uc: bytes | None, o175: bool,
                            policy: BootPolicy, expected: object) -> None:
-    decision = decide_boot(ClientInfo(arch, vc, uc, o175), policy)
+    decision = decide_bootfile(ClientInfo(arch, vc, uc, o175), policy)
     if isinstance(expected, str):
         assert isinstance(decision, BootRefusal), decision
         assert decision.reason == expected
@@ -101,21 +101,21 @@ def test_ia32_uefi_refused_with_the_default_settings(arch: int, vc: bytes) -> No
     """Debian ships no 32-bit UEFI iPXE: out of the box an IA32 client gets
     no answer rather than the x86-64 ipxe.efi it cannot run."""
     for policy in (policy_from_config(_default_config(), BASE), BootPolicy()):
-        decision = decide_boot(ClientInfo(arch, vc), policy)
+        decision = decide_bootfile(ClientInfo(arch, vc), policy)
         assert isinstance(decision, BootRefusal), decision
         assert decision.reason == "no_bootfile" and "efi32" in decision.detail
 
 
 def test_efi32_setting_configures_ia32() -> None:
     config = _default_config().with_values(dhcp__bootfile_efi32="i386/ipxe.efi")
-    decision = decide_boot(ClientInfo(6, PXE), policy_from_config(config, BASE))
+    decision = decide_bootfile(ClientInfo(6, PXE), policy_from_config(config, BASE))
     assert isinstance(decision, BootAnswer) and decision.filename == "i386/ipxe.efi"
 
 
 def test_ipxe_never_gets_an_ipxe_binary() -> None:
     for arch in (0, 6, 7, 9, 11, 15, 16, 19):
         for vc in (PXE, HTTP):
-            decision = decide_boot(ClientInfo(arch, vc, b"iPXE", True), ARM)
+            decision = decide_bootfile(ClientInfo(arch, vc, b"iPXE", True), ARM)
             assert isinstance(decision, BootAnswer)
             assert decision.filename == ARM.script_url
 

@@ -1,19 +1,19 @@
-"""The boot decision table (bootsvc.decide), row by row."""
+"""The boot decision table (bootsvc.policy.script), row by row."""
 
 from __future__ import annotations
 
 import pytest
 
-from bootsvc.decide import (
+from bootsvc.policy.machine import MachineView
+from bootsvc.policy.script import (
     CLAIM,
     CONTINUE,
     DISCOVERY,
     LOCALBOOT,
     WAIT,
-    Decision,
-    decide_boot,
+    ScriptDecision,
+    decide_script,
 )
-from bootsvc.machines import MachineView
 from lpmos.catalog import Image
 from lpmos.models import Progress, Server, Task
 
@@ -90,8 +90,8 @@ TEMPLATE_OF = {DISCOVERY: "ipxe/discovery.ipxe.j2", LOCALBOOT: "ipxe/localboot.i
                          ids=[row[0] for row in TABLE])
 def test_decision_table(name: str, v: MachineView | None, discovery: bool, image: Image | None,
                         live: bool, action: str, why: str) -> None:
-    d = decide_boot(v, discovery=discovery, image=image, live_available=live)
-    assert isinstance(d, Decision)
+    d = decide_script(v, discovery=discovery, image=image, live_available=live)
+    assert isinstance(d, ScriptDecision)
     assert d.action == action, d.reason
     assert why in d.reason
     assert d.sn == (v.sn if v is not None else "")
@@ -113,14 +113,14 @@ def test_every_status_has_a_row() -> None:
 
 def test_only_claim_and_continue_are_destructive() -> None:
     destructive = {row[5] for row in TABLE
-                   if decide_boot(row[1], discovery=row[2], image=row[3],
+                   if decide_script(row[1], discovery=row[2], image=row[3],
                                   live_available=row[4]).destructive}
     assert destructive == {CLAIM, CONTINUE}
 
 
 def test_decision_is_pure() -> None:
     v = view("approved")
-    first = decide_boot(v, discovery=True, image=IMAGE, live_available=True)
-    again = decide_boot(v, discovery=True, image=IMAGE, live_available=True)
+    first = decide_script(v, discovery=True, image=IMAGE, live_available=True)
+    again = decide_script(v, discovery=True, image=IMAGE, live_available=True)
     assert first == again
     assert v.task is not None and v.task.status == "approved"

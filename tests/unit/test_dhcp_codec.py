@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootsvc import dhcp
-from bootsvc.dhcp import DhcpPacket, MalformedPacket, build_packet, parse_packet
+from bootsvc.wire import dhcp
+from bootsvc.wire.dhcp import DhcpPacket, MalformedPacket, build_packet, parse_packet
 
 MAC = "52:54:00:12:34:56"
 UUID = bytes(range(16))

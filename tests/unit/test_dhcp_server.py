@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from bootsvc.dhcp_server import (
+from bootsvc.dhcp.server import (
     WILDCARD_IP,
     DhcpBind,
     NoDhcpInterface,
     decide_bind,
-    read_address_interface,
 )
+from bootsvc.netif import read_address_interface
 
 # (--listen as an address or None, --interface, interface holding the address) -> interface
 TABLE = [

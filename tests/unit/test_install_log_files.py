@@ -1,4 +1,4 @@
-"""The node's full install log files (bootsvc.install_log) and the node-API
+"""The node's full install log files (bootsvc.state.install_log) and the node-API
 signature (lpmos.nodeapi): no store, no sockets."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bootsvc.install_log import InstallLogs
+from bootsvc.state.install_log import InstallLogs
 from lpmos.metrics import Registry
 from lpmos.models import ATTEMPT_NODES_KEPT, ProgressEvent, Task
 from lpmos.nodeapi import sign, verify

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from bootsvc.machines import MachineView
-from bootsvc.reaper import Timeouts, decide_expiry, why_unservable
+from bootsvc.policy.machine import MachineView
+from bootsvc.policy.reaping import Timeouts, decide_expiry, why_unservable
 from lpmos.catalog import Image
 from lpmos.models import Server, Task, Transition
 

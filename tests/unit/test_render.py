@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bootsvc.decide import CONFIG_TEMPLATES, INSTALL_TEMPLATES, TEMPLATES
+from bootsvc.policy.script import CONFIG_TEMPLATES, INSTALL_TEMPLATES, TEMPLATES
 from bootsvc.render import (
     Renderer,
     RenderError,

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bootsvc import tftp
-from bootsvc.tftp import (
+from bootsvc.wire import tftp
+from bootsvc.wire.tftp import (
     Ack,
     Data,
     Error,

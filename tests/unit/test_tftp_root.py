@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from bootsvc.tftp import ErrorCode
-from bootsvc.tftp_root import (
+from bootsvc.tftp.root import (
     FileNotFound,
     PathRejected,
     TftpRoot,
     normalize_name,
     prepare_tftp_root,
 )
+from bootsvc.wire.tftp import ErrorCode
 
 CLIENT = ("192.0.2.1", 1234)
 

@@ -3,10 +3,10 @@
 Two layers:
 
 * :class:`DhcpResponder` turns one datagram into at most one reply.  It
-  parses strictly (:func:`bootsvc.dhcp.parse_packet`), filters (relays,
+  parses strictly (:func:`bootsvc.wire.dhcp.parse_packet`), filters (relays,
   allow-list, known machines), decides the boot answer with the pure
-  :func:`bootsvc.bootfile.decide_boot`, allocates addresses in lab mode
-  (:class:`bootsvc.dhcp_leases.LeasePool`) and builds the reply.  No
+  :func:`bootsvc.policy.bootfile.decide_bootfile`, allocates addresses in lab mode
+  (:class:`bootsvc.state.dhcp_leases.LeasePool`) and builds the reply.  No
   sockets, no waiting: everything comes from memory, because iPXE gives up
   on a ProxyDHCP answer after about 2 s.  Every drop is counted with a
   reason (RELIABILITY L4).
@@ -55,18 +55,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from bootsvc import dhcp
-from bootsvc.bootfile import (
+from bootsvc.netif import default_server_ip, read_address_interface
+from bootsvc.policy.bootfile import (
     HTTP_CLIENT,
     BootAnswer,
     BootPolicy,
     BootRefusal,
     ClientInfo,
-    decide_boot,
+    decide_bootfile,
     parse_bootfile,
 )
-from bootsvc.dhcp_leases import Lease, LeasePool, LeaseWriter, parse_range
 from bootsvc.settings import listen_address
+from bootsvc.state.dhcp_leases import Lease, LeasePool, LeaseWriter, parse_range
+from bootsvc.wire import dhcp
 from lpmos.config import (
     Config,
     ConfigError,
@@ -214,7 +215,7 @@ class DhcpResponder:
         self._lease_opts = lease_opts
         self.counts: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._keys: dict[Any, tuple[str, tuple[tuple[str, str], ...]]] = {}
-        # decide_boot is pure: its answers are memoized per client kind, and
+        # decide_bootfile is pure: its answers are memoized per client kind, and
         # the encoded part of each boot reply is kept as a template (both
         # bounded; the key space is small: architectures x classes x kinds)
         self._decisions: dict[ClientInfo, BootAnswer | BootRefusal] = {}
@@ -295,7 +296,7 @@ class DhcpResponder:
         if decision is None:
             if len(self._decisions) >= _CACHE_MAX:
                 self._decisions.clear()
-            decision = self._decisions[info] = decide_boot(info, self.policy)
+            decision = self._decisions[info] = decide_bootfile(info, self.policy)
         return decision
 
     # -- modes
@@ -558,19 +559,6 @@ def decide_bind(listen: str | None, interface: str | None, owner: str | None) ->
         f"dhcp: --listen {listen} is not an IPv4 address of an interface of this host, and "
         "broadcast DISCOVERs reach only a socket bound to 0.0.0.0 on an interface: give "
         f"--interface IFACE (DHCP then answers there as {listen}), or --listen 0.0.0.0")
-
-
-def read_address_interface(address: str) -> str | None:
-    """The interface that holds the IPv4 ``address``, or ``None`` (also
-    when psutil, a server dependency, is missing)."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address == address for a in addrs):
-            return str(name).split(":", 1)[0]      # an alias label (eth0:1) names no device
-    return None
 
 
 def open_socket(listen: str, port: int, *, interface: str | None, rcvbuf: int,
@@ -859,21 +847,20 @@ def _standalone_settings() -> list[Setting]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bootsvc.dhcp_server [flags]``: only the DHCP service, with
+    """``python -m bootsvc.dhcp.server [flags]``: only the DHCP service, with
     a private in-memory store unless ``--etcd-endpoints`` is given.  Prints
     ``READY <ports json>`` once bound; on SIGTERM/SIGINT writes the counters to
     ``--stats-file`` (JSON) and exits.  The regional node (``lpmos regional``)
     is the production entry point."""
     from bootsvc.context import NodeContext
-    from bootsvc.machines import MachineIndex
-    from bootsvc.node import default_server_ip
+    from bootsvc.state.machines import MachineIndex
     from lpmos.cli import add_setting_flags
     from lpmos.config import resolve
     from lpmos.store.cache import WatchCache
     from lpmos.store.keys import Keys
 
     settings = _standalone_settings()
-    parser = argparse.ArgumentParser(prog="python -m bootsvc.dhcp_server",
+    parser = argparse.ArgumentParser(prog="python -m bootsvc.dhcp.server",
                                      description=main.__doc__)
     parser.add_argument("--stats-file", default=None, help="write counters as JSON at exit")
     add_setting_flags(parser, settings)

@@ -4,7 +4,7 @@
 naming the reason; ``build_*`` are their inverses; :func:`decide_options`
 turns a request's options and the server's limits into the negotiated
 transfer parameters or raises :class:`OptionRefused`.  Nothing here touches a
-socket, a clock or a file; the server (``bootsvc.tftp_server``) carries the
+socket, a clock or a file; the server (``bootsvc.tftp.server``) carries the
 decisions out.
 
 Every value a peer controls is bounded here: request size, name length,

@@ -73,7 +73,7 @@ def token_record(token: str, *, node: str, why: str, boot_id: str = "") -> bytes
     ``boot_id`` (the kernel's per-boot id the agent sent when it registered)
     is kept hashed too, so a registration retried by the same boot after its
     answer was lost can be re-issued a token (see
-    :meth:`bootsvc.registration.Registrar.register`)."""
+    :meth:`bootsvc.state.registration.Registrar.register`)."""
     record = {"sha256": token_digest(token), "issued_at": time.time(), "node": node,
               "why": why}
     if boot_id:

@@ -1,10 +1,10 @@
 """What a machine boots: one pure function of what the node knows.
 
-:func:`decide_boot` is the whole decision table of the boot HTTP API
+:func:`decide_script` is the whole decision table of the boot HTTP API
 (issue 5); the HTTP service only carries the decision out.  It takes the
-node's cached view of the machine (:class:`bootsvc.machines.MachineView`),
+node's cached view of the machine (:class:`bootsvc.state.machines.MachineView`),
 the catalog image the task asks for and two switches, and returns a
-:class:`Decision`.  It does no I/O.
+:class:`ScriptDecision`.  It does no I/O.
 
 | what the node knows                                  | action      | script             |
 | ---------------------------------------------------- | ----------- | ------------------ |
@@ -32,7 +32,7 @@ the catalog image the task asks for and two switches, and returns a
 ``claim`` and ``continue`` are *destructive*: the service must confirm them
 with a fresh linearizable read (and, for ``claim``, a CAS ``approved →
 booting``) before serving an install, and fail closed to ``wait``
-otherwise (:mod:`bootsvc.claim`).  Every other action is served from the
+otherwise (:mod:`bootsvc.state.claim`).  Every other action is served from the
 cache with no etcd request.
 """
 
@@ -40,9 +40,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bootsvc.machines import MachineView
+from bootsvc.policy.machine import MachineView
 from lpmos.catalog import Image
-from lpmos.states import TaskStatus
+from lpmos.states import REBOOT_STEP, TaskStatus
 
 DISCOVERY = "discovery"
 LOCALBOOT = "localboot"
@@ -51,9 +51,6 @@ CLAIM = "claim"
 CONTINUE = "continue"
 ACTIONS = (DISCOVERY, LOCALBOOT, WAIT, CLAIM, CONTINUE)
 
-#: the progress step an agent reports after writing the image, just before
-#: it reboots; the next boot must go to the disk (agent_api.md, events).
-REBOOT_STEP = "rebooting"
 
 TEMPLATES = {
     DISCOVERY: "ipxe/discovery.ipxe.j2",
@@ -89,7 +86,7 @@ CONFIG_TEMPLATES: dict[str, dict[str, str]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class ScriptDecision:
     """What to serve.  ``reason`` is shown on the machine's console and
     recorded on its timeline; ``template`` is the iPXE template to render
     (for ``claim``/``continue``: once the fresh read confirms it)."""
@@ -109,13 +106,13 @@ def install_kind(image: Image) -> str:
     return "image" if image.mode == "image" else image.os_family
 
 
-def decide_boot(
+def decide_script(
     view: MachineView | None,
     *,
     discovery: bool,
     image: Image | None,
     live_available: bool,
-) -> Decision:
+) -> ScriptDecision:
     """The boot script for a machine (see the module table).
 
     ``view`` is the machine as the cache knows it (``None``: unknown);
@@ -126,14 +123,14 @@ def decide_boot(
     sn = view.sn if view is not None else ""
     task = view.task if view is not None else None
 
-    def live_or(fallback: str, reason: str, missing: str) -> Decision:
+    def live_or(fallback: str, reason: str, missing: str) -> ScriptDecision:
         if live_available:
-            return Decision(DISCOVERY, TEMPLATES[DISCOVERY], reason, sn)
-        return Decision(fallback, TEMPLATES[fallback], missing, sn)
+            return ScriptDecision(DISCOVERY, TEMPLATES[DISCOVERY], reason, sn)
+        return ScriptDecision(fallback, TEMPLATES[fallback], missing, sn)
 
     if task is None:
         if not discovery:
-            return Decision(LOCALBOOT, TEMPLATES[LOCALBOOT],
+            return ScriptDecision(LOCALBOOT, TEMPLATES[LOCALBOOT],
                             "no task and discovery is off", sn)
         return live_or(LOCALBOOT, "no task: discovery",
                        "no task, and no live image in the catalog for discovery")
@@ -143,28 +140,28 @@ def decide_boot(
                        "task pending approval; no live image in the catalog")
     if status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED,
                   TaskStatus.REJECTED):
-        return Decision(LOCALBOOT, TEMPLATES[LOCALBOOT], f"task {status.value}", sn)
+        return ScriptDecision(LOCALBOOT, TEMPLATES[LOCALBOOT], f"task {status.value}", sn)
     # approved, booting, installing: destructive territory
     server = view.server if view is not None else None
     if server is not None and server.conflict:
-        return Decision(WAIT, TEMPLATES[WAIT],
+        return ScriptDecision(WAIT, TEMPLATES[WAIT],
                         f"machine flagged as a conflict ({server.conflict}); no install", sn)
     if status in (TaskStatus.BOOTING, TaskStatus.INSTALLING) \
             and task.progress.step == REBOOT_STEP:
-        return Decision(LOCALBOOT, TEMPLATES[LOCALBOOT],
+        return ScriptDecision(LOCALBOOT, TEMPLATES[LOCALBOOT],
                         "image written: booting the installed system", sn)
     if image is None:
-        return Decision(WAIT, TEMPLATES[WAIT],
+        return ScriptDecision(WAIT, TEMPLATES[WAIT],
                         f"task image {task.image or task.os_type} is not in the catalog", sn)
     if not image.installable:
-        return Decision(WAIT, TEMPLATES[WAIT], image.not_installable_reason, sn)
+        return ScriptDecision(WAIT, TEMPLATES[WAIT], image.not_installable_reason, sn)
     template = INSTALL_TEMPLATES.get(install_kind(image))
     if template is None:
-        return Decision(WAIT, TEMPLATES[WAIT],
+        return ScriptDecision(WAIT, TEMPLATES[WAIT],
                         f"no install script for {install_kind(image)} images", sn)
     if install_kind(image) == "image" and not live_available:
-        return Decision(WAIT, TEMPLATES[WAIT],
+        return ScriptDecision(WAIT, TEMPLATES[WAIT],
                         "image install needs the live image, which the catalog lacks", sn)
     if status is TaskStatus.APPROVED:
-        return Decision(CLAIM, template, "task approved: install", sn)
-    return Decision(CONTINUE, template, f"task {status.value}: continue the install", sn)
+        return ScriptDecision(CLAIM, template, "task approved: install", sn)
+    return ScriptDecision(CONTINUE, template, f"task {status.value}: continue the install", sn)

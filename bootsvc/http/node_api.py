@@ -8,7 +8,7 @@ It shares the boot HTTP port with the machines but not their credentials:
 every request must carry a signature made with the node-API key from etcd
 (:mod:`lpmos.nodeapi`); a machine token, no header, a stale or wrong
 signature are all 401.  The answer is the full install log this node kept
-for one attempt (:mod:`bootsvc.install_log`):
+for one attempt (:mod:`bootsvc.state.install_log`):
 ``{"idc", "sn", "node", "attempt", "first_line", "truncated", "lines"}``.
 """
 
@@ -18,7 +18,7 @@ import time
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from bootsvc.http_app import HttpError, checked_sn, json_response, svc
+from bootsvc.http.app import HttpError, checked_sn, json_response, svc
 from lpmos.nodeapi import SharedKey, verify
 from lpmos.store import StoreError
 

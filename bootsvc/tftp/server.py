@@ -1,7 +1,7 @@
 """The TFTP service of a regional node: asyncio UDP, one socket per transfer.
 
-Protocol decisions come from the pure codec (``bootsvc.tftp``) and the safe
-root (``bootsvc.tftp_root``); this module only moves datagrams and keeps
+Protocol decisions come from the pure codec (``bootsvc.wire.tftp``) and the safe
+root (``bootsvc.tftp.root``); this module only moves datagrams and keeps
 sessions.
 
 How it is fast:
@@ -66,9 +66,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bootsvc import tftp
-from bootsvc.tftp import ErrorCode, MalformedPacket, Opcode, OptionRefused
-from bootsvc.tftp_root import (
+from bootsvc.tftp.root import (
     DEFAULT_VIRTUAL_PATTERN,
     PathRejected,
     TftpRoot,
@@ -76,6 +74,8 @@ from bootsvc.tftp_root import (
     prepare_tftp_root,
 )
 from bootsvc.threaded_loop import ThreadedLoop
+from bootsvc.wire import tftp
+from bootsvc.wire.tftp import ErrorCode, MalformedPacket, Opcode, OptionRefused
 from lpmos.config import Setting, float_range, int_range, parse_optional_path
 from lpmos.metrics import Registry
 
@@ -884,10 +884,10 @@ class ThreadedTftpServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bootsvc.tftp_server ROOT``: the server alone (benchmarks)."""
+    """``python -m bootsvc.tftp.server ROOT``: the server alone (benchmarks)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m bootsvc.tftp_server",
+    parser = argparse.ArgumentParser(prog="python -m bootsvc.tftp.server",
                                      description="serve ROOT over TFTP, nothing else")
     parser.add_argument("root", type=Path)
     parser.add_argument("--host", default="127.0.0.1")

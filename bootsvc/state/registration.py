@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bootsvc.machines import MachineIndex
-from bootsvc.tokens import MachineTokens, TokenError, token_digest
+from bootsvc.state.machines import MachineIndex
+from bootsvc.state.tokens import MachineTokens, TokenError, token_digest
 from lpmos.metrics import Registry
 from lpmos.models import (
     Server,

@@ -10,24 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
+from bootsvc.policy.machine import MachineView
 from lpmos.models import Server, Task, ValidationError
 from lpmos.store import KeyValue
 from lpmos.store.cache import WatchCache
 from lpmos.store.keys import Keys
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MachineView:
-    """What the node knows of one machine: its task and server record."""
-
-    sn: str
-    task: Task | None = None
-    task_revision: int = 0
-    server: Server | None = None
 
 
 class MachineIndex:

@@ -21,7 +21,7 @@ Contract (agent_api.md §4, RELIABILITY L1/L2):
   kept (a later seq applied first would make the earlier ones "late").
 * Once etcd stored a chunk of events (directly or from the spool), their
   log lines go to the node's full install log of the task's attempt
-  (:class:`bootsvc.install_log.InstallLogs`, which skips events it already
+  (:class:`bootsvc.state.install_log.InstallLogs`, which skips events it already
   wrote), since the task document keeps only the newest lines.
 * There is no request thread pool of its own: the first waiting request of
   a task does the write for everyone in the batch (leader/follower), so the
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bootsvc.install_log import InstallLogs
+from bootsvc.state.install_log import InstallLogs
 from lpmos.metrics import Registry
 from lpmos.models import ProgressEvent, ValidationError
 from lpmos.store import Conflict, StoreError

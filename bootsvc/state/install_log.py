@@ -3,9 +3,9 @@
 The task document keeps only the newest ``LOG_LINES_KEPT`` lines (design
 brief: "the full log lives with the regional node that received it and is
 fetched on demand").  This node appends every log line of the progress
-events it stores (:class:`bootsvc.events.EventPipeline`, after etcd took
+events it stores (:class:`bootsvc.state.events.EventPipeline`, after etcd took
 them, also when they come from the spool) to a file of its own, and serves
-it to the control plane (:mod:`bootsvc.node_api`).
+it to the control plane (:mod:`bootsvc.http.node_api`).
 
 Contract:
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootsvc.tftp import ErrorCode, to_netascii
+from bootsvc.wire.tftp import ErrorCode, to_netascii
 
 #: Where Debian's ``ipxe`` package puts its builds.
 IPXE_DIR = Path("/usr/lib/ipxe")

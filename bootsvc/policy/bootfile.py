@@ -1,6 +1,6 @@
 """What a network-booting client gets: one pure decision, tested as a table.
 
-:func:`decide_boot` takes what the client said about itself
+:func:`decide_bootfile` takes what the client said about itself
 (:class:`ClientInfo`: option 93 architecture, option 60 vendor class,
 option 77 user class, option 175 presence) and the node's
 :class:`BootPolicy` (a boot file per architecture family, the boot script
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bootsvc import dhcp
+from bootsvc.wire import dhcp
 
 # --- architecture types (RFC 4578 section 2.1, IANA registry) -------------------
 
@@ -142,10 +142,10 @@ class BootRefusal:
     detail: str = ""
 
 
-Decision = BootAnswer | BootRefusal
+BootfileDecision = BootAnswer | BootRefusal
 
 
-def decide_boot(client: ClientInfo, policy: BootPolicy) -> Decision:
+def decide_bootfile(client: ClientInfo, policy: BootPolicy) -> BootfileDecision:
     """Choose the boot answer for ``client`` (see the module docstring)."""
     vc = client.vendor_class
     if vc.startswith(b"PXEClient"):

@@ -11,7 +11,7 @@ stages until Ctrl-C, and removes everything it created on the way out.
 the lab, its etcd and node, and the VMs, for working on the boot path.
 
 Needs root (network namespaces, taps, DHCP/TFTP ports) and a source
-checkout (the image builds and the lab runner live next to ``lpmos/``).
+checkout (the image builds read images/).
 See docs/lab.md.
 """
 
@@ -52,11 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _source_tree() -> None:
-    """Make ``lab`` and ``images`` importable (they are not installed)."""
-    if not (REPO / "lab" / "runner.py").exists() or not (REPO / "images" / "build.py").exists():
-        raise SystemExit("lpmos demo: needs a source checkout (lab/ and images/ next to lpmos/)")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    """The image builds read their inputs from the checkout (images/live,
+    images/lab-os), which an installed wheel does not carry."""
+    if not (REPO / "images" / "live").is_dir() or not (REPO / "images" / "lab-os").is_dir():
+        raise SystemExit("lpmos demo: needs a source checkout (images/ next to lab/)")
 
 
 def _print(msg: str = "") -> None:

@@ -17,17 +17,17 @@ Everything a machine fetches after iPXE is loaded:
 |                                         | images         |                             |
 | GET  /ipxe/<file>                       | —              | files: iPXE binaries        |
 | GET  /healthz, /metrics                 | —              | ops                         |
-| GET  /node/v1/logs/<sn>                 | control plane  | bootsvc.node_api            |
+| GET  /node/v1/logs/<sn>                 | control plane  | bootsvc.http.node_api            |
 |                                         | signature      |                             |
 
-The boot script decision (:func:`bootsvc.decide.decide_boot`) is made from
+The boot script decision (:func:`bootsvc.policy.script.decide_script`) is made from
 the node's watch cache: a non-destructive answer makes no etcd request
 (``http_boot_script_etcd_requests_total`` counts them per decision, so a
 bench can prove it).  An install is served only after
-:func:`bootsvc.claim.claim_install` confirmed it with etcd; otherwise the
+:func:`bootsvc.state.claim.claim_install` confirmed it with etcd; otherwise the
 machine gets a wait-and-retry script.
 
-:class:`HttpService` serves the app with :mod:`bootsvc.http_server` (HTTP/1.1
+:class:`HttpService` serves the app with :mod:`bootsvc.http.server` (HTTP/1.1
 on the node's event loop; boot scripts that need no etcd request are
 answered inline, the rest of the app runs on a bounded thread pool) with a
 request deadline, an idle timeout, header and body size limits and a
@@ -50,9 +50,10 @@ from urllib.parse import parse_qsl
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from bootsvc.claim import claim_install
 from bootsvc.context import NodeContext
-from bootsvc.decide import (
+from bootsvc.http.server import AsyncHttpServer
+from bootsvc.policy.machine import MachineView
+from bootsvc.policy.script import (
     CLAIM,
     CONFIG_TEMPLATES,
     CONTINUE,
@@ -60,18 +61,17 @@ from bootsvc.decide import (
     REBOOT_STEP,
     TEMPLATES,
     WAIT,
-    Decision,
-    decide_boot,
+    ScriptDecision,
+    decide_script,
     install_kind,
 )
-from bootsvc.events import EventPipeline, EventsRefused
-from bootsvc.http_server import AsyncHttpServer
-from bootsvc.install_log import open_install_logs
-from bootsvc.machines import MachineView
-from bootsvc.registration import Registrar, RegistrationConflict, parse_register
 from bootsvc.render import Renderer, RenderError, build_context, file_url
+from bootsvc.state.claim import claim_install
+from bootsvc.state.events import EventPipeline, EventsRefused
+from bootsvc.state.install_log import open_install_logs
+from bootsvc.state.registration import Registrar, RegistrationConflict, parse_register
+from bootsvc.state.tokens import MachineTokens, TokenError
 from bootsvc.threaded_loop import ThreadedLoop
-from bootsvc.tokens import MachineTokens, TokenError
 from lpmos.catalog import Catalog, CatalogError, Image, default_catalog_path, load_catalog
 from lpmos.config import (
     Setting,
@@ -338,7 +338,7 @@ class BootHttp:
         """The per-machine iPXE script for ``/boot/<name>`` (``<mac>.ipxe``).
 
         Decided from the cache; only ``claim``/``continue`` decisions reach
-        etcd (through :func:`bootsvc.claim.claim_install`), and fail closed
+        etcd (through :func:`bootsvc.state.claim.claim_install`), and fail closed
         to a wait script.  Raises :class:`HttpError` for a bad name.  With
         ``inline`` (called on the event loop) a decision that needs etcd
         returns ``None`` instead: the caller runs it again on a thread.
@@ -375,7 +375,7 @@ class BootHttp:
             mac = bootmac if view is not None else mac
         image = s.image_for(view)
         live = s.live
-        decision = decide_boot(view, discovery=s.discovery, image=image,
+        decision = decide_script(view, discovery=s.discovery, image=image,
                                live_available=live is not None)
         etcd_requests = 0
         token = ""
@@ -399,7 +399,7 @@ class BootHttp:
                               result="claimed" if decision.action == CLAIM else "confirmed")
             else:
                 s.metrics.inc("http_install_claims_total", result="refused")
-                decision = Decision(WAIT, TEMPLATES[WAIT], outcome.reason, decision.sn)
+                decision = ScriptDecision(WAIT, TEMPLATES[WAIT], outcome.reason, decision.sn)
         sn = view.sn if view is not None else ""
         try:
             text = s._render_script(decision, sn=sn, mac=mac, arch=arch, platform=platform,
@@ -408,7 +408,7 @@ class BootHttp:
             log.error("boot script for %s: %s", mac, exc)
             s.metrics.inc("http_render_errors_total", template=decision.template)
             reason = f"the {decision.action} script could not be rendered; ask the operator"
-            decision = Decision(WAIT, TEMPLATES[WAIT], reason, sn)
+            decision = ScriptDecision(WAIT, TEMPLATES[WAIT], reason, sn)
             text = s.renderer.render(decision.template, s.context(
                 decision=decision.action, reason=reason, sn=sn, mac=mac))
         if decision.action == DISCOVERY and sn:
@@ -422,7 +422,7 @@ class BootHttp:
         s.metrics.observe("http_boot_script_seconds", time.perf_counter() - started)
         return text
 
-    def _render_script(self, decision: Decision, *, sn: str, mac: str, arch: str,
+    def _render_script(self, decision: ScriptDecision, *, sn: str, mac: str, arch: str,
                        platform: str, task: Any, server: Any, image: Image | None,
                        token: str) -> str:
         """Render a boot script; one without a token (every non-destructive
@@ -1048,7 +1048,7 @@ def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
     app.extensions["lpmos_boot"] = BootHttp(ctx, catalog=catalog, templates_dir=templates_dir)
     for bp in (boot_bp, config_bp, callback_bp, agent_bp, files_bp, ops_bp):
         app.register_blueprint(bp)
-    from bootsvc import node_api  # it imports this module's helpers
+    from bootsvc.http import node_api  # it imports this module's helpers
 
     node_api.register(app)
     app.wsgi_app = BootFastPath(app.extensions["lpmos_boot"], app.wsgi_app)  # type: ignore[method-assign]
@@ -1092,7 +1092,7 @@ def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
 
 class HttpService:
     """Serves :func:`create_app` on ``regional.listen``:``http.port`` with
-    :class:`bootsvc.http_server.AsyncHttpServer`.
+    :class:`bootsvc.http.server.AsyncHttpServer`.
 
     The node awaits :meth:`start_async` / :meth:`stop_async` on its own
     event loop (the one DHCP and TFTP run on); :meth:`start` / :meth:`stop`

@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from bootsvc.machines import MachineIndex
+from bootsvc.state.machines import MachineIndex
 from lpmos.metrics import Registry
 from lpmos.store import Store, StoreError, atomic_update
 from lpmos.store.keys import Keys

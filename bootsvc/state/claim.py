@@ -34,13 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from bootsvc.tokens import MachineTokens
+from bootsvc.state.tokens import MachineTokens
 from lpmos.models import Server, Task, Transition, ValidationError, now
-from lpmos.states import TaskStatus
+from lpmos.states import REBOOT_STEP, TaskStatus
 from lpmos.store import Compare, Conflict, Op, Put, Store, StoreError
 from lpmos.store.keys import Keys
-
-REBOOT_STEP = "rebooting"
 
 
 @dataclass(frozen=True)
