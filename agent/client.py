@@ -19,7 +19,6 @@ import http.client
 import json
 import logging
 import random
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -243,6 +242,3 @@ def batch_events(events: list[dict[str, Any]], *, max_count: int = EVENTS_PER_RE
         size += n
     return out
 
-
-def is_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, socket.timeout | TimeoutError)

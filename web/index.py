@@ -387,13 +387,6 @@ class ConsoleIndex:
         with self._lock:
             return len(self._tasks)
 
-    def active_task_exists(self, idc: str, sn: str) -> bool:
-        from lpmos.states import FINAL
-
-        with self._lock:
-            entry = self._tasks.get((idc, sn))
-            return entry is not None and entry.task.state not in FINAL
-
     # -- servers ----------------------------------------------------------------
 
     def server(self, idc: str, sn: str) -> tuple[Server, int, bool] | None:

@@ -99,11 +99,6 @@ class Hub:
         with self._lock:
             return len(self._clients)
 
-    def has_room(self) -> bool:
-        with self._lock:
-            return not self._closed and \
-                len(self._clients) + self._reserved < self.max_clients
-
     def reserve(self) -> bool:
         """Hold a place for a client whose handshake is about to run, so
         that capacity is decided before the handshake (a clean 503) even when

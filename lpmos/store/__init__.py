@@ -210,10 +210,6 @@ def cas(store: Store, key: str, value: bytes, mod_revision: int, *, lease: int =
     return store.commit([Compare(key, mod_revision)], [Put(key, value, lease)])
 
 
-def cas_delete(store: Store, key: str, mod_revision: int) -> int:
-    return store.commit([Compare(key, mod_revision)], [Delete(key)])
-
-
 class Unchanged(Exception):
     """Raised by an :func:`atomic_update` function to write nothing."""
 
