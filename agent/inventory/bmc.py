@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 from agent.inventory.sysfs import AttrError
+from agent.inventory.system import Section
 
 IPMITOOL_TIMEOUT = 10.0
 
@@ -39,3 +40,19 @@ def parse_ipmitool_lan(text: str) -> str | None:
     except ValueError:
         return None
     return None if addr.is_unspecified else str(addr)
+
+
+def parse_bmc(lan: str | AttrError | None) -> Section:
+    """``bmc`` from what :func:`read_ipmitool_lan` gave: the address, or the
+    reason there is none.  None (the reader failed and its error is already
+    recorded) adds nothing."""
+    out = Section()
+    if isinstance(lan, str):
+        address = parse_ipmitool_lan(lan)
+        if address:
+            out.data["address"] = address
+        else:
+            out.unavailable["bmc"] = "ipmitool reports no BMC address"
+    elif isinstance(lan, AttrError):
+        out.unavailable["bmc"] = lan.reason
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from agent.inventory.sysfs import list_dir, read_attr
 from agent.inventory.system import Section
@@ -90,4 +91,15 @@ def parse_cpuinfo(text: str, topology: list[tuple[str, str]] | None = None) -> S
     else:
         out.unavailable["cpu.sockets"] = "no physical id in /proc/cpuinfo nor sysfs topology"
         out.unavailable["cpu.cores"] = "no core id in /proc/cpuinfo nor sysfs topology"
+    return out
+
+
+def parse_psutil_cpu(counts: dict[str, Any]) -> Section:
+    """``cpu`` from psutil's counts (``threads``, ``cores``), the fallback when
+    /proc/cpuinfo is unreadable; no counts at all is a reason, not an error."""
+    out = Section()
+    if counts:
+        out.data.update(counts)
+    else:
+        out.unavailable["cpu"] = "/proc/cpuinfo unreadable"
     return out

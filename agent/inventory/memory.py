@@ -53,6 +53,12 @@ def read_smbios_memory_devices(root: Path) -> list[bytes] | AttrError:
     return out
 
 
+def build_meminfo(total_bytes: int | None) -> str | None:
+    """The ``MemTotal`` line :func:`parse_meminfo_total` reads, from a total
+    in bytes (psutil's, when /proc/meminfo is unreadable); None for none."""
+    return f"MemTotal: {total_bytes // 1024} kB\n" if total_bytes else None
+
+
 def parse_meminfo_total(text: str) -> int | None:
     m = re.search(r"^MemTotal:\s+(\d+)\s*kB", text, re.MULTILINE)
     return int(m.group(1)) * 1024 if m else None

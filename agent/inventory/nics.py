@@ -103,6 +103,22 @@ def parse_nics(raw: list[dict[str, Any]], boot_mac: str | None = None
     return nics, unavailable
 
 
+def decide_speeds(found: list[dict[str, Any]], unavailable: dict[str, str],
+                  speeds: dict[str, int]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """``found`` and ``unavailable`` with the driver's speeds (psutil, which
+    asks through ethtool) filled in where sysfs had none: a positive speed
+    for a NIC without ``speed_mbps`` is taken and its reason dropped."""
+    why = dict(unavailable)
+    out = []
+    for nic in found:
+        speed = speeds.get(nic["name"], 0)
+        if "speed_mbps" not in nic and speed > 0:
+            nic = {**nic, "speed_mbps": speed}
+            why.pop(f"nics.{nic['name']}.speed_mbps", None)
+        out.append(nic)
+    return out, why
+
+
 def parse_default_route_iface(route_text: str) -> str | None:
     """The interface of the IPv4 default route in ``/proc/net/route``."""
     for line in route_text.splitlines()[1:]:

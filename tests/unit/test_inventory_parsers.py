@@ -11,16 +11,22 @@ import pytest
 
 from agent.cmdline import parse_bootif, parse_cmdline
 from agent.inventory import SCHEMA, collect_inventory
-from agent.inventory.bmc import parse_ipmitool_lan
-from agent.inventory.cpu import parse_cpuinfo
+from agent.inventory.bmc import parse_bmc, parse_ipmitool_lan
+from agent.inventory.cpu import parse_cpuinfo, parse_psutil_cpu
 from agent.inventory.disks import parse_disks, pci_address
 from agent.inventory.memory import (
     MalformedSMBIOS,
+    build_meminfo,
     parse_meminfo_total,
     parse_memory,
     parse_smbios_memory_device,
 )
-from agent.inventory.nics import decide_boot_mac, parse_default_route_iface, parse_nics
+from agent.inventory.nics import (
+    decide_boot_mac,
+    decide_speeds,
+    parse_default_route_iface,
+    parse_nics,
+)
 from agent.inventory.sysfs import AttrError
 from agent.inventory.system import parse_dmi, parse_firmware
 from agent.inventory.udev import parse_udev_export
@@ -247,6 +253,58 @@ def test_parse_ipmitool_lan() -> None:
     assert parse_ipmitool_lan((FIX / "ipmitool-lan-print.txt").read_text()) == "10.20.30.41"
     assert parse_ipmitool_lan("IP Address              : 0.0.0.0\n") is None
     assert parse_ipmitool_lan("IP Address Source : DHCP\n") is None
+
+
+@pytest.mark.parametrize(("lan", "data", "why"), [
+    ((FIX / "ipmitool-lan-print.txt").read_text(), {"address": "10.20.30.41"}, {}),
+    ("IP Address              : 0.0.0.0\n", {}, {"bmc": "ipmitool reports no BMC address"}),
+    (AttrError("ipmitool not installed"), {}, {"bmc": "ipmitool not installed"}),
+    (None, {}, {}),                                  # the reader failed: already recorded
+])
+def test_parse_bmc(lan: str | AttrError | None, data: dict, why: dict) -> None:
+    sec = parse_bmc(lan)
+    assert (sec.data, sec.unavailable) == (data, why)
+
+
+@pytest.mark.parametrize(("counts", "data", "why"), [
+    ({"threads": 8, "cores": 4}, {"threads": 8, "cores": 4}, {}),
+    ({"threads": 2}, {"threads": 2}, {}),
+    ({}, {}, {"cpu": "/proc/cpuinfo unreadable"}),
+])
+def test_parse_psutil_cpu(counts: dict, data: dict, why: dict) -> None:
+    sec = parse_psutil_cpu(counts)
+    assert (sec.data, sec.unavailable) == (data, why)
+
+
+@pytest.mark.parametrize(("total", "text", "parsed"), [
+    (8 * 1024 ** 3, "MemTotal: 8388608 kB\n", 8 * 1024 ** 3),
+    (1536, "MemTotal: 1 kB\n", 1024),                # whole kB, as /proc/meminfo says
+    (0, None, None),
+    (None, None, None),
+])
+def test_build_meminfo(total: int | None, text: str | None, parsed: int | None) -> None:
+    assert build_meminfo(total) == text
+    assert (parse_meminfo_total(text) if text else None) == parsed
+
+
+@pytest.mark.parametrize(("found", "why", "speeds", "nics", "left"), [
+    ([{"name": "eth0"}], {"nics.eth0.speed_mbps": "unknown to the driver"}, {"eth0": 1000},
+     [{"name": "eth0", "speed_mbps": 1000}], {}),
+    ([{"name": "eth0", "speed_mbps": 100}], {}, {"eth0": 1000},       # sysfs wins
+     [{"name": "eth0", "speed_mbps": 100}], {}),
+    ([{"name": "eth0"}], {"nics.eth0.speed_mbps": "x"}, {"eth0": 0},  # psutil: unknown
+     [{"name": "eth0"}], {"nics.eth0.speed_mbps": "x"}),
+    ([{"name": "eth0"}], {"nics.eth0.speed_mbps": "x"}, {"eth0": -1},
+     [{"name": "eth0"}], {"nics.eth0.speed_mbps": "x"}),
+    ([{"name": "eth0"}, {"name": "eth1"}], {"nics.eth0.speed_mbps": "x", "nics": "y"},
+     {"eth1": 25000}, [{"name": "eth0"}, {"name": "eth1", "speed_mbps": 25000}],
+     {"nics.eth0.speed_mbps": "x", "nics": "y"}),
+    ([], {}, {"eth0": 1000}, [], {}),
+])
+def test_decide_speeds(found: list, why: dict, speeds: dict, nics: list, left: dict) -> None:
+    before = (json.dumps(found), json.dumps(why))
+    assert decide_speeds(found, why, speeds) == (nics, left)
+    assert (json.dumps(found), json.dumps(why)) == before       # the inputs are not changed
 
 
 @pytest.mark.parametrize(("text", "server", "mac", "live"), [
