@@ -4,8 +4,9 @@ image's ``cidata`` FAT partition with mtools.
 
 Pure parts (tested as tables): :func:`parse_install`,
 :func:`parse_root_device_hints`, :func:`decide_target_disk`,
-:class:`ProgressThrottle`.  Side effects: :func:`write_image` (network and
-the target), :func:`write_seed` (runs ``mcopy``), :func:`open_target`.
+:class:`ProgressThrottle`, :func:`build_progress`, :func:`decide_resume`,
+:func:`decide_sync`.  Side effects: :func:`write_image` (network and the
+target), :func:`write_seed` (runs ``mcopy``), :func:`open_target`.
 
 Progress is reported through a callback taking the fields of a
 :class:`lpmos.models.ProgressEvent` (the runner spools them): at least every
@@ -322,6 +323,115 @@ class HttpImageSource:
 Report = Callable[[dict[str, Any]], None]
 
 
+def build_progress(done: int, size: int, rate: float) -> dict[str, Any]:
+    """The progress event of the image phase (0-95 %) after ``done`` of
+    ``size`` bytes, written at ``rate`` bytes/s."""
+    return {"kind": "progress", "step": "writing image",
+            "percent": round(IMAGE_PERCENT * done / size, 2),
+            "bytes_done": done, "bytes_total": size, "rate": round(rate, 1),
+            "message": f"{done // (1024 * 1024)} of {size // (1024 * 1024)} MiB "
+                       f"at {rate / (1024 * 1024):.1f} MiB/s"}
+
+
+def decide_resume(start: int, done: int) -> bool:
+    """Whether a stream the node starts at ``start`` when ``done`` bytes are
+    written means starting over (True: it sent the whole image, it changed
+    or ignores Range) or going on (False).  Any other start is refused: the
+    digest covers the bytes in order, so a gap or an overlap cannot be
+    mended."""
+    if start == done:
+        return False
+    if start != 0:
+        raise InstallError(f"node resumed at {start}, expected {done}")
+    return True
+
+
+def decide_sync(written: int, synced: int) -> bool:
+    """Whether to flush the target now: every ``SYNC_EVERY`` bytes, so the
+    page cache never holds more than that of the image unwritten."""
+    return written - synced >= SYNC_EVERY
+
+
+class _ImageCopy:
+    """The state of one image write across connections: the bytes written,
+    their digest, the ETag to resume with, and the progress reports."""
+
+    def __init__(self, target: Target, size: int, report: Report,
+                 clock: Callable[[], float]) -> None:
+        self.target = target
+        self.size = size
+        self.report = report
+        self.clock = clock
+        self.digest = hashlib.sha256()
+        self.done = 0
+        self.synced = 0
+        self.etag: str | None = None
+        self.throttle = ProgressThrottle(size)
+        self.last_progress = clock()
+        self.attempt = 0      # failed connections since the last byte arrived
+
+    def progress(self, force: bool = False) -> None:
+        now = self.clock()
+        if not force and not self.throttle.due(self.done, now):
+            return
+        rate = self.throttle.mark(self.done, now)
+        self.report(build_progress(self.done, self.size, rate))
+
+    def restart(self) -> None:
+        log.warning("image restarted from 0 (changed or no Range support)")
+        self.digest = hashlib.sha256()
+        self.done = 0
+        os.lseek(self.target.fd, 0, os.SEEK_SET)
+
+    def write(self, chunk: bytes) -> None:
+        """Hash and write ``chunk``; a failing target is final (no retry)."""
+        self.digest.update(chunk)
+        try:
+            _write_all(self.target.fd, chunk)
+            if decide_sync(self.done + len(chunk), self.synced):
+                os.fdatasync(self.target.fd)
+                self.synced = self.done + len(chunk)
+        except OSError as exc:
+            raise InstallError(f"writing {self.target.path}: {exc.strerror}") from None
+        self.done += len(chunk)
+        self.last_progress = self.clock()
+        self.attempt = 0
+        self.progress()
+
+    def copy(self, stream: BinaryIO) -> BaseException | None:
+        """Copy what ``stream`` delivers: None when the image is complete,
+        else why the stream stopped short (a read error, an early EOF)."""
+        try:
+            while self.done < self.size:
+                chunk = stream.read(min(CHUNK, self.size - self.done))
+                if not chunk:
+                    break
+                self.write(chunk)
+            if self.done >= self.size:
+                if stream.read(1):
+                    raise InstallError(f"the image is larger than {self.size} bytes")
+                return None
+            return ClientError(f"connection closed at byte {self.done} of {self.size}")
+        except (OSError, http.client.HTTPException) as exc:   # the read side
+            return exc
+
+
+def _stream_once(source: ImageSource, copy: _ImageCopy) -> BaseException | None:
+    """One connection to the node: None when the image is complete, else the
+    error to retry after.  A refusal for good raises :class:`InstallError`."""
+    try:
+        stream, start, new_etag = source.open(copy.done, copy.etag)
+    except ClientError as exc:
+        if not is_transient(exc):
+            raise InstallError(f"image download refused: {exc}") from None
+        return exc
+    with contextlib.closing(stream):
+        if decide_resume(start, copy.done):
+            copy.restart()
+        copy.etag = new_etag or copy.etag
+        return copy.copy(stream)
+
+
 def write_image(source: ImageSource, target: Target, *, size: int, sha256: str,
                 report: Report, stall_timeout: float = 600.0,
                 backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic,
@@ -336,79 +446,23 @@ def write_image(source: ImageSource, target: Target, *, size: int, sha256: str,
     seconds or the node refuses the image for good (4xx other than 408/429).
     """
     backoff = backoff or Backoff(base=0.5, cap=10.0)
-    digest = hashlib.sha256()
-    done = 0
-    etag: str | None = None
-    throttle = ProgressThrottle(size)
-    last_progress = clock()
-    attempt = 0
-    synced = 0
-
-    def progress(force: bool = False) -> None:
-        now = clock()
-        if not force and not throttle.due(done, now):
-            return
-        rate = throttle.mark(done, now)
-        report({"kind": "progress", "step": "writing image",
-                "percent": round(IMAGE_PERCENT * done / size, 2),
-                "bytes_done": done, "bytes_total": size, "rate": round(rate, 1),
-                "message": f"{done // (1024 * 1024)} of {size // (1024 * 1024)} MiB "
-                           f"at {rate / (1024 * 1024):.1f} MiB/s"})
-
-    progress(force=True)
-    while done < size:
-        try:
-            stream, start, new_etag = source.open(done, etag)
-        except ClientError as exc:
-            if not is_transient(exc):
-                raise InstallError(f"image download refused: {exc}") from None
-            error: BaseException = exc
-        else:
-            with contextlib.closing(stream):
-                if start != done:
-                    if start != 0:
-                        raise InstallError(f"node resumed at {start}, expected {done}")
-                    log.warning("image restarted from 0 (changed or no Range support)")
-                    digest = hashlib.sha256()
-                    done = 0
-                    os.lseek(target.fd, 0, os.SEEK_SET)
-                etag = new_etag or etag
-                try:
-                    while done < size:
-                        chunk = stream.read(min(CHUNK, size - done))
-                        if not chunk:
-                            break
-                        digest.update(chunk)
-                        try:
-                            _write_all(target.fd, chunk)
-                            if done + len(chunk) - synced >= SYNC_EVERY:
-                                os.fdatasync(target.fd)
-                                synced = done + len(chunk)
-                        except OSError as exc:   # the target failed: no retry
-                            raise InstallError(f"writing {target.path}: {exc.strerror}") \
-                                from None
-                        done += len(chunk)
-                        last_progress = clock()
-                        attempt = 0
-                        progress()
-                    if done >= size:
-                        if stream.read(1):
-                            raise InstallError(f"the image is larger than {size} bytes")
-                        break
-                    error = ClientError(f"connection closed at byte {done} of {size}")
-                except (OSError, http.client.HTTPException) as exc:   # the read side
-                    error = exc
-        if clock() - last_progress > stall_timeout:
+    copy = _ImageCopy(target, size, report, clock)
+    copy.progress(force=True)
+    while copy.done < size:
+        error = _stream_once(source, copy)
+        if error is None:
+            break
+        if clock() - copy.last_progress > stall_timeout:
             raise InstallError(f"image download stalled for {stall_timeout:g} s "
-                               f"at byte {done} of {size}: {error}")
-        log.warning("image stream interrupted at %d/%d: %s; resuming", done, size, error)
-        sleep(backoff.delay(attempt))
-        attempt += 1
-    progress(force=True)
+                               f"at byte {copy.done} of {size}: {error}")
+        log.warning("image stream interrupted at %d/%d: %s; resuming", copy.done, size, error)
+        sleep(backoff.delay(copy.attempt))
+        copy.attempt += 1
+    copy.progress(force=True)
     os.fsync(target.fd)
     if not target.block:
         os.ftruncate(target.fd, size)
-    got = digest.hexdigest()
+    got = copy.digest.hexdigest()
     if got != sha256:
         raise InstallError(f"sha256 mismatch: the written image has {got}, expected {sha256}")
     return got

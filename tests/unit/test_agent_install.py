@@ -16,10 +16,14 @@ import pytest
 from agent.client import Backoff, NodeError, Unreachable
 from agent.install import (
     GIB,
+    SYNC_EVERY,
     InstallError,
     NoSuitableDisk,
     ProgressThrottle,
     RootDeviceHints,
+    build_progress,
+    decide_resume,
+    decide_sync,
     decide_target_disk,
     open_target,
     parse_install,
@@ -115,6 +119,52 @@ def test_progress_throttle_every_2_percent_or_2_seconds() -> None:
     assert t.due(1000, 3.0)            # always at the end
     t.mark(1000, 3.0)
     assert not t.due(1000, 10.0)
+
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize(("done", "size", "rate", "event"), [
+    (0, 30 * MIB, 0.0, {"percent": 0.0, "bytes_done": 0, "rate": 0.0,
+                        "message": "0 of 30 MiB at 0.0 MiB/s"}),
+    (15 * MIB, 30 * MIB, 12.5 * MIB, {"percent": 47.5, "bytes_done": 15 * MIB,
+                                      "rate": 13107200.0,
+                                      "message": "15 of 30 MiB at 12.5 MiB/s"}),
+    (30 * MIB, 30 * MIB, 1234.56, {"percent": 95.0, "bytes_done": 30 * MIB, "rate": 1234.6,
+                                   "message": "30 of 30 MiB at 0.0 MiB/s"}),
+    (1, 3, 0.0, {"percent": 31.67, "bytes_done": 1, "rate": 0.0,
+                 "message": "0 of 0 MiB at 0.0 MiB/s"}),
+])
+def test_build_progress(done: int, size: int, rate: float, event: dict) -> None:
+    assert build_progress(done, size, rate) == {"kind": "progress", "step": "writing image",
+                                                "bytes_total": size, **event}
+
+
+@pytest.mark.parametrize(("start", "done", "restart"), [
+    (0, 0, False),              # the first stream
+    (700_000, 700_000, False),  # Range honoured
+    (0, 700_000, True),         # the whole image again: start over
+    (100, 700_000, None),       # a gap or an overlap: refused
+    (800_000, 700_000, None),
+])
+def test_decide_resume(start: int, done: int, restart: bool | None) -> None:
+    if restart is None:
+        with pytest.raises(InstallError, match=f"resumed at {start}, expected {done}"):
+            decide_resume(start, done)
+    else:
+        assert decide_resume(start, done) is restart
+
+
+@pytest.mark.parametrize(("written", "synced", "due"), [
+    (0, 0, False),
+    (SYNC_EVERY - 1, 0, False),
+    (SYNC_EVERY, 0, True),
+    (2 * SYNC_EVERY - 1, SYNC_EVERY, False),
+    (2 * SYNC_EVERY + 5, SYNC_EVERY, True),
+    (10, SYNC_EVERY, False),    # restarted from 0 after a sync
+])
+def test_decide_sync(written: int, synced: int, due: bool) -> None:
+    assert decide_sync(written, synced) is due
 
 
 # --- write_image ---------------------------------------------------------------------
