@@ -8,7 +8,8 @@ conveniences that callers want (:func:`atomic_update`, :func:`cas`,
 :func:`create`) are written once here on top of it, so the real etcd store
 (:class:`lpmos.store.etcd.EtcdStore`) and the in-memory double
 (:class:`lpmos.store.memory.MemoryStore`) behave the same, and one contract
-test suite runs against both.
+test suite runs against both.  Fakes for tests that need a broken store or a
+count of requests are in :mod:`lpmos.store.testing`.
 
 Contract every implementation keeps:
 

@@ -1,9 +1,12 @@
-"""In-memory :class:`lpmos.store.Store` for unit tests, plus a Broken double.
+"""An in-memory :class:`lpmos.store.Store` that behaves like etcd.
 
-Behaves like etcd for everything the interface promises (one global
-revision, conditional commits, leases that expire, watches from a revision,
-compaction), and runs the same contract tests as the real store.  It is a
-test double: integration tests use a real etcd.
+Everything the interface promises holds (one global revision, conditional
+commits, leases that expire, watches from a revision, compaction), and it
+passes the same contract suite as the real store, so a test on it says what
+a test on etcd would.  It holds one process's data and keeps nothing:
+unit tests use it, and so does the standalone DHCP server run without an
+etcd endpoint.  The fakes that are not etcd-like (broken, counting) are in
+:mod:`lpmos.store.testing`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from lpmos.store import (
     Page,
     Put,
     StoreError,
-    StoreUnavailable,
 )
 
 
@@ -210,16 +212,3 @@ class MemoryWatch:
                 self._next = rev + 1
             yield [replace(e) for e in events], rev
 
-
-class BrokenStore:
-    """A store whose every call fails as an unreachable etcd would."""
-
-    timeout = 0.1
-
-    def _fail(self, *args: object, **kwargs: object) -> None:
-        raise StoreUnavailable("store is broken (test double)")
-
-    get = range = put = delete = commit = revision = grant = keepalive = revoke = watch = _fail
-
-    def close(self) -> None:
-        pass

@@ -131,13 +131,13 @@ def test_percent_encoded_mac_as_ipxe_sends_it(node: Node) -> None:
 
 
 def test_unknown_machine_discovers_with_no_etcd_request(node: Node) -> None:
-    node.store.http_calls.clear()
+    node.store.calls.clear()
     for i in range(20):
         r = boot(node, f"52:54:00:bb:00:{i:02x}", uuid=UUID, arch="x86_64", platform="pcbios")
         assert r.status_code == 200
         assert decision_of(r.text) == "discovery"
         assert "kernel --name vmlinuz " + node.url + "/images/live/vmlinuz" in r.text
-    assert node.store.http_calls == []
+    assert node.store.calls == []
     assert node.ctx.metrics.get("http_boot_script_etcd_requests_total",
                                 decision="discovery") == 0
     assert node.ctx.metrics.get("http_boot_scripts_total", decision="discovery") == 20
@@ -168,11 +168,11 @@ def test_task_lifecycle_drives_the_boot_script(node: Node, tasks: TaskService) -
     assert decision_of(boot(node).text) == "discovery"
     tasks.transition(IDC, "SN1", "approved", by="bob")
     synced(node, "SN1", "approved")
-    node.store.http_calls.clear()
+    node.store.calls.clear()
     r = boot(node, platform="pcbios")
     assert decision_of(r.text) == "claim"
     assert "lpmos.mode=install" in r.text
-    assert node.store.http_calls.count("commit") == 1      # the CAS claim
+    assert node.store.calls.count("commit") == 1      # the CAS claim
     stored = tasks.get(IDC, "SN1")
     assert stored is not None and stored.task.status == "booting"
     assert stored.task.claimed_by == "node-a"
@@ -182,9 +182,9 @@ def test_task_lifecycle_drives_the_boot_script(node: Node, tasks: TaskService) -
     assert decision_of(boot(node).text) == "continue"
     tasks.transition(IDC, "SN1", "cancelled", by="bob")
     synced(node, "SN1", "cancelled")
-    node.store.http_calls.clear()
+    node.store.calls.clear()
     assert decision_of(boot(node).text) == "localboot"
-    assert node.store.http_calls == []
+    assert node.store.calls == []
 
 
 def test_lookup_by_uuid_when_the_mac_is_unknown(node: Node, tasks: TaskService) -> None:

@@ -17,7 +17,7 @@ from lpmos.metrics import Registry
 from lpmos.models import ProgressEvent, Task
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
-from lpmos.store.memory import BrokenStore
+from lpmos.store.testing import BrokenStore
 from lpmos.tasks import TaskService
 
 MAC = "52:54:00:5f:00:01"
@@ -99,7 +99,7 @@ def test_spool_survives_a_node_restart(etcd_store: EtcdStore, keys: Keys,
     tasks = TaskService(etcd_store, keys)
     tasks.create(Task(idc=IDC, sn="RS-1", mac=MAC, os_type="Lab OS"), by="a")
     spool = tmp_path / "spool"
-    down = EventPipeline(TaskService(BrokenStore(), keys), IDC, Registry(), spool,  # type: ignore[arg-type]
+    down = EventPipeline(TaskService(BrokenStore(), keys), IDC, Registry(), spool,
                          interval=0.05)
     evs = [ProgressEvent.from_dict(e) for e in events(1, 5)]
     done = down.submit("RS-1", evs[:3])

@@ -17,6 +17,7 @@ from lpmos.catalog import parse_catalog
 from lpmos.models import Progress, ProgressEvent, Server, Task
 from lpmos.store.keys import Keys
 from lpmos.store.memory import MemoryStore
+from lpmos.store.testing import CountingStore
 from lpmos.tasks import TaskService
 from web.http import ApiError, json_depth, parse_json_body
 from web.index import ConsoleCache, ConsoleIndex
@@ -299,22 +300,6 @@ def test_oversized_body_refused_before_it_is_read(env: WebEnv) -> None:
 # -- lists, filters, pagination (served from the cache) -----------------------------------------
 
 
-class CountingStore:
-    """Passes through to the real store and counts range reads."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.ranges = 0
-        self.timeout = inner.timeout
-
-    def range(self, *args: Any, **kwargs: Any) -> Any:
-        self.ranges += 1
-        return self.inner.range(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 def test_pagination_filters_and_no_range_reads_per_request(etcd_store: Any, keys: Keys) -> None:
     store = CountingStore(etcd_store)
     env = WebEnv(store, keys)
@@ -325,7 +310,7 @@ def test_pagination_filters_and_no_range_reads_per_request(etcd_store: Any, keys
             r = c.post("/api/v1/tasks/batch", json=chunk, headers=env.headers("operator"))
             assert r.status_code == 201, r.get_json()
         TaskService(env.store, env.keys).transition("dc1", "page-001", "approved", by="x")
-        reads_before = store.ranges
+        reads_before = store.calls.count("range")
         seen: list[str] = []
         cursor = None
         pages = 0
@@ -358,7 +343,7 @@ def test_pagination_filters_and_no_range_reads_per_request(etcd_store: Any, keys
         assert r.status_code == 400
         r = c.get("/api/v1/tasks?cursor=!!!", headers=env.headers("viewer"))
         assert r.status_code == 400
-        assert store.ranges == reads_before     # every list came from the watch cache
+        assert store.calls.count("range") == reads_before     # every list came from the watch cache
     finally:
         env.close()
 
