@@ -8,12 +8,17 @@
     booting → succeeded | failed (an installer may report before any progress)
 
 :func:`check_transition` is pure: it says whether a move is allowed and
-raises :class:`IllegalTransition` naming both states when it is not.  The CAS
-that applies a transition lives in :mod:`lpmos.tasks`.
+raises :class:`IllegalTransition` naming both states when it is not.
+:func:`decide_transition` is the one rule of what a transition writes, for
+every writer (the API, the reaper, a machine's report, a node's install
+claim); :func:`lpmos.tasks.apply_transition` applies its :class:`Move` to a
+task, and the CAS that stores it lives in :mod:`lpmos.tasks` and
+:mod:`bootsvc.state.claim`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 #: The progress step an agent reports once the disk is written and it reboots
@@ -101,3 +106,73 @@ def check_transition(current: TaskStatus | str, target: TaskStatus | str) -> Non
     """Raise :class:`IllegalTransition` unless ``current → target`` is allowed."""
     if not can_transition(current, target):
         raise IllegalTransition(current, target)
+
+
+#: What a new attempt clears: who claimed it, its times and its progress.
+_RESTART: tuple[tuple[str, str | float], ...] = (
+    ("reason", ""), ("finished_at", 0.0), ("started_at", 0.0), ("claimed_by", ""),
+    ("progress.percent", 0.0), ("progress.step", ""), ("progress.message", ""),
+)
+
+
+@dataclass(frozen=True)
+class Move:
+    """What one transition writes to a task.
+
+    The task's status becomes ``target`` and its history gains the entry
+    ``current → target`` at ``at`` by ``by`` for ``reason``; ``fields`` are
+    the task's attributes set (``progress.NAME`` for its progress record's),
+    in order.  ``new_attempt``: the attempt counter goes up by one and the
+    per-source event counters start afresh.  ``served_by``: the regional node
+    that claimed the install serves this attempt (``""``: not a claim).
+    """
+
+    current: TaskStatus
+    target: TaskStatus
+    at: float
+    by: str
+    reason: str = ""
+    fields: tuple[tuple[str, str | float], ...] = ()
+    new_attempt: bool = False
+    served_by: str = ""
+
+
+def decide_transition(current: TaskStatus | str, target: TaskStatus | str, *, at: float,
+                      by: str, reason: str = "", reported: bool = False,
+                      served_by: str = "") -> Move:
+    """The :class:`Move` of a task from ``current`` to ``target`` at time
+    ``at``, or :class:`IllegalTransition` when the state machine forbids it.
+
+    An operator's or a node's move (``reported`` False, checked against
+    :data:`TRANSITIONS`): ``approved`` starts a new attempt (approver and
+    time recorded, the previous attempt's claim, times, reason and progress
+    cleared); ``booting`` records the start; a final state records the end
+    and ``reason`` when one is given.  A machine's own report (``reported``,
+    checked against :data:`REPORTABLE`) only says what the machine saw: a
+    final state records the end, and ``failed`` its reason (``reported
+    failed`` when the machine gave none).  ``succeeded`` fills the progress
+    bar either way.  ``served_by`` names the node whose install claim makes
+    the move.
+    """
+    current, target = TaskStatus(current), TaskStatus(target)
+    if target not in (REPORTABLE if reported else TRANSITIONS)[current]:
+        raise IllegalTransition(current, target)
+    fields: list[tuple[str, str | float]] = []
+    new_attempt = False
+    if reported:
+        if target in FINAL:
+            fields.append(("finished_at", at))
+        if target is S.FAILED:
+            fields.append(("reason", reason or "reported failed"))
+    elif target is S.APPROVED:
+        fields += [("approved_by", by), ("approved_at", at), *_RESTART]
+        new_attempt = True
+    elif target is S.BOOTING:
+        fields.append(("started_at", at))
+    elif target in FINAL:
+        fields.append(("finished_at", at))
+        if reason:
+            fields.append(("reason", reason))
+    if target is S.SUCCEEDED:
+        fields.append(("progress.percent", 100.0))
+    return Move(current, target, at, by, reason, tuple(fields), new_attempt, served_by)

@@ -18,7 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lpmos.models import ProgressEvent, Task, Transition, ValidationError, now
-from lpmos.states import FINAL, REPORTABLE, NotInState, TaskStatus, check_transition
+from lpmos.states import (
+    FINAL,
+    IllegalTransition,
+    Move,
+    NotInState,
+    TaskStatus,
+    decide_transition,
+)
 from lpmos.store import (
     Compare,
     Conflict,
@@ -73,6 +80,23 @@ class Stored:
 AuditFn = Callable[[Stored | None, Task | None], Op]
 
 
+def _as_created(task: Task, *, by: str, at: float) -> None:
+    """Validate ``task`` and make it a new ``pending`` task created by ``by``."""
+    task.validate()
+    task.status = TaskStatus.PENDING.value
+    task.created_by = by
+    task.created_at = task.updated_at = at
+    task.add_transition(Transition("", TaskStatus.PENDING.value, at, by, "created"))
+
+
+def _still_active(task: Task, old: Task) -> str:
+    """Why ``task`` may not replace ``old``, the stored task of its machine
+    (``""``: it may, ``old`` has ended)."""
+    if old.state in FINAL:
+        return ""
+    return f"{task.idc}/{task.sn} already has {_a(old.status)} task"
+
+
 class TaskService:
     def __init__(self, store: Store, keys: Keys) -> None:
         self.store = store
@@ -89,21 +113,15 @@ class TaskService:
         machine may be replaced only when it has ended (succeeded, failed,
         rejected, cancelled); an active one raises :class:`TaskExists`.
         ``audit`` gets the ended task being replaced as ``before``."""
-        task.validate()
-        stamp = now()
-        task.status = TaskStatus.PENDING.value
-        task.created_by = by
-        task.created_at = task.updated_at = stamp
-        task.add_transition(Transition("", TaskStatus.PENDING.value, stamp, by, "created"))
+        _as_created(task, by=by, at=now())
         key = self.keys.task(task.idc, task.sn)
         current = self.store.get(key)
         expected = 0
         replaced: Stored | None = None
         if current is not None:
             old = Task.from_json(current.value)
-            if old.state not in FINAL:
-                raise TaskExists(key, current.mod_revision,
-                                 f"{task.idc}/{task.sn} already has {_a(old.status)} task")
+            if busy := _still_active(task, old):
+                raise TaskExists(key, current.mod_revision, busy)
             expected = current.mod_revision
             replaced = Stored(old, current.mod_revision)
         ops: list[Op] = [Put(key, task.to_json())]
@@ -134,18 +152,12 @@ class TaskService:
                                f"{task.idc}/{task.sn} also in row {seen[key]}"})
                 continue
             seen[key] = i
-            task.validate()
-            task.status = TaskStatus.PENDING.value
-            task.created_by = by
-            task.created_at = task.updated_at = stamp
-            task.add_transition(Transition("", TaskStatus.PENDING.value, stamp, by, "created"))
+            _as_created(task, by=by, at=stamp)
             current = self.store.get(key)
             expected = 0
             if current is not None:
-                old = Task.from_json(current.value)
-                if old.state not in FINAL:
-                    errors.append({"row": i, "field": "sn", "error":
-                                   f"{task.idc}/{task.sn} already has {_a(old.status)} task"})
+                if busy := _still_active(task, Task.from_json(current.value)):
+                    errors.append({"row": i, "field": "sn", "error": busy})
                     continue
                 expected = current.mod_revision
             compares.append(Compare(key, expected))
@@ -231,30 +243,8 @@ class TaskService:
         def fn(task: Task) -> None:
             if only is not None and task.status != only.value:
                 raise NotInState(task.status, target, only)
-            check_transition(task.status, target)
-            stamp = now()
-            task.add_transition(Transition(task.status, target.value, stamp, by, reason))
-            task.status = target.value
-            if target is TaskStatus.APPROVED:
-                task.approved_by = by
-                task.approved_at = stamp
-                task.attempt += 1
-                task.reason = ""
-                task.finished_at = 0.0
-                task.started_at = 0.0
-                task.claimed_by = ""
-                task.progress.percent = 0.0
-                task.progress.step = ""
-                task.progress.message = ""
-                task.event_seq = {}
-            elif target is TaskStatus.BOOTING:
-                task.started_at = stamp
-            elif target in FINAL:
-                task.finished_at = stamp
-                if reason:
-                    task.reason = reason
-            if target is TaskStatus.SUCCEEDED:
-                task.progress.percent = 100.0
+            apply_transition(task, decide_transition(task.status, target, at=now(), by=by,
+                                                     reason=reason))
             if mutate is not None:
                 mutate(task)
 
@@ -281,24 +271,16 @@ class TaskService:
                 task.event_seq[ev.source] = ev.seq
                 applied.append(ev.event_id)
                 stamp = now()
-                if ev.kind == "state":
-                    target = TaskStatus(ev.status)
-                    if task.status == target.value:
-                        pass
-                    elif target in _allowed_from(task.state):
-                        task.add_transition(Transition(task.status, target.value, stamp,
-                                                       by or ev.source, ev.message))
-                        task.status = target.value
-                        if target in FINAL:
-                            task.finished_at = stamp
-                            if target is TaskStatus.FAILED:
-                                task.reason = ev.message or "reported failed"
-                        if target is TaskStatus.SUCCEEDED:
-                            task.progress.percent = 100.0
-                    else:
-                        task.add_log(f"ignored {ev.source} state {target.value} "
+                if ev.kind == "state" and task.status != ev.status:
+                    try:
+                        move = decide_transition(task.status, ev.status, at=stamp,
+                                                 by=by or ev.source, reason=ev.message,
+                                                 reported=True)
+                    except IllegalTransition:
+                        task.add_log(f"ignored {ev.source} state {TaskStatus(ev.status).value} "
                                      f"(task is {task.status})")
                         continue
+                    apply_transition(task, move)
                 if ev.percent is not None:
                     task.progress.percent = ev.percent
                 if ev.step:
@@ -334,6 +316,19 @@ class TaskService:
         return task
 
 
-def _allowed_from(state: TaskStatus) -> frozenset[TaskStatus]:
-    """Where a machine's ``state`` event may move a task from ``state``."""
-    return REPORTABLE[state]
+
+def apply_transition(task: Task, move: Move) -> None:
+    """Write ``move`` (:func:`lpmos.states.decide_transition`) into ``task``:
+    the one place a task's status changes.  The caller stores it by CAS."""
+    task.add_transition(Transition(move.current.value, move.target.value, move.at, move.by,
+                                   move.reason))
+    task.status = move.target.value
+    for name, value in move.fields:
+        record, _, attr = name.rpartition(".")
+        setattr(task.progress if record == "progress" else task, attr, value)
+    if move.new_attempt:
+        task.attempt += 1
+        task.event_seq = {}
+    if move.served_by:
+        task.served_by(move.served_by)
+    task.updated_at = move.at

@@ -21,6 +21,10 @@ change — unless *another* node claimed the task less than
 ``claim_guard`` seconds ago: that is the losing side of a race whose
 cache already shows the winner's claim, and it waits like a CAS loser.
 
+Whether the task read may be claimed, and what the claim writes, is the
+pure rule :func:`bootsvc.policy.claim.decide_claim`; this module does the
+reads and the conditional writes.
+
 Two nodes racing for one task both read ``approved`` at revision R; both
 commit on R; etcd lets exactly one through.  The loser gets
 :class:`lpmos.store.Conflict` and answers "wait and retry".  Every failure
@@ -34,11 +38,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from bootsvc.policy.claim import decide_claim
 from bootsvc.state.tokens import MachineTokens
-from lpmos.models import Server, Task, Transition, ValidationError, now
-from lpmos.states import REBOOT_STEP, TaskStatus
+from lpmos.models import Server, Task, ValidationError, now
 from lpmos.store import Compare, Conflict, Op, Put, Store, StoreError
 from lpmos.store.keys import Keys
+from lpmos.tasks import apply_transition
 
 
 @dataclass(frozen=True)
@@ -97,47 +102,22 @@ def claim_install(
         server = Server.from_json(server_kv.value) if server_kv is not None else None
     except ValidationError as exc:
         return Outcome(False, f"unreadable task or server record: {exc}", etcd_requests=requests)
-    if server is not None and server.conflict:
-        return Outcome(False, f"machine flagged as a conflict ({server.conflict}); no install",
-                       task, server, kv.mod_revision, etcd_requests=requests)
-    if boot_uuid and server is not None and server_kv is not None and server.uuid \
-            and boot_uuid != server.uuid:
-        why = (f"uuid {boot_uuid} booted with a MAC of {sn}, which is registered with "
-               f"uuid {server.uuid}")
-        server.conflict = why[:300]
+    decision = decide_claim(task, server, node=node, continuing=continuing, at=now(),
+                            claim_guard=claim_guard, boot_uuid=boot_uuid)
+    if decision.conflict and server is not None and server_kv is not None:
+        server.conflict = decision.conflict
         try:
             requests += 1
             store.commit([Compare(keys.server(idc, sn), server_kv.mod_revision)],
                          [Put(keys.server(idc, sn), server.to_json())])
         except (Conflict, StoreError):
             pass      # refused either way; the next boot of the clone flags it again
-        return Outcome(False, f"machine flagged as a conflict ({why}); no install", task,
-                       server, kv.mod_revision, etcd_requests=requests)
-    status = task.state
-    if continuing:
-        if status not in (TaskStatus.BOOTING, TaskStatus.INSTALLING):
-            return Outcome(False, f"the task is now {status.value}", task, server,
-                           kv.mod_revision, etcd_requests=requests)
-        if task.progress.step == REBOOT_STEP:
-            return Outcome(False, "the image is written; the next boot goes to disk", task,
-                           server, kv.mod_revision, etcd_requests=requests)
-        if task.claimed_by != node and 0 <= now() - task.started_at < claim_guard:
-            return Outcome(False, f"the install was claimed by {task.claimed_by or 'another node'}"
-                           " moments ago", task, server, kv.mod_revision, etcd_requests=requests)
-    elif status is not TaskStatus.APPROVED:
-        who = f" by {task.claimed_by}" if task.claimed_by else ""
-        return Outcome(False, f"the task is now {status.value}{who}", task, server,
-                       kv.mod_revision, etcd_requests=requests)
-
+    if not decision.install:
+        return Outcome(False, decision.reason, task, server, kv.mod_revision,
+                       etcd_requests=requests)
     ops: list[Op] = []
-    if not continuing:
-        stamp = now()
-        task.add_transition(Transition(TaskStatus.APPROVED.value, TaskStatus.BOOTING.value, stamp,
-                                       f"node:{node}", "install boot served"))
-        task.status = TaskStatus.BOOTING.value
-        task.started_at = stamp
-        task.updated_at = stamp
-        task.served_by(node)
+    if decision.move is not None:
+        apply_transition(task, decision.move)
         ops.append(Put(task_key, task.to_json()))
     token = ""
     if renew == "delete":
@@ -146,7 +126,7 @@ def claim_install(
         token, put = tokens.issue(sn, why="install script")
         ops.append(put)
     if not ops:       # continuing with the token kept: the fresh read was the check
-        return Outcome(True, "install confirmed", task, server, kv.mod_revision,
+        return Outcome(True, decision.reason, task, server, kv.mod_revision,
                        etcd_requests=requests)
     try:
         requests += 1
@@ -161,6 +141,6 @@ def claim_install(
         tokens.learn(sn, token, revision)
     elif renew == "delete":
         tokens.forget(sn)
-    return Outcome(True, "install claimed" if not continuing else "install confirmed", task,
-                   server, revision if not continuing else kv.mod_revision, token,
+    return Outcome(True, decision.reason, task, server,
+                   revision if decision.move is not None else kv.mod_revision, token,
                    etcd_requests=requests)

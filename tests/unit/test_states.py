@@ -9,9 +9,11 @@ from lpmos.states import (
     REPORTABLE,
     TRANSITIONS,
     IllegalTransition,
+    Move,
     TaskStatus,
     can_transition,
     check_transition,
+    decide_transition,
 )
 
 S = TaskStatus
@@ -57,3 +59,64 @@ def test_a_machine_cannot_report_an_approved_task_failed() -> None:
     assert S.FAILED not in REPORTABLE[S.APPROVED]
     assert {(a, b) for a, bs in REPORTABLE.items() for b in bs} == ALLOWED - {
         (S.APPROVED, S.FAILED)}
+
+
+RESTART = {"reason": "", "finished_at": 0.0, "started_at": 0.0, "claimed_by": "",
+           "progress.percent": 0.0, "progress.step": "", "progress.message": ""}
+
+#: (current, target, reason, reported, what the move writes, a new attempt)
+WRITES = [
+    (S.PENDING, S.APPROVED, "", False, {"approved_by": "ann", "approved_at": 7.0, **RESTART},
+     True),
+    (S.FAILED, S.APPROVED, "retry", False,
+     {"approved_by": "ann", "approved_at": 7.0, **RESTART}, True),
+    (S.APPROVED, S.BOOTING, "", False, {"started_at": 7.0}, False),
+    (S.BOOTING, S.INSTALLING, "", False, {}, False),
+    (S.INSTALLING, S.SUCCEEDED, "", False, {"finished_at": 7.0, "progress.percent": 100.0},
+     False),
+    (S.INSTALLING, S.SUCCEEDED, "done", False,
+     {"finished_at": 7.0, "reason": "done", "progress.percent": 100.0}, False),
+    (S.APPROVED, S.FAILED, "nobody claimed it", False,
+     {"finished_at": 7.0, "reason": "nobody claimed it"}, False),
+    (S.INSTALLING, S.CANCELLED, "", False, {"finished_at": 7.0}, False),
+    (S.PENDING, S.REJECTED, "no", False, {"finished_at": 7.0, "reason": "no"}, False),
+    # a machine's report records what it saw and restarts nothing
+    (S.BOOTING, S.INSTALLING, "partitioning", True, {}, False),
+    (S.INSTALLING, S.SUCCEEDED, "all done", True,
+     {"finished_at": 7.0, "progress.percent": 100.0}, False),
+    (S.INSTALLING, S.FAILED, "disk full", True, {"finished_at": 7.0, "reason": "disk full"},
+     False),
+    (S.BOOTING, S.FAILED, "", True, {"finished_at": 7.0, "reason": "reported failed"}, False),
+    (S.APPROVED, S.BOOTING, "", True, {}, False),
+    (S.FAILED, S.APPROVED, "", True, {}, False),
+]
+
+
+@pytest.mark.parametrize("current,target,reason,reported,fields,new_attempt", WRITES)
+def test_decide_transition_writes(current: S, target: S, reason: str, reported: bool,
+                                  fields: dict[str, object], new_attempt: bool) -> None:
+    move = decide_transition(current.value, target.value, at=7.0, by="ann", reason=reason,
+                             reported=reported)
+    assert move == Move(current, target, 7.0, "ann", reason, move.fields, new_attempt)
+    assert dict(move.fields) == fields
+    assert len(move.fields) == len(fields)
+
+
+def test_decide_transition_of_a_claim_names_the_node() -> None:
+    move = decide_transition(S.APPROVED, S.BOOTING, at=7.0, by="node:n1",
+                             reason="install boot served", served_by="n1")
+    assert move.served_by == "n1" and dict(move.fields) == {"started_at": 7.0}
+
+
+@pytest.mark.parametrize("current,target", ILLEGAL)
+def test_decide_transition_refuses_what_the_machine_forbids(current: S, target: S) -> None:
+    with pytest.raises(IllegalTransition):
+        decide_transition(current, target, at=7.0, by="ann")
+    with pytest.raises(IllegalTransition):
+        decide_transition(current, target, at=7.0, by="agent", reported=True)
+
+
+def test_a_machine_report_cannot_fail_an_approved_task() -> None:
+    decide_transition(S.APPROVED, S.FAILED, at=7.0, by="reaper")
+    with pytest.raises(IllegalTransition):
+        decide_transition(S.APPROVED, S.FAILED, at=7.0, by="agent", reported=True)
