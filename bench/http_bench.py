@@ -61,8 +61,8 @@ from bench.http_loadgen import (
     median,
     run,
 )
-from tests import catalog_fixture
-from tests.catalog_fixture import ROCKY_9
+from lpmos import testing
+from lpmos.testing import ROCKY_9
 
 REPO = Path(__file__).resolve().parent.parent
 IDC = "dc1"
@@ -278,9 +278,9 @@ def write_catalog(root: Path, *, disk_bytes: int = 1 << 20) -> Path:
     """A catalog in ``root``: the live image, an image-mode OS (``lab``, with
     its ``size``) and an installer-mode Rocky 9 (official mirror URLs, never
     fetched)."""
-    return catalog_fixture.write_catalog(root, disk_name="lab", disk_bytes=disk_bytes,
-                                         write_size=True, live_bytes=(64 * 1024, 64 * 1024),
-                                         installers=(ROCKY_9,)).path
+    return testing.write_catalog(root, disk_name="lab", disk_bytes=disk_bytes,
+                                 write_size=True, live_bytes=(64 * 1024, 64 * 1024),
+                                 installers=(ROCKY_9,)).path
 
 
 def machine_mac(i: int, base: int = 0x02) -> str:

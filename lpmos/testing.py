@@ -1,6 +1,10 @@
-"""A temporary image catalog for tests and benchmarks: ``catalog.toml`` plus
-small random image files (shared by the boot HTTP integration tests, the
-reliability suite and :mod:`bench.http_bench`)."""
+"""Test support for the core: a temporary image catalog, ``catalog.toml``
+plus small random image files, in the format :mod:`lpmos.catalog` reads.
+
+Tests and benchmarks both write catalogs with it; it lives in the core so
+that neither has to import the other.  The store fakes are in
+:mod:`lpmos.store.testing`, the control plane for tests in :mod:`web.testing`.
+"""
 
 from __future__ import annotations
 

@@ -1,97 +1,47 @@
 """Helpers for the boot HTTP integration tests: a regional node's HTTP
 service on a real etcd, a test image catalog, a store that counts the
-requests made from HTTP worker threads."""
+requests made from the HTTP service's threads."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bootsvc.context import NodeContext
-from bootsvc.http.app import SETTINGS, HttpService
+from bootsvc.http.service import HttpService
+from bootsvc.http.settings import SETTINGS
 from bootsvc.settings import NODE_SETTINGS
 from bootsvc.state.machines import MachineIndex
 from bootsvc.state.timeline import EtcdTimeline
+from lpmos import testing
 from lpmos.config import COMMON, resolve, settings_by_key
 from lpmos.metrics import Registry
-from lpmos.store import Compare, KeyValue, Op, Page
 from lpmos.store.cache import WatchCache
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
-from tests import catalog_fixture
-from tests.catalog_fixture import ROCKY_9, UBUNTU_24_04
+from lpmos.store.testing import CountingStore
+from lpmos.testing import ROCKY_9, UBUNTU_24_04
 
 IDC = "dc1"
 
 
-class CountingStore:
-    """Delegates to a real store; counts calls made on HTTP worker threads
-    (``http-loop`` answers inline, ``http-worker_N`` runs the app)."""
-
-    def __init__(self, inner: EtcdStore) -> None:
-        self.inner = inner
-        self.timeout = inner.timeout
-        self.http_calls: list[str] = []
-        self._lock = threading.Lock()
-
-    def _count(self, what: str) -> None:
-        if threading.current_thread().name.startswith("http-"):
-            with self._lock:
-                self.http_calls.append(what)
-
-    def get(self, key: str) -> KeyValue | None:
-        self._count("get")
-        return self.inner.get(key)
-
-    def range(self, prefix: str, **kw: Any) -> Page:
-        self._count("range")
-        return self.inner.range(prefix, **kw)
-
-    def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        self._count("put")
-        return self.inner.put(key, value, lease=lease)
-
-    def delete(self, key: str) -> bool:
-        self._count("delete")
-        return self.inner.delete(key)
-
-    def commit(self, compares: Sequence[Compare], ops: Sequence[Op]) -> int:
-        self._count("commit")
-        return self.inner.commit(compares, ops)
-
-    def revision(self) -> int:
-        self._count("revision")
-        return self.inner.revision()
-
-    def grant(self, ttl: int) -> int:
-        self._count("grant")
-        return self.inner.grant(ttl)
-
-    def keepalive(self, lease_id: int) -> int:
-        self._count("keepalive")
-        return self.inner.keepalive(lease_id)
-
-    def revoke(self, lease_id: int) -> None:
-        self.inner.revoke(lease_id)
-
-    def watch(self, prefix: str, start_revision: int) -> Any:
-        return self.inner.watch(prefix, start_revision)
-
-    def close(self) -> None:
-        self.inner.close()
+def on_http_thread() -> bool:
+    """Whether this call comes from the HTTP service (``http-loop`` answers
+    inline, ``http-worker_N`` runs the app)."""
+    return threading.current_thread().name.startswith("http-")
 
 
 def write_catalog(root: Path) -> tuple[Path, dict[str, bytes]]:
     """A catalog with the live image, an image-mode OS ("lab-os", 1 MiB) and
     installer entries (Rocky 9 and Ubuntu 24.04, official mirror URLs, never
     fetched); also the files' bytes."""
-    return catalog_fixture.write_catalog(root, disk_name="lab-os", disk_bytes=1 << 20,
-                                         live_bytes=(200_000, 300_000),
-                                         installers=(ROCKY_9, UBUNTU_24_04))
+    return testing.write_catalog(root, disk_name="lab-os", disk_bytes=1 << 20,
+                                 live_bytes=(200_000, 300_000),
+                                 installers=(ROCKY_9, UBUNTU_24_04))
 
 
 @dataclass
@@ -122,14 +72,14 @@ def start_node(etcd_url: str, keys: Keys, state_dir: Path, name: str, catalog: P
     config = resolve(settings, values, environ={}, config_file=None)
     # other services' settings (tftp.root ...) are not in this table
     config = config.with_values(**{k: v for k, v in flags.items() if k not in known})
-    store = CountingStore(EtcdStore([etcd_url], timeout=etcd_timeout))
-    cache = WatchCache(store, keys.idc(IDC), name=f"cache-{name}",  # type: ignore[arg-type]
+    store = CountingStore(EtcdStore([etcd_url], timeout=etcd_timeout), counted=on_http_thread)
+    cache = WatchCache(store, keys.idc(IDC), name=f"cache-{name}",
                        progress_interval=0.5).start(wait=10)
     machines = MachineIndex(cache, keys, IDC)
     metrics = Registry()
-    timeline = EtcdTimeline(store, keys, IDC, machines, metrics,  # type: ignore[arg-type]
+    timeline = EtcdTimeline(store, keys, IDC, machines, metrics,
                             node=name, interval=0.2)
-    ctx = NodeContext(config=config, idc=IDC, node_name=name, store=store,  # type: ignore[arg-type]
+    ctx = NodeContext(config=config, idc=IDC, node_name=name, store=store,
                       keys=keys, cache=cache, machines=machines, metrics=metrics,
                       timeline=timeline)
     service = HttpService(ctx).start()

@@ -18,7 +18,7 @@ from lpmos.config import COMMON, resolve
 from lpmos.models import ProgressEvent, Task
 from lpmos.store.cache import WatchCache
 from lpmos.tasks import TaskService
-from tests.catalog_fixture import write_catalog
+from lpmos.testing import write_catalog
 
 
 def _installing(svc: TaskService, sn: str, mac: str) -> None:

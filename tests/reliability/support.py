@@ -24,9 +24,9 @@ from typing import IO, Any
 import requests
 
 from bootsvc.wire import dhcp
+from lpmos import testing
 from lpmos.store.embedded import free_port
-from tests import catalog_fixture
-from tests.catalog_fixture import ROCKY_9
+from lpmos.testing import ROCKY_9
 
 REPO = Path(__file__).resolve().parents[2]
 IDC = "dc1"
@@ -59,9 +59,9 @@ def write_catalog(root: Path) -> Path:
     """A catalog with the live image (no kernel_args), an image-mode OS ("Lab
     OS") and an installer-mode OS ("Rocky Linux 9" without kernel_args,
     official URLs, never fetched)."""
-    return catalog_fixture.write_catalog(root, disk_name="lab-os", disk_bytes=256 * 1024,
-                                         live_bytes=(50_000, 50_000), live_kernel_args=False,
-                                         installers=(ROCKY_9._replace(kernel_args=""),)).path
+    return testing.write_catalog(root, disk_name="lab-os", disk_bytes=256 * 1024,
+                                 live_bytes=(50_000, 50_000), live_kernel_args=False,
+                                 installers=(ROCKY_9._replace(kernel_args=""),)).path
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
