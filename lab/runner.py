@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lpmos.procs import pid_alive
+
 REPO = Path(__file__).resolve().parent.parent
 NS_PREFIX = "lpmos-lab-"
 SUBNET = "10.77.0"
@@ -101,16 +103,6 @@ def _stderr_log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stop(proc: subprocess.Popen[bytes] | None, *, grace: float = 10.0) -> None:
     """SIGTERM our child's process group (started with start_new_session),
     SIGKILL after ``grace`` seconds."""
@@ -135,7 +127,7 @@ def cleanup_stale(log: Callable[[str], None] = lambda _m: None) -> list[str]:
     for line in done.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)(?:-\d+)?(?:-site)?", name)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
         for pid in pids:

@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lpmos.procs import pid_alive
+
 log = logging.getLogger(__name__)
 
 ETCD_BINARY_CANDIDATES = ("etcd", "/usr/bin/etcd")
@@ -113,21 +115,6 @@ def healthy(client_url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child counts as dead
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _is_our_etcd(pid: int, data_dir: Path) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -168,20 +155,20 @@ class LocalEtcd:
             with contextlib.suppress(FileNotFoundError):
                 (users_dir / str(os.getpid())).unlink()
             others = [p for p in users_dir.glob("*") if p.name.isdigit() and
-                      _pid_alive(int(p.name))]
+                      pid_alive(int(p.name))]
             if others:
                 return
             self._stop()
 
     def _stop(self) -> None:
-        if not _pid_alive(self.pid) or not _is_our_etcd(self.pid, self.data_dir):
+        if not pid_alive(self.pid) or not _is_our_etcd(self.pid, self.data_dir):
             return
         os.kill(self.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 break
-            if self.process is None and not _pid_alive(self.pid):
+            if self.process is None and not pid_alive(self.pid):
                 break
             time.sleep(0.05)
         else:
@@ -269,7 +256,7 @@ def ensure_local_etcd(state_dir: Path, options: EtcdOptions | None = None) -> Lo
             try:
                 info = json.loads(info_path.read_text())
                 pid, url = int(info["pid"]), str(info["client_url"])
-                if _pid_alive(pid) and _is_our_etcd(pid, base / "data") and healthy(url):
+                if pid_alive(pid) and _is_our_etcd(pid, base / "data") and healthy(url):
                     running = LocalEtcd(url, pid, base, started_here=False)
             except (ValueError, KeyError, OSError):
                 running = None

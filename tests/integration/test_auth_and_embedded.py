@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from lpmos.auth import Auth, Role, hash_password, verify_password
-from lpmos.store.embedded import _pid_alive, ensure_local_etcd, healthy
+from lpmos.procs import pid_alive as _pid_alive
+from lpmos.store.embedded import ensure_local_etcd, healthy
 
 REPO = Path(__file__).resolve().parents[2]
 

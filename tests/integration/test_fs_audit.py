@@ -63,7 +63,8 @@ import requests
 
 from bootsvc.wire import dhcp
 from lpmos.models import Task
-from lpmos.store.embedded import _is_our_etcd, _pid_alive
+from lpmos.procs import pid_alive as _pid_alive
+from lpmos.store.embedded import _is_our_etcd
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.tasks import TaskService
