@@ -7,12 +7,17 @@
   MAC (the task's MAC, then server records' MACs), then UUID, then serial
   — with the cache's answers passed in; else the reported DMI serial when
   it is a valid SN and not a placeholder, else ``mac-<boot MAC hex>``.
-* :meth:`Registrar.register` writes the server record and the MAC index in
-  one transaction (CAS on the record and on every index key it changes),
-  with the machine's token when one is issued.  A MAC already indexed to
-  another machine, or a record whose UUID differs from the agent's (a
-  cloned VM), sets :attr:`lpmos.models.Server.conflict` on the records
-  involved; the boot decision then never serves them an install.
+* :func:`decide_token`, :func:`decide_mac_owner` and
+  :func:`build_server_record` (pure) decide the token (issue, keep,
+  re-issue to the same boot, refuse), each MAC's index entry, and the
+  record to write.
+* :meth:`Registrar.register` reads the record, the token and the MAC index,
+  lets those decide, and writes the server record and the MAC index in one
+  transaction (CAS on the record and on every index key it changes), with
+  the machine's token when one is issued.  A MAC already indexed to another
+  machine, or a record whose UUID differs from the agent's (a cloned VM),
+  sets :attr:`lpmos.models.Server.conflict` on the records involved; the
+  boot decision then never serves them an install.
 * :meth:`Registrar.heartbeat` keeps ``keys.lease(idc, sn)`` alive on an
   etcd lease (TTL about 3 times the heartbeat interval).  Leases show liveness;
   they never decide safety.
@@ -27,8 +32,8 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from bootsvc.state.machines import MachineIndex
 from bootsvc.state.tokens import MachineTokens, TokenError, token_digest
@@ -42,7 +47,7 @@ from lpmos.models import (
     validate_text,
     validate_uuid,
 )
-from lpmos.store import Compare, Conflict, Op, Put, Store, StoreError
+from lpmos.store import Compare, Conflict, KeyValue, Op, Put, Store, StoreError
 from lpmos.store.cache import WatchCache
 from lpmos.store.keys import Keys
 
@@ -156,6 +161,71 @@ def decide_identity(req: RegisterRequest, known: dict[str, str | None]) -> str:
     return mac_sn(req.boot_mac)
 
 
+TokenAction = Literal["issue", "keep", "reissue", "refuse"]
+
+
+def decide_token(stored: bytes | None, presented: str | None, boot_id: str) -> TokenAction:
+    """What a registration does with the machine's token, given the stored
+    token record (None: none), the token the request ``presented`` and its
+    boot id: ``issue`` a first one, ``keep`` the one presented, ``reissue``
+    or ``refuse`` (409) when the request does not carry the stored one.
+
+    ``reissue`` is for the same boot registering again after its first
+    answer (with the token) was lost.  It proves itself with its boot id,
+    which only the machine and the network path have seen, as they saw the
+    token; the old token dies with the re-issue."""
+    if stored is None:
+        return "issue"
+    digest = _digest_of(stored)
+    if presented and digest is not None and \
+            hmac.compare_digest(token_digest(presented), digest):
+        return "keep"
+    if _same_boot(stored, boot_id):
+        return "reissue"
+    return "refuse"
+
+
+MacDecision = Literal["own", "claim", "taken"]
+
+
+def decide_mac_owner(sn: str, mac: str, owner: str) -> MacDecision:
+    """What registering ``sn`` does with the index entry of ``mac``, which
+    names ``owner`` ("" for none): ``own`` (it is ``sn``'s already),
+    ``claim`` it (unindexed, or held by a ``mac-<hex>`` SN, which is a
+    placeholder identity, not a machine), or leave it ``taken``: another
+    machine holds it, the index keeps its first owner and both records are
+    flagged."""
+    if owner and owner != sn and owner != mac_sn(mac) and not owner.startswith("mac-"):
+        return "taken"
+    return "own" if owner == sn else "claim"
+
+
+def build_server_record(old: Server | None, req: RegisterRequest, *, idc: str, sn: str,
+                        ip: str, stamp: float, taken: list[tuple[str, str]]) -> Server:
+    """The server record after ``req`` at ``stamp``: ``old`` (or a new one
+    first seen now) with the request's MACs added, its UUID, arch, inventory,
+    boot MAC and ``ip``.  A UUID other than the recorded one (a cloned VM)
+    or a MAC another machine holds (``taken``: (mac, owner) pairs) flags it,
+    unless it is flagged already.  ``old`` is not changed.  Raises
+    :class:`lpmos.models.ValidationError`."""
+    server = replace(old) if old is not None else Server(idc=idc, sn=sn, first_seen=stamp)
+    conflicts: list[str] = []
+    if server.uuid and req.uuid and server.uuid != req.uuid:
+        conflicts.append(f"uuid {req.uuid} registered for {sn}, which had uuid {server.uuid}")
+    conflicts += [f"mac {mac} also belongs to {owner}" for mac, owner in taken]
+    server.macs = list(dict.fromkeys([*server.macs, *req.macs]))[:MACS_MAX]
+    server.uuid = req.uuid or server.uuid
+    server.arch = req.arch
+    server.inventory = req.inventory
+    server.boot_mac = req.boot_mac
+    server.ip = ip[:64]
+    server.last_seen = stamp
+    server.state = "registered"
+    if conflicts and not server.conflict:
+        server.conflict = "; ".join(conflicts)[:300]
+    return server.validate()
+
+
 @dataclass
 class _Lease:
     lease_id: int
@@ -209,70 +279,19 @@ class Registrar:
         token_key = self.keys.machine_token(idc, sn)
         server_kv = self.store.get(server_key)
         token_kv = self.store.get(token_key)
-        reissue = False
-        if token_kv is not None:
-            stored = _digest_of(token_kv.value)
-            if not presented or stored is None or \
-                    not hmac.compare_digest(token_digest(presented), stored):
-                if _same_boot(token_kv.value, req.boot_id):
-                    # the same boot registering again: its first answer (with
-                    # the token) was lost.  It proves itself with its boot id,
-                    # which only the machine and the network path have seen,
-                    # as they saw the token; the old token dies here.
-                    reissue = True
-                    self.metrics.inc("http_register_reissued_total")
-                else:
-                    self.metrics.inc("http_register_refused_total", reason="token_held")
-                    raise RegistrationConflict(
-                        f"{sn} already holds a token from an earlier registration and this "
-                        "request does not carry it; reboot the machine to reset it")
+        action = decide_token(token_kv.value if token_kv else None, presented, req.boot_id)
+        self._count_token(sn, action)
         stamp = time.time()
-        if server_kv is not None:
-            server = Server.from_json(server_kv.value)
-        else:
-            server = Server(idc=idc, sn=sn, first_seen=stamp)
-        conflicts: list[str] = []
-        if server.uuid and req.uuid and server.uuid != req.uuid:
-            conflicts.append(f"uuid {req.uuid} registered for {sn}, which had uuid {server.uuid}")
-        compares: list[Compare] = [Compare(server_key, server_kv.mod_revision if server_kv else 0),
-                                   Compare(token_key, token_kv.mod_revision if token_kv else 0)]
+        old = Server.from_json(server_kv.value) if server_kv is not None else None
+        compares = [Compare(server_key, _revision(server_kv)),
+                    Compare(token_key, _revision(token_kv))]
         ops: list[Op] = []
-        others: dict[str, Server] = {}
-        for mac in req.macs:
-            index_key = self.keys.mac(idc, mac)
-            index_kv = self.store.get(index_key)
-            owner = index_kv.value.decode(errors="replace") if index_kv else ""
-            if owner and owner != sn and owner != mac_sn(mac) and \
-                    not owner.startswith("mac-"):
-                conflicts.append(f"mac {mac} also belongs to {owner}")
-                other_key = self.keys.server(idc, owner)
-                other_kv = self.store.get(other_key)
-                if other_kv is not None and owner not in others:
-                    other = Server.from_json(other_kv.value)
-                    if not other.conflict:
-                        other.conflict = f"mac {mac} also registered by {sn}"[:300]
-                        others[owner] = other
-                        compares.append(Compare(other_key, other_kv.mod_revision))
-                        ops.append(Put(other_key, other.to_json()))
-                continue      # the index keeps its first owner
-            if owner != sn:
-                compares.append(Compare(index_key, index_kv.mod_revision if index_kv else 0))
-                ops.append(Put(index_key, sn.encode()))
-        server.macs = list(dict.fromkeys([*server.macs, *req.macs]))[:MACS_MAX]
-        server.uuid = req.uuid or server.uuid
-        server.arch = req.arch
-        server.inventory = req.inventory
-        server.boot_mac = req.boot_mac
-        server.ip = ip[:64]
-        server.last_seen = stamp
-        server.state = "registered"
-        if conflicts and not server.conflict:
-            server.conflict = "; ".join(conflicts)[:300]
-        server.validate()
+        taken = self._index_macs(sn, req.macs, compares, ops)
+        server = build_server_record(old, req, idc=idc, sn=sn, ip=ip, stamp=stamp, taken=taken)
         ops.insert(0, Put(server_key, server.to_json()))
         token: str | None = None
-        if token_kv is None or reissue:
-            token, put = self.tokens.issue(sn, why="re-registration" if reissue else
+        if action in ("issue", "reissue"):
+            token, put = self.tokens.issue(sn, why="re-registration" if action == "reissue" else
                                            "registration", boot_id=req.boot_id)
             ops.append(put)
         revision = self.store.commit(compares, ops)
@@ -286,6 +305,44 @@ class Registrar:
         self.metrics.inc("http_registrations_total", token="issued" if token else "kept")
         view = self.machines.view(sn)
         return Registered(sn, token, view.task, server.conflict, revision)
+
+    def _count_token(self, sn: str, action: TokenAction) -> None:
+        """Count a re-issue; count and raise :class:`RegistrationConflict` for a refusal."""
+        if action == "reissue":
+            self.metrics.inc("http_register_reissued_total")
+        elif action == "refuse":
+            self.metrics.inc("http_register_refused_total", reason="token_held")
+            raise RegistrationConflict(
+                f"{sn} already holds a token from an earlier registration and this "
+                "request does not carry it; reboot the machine to reset it")
+
+    def _index_macs(self, sn: str, macs: list[str], compares: list[Compare],
+                    ops: list[Op]) -> list[tuple[str, str]]:
+        """Add to ``compares``/``ops`` the MAC index writes for ``sn`` and the
+        flag on each other machine that holds one of ``macs``; returns the
+        (mac, owner) pairs another machine holds."""
+        taken: list[tuple[str, str]] = []
+        flagged: set[str] = set()
+        for mac in macs:
+            index_key = self.keys.mac(self.idc, mac)
+            index_kv = self.store.get(index_key)
+            owner = index_kv.value.decode(errors="replace") if index_kv else ""
+            decision = decide_mac_owner(sn, mac, owner)
+            if decision == "claim":
+                compares.append(Compare(index_key, _revision(index_kv)))
+                ops.append(Put(index_key, sn.encode()))
+            elif decision == "taken":     # the index keeps its first owner
+                taken.append((mac, owner))
+                other_key = self.keys.server(self.idc, owner)
+                other_kv = self.store.get(other_key)
+                if other_kv is not None and owner not in flagged:
+                    other = Server.from_json(other_kv.value)
+                    if not other.conflict:
+                        other.conflict = f"mac {mac} also registered by {sn}"[:300]
+                        flagged.add(owner)
+                        compares.append(Compare(other_key, other_kv.mod_revision))
+                        ops.append(Put(other_key, other.to_json()))
+        return taken
 
     # -- heartbeat --------------------------------------------------------------------
 
@@ -336,6 +393,11 @@ def _same_boot(raw: bytes, boot_id: str) -> bool:
     return isinstance(stored, str) and hmac.compare_digest(token_digest(boot_id), stored)
 
 
+def _revision(kv: KeyValue | None) -> int:
+    """The revision to compare a key against: 0 says "still absent"."""
+    return kv.mod_revision if kv is not None else 0
+
+
 def _digest_of(raw: bytes) -> str | None:
     try:
         data = json.loads(raw)
@@ -346,4 +408,5 @@ def _digest_of(raw: bytes) -> str | None:
 
 
 __all__ = ["RegisterRequest", "Registered", "Registrar", "RegistrationConflict", "StoreError",
-           "TokenError", "decide_identity", "parse_register"]
+           "TokenError", "build_server_record", "decide_identity", "decide_mac_owner",
+           "decide_token", "parse_register"]
