@@ -13,8 +13,8 @@ for debootstrap's chroot.
 Caching: every stage writes a ``.stamp`` holding the sha256 of its inputs (the
 package list, the resolved package versions, the files it copies, this
 script).  A stage whose stamp matches is skipped, so a second build with
-nothing changed takes well under a second; changing ``agent/`` rebuilds only
-the live initramfs.  Outputs are byte-reproducible for a given set of inputs:
+nothing changed rebuilds nothing; changing ``agent/`` rebuilds only the live
+initramfs.  Outputs are byte-reproducible for a given set of inputs:
 file order is sorted, every timestamp is ``SOURCE_DATE_EPOCH`` (fixed below),
 GPT and FAT identifiers are derived from the inputs' hash.
 
@@ -62,8 +62,8 @@ OUT = Path(os.environ.get("LPMOS_IMAGE_OUT", str(BUILD)))
 SUITE = "bookworm"
 SOURCE_DATE_EPOCH = 1700000000
 ARCH = "amd64"
-#: zstd level of the live initramfs: 9 packs in ~3 s; 19 saves ~2 MB (~12 %)
-#: for a minute of CPU, which costs more than the download it saves in the lab
+#: zstd level of the live initramfs: higher levels cost more CPU than the
+#: download they save in the lab (docs/lab.md has the numbers)
 ZSTD_LEVEL = int(os.environ.get("LPMOS_IMAGE_ZSTD_LEVEL", "9"))
 
 #: What the live image needs beyond minbase.  python3-psutil and
@@ -377,7 +377,8 @@ def stage_busybox() -> tuple[Path, str]:
 
 
 def stage_rootfs() -> tuple[Path, str]:
-    """debootstrap once per (suite, mirror, packages); ~1 minute, ~320 MB."""
+    """debootstrap once per suite, architecture and package list (the slowest
+    stage; docs/lab.md says how slow).  The mirror is not part of the key."""
     mirror = debian_mirror()
     key = key_of({"suite": SUITE, "packages": sorted(LIVE_PACKAGES), "variant": "minbase",
                   "arch": ARCH})
@@ -515,6 +516,35 @@ def _set_times(root: Path) -> None:
         os.utime(path, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH), follow_symlinks=False)
 
 
+# --- steps both images take ----------------------------------------------------------
+
+
+def copy_overlay(src: Path, root: Path) -> None:
+    """Copy every file under ``src`` to the same place under ``root``: mode
+    0755 when executable, else 0644 (times are fixed later, for the whole
+    tree)."""
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        dest = root / path.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+        os.chmod(dest, 0o755 if os.access(path, os.X_OK) else 0o644)
+
+
+def fresh_dir(path: Path) -> Path:
+    """``path`` as a new empty directory (whatever was there is removed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def publish(tmp_out: Path, out: Path, key: str) -> None:
+    """Stamp ``tmp_out`` with ``key`` and put it in the place of ``out``: a
+    half-written artifact never carries a stamp that matches."""
+    write_stamp(tmp_out, key)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)
+
+
 # --- the live image -------------------------------------------------------------------
 
 
@@ -549,54 +579,13 @@ def build_live(*, force: bool = False) -> Path:
         return out
     log("building the live image")
     stage = CACHE / "live-stage"
-    shutil.rmtree(stage, ignore_errors=True)
-    # cp -a keeps hard links, devices and symlinks; reflinks when the fs can
-    run(["cp", "-a", "--reflink=auto", str(rootfs), str(stage)])
-    (stage / ".stamp").unlink(missing_ok=True)
-    trimmed = trim_live_root(stage)
-    for rel in ("var/cache", "var/log", "var/lib/dpkg", "tmp", "run", "proc", "sys", "dev",
-                "mnt", "root"):
-        (stage / rel).mkdir(parents=True, exist_ok=True)
-    os.chmod(stage / "tmp", 0o1777)  # noqa: S103  /tmp of the image
-    # python byte code the image would otherwise compile at every boot under
-    # emulation is kept; the project's own is compiled here (unchecked-hash
-    # pycs are reproducible)
-    app = stage / "opt" / "lpmos"
-    app.mkdir(parents=True, exist_ok=True)
-    for src in sources:
-        dest = app / src.relative_to(REPO)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dest)
-    run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash",
-         str(app)], capture_output=True)
-    # busybox applets for what Debian's minbase lacks (init, udhcpc, reboot...)
-    bbin = stage / "usr" / "local" / "bin"
-    bbin.mkdir(parents=True, exist_ok=True)
-    applets = subprocess.run([str(stage / "usr/bin/busybox"), "--list"], capture_output=True,
-                             text=True, check=True).stdout.split()
-    for applet in sorted(set(applets)):
-        if not any((stage / d / applet).exists() for d in ("usr/bin", "usr/sbin")):
-            (bbin / applet).symlink_to("/bin/busybox")
-    (stage / "sbin" / "init").unlink(missing_ok=True)
-    # the overlay: /init, inittab, the udhcpc script, the agent runner
-    for src in sorted(p for p in live_dir.rglob("*") if p.is_file()):
-        relp = src.relative_to(live_dir)
-        if relp.parts[0] != "rootfs":
-            continue
-        dest = stage / Path(*relp.parts[1:])
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
-        os.chmod(dest, 0o755 if os.access(src, os.X_OK) else 0o644)
-    (stage / "init").unlink(missing_ok=True)
-    (stage / "init").symlink_to("/usr/local/sbin/lpmos-init")
-    (stage / "etc" / "hostname").write_text("lpmos-live\n")
-    (stage / "etc" / "lpmos-live-release").write_text(
-        f"lpmos live image\nkernel {kernel.version} ({kernel.package_version})\n")
+    trimmed = copy_live_root(rootfs, stage)
+    install_sources(sources, stage / "opt" / "lpmos")
+    link_busybox_applets(stage)
+    install_live_overlay(live_dir / "rootfs", stage, kernel)
     modules = install_modules(kernel, LIVE_MODULES + extra, stage)
     _set_times(stage)
-    tmp_out = OUT / "live.tmp"
-    shutil.rmtree(tmp_out, ignore_errors=True)
-    tmp_out.mkdir(parents=True)
+    tmp_out = fresh_dir(OUT / "live.tmp")
     shutil.copy2(kernel.vmlinuz, tmp_out / "vmlinuz")
     pack_initramfs(stage, tmp_out / "initrd.img")
     manifest = {
@@ -609,13 +598,63 @@ def build_live(*, force: bool = False) -> Path:
         "inputs": inputs,
     }
     (tmp_out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    write_stamp(tmp_out, key)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp_out.rename(out)
+    publish(tmp_out, out, key)
     shutil.rmtree(stage, ignore_errors=True)
     log(f"live image: vmlinuz {(out / 'vmlinuz').stat().st_size >> 20} MiB, initrd "
         f"{(out / 'initrd.img').stat().st_size >> 20} MiB in {time.monotonic() - started:.0f} s")
     return out
+
+
+def copy_live_root(rootfs: Path, stage: Path) -> dict[str, int]:
+    """``stage`` as a trimmed copy of the debootstrapped ``rootfs`` with the
+    empty directories the boot mounts on; returns the trim counts."""
+    shutil.rmtree(stage, ignore_errors=True)
+    # cp -a keeps hard links, devices and symlinks; reflinks when the fs can
+    run(["cp", "-a", "--reflink=auto", str(rootfs), str(stage)])
+    (stage / ".stamp").unlink(missing_ok=True)
+    trimmed = trim_live_root(stage)
+    for rel in ("var/cache", "var/log", "var/lib/dpkg", "tmp", "run", "proc", "sys", "dev",
+                "mnt", "root"):
+        (stage / rel).mkdir(parents=True, exist_ok=True)
+    os.chmod(stage / "tmp", 0o1777)  # noqa: S103  /tmp of the image
+    return trimmed
+
+
+def install_sources(sources: list[Path], app: Path) -> None:
+    """The project's sources under ``app``, compiled: python byte code the
+    image would otherwise compile at every boot under emulation is kept;
+    unchecked-hash pycs are reproducible."""
+    app.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        dest = app / src.relative_to(REPO)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest)
+    run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash",
+         str(app)], capture_output=True)
+
+
+def link_busybox_applets(stage: Path) -> None:
+    """busybox applets in /usr/local/bin for what Debian's minbase lacks
+    (init, udhcpc, reboot...); minbase's own programs win."""
+    bbin = stage / "usr" / "local" / "bin"
+    bbin.mkdir(parents=True, exist_ok=True)
+    applets = subprocess.run([str(stage / "usr/bin/busybox"), "--list"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    for applet in sorted(set(applets)):
+        if not any((stage / d / applet).exists() for d in ("usr/bin", "usr/sbin")):
+            (bbin / applet).symlink_to("/bin/busybox")
+    (stage / "sbin" / "init").unlink(missing_ok=True)
+
+
+def install_live_overlay(overlay: Path, stage: Path, kernel: Kernel) -> None:
+    """The overlay (/init, inittab, the udhcpc script, the agent runner),
+    /init pointing at lpmos-init, the host name and the release file."""
+    copy_overlay(overlay, stage)
+    (stage / "init").unlink(missing_ok=True)
+    (stage / "init").symlink_to("/usr/local/sbin/lpmos-init")
+    (stage / "etc" / "hostname").write_text("lpmos-live\n")
+    (stage / "etc" / "lpmos-live-release").write_text(
+        f"lpmos live image\nkernel {kernel.version} ({kernel.package_version})\n")
 
 
 # --- the lab OS disk image -------------------------------------------------------------
@@ -624,11 +663,71 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 DATA_TYPE = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
 SECTOR = 512
 MIB = 1 << 20
+#: FAT geometry both partitions are formatted with (heads, sectors per track)
+FAT_HEADS, FAT_SECTORS = 64, 32
+#: the lab OS initramfs: busybox's directories and the seed's mount point
+LAB_OS_DIRS = ("bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "mnt/seed",
+               "usr/bin", "usr/sbin", "var/lib/lab-os")
+#: GRUB modules in the EFI binary: enough to read its memdisk config and
+#: boot a kernel from the FAT partition labelled LABOSBOOT
+GRUB_MODULES = ("memdisk", "tar", "normal", "configfile", "part_gpt", "fat", "search",
+                "search_label", "linux", "echo", "test", "gzio")
+
+
+@dataclass(frozen=True)
+class DiskGeometry:
+    """Byte offsets of the lab OS disk: the ESP from 1 MiB (sector 2048, the
+    first usable LBA), the CIDATA partition right after it, and 1 MiB at the
+    end for the backup GPT."""
+
+    esp_start: int = 1 * MIB
+    esp_size: int = 24 * MIB
+    seed_size: int = 4 * MIB
+
+    @property
+    def seed_start(self) -> int:
+        return self.esp_start + self.esp_size
+
+    @property
+    def total(self) -> int:
+        return self.seed_start + self.seed_size + 1 * MIB
+
+
+LAB_OS_DISK = DiskGeometry()
 
 
 def _uuid_from(seed: str, what: str) -> str:
     h = hashlib.sha256(f"{seed}:{what}".encode()).hexdigest()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:32]}".upper()
+
+
+def render_gpt_layout(key: str, disk: DiskGeometry = LAB_OS_DISK) -> str:
+    """The sfdisk script of the lab OS disk: the ESP (bootable for BIOS
+    through syslinux's gptmbr) and the ``cidata`` partition, with GUIDs
+    derived from ``key`` so the same inputs give the same disk."""
+    return (
+        "label: gpt\n"
+        f"label-id: {_uuid_from(key, 'disk')}\n"
+        "first-lba: 2048\n"
+        f"start={disk.esp_start // SECTOR}, size={disk.esp_size // SECTOR}, type={ESP_TYPE}, "
+        f"uuid={_uuid_from(key, 'esp')}, name=\"lab-os-boot\", attrs=\"LegacyBIOSBootable\"\n"
+        f"start={disk.seed_start // SECTOR}, size={disk.seed_size // SECTOR}, type={DATA_TYPE}, "
+        f"uuid={_uuid_from(key, 'seed')}, name=\"cidata\"\n"
+    )
+
+
+def mformat_command(image: Path, start: int, size: int, label: str, serial: str) -> list[str]:
+    """``mformat`` of the FAT file system at byte ``start`` of ``image`` (no
+    mount): ``size`` bytes, volume ``label`` and ``serial`` (hex)."""
+    return ["mformat", "-i", f"{image}@@{start}", "-T", str(size // SECTOR),
+            "-h", str(FAT_HEADS), "-s", str(FAT_SECTORS), "-H", str(start // SECTOR),
+            "-v", label, "-N", serial, "::"]
+
+
+def read_package_version(package: str) -> str:
+    """The installed version of a Debian package ("" when it is not installed)."""
+    return subprocess.run(["dpkg-query", "-W", "-f=${Version}", package],
+                          capture_output=True, text=True, check=False).stdout
 
 
 def build_lab_os(*, force: bool = False) -> Path:
@@ -637,10 +736,8 @@ def build_lab_os(*, force: bool = False) -> Path:
     kernel = stage_kernel()
     busybox, bb_version = stage_busybox()
     src_dir = HERE / "lab-os"
-    grub_version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "grub-efi-amd64-bin"],
-                                  capture_output=True, text=True, check=False).stdout
-    syslinux_version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "syslinux"],
-                                      capture_output=True, text=True, check=False).stdout
+    grub_version = read_package_version("grub-efi-amd64-bin")
+    syslinux_version = read_package_version("syslinux")
     if not grub_version or not syslinux_version:
         raise BuildError("the lab OS build needs grub-efi-amd64-bin, syslinux, mtools and "
                          "fdisk: run 'scripts/setup.sh system'")
@@ -660,94 +757,99 @@ def build_lab_os(*, force: bool = False) -> Path:
                TZ="UTC")
     with tempfile.TemporaryDirectory(prefix="lab-os-", dir=CACHE) as tmpname:
         tmp = Path(tmpname)
-        # 1. the initramfs: busybox-static and a few modules
-        root = tmp / "root"
-        for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "mnt/seed",
-                  "usr/bin", "usr/sbin", "var/lib/lab-os"):
-            (root / d).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(busybox, root / "bin" / "busybox")
-        (root / "bin" / "sh").symlink_to("busybox")
-        for src in sorted(p for p in (src_dir / "rootfs").rglob("*") if p.is_file()):
-            dest = root / src.relative_to(src_dir / "rootfs")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dest)
-            os.chmod(dest, 0o755 if os.access(src, os.X_OK) else 0o644)
-        install_modules(kernel, LAB_OS_MODULES, root)
-        _set_times(root)
-        pack_initramfs(root, tmp / "initrd.img", compressor="gzip")
-        # 2. GRUB for UEFI: one standalone EFI binary with its config inside
-        # (grub-mkimage with a memdisk tar we pack ourselves with fixed times:
-        # grub-mkstandalone's tar carries the build time, so no two builds
-        # would give the same bytes)
-        memdisk = tmp / "memdisk.tar"
-        info = tarfile.TarInfo("boot/grub/grub.cfg")
-        cfg = (src_dir / "grub.cfg").read_bytes()
-        info.size, info.mtime, info.mode = len(cfg), SOURCE_DATE_EPOCH, 0o644
-        with tarfile.open(memdisk, "w", format=tarfile.USTAR_FORMAT) as tar:
-            tar.addfile(info, io.BytesIO(cfg))
-        bootx64 = tmp / "BOOTX64.EFI"
-        run(["grub-mkimage", "-O", "x86_64-efi", "-o", str(bootx64),
-             "-p", "(memdisk)/boot/grub", "-m", str(memdisk),
-             "memdisk", "tar", "normal", "configfile", "part_gpt", "fat", "search",
-             "search_label", "linux", "echo", "test", "gzio"], env=env, capture_output=True)
-        # 3. the disk: GPT, ESP (boot files), CIDATA (empty, for the seed)
-        esp_start, esp_size = 1 * MIB, 24 * MIB
-        seed_start, seed_size = esp_start + esp_size, 4 * MIB
-        total = seed_start + seed_size + 1 * MIB
+        initrd = pack_lab_os_initramfs(kernel, busybox, src_dir / "rootfs", tmp)
+        bootx64 = write_grub_efi(src_dir / "grub.cfg", tmp, env)
         img = tmp / "lab-os.img"
-        with img.open("wb") as fh:
-            fh.truncate(total)
-        layout = (
-            "label: gpt\n"
-            f"label-id: {_uuid_from(key, 'disk')}\n"
-            "first-lba: 2048\n"
-            f"start={esp_start // SECTOR}, size={esp_size // SECTOR}, type={ESP_TYPE}, "
-            f"uuid={_uuid_from(key, 'esp')}, name=\"lab-os-boot\", attrs=\"LegacyBIOSBootable\"\n"
-            f"start={seed_start // SECTOR}, size={seed_size // SECTOR}, type={DATA_TYPE}, "
-            f"uuid={_uuid_from(key, 'seed')}, name=\"cidata\"\n"
-        )
-        run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(img)],
-            input=layout.encode(), capture_output=True, env=env)
-        serial = key[:8]
-        esp = f"{img}@@{esp_start}"
-        run(["mformat", "-i", esp, "-T", str(esp_size // SECTOR), "-h", "64", "-s", "32",
-             "-H", str(esp_start // SECTOR), "-v", "LABOSBOOT", "-N", serial, "::"],
-            env=env, capture_output=True)
-        run(["mformat", "-i", f"{img}@@{seed_start}", "-T", str(seed_size // SECTOR),
-             "-h", "64", "-s", "32", "-H", str(seed_start // SECTOR), "-v", "CIDATA",
-             "-N", serial[::-1], "::"], env=env, capture_output=True)
-        run(["mmd", "-i", esp, "::/EFI", "::/EFI/BOOT", "::/syslinux"], env=env,
-            capture_output=True)
+        write_lab_os_disk(img, key, env)
         shutil.copy2(kernel.vmlinuz, tmp / "vmlinuz")
         syslinux_cfg = tmp / "syslinux.cfg"
         shutil.copyfile(src_dir / "syslinux.cfg", syslinux_cfg)
-        for src, dst in ((tmp / "vmlinuz", "::/vmlinuz"), (tmp / "initrd.img", "::/initrd.img"),
-                         (bootx64, "::/EFI/BOOT/BOOTX64.EFI"),
-                         (syslinux_cfg, "::/syslinux/syslinux.cfg")):
-            os.utime(src, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
-            run(["mcopy", "-i", esp, "-m", str(src), dst], env=env, capture_output=True)
-        # BIOS: syslinux's VBR and ldlinux.sys into the ESP, gptmbr.bin into
-        # the MBR's boot code (the first 440 bytes; the partition table stays)
-        run(["syslinux", "--install", "--offset", str(esp_start), "--directory", "/syslinux",
-             str(img)], env=env, capture_output=True)
-        mbr = Path("/usr/lib/syslinux/mbr/gptmbr.bin").read_bytes()[:440]
-        with img.open("r+b") as fh:
-            fh.write(mbr)
+        copy_to_esp(img, env, ((tmp / "vmlinuz", "::/vmlinuz"), (initrd, "::/initrd.img"),
+                               (bootx64, "::/EFI/BOOT/BOOTX64.EFI"),
+                               (syslinux_cfg, "::/syslinux/syslinux.cfg")))
+        install_syslinux(img, env)
         digest = sha256_file(img)
-        tmp_out = OUT / "lab-os.tmp"
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        tmp_out.mkdir(parents=True)
+        tmp_out = fresh_dir(OUT / "lab-os.tmp")
         img.rename(tmp_out / "lab-os.img")
         (tmp_out / "lab-os.img.sha256").write_text(digest + "\n")
         (tmp_out / "manifest.json").write_text(json.dumps(
-            {"sha256": digest, "size": total, "kernel": kernel.version, "inputs": inputs},
-            indent=2, sort_keys=True) + "\n")
-        write_stamp(tmp_out, key)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp_out.rename(out)
-    log(f"lab-os image: {total >> 20} MiB, sha256 {digest[:16]}... in "
+            {"sha256": digest, "size": LAB_OS_DISK.total, "kernel": kernel.version,
+             "inputs": inputs}, indent=2, sort_keys=True) + "\n")
+        publish(tmp_out, out, key)
+    log(f"lab-os image: {LAB_OS_DISK.total >> 20} MiB, sha256 {digest[:16]}... in "
         f"{time.monotonic() - started:.0f} s")
     return out
+
+
+def pack_lab_os_initramfs(kernel: Kernel, busybox: Path, overlay: Path, tmp: Path) -> Path:
+    """tmp/initrd.img: busybox-static, the overlay and a few modules (gzip)."""
+    root = tmp / "root"
+    for d in LAB_OS_DIRS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    (root / "bin" / "sh").symlink_to("busybox")
+    copy_overlay(overlay, root)
+    install_modules(kernel, LAB_OS_MODULES, root)
+    _set_times(root)
+    initrd = tmp / "initrd.img"
+    pack_initramfs(root, initrd, compressor="gzip")
+    return initrd
+
+
+def write_grub_efi(grub_cfg: Path, tmp: Path, env: dict[str, str]) -> Path:
+    """tmp/BOOTX64.EFI: GRUB for UEFI, one standalone EFI binary with its
+    config inside.  grub-mkimage gets a memdisk tar packed here with fixed
+    times: grub-mkstandalone's tar carries the build time, so no two builds
+    would give the same bytes."""
+    memdisk = tmp / "memdisk.tar"
+    info = tarfile.TarInfo("boot/grub/grub.cfg")
+    cfg = grub_cfg.read_bytes()
+    info.size, info.mtime, info.mode = len(cfg), SOURCE_DATE_EPOCH, 0o644
+    with tarfile.open(memdisk, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(cfg))
+    bootx64 = tmp / "BOOTX64.EFI"
+    run(["grub-mkimage", "-O", "x86_64-efi", "-o", str(bootx64),
+         "-p", "(memdisk)/boot/grub", "-m", str(memdisk), *GRUB_MODULES],
+        env=env, capture_output=True)
+    return bootx64
+
+
+def write_lab_os_disk(img: Path, key: str, env: dict[str, str],
+                      disk: DiskGeometry = LAB_OS_DISK) -> None:
+    """``img`` as the empty lab OS disk: the GPT, the ESP formatted with the
+    directories the boot files go to, CIDATA formatted and empty (the agent
+    writes the seed).  FAT serials derive from ``key``."""
+    with img.open("wb") as fh:
+        fh.truncate(disk.total)
+    run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(img)],
+        input=render_gpt_layout(key, disk).encode(), capture_output=True, env=env)
+    serial = key[:8]
+    run(mformat_command(img, disk.esp_start, disk.esp_size, "LABOSBOOT", serial),
+        env=env, capture_output=True)
+    run(mformat_command(img, disk.seed_start, disk.seed_size, "CIDATA", serial[::-1]),
+        env=env, capture_output=True)
+    run(["mmd", "-i", f"{img}@@{disk.esp_start}", "::/EFI", "::/EFI/BOOT", "::/syslinux"],
+        env=env, capture_output=True)
+
+
+def copy_to_esp(img: Path, env: dict[str, str], files: Iterable[tuple[Path, str]],
+                disk: DiskGeometry = LAB_OS_DISK) -> None:
+    """Copy (local file, ESP path) pairs into the ESP, each with its time
+    set to SOURCE_DATE_EPOCH first (``mcopy -m`` keeps it)."""
+    for src, dst in files:
+        os.utime(src, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
+        run(["mcopy", "-i", f"{img}@@{disk.esp_start}", "-m", str(src), dst], env=env,
+            capture_output=True)
+
+
+def install_syslinux(img: Path, env: dict[str, str], disk: DiskGeometry = LAB_OS_DISK) -> None:
+    """BIOS boot: syslinux's VBR and ldlinux.sys into the ESP, gptmbr.bin
+    into the MBR's boot code (the first 440 bytes; the partition table stays)."""
+    run(["syslinux", "--install", "--offset", str(disk.esp_start), "--directory", "/syslinux",
+         str(img)], env=env, capture_output=True)
+    mbr = Path("/usr/lib/syslinux/mbr/gptmbr.bin").read_bytes()[:440]
+    with img.open("r+b") as fh:
+        fh.write(mbr)
 
 
 def main(argv: list[str] | None = None) -> int:
