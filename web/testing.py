@@ -1,4 +1,6 @@
-"""Helpers for tests and benchmarks: serve an app on loopback in a thread.
+"""Test support for the control plane: :class:`WebEnv`, an app on a store
+with a user and an API token of every role, and :class:`LiveServer`, which
+serves an app on loopback in a thread.
 
 Production serving is gunicorn (``web.cli``); tests use Werkzeug's threaded
 server, which flask-sock also supports, so a test needs no fork.
@@ -11,6 +13,14 @@ from typing import Any
 
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
+
+from lpmos.auth import Auth
+from lpmos.catalog import Catalog
+from lpmos.config import COMMON, resolve
+from lpmos.store import Store
+from lpmos.store.keys import Keys
+from web.app import create_app
+from web.cli import SETTINGS
 
 
 class LiveServer:
@@ -48,13 +58,8 @@ class WebEnv:
     """A control plane on a store: users of every role with API tokens and
     the password :data:`TEST_PASSWORD`; ``close()`` stops its watch."""
 
-    def __init__(self, store: Any, keys: Any, *, settings: dict[str, Any] | None = None,
-                 catalog: Any = None) -> None:
-        from lpmos.auth import Auth
-        from lpmos.config import COMMON, resolve
-        from web.app import create_app
-        from web.cli import SETTINGS
-
+    def __init__(self, store: Store, keys: Keys, *, settings: dict[str, Any] | None = None,
+                 catalog: Catalog | None = None) -> None:
         self.store = store
         self.keys = keys
         self.auth = Auth(store, keys)
