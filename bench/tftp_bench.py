@@ -209,7 +209,7 @@ def start_server(kind: str, sandbox: Sandbox, root: Path, log: Path) -> Server:
     out = log.open("ab")
     if kind == "ours":
         port = sandbox.free_udp_port()
-        cmd = python_cmd("bootsvc.tftp.server", str(root), "--host", "127.0.0.1", "--port",
+        cmd = python_cmd("bootsvc.tftp.standalone", str(root), "--host", "127.0.0.1", "--port",
                          str(port), "--max-sessions", "2000", "--max-sessions-per-client",
                          "2000")
     elif kind == "tftpd-hpa":

@@ -212,7 +212,7 @@ class RegionalNode:
 
     async def _start_async(self) -> None:
         if "tftp" in self.services:
-            from bootsvc.tftp.server import TftpService
+            from bootsvc.tftp.service import TftpService
 
             tftp = TftpService(self.ctx)
             await tftp.start()

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootsvc.tftp.settings import TftpSettings
 from bootsvc.wire.tftp import ErrorCode, to_netascii
 
 #: Where Debian's ``ipxe`` package puts its builds.
@@ -40,7 +41,7 @@ DEFAULT_VIRTUAL_PATTERN = r"[A-Za-z0-9_-]{1,64}\.ipxe"
 
 MAX_DEPTH = 16
 MAX_NAME_CHARS = 255
-DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+DEFAULT_CACHE_BYTES = TftpSettings().cache_bytes
 DEFAULT_MAX_FILE_BYTES = 1024 * 1024 * 1024
 
 VirtualSource = Callable[[str, tuple[str, int]], bytes | None]

@@ -15,7 +15,9 @@ import pytest
 
 from bootsvc.context import MemoryTimeline, NodeContext
 from bootsvc.settings import NODE_SETTINGS
-from bootsvc.tftp.server import SETTINGS, TftpService, ThreadedTftpServer
+from bootsvc.tftp.service import TftpService
+from bootsvc.tftp.settings import SETTINGS
+from bootsvc.tftp.testing import ThreadedTftpServer
 from lpmos.config import COMMON, resolve, settings_by_key
 from lpmos.metrics import Registry
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from bench.udp_relay import UdpRelay
-from bootsvc.tftp.server import ThreadedTftpServer
+from bootsvc.tftp.testing import ThreadedTftpServer
 from lpmos.metrics import Registry
 
 pytestmark = pytest.mark.skipif(

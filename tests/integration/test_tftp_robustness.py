@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bootsvc.tftp.server import TftpServer, ThreadedTftpServer
+from bootsvc.tftp.server import TftpServer
+from bootsvc.tftp.testing import ThreadedTftpServer
 from bootsvc.wire import tftp
 from bootsvc.wire.tftp import Ack, Data, Error, ErrorCode, Oack
 from lpmos.metrics import Registry
