@@ -34,7 +34,7 @@ class StoreHandle:
     keys: Keys
     endpoints: list[str]
     embedded: bool
-    config: Config | None = None
+    config: Config
 
     def maintenance(self, *, name: str = "etcd-maintenance") -> EtcdMaintenance | None:
         """The etcd maintenance loop of a long-running service, not started
@@ -46,11 +46,10 @@ class StoreHandle:
 
         if not isinstance(self.store, EtcdStore):
             return None
-        config = self.config
         return EtcdMaintenance(
             self.store, defragment=self.embedded, name=name,
-            quota_bytes=int(config.get("etcd.quota_backend_bytes", 0)) if config else 0,
-            interval=float(config.get("etcd.maintenance_interval", 10.0)) if config else 10.0)
+            quota_bytes=int(self.config["etcd.quota_backend_bytes"]),
+            interval=float(self.config["etcd.maintenance_interval"]))
 
 
 def embedded_options(config: Config) -> EtcdOptions:
@@ -60,9 +59,9 @@ def embedded_options(config: Config) -> EtcdOptions:
 
     try:
         return EtcdOptions(
-            auto_compaction_mode=str(config.get("etcd.auto_compaction_mode", "periodic")),
-            auto_compaction_retention=str(config.get("etcd.auto_compaction_retention", "5m")),
-            quota_backend_bytes=int(config.get("etcd.quota_backend_bytes", 0)))
+            auto_compaction_mode=str(config["etcd.auto_compaction_mode"]),
+            auto_compaction_retention=str(config["etcd.auto_compaction_retention"]),
+            quota_backend_bytes=int(config["etcd.quota_backend_bytes"]))
     except ValueError as exc:
         raise ConfigError(f"etcd.auto_compaction_retention: {exc}") from None
 

@@ -46,6 +46,7 @@ from web.context import WebContext
 from web.http import ApiError
 from web.index import ConsoleCache, ConsoleIndex
 from web.ratelimit import RateLimiter
+from web.settings import DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,6 @@ _DEFAULT: Any = object()
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
        "form-action 'self'; frame-ancestors 'none'")
-
-DEFAULTS: dict[str, Any] = {
-    "web.four_eyes": False, "web.allowed_origins": [], "web.max_body": 1024 * 1024,
-    "web.batch_max": 100, "web.login_rate": 10.0, "web.mutate_rate": 300.0,
-    "web.ws_max_clients": 100, "web.ws_queue": 512, "web.ws_ping_interval": 20.0,
-    "web.session_hours": 12.0, "web.secure_cookies": False, "web.body_timeout": 30.0,
-    "web.node_timeout": 3.0,
-}
 
 
 def load_configured_catalog(config: Config) -> Catalog | None:
@@ -120,7 +113,7 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
         # that the console serves, /healthz says 503 "degraded" and the cache
         # fills in when etcd answers (RELIABILITY: etcd down at start)
         if cache_wait is None:
-            cache_wait = min(30.0, 2 * float(config.get("etcd.timeout", 2.0)) + 1)
+            cache_wait = min(30.0, 2 * float(config["etcd.timeout"]) + 1)
         cache.start(wait=cache_wait)
     metrics.gauge("web_cache_staleness_seconds", cache.staleness,
                   "seconds since etcd last confirmed the watch cache")

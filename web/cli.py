@@ -33,20 +33,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lpmos.config import (
-    Config,
-    ConfigError,
-    Setting,
-    float_range,
-    int_range,
-    parse_bool,
-    parse_hostport,
-    parse_optional_path,
-    str_list,
-)
+from lpmos.config import Config, ConfigError
 from lpmos.runtime import open_store, setup_logging
+from web.settings import DEFAULTS, SETTINGS
 
-HELP = "run the web console and REST API (default 127.0.0.1:8080)"
+__all__ = ["SETTINGS", "add_arguments", "run"]
+
+HELP = ("run the web console and REST API (default "
+        f"{DEFAULTS['web.listen'][0]}:{DEFAULTS['web.listen'][1]})")
 DESCRIPTION = (
     "Serve the LPMOS console and the REST API under /api/v1 (OpenAPI at "
     "/api/v1/openapi.json) with live updates over a WebSocket at /ws. Production serving is "
@@ -55,61 +49,6 @@ DESCRIPTION = (
     "development server instead. Users and API tokens come from 'lpmos token'.")
 
 log = logging.getLogger("lpmos.web")
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("web.listen", "--listen", "127.0.0.1:8080", parse_hostport,
-            "HOST:PORT the console and API listen on", metavar="HOST:PORT"),
-    Setting("web.threads", "--threads", 128, int_range(8, 2048),
-            "worker threads; each open live console (WebSocket) holds one", metavar="N"),
-    Setting("web.secret_key_file", "--secret-key-file", None, parse_optional_path,
-            "file holding the session-signing key (created with mode 0600 when missing; "
-            "default: STATE_DIR/web-secret.key). Replicas behind one load balancer must share it",
-            metavar="FILE"),
-    Setting("web.four_eyes", "--four-eyes", False, parse_bool,
-            "four-eyes rule: the creator of a task may not approve it", metavar="BOOL"),
-    Setting("web.debug", "--debug", False, parse_bool,
-            "serve with Flask's development server and debug logging (never in production)",
-            metavar="BOOL"),
-    Setting("web.allowed_origins", "--allowed-origins", [], str_list,
-            "extra Origins (scheme://host[:port]) allowed to open the WebSocket and send "
-            "session requests; the console's own origin is always allowed", metavar="LIST"),
-    Setting("web.max_body", "--max-body", 1024 * 1024, int_range(1024, 64 * 1024 * 1024),
-            "largest request body in bytes (refused with 413 before it is read)",
-            metavar="BYTES"),
-    Setting("web.batch_max", "--batch-max", 100, int_range(1, 120),
-            "most tasks in one batch import (one etcd transaction; etcd's default "
-            "--max-txn-ops is 128)", metavar="N"),
-    Setting("web.login_rate", "--login-rate", 10.0, float_range(0.1, 10000),
-            "login attempts allowed per minute per client address and per user name",
-            metavar="PER_MIN"),
-    Setting("web.mutate_rate", "--mutate-rate", 300.0, float_range(1, 100000),
-            "mutating API calls allowed per minute per user (burst of a quarter of it)",
-            metavar="PER_MIN"),
-    Setting("web.ws_max_clients", "--ws-max-clients", 100, int_range(1, 2000),
-            "most WebSocket clients at once; more are refused with 503", metavar="N"),
-    Setting("web.ws_queue", "--ws-queue", 512, int_range(8, 100000),
-            "messages queued per WebSocket client; a client that falls further behind is "
-            "dropped (it reconnects and resyncs)", metavar="N"),
-    Setting("web.ws_ping_interval", "--ws-ping-interval", 20.0, float_range(1, 600),
-            "seconds between WebSocket pings; no pong by the next ping closes the socket",
-            metavar="SECONDS"),
-    Setting("web.session_hours", "--session-hours", 12.0, float_range(0.05, 24 * 30),
-            "console session lifetime in hours", metavar="HOURS"),
-    Setting("web.secure_cookies", "--secure-cookies", False, parse_bool,
-            "mark the session cookie Secure (set when serving behind HTTPS)", metavar="BOOL"),
-    Setting("web.header_timeout", "--header-timeout", 5.0, float_range(0.5, 300),
-            "seconds a client has to send a request's complete headers, from connecting (or "
-            "from the first byte of a kept-alive connection's next request); slower clients "
-            "get 408 and are closed, counted as web_refused_total{reason=\"header_timeout\"}",
-            metavar="SECONDS"),
-    Setting("web.body_timeout", "--body-timeout", 30.0, float_range(0.5, 3600),
-            "seconds a client has to send a request's whole body once its headers are in; "
-            "slower clients get 408 and are closed, counted as "
-            "web_refused_total{reason=\"body_timeout\"}", metavar="SECONDS"),
-    Setting("web.node_timeout", "--node-timeout", 3.0, float_range(0.2, 60),
-            "seconds the control plane waits for a regional node's answer (a task's full "
-            "install log) before it answers 504", metavar="SECONDS"),
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
