@@ -190,7 +190,7 @@ class RegionalNode:
         """HTTP last: once /healthz answers, DHCP and TFTP are already bound.
         It runs on the same event loop as DHCP and TFTP."""
         if "http" in self.services:
-            from bootsvc.http.app import HttpService
+            from bootsvc.http.service import HttpService
 
             self._http = HttpService(self.ctx)
             await self._http.start_async()

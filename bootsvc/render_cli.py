@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bootsvc.http.app import SETTINGS as HTTP_SETTINGS
-from bootsvc.http.app import _load_catalog
+from bootsvc.http.catalog import open_catalog
+from bootsvc.http.settings import SETTINGS as HTTP_SETTINGS
 from bootsvc.policy.machine import MachineView
 from bootsvc.policy.script import CONFIG_TEMPLATES, decide_script, install_kind
 from bootsvc.render import Renderer, RenderError, build_context
@@ -72,7 +72,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
         return 1
     task = Task.from_json(task_kv.value)
     server = Server.from_json(server_kv.value) if server_kv is not None else None
-    catalog = _load_catalog(config.get("catalog"))
+    catalog = open_catalog(config.get("catalog"))
     image = catalog.find(task.os_type, task.os_version, task.image)
     live_name = str(config.get("http.live_image", "live"))
     live = catalog.images.get(live_name)

@@ -1,7 +1,7 @@
 """Settings of a regional node that every one of its services reads.
 
 Service-specific settings live with the service (``bootsvc.dhcp.server``,
-``bootsvc.tftp.server``, ``bootsvc.http.app``) and are merged by
+``bootsvc.tftp.server``, ``bootsvc.http.settings``) and are merged by
 ``bootsvc.cli``.
 """
 

@@ -1,4 +1,4 @@
-"""The node API of a regional node: what the control plane asks it (issue 16).
+"""The node API of a regional node: what the control plane asks it.
 
 | route                                  | auth                                   |
 | -------------------------------------- | -------------------------------------- |
@@ -18,7 +18,8 @@ import time
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from bootsvc.http.app import HttpError, checked_sn, json_response, svc
+from bootsvc.http.backend import current_boot
+from bootsvc.http.common import HttpError, checked_sn, json_response
 from lpmos.nodeapi import SharedKey, verify
 from lpmos.store import StoreError
 
@@ -40,7 +41,7 @@ def check_signature() -> None:
     """Return if the request is signed by the control plane; else 401 (503
     when the key cannot be read from etcd).  A signature that fails is
     checked once more against a re-read key (it may have been rotated)."""
-    s = svc()
+    boot = current_boot()
     shared: SharedKey = current_app.extensions["lpmos_node_key"]
     query = request.query_string.decode("latin-1")
     target = request.path + (f"?{query}" if query else "")
@@ -50,12 +51,12 @@ def check_signature() -> None:
         if why == "bad_signature" and shared.refresh():
             why = verify(shared.get(), request.method, target, header, time.time())
     except (StoreError, ValueError) as exc:
-        s.metrics.inc("node_api_refused_total", reason="no_key")
+        boot.metrics.inc("node_api_refused_total", reason="no_key")
         raise HttpError(503, "key_unavailable",
                         f"the node API key cannot be read from etcd ({type(exc).__name__})") \
             from None
     if why:
-        s.metrics.inc("node_api_refused_total", reason=why)
+        boot.metrics.inc("node_api_refused_total", reason=why)
         raise HttpError(401, "unauthorized",
                         f"the node API answers the control plane's signed requests only ({why})")
 
@@ -64,16 +65,16 @@ def check_signature() -> None:
 def install_log(sn: str) -> Response:
     """The full install log of one attempt of ``sn`` kept by this node."""
     check_signature()
-    s = svc()
+    boot = current_boot()
     sn = checked_sn(sn)
     raw = request.args.get("attempt", "")
     if not raw.isdigit() or len(raw) > _ATTEMPT_MAX_DIGITS:
         raise HttpError(400, "bad_attempt", "attempt: a non-negative integer is required")
     attempt = int(raw)
-    found = s.install_logs.read(sn, attempt)
+    found = boot.install_logs.read(sn, attempt)
     if found is None:
-        raise HttpError(404, "no_log", f"node {s.ctx.node_name} keeps no log of attempt "
-                                       f"{attempt} of {s.ctx.idc}/{sn}")
-    return json_response({"idc": s.ctx.idc, "sn": sn, "node": s.ctx.node_name,
+        raise HttpError(404, "no_log", f"node {boot.ctx.node_name} keeps no log of attempt "
+                                       f"{attempt} of {boot.ctx.idc}/{sn}")
+    return json_response({"idc": boot.ctx.idc, "sn": sn, "node": boot.ctx.node_name,
                           "attempt": attempt, "first_line": found.first_line,
                           "truncated": found.truncated, "lines": found.lines})

@@ -2,11 +2,10 @@
 
 Why not a stock WSGI server: in a boot storm the node serves a thousand
 machines' boot scripts, agents and installers at once *in the process that
-also answers ProxyDHCP and TFTP*.  waitress (our first server) walks every
-open connection on each wake-up of its poll loop and holds the GIL the
-DHCP/TFTP loop needs; with 1,000 connections that loop was most of the
-node's CPU (``bench/README.md``).  This server runs on the node's own event
-loop instead:
+also answers ProxyDHCP and TFTP*.  A server with its own poll loop over
+every open connection competes for the GIL that the DHCP/TFTP loop needs
+(``bench/README.md`` has the numbers).  This server runs on the node's own
+event loop instead:
 
 * the request is parsed by ``httptools`` (llhttp, the parser of Node.js and
   uvicorn) in the loop, with our limits: header block size (431), body size
@@ -353,7 +352,12 @@ class _Conn(asyncio.Protocol):
 
 class AsyncHttpServer:
     """Serve ``app`` (WSGI) and an optional inline ``fast`` handler on the
-    running event loop.  ``start``/``stop`` are coroutines of that loop."""
+    running event loop.  ``start``/``stop`` are coroutines of that loop.
+
+    The transport only: HTTP/1.1 framing, limits and the thread pool, with
+    no knowledge of boot scripts or of Flask.  The boot HTTP of a node is
+    :class:`bootsvc.http.service.HttpService`, which builds the app and
+    hands this server the backend's ``fast_answer``."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]], *, host: str, port: int,
                  threads: int = 32, connection_limit: int = 2000, timeout: float = 30.0,

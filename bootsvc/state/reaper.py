@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 class InstallImages(Protocol):
     """What the node's boot HTTP knows of its catalog
-    (:class:`bootsvc.http.app.BootHttp` is one)."""
+    (:class:`bootsvc.http.backend.BootBackend` is one)."""
 
     def image_for(self, view: MachineView | None) -> Image | None: ...
 

@@ -29,7 +29,7 @@ import yaml  # noqa: F401
 
 with atheris.instrument_imports(include=["bootsvc", "lpmos", "web"]):
     from bootsvc import render
-    from bootsvc.http.app import parse_callback
+    from bootsvc.http.routes_callback import parse_callback
     from bootsvc.state.registration import parse_register
     from lpmos.models import ProgressEvent, ValidationError
     from web.http import ApiError, json_depth, parse_json_body

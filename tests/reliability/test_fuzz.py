@@ -36,8 +36,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bootsvc.context import MemoryTimeline, NodeContext
-from bootsvc.http.app import SETTINGS as HTTP_SETTINGS
-from bootsvc.http.app import create_app, parse_callback
+from bootsvc.http.app import create_app
+from bootsvc.http.routes_callback import parse_callback
+from bootsvc.http.settings import SETTINGS as HTTP_SETTINGS
 from bootsvc.policy.script import CONFIG_TEMPLATES, INSTALL_TEMPLATES, TEMPLATES
 from bootsvc.render import Renderer, RenderError, build_context
 from bootsvc.settings import NODE_SETTINGS

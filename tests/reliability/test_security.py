@@ -93,7 +93,8 @@ def fill(value: Any, sn: str, tok: str) -> Any:
 
 def test_every_boot_route_is_in_the_guard_table(tmp_path: Path) -> None:
     from bootsvc.context import MemoryTimeline, NodeContext
-    from bootsvc.http.app import SETTINGS, create_app
+    from bootsvc.http.app import create_app
+    from bootsvc.http.settings import SETTINGS
     from bootsvc.settings import NODE_SETTINGS
     from bootsvc.state.machines import MachineIndex
     from lpmos.config import COMMON, resolve, settings_by_key

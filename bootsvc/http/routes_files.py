@@ -1,0 +1,64 @@
+"""The ``files`` blueprint: the files a boot fetches, served by
+:func:`bootsvc.http.files.serve_file` (ETag, Range).
+
+| route                          | auth                                   |
+| ------------------------------ | -------------------------------------- |
+| GET /images/<name>/<file>      | kernel, initrd: none; disk image: any  |
+|                                | machine's token                        |
+| GET /ipxe/<file>               | none: the iPXE binaries of the TFTP    |
+|                                | root, for HTTP boot                    |
+
+Only a file the catalog names for that image, or a plain file directly in
+the TFTP root, is served; a name outside ``[A-Za-z0-9][A-Za-z0-9._+-]``
+(at most 128 characters) is 404 before the disk is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from flask import Blueprint, Response
+
+from bootsvc.http.backend import current_boot
+from bootsvc.http.common import HttpError
+from bootsvc.http.files import serve_file
+
+_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+files_bp = Blueprint("files", __name__)
+
+@files_bp.get("/images/<name>/<file>")
+def image_file(name: str, file: str) -> Response:
+    boot = current_boot()
+    image = boot.catalog.images.get(name)
+    if image is None or not _FILE_RE.fullmatch(file):
+        raise HttpError(404, "not_found", "no such image file")
+    which = None
+    for attr in ("kernel", "initrd", "disk_image"):
+        value = getattr(image, attr)
+        if value and not image.is_url(value) and Path(value).name == file:
+            which = attr
+            break
+    if which is None:
+        raise HttpError(404, "not_found", "no such image file")
+    if which == "disk_image":
+        boot.authenticate(None)        # any machine's token (a disk image is no secret of one)
+    path = boot.catalog.local_path(getattr(image, which))
+    assert path is not None
+    etag = image.sha256 if which == "disk_image" and image.sha256 else None
+    return serve_file(path, etag_hint=etag, metric=which)
+
+
+@files_bp.get("/ipxe/<file>")
+def ipxe_file(file: str) -> Response:
+    boot = current_boot()
+    if not _FILE_RE.fullmatch(file):
+        boot.metrics.inc("http_requests_refused_total", reason="bad_path")
+        raise HttpError(404, "not_found", "no such file")
+    root = boot.tftp_root.resolve()
+    path = (root / file).resolve()
+    if path.parent != root:
+        boot.metrics.inc("http_requests_refused_total", reason="outside_root")
+        raise HttpError(404, "not_found", "no such file")
+    return serve_file(path, metric="ipxe")
