@@ -1,7 +1,7 @@
 """ProxyDHCP benchmark: ours vs dnsmasq, side by side, in network namespaces.
 
 Also home of the process wrappers the DHCP network tests use:
-:class:`OurServer` (``python -m bootsvc.dhcp.server`` inside a namespace) and
+:class:`OurServer` (``python -m bootsvc.dhcp.standalone`` inside a namespace) and
 :class:`Dnsmasq` (dnsmasq inside a namespace, as ProxyDHCP or as the
 site's address-only DHCP server), and :func:`etcd_in_netns`.
 """
@@ -39,7 +39,7 @@ class OurServer:
         workdir.mkdir(parents=True, exist_ok=True)
         self.stats_file = workdir / "dhcp-stats.json"
         self.log_file = workdir / "dhcp-server.log"
-        cmd = net.exec_args(net.server, sys.executable, "-m", "bootsvc.dhcp.server",
+        cmd = net.exec_args(net.server, sys.executable, "-m", "bootsvc.dhcp.standalone",
                             "--interface", net.server_if, "--state-dir", str(workdir),
                             "--stats-file", str(self.stats_file), *flags)
         with self.log_file.open("ab") as log:

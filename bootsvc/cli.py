@@ -18,7 +18,7 @@ DESCRIPTION = (
     "and address is a flag, so it runs unprivileged on loopback high ports for tests. "
     "Binding ports below 1024 needs root or CAP_NET_BIND_SERVICE.")
 
-_SERVICE_MODULES = ("bootsvc.dhcp.server", "bootsvc.tftp.settings", "bootsvc.http.settings",
+_SERVICE_MODULES = ("bootsvc.dhcp.settings", "bootsvc.tftp.settings", "bootsvc.http.settings",
                     "bootsvc.state.install_log")
 
 

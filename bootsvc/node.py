@@ -218,7 +218,7 @@ class RegionalNode:
             await tftp.start()
             self._async.append(tftp)
         if "dhcp" in self.services and self.config.get("dhcp.mode", "proxy") != "off":
-            from bootsvc.dhcp.server import DhcpService
+            from bootsvc.dhcp.service import DhcpService
 
             dhcp = DhcpService(self.ctx)
             await dhcp.start()

@@ -1,6 +1,6 @@
 """Settings of a regional node that every one of its services reads.
 
-Service-specific settings live with the service (``bootsvc.dhcp.server``,
+Service-specific settings live with the service (``bootsvc.dhcp.settings``,
 ``bootsvc.tftp.server``, ``bootsvc.http.settings``) and are merged by
 ``bootsvc.cli``.
 """

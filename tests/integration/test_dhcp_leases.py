@@ -11,7 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from bootsvc.context import MemoryTimeline, NodeContext
-from bootsvc.dhcp.server import SETTINGS, DhcpResponder, DhcpService
+from bootsvc.dhcp.responder import DhcpResponder
+from bootsvc.dhcp.service import DhcpService
+from bootsvc.dhcp.settings import SETTINGS
 from bootsvc.policy.bootfile import BootRefusal
 from bootsvc.settings import NODE_SETTINGS
 from bootsvc.state.dhcp_leases import Lease, LeasePool, LeaseWriter, parse_range

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bootsvc.dhcp.server import SETTINGS, policy_from_config
+from bootsvc.dhcp.settings import SETTINGS, policy_from_config
 from bootsvc.policy.bootfile import (
     BootAnswer,
     BootPolicy,

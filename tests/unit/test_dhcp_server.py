@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bootsvc.dhcp.server import (
+from bootsvc.dhcp.sockets import (
     WILDCARD_IP,
     DhcpBind,
     NoDhcpInterface,
