@@ -30,9 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import io
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +39,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from bootsvc.http.wsgi import ParsedRequest, build_environ, build_head
 from lpmos.httpwire import build_refusal, phrase
 
 log = logging.getLogger(__name__)
@@ -67,20 +66,6 @@ class _Refuse(Exception):
         self.status, self.reason, self.detail = status, reason, detail
 
 
-class _Request:
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "url", "version")
-
-    def __init__(self) -> None:
-        self.method = b""
-        self.url = b""
-        self.path = b""             # percent-encoded, as sent
-        self.query = b""
-        self.version = "1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-        self.keep_alive = True
-
-
 class _Conn(asyncio.Protocol):
     """One client connection: parses in the loop, answers in order."""
 
@@ -89,13 +74,13 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = ("", 0)
-        self.req: _Request | None = None
+        self.req: ParsedRequest | None = None
         self.head_bytes = 0         # bytes of the current request's head so far
         self.body_bytes = 0
         self.in_head = False
         self.started = 0.0          # first byte of the request being received (0: none)
         self.last_active = _monotonic()
-        self.queue: collections.deque[_Request] = collections.deque()
+        self.queue: collections.deque[ParsedRequest] = collections.deque()
         self.busy = False           # the app is answering one of our requests
         self.closed = False
         self.read_paused = False
@@ -169,7 +154,7 @@ class _Conn(asyncio.Protocol):
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
-        self.req = _Request()
+        self.req = ParsedRequest()
         self.in_head = True
         self.body_bytes = 0
         if not self.started:
@@ -274,7 +259,7 @@ class _Conn(asyncio.Protocol):
             self.read_paused = False
             self.transport.resume_reading()
 
-    def write_answer(self, req: _Request, status: int, ctype: str, body: bytes) -> None:
+    def write_answer(self, req: ParsedRequest, status: int, ctype: str, body: bytes) -> None:
         keep = req.keep_alive and not self.server.stopping
         close = "" if keep else "Connection: close\r\n"
         head = (f"HTTP/1.1 {status} {phrase(status)}\r\nContent-Type: {ctype}\r\n"
@@ -286,7 +271,7 @@ class _Conn(asyncio.Protocol):
         if not keep:
             self.close()
 
-    def app_done(self, req: _Request, fut: asyncio.Future[tuple[bytes, bool]]) -> None:
+    def app_done(self, req: ParsedRequest, fut: asyncio.Future[tuple[bytes, bool]]) -> None:
         self.busy = False
         if self.closed:
             return
@@ -428,7 +413,7 @@ class AsyncHttpServer:
         self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- the WSGI side
-    def run_app(self, conn: _Conn, req: _Request) -> asyncio.Future[tuple[bytes, bool]]:
+    def run_app(self, conn: _Conn, req: ParsedRequest) -> asyncio.Future[tuple[bytes, bool]]:
         assert self._loop is not None and self._pool is not None
         self.in_app += 1
         fut = self._loop.run_in_executor(self._pool, self._call_app, conn, req)
@@ -438,40 +423,7 @@ class AsyncHttpServer:
     def _app_finished(self, _fut: asyncio.Future[tuple[bytes, bool]]) -> None:
         self.in_app -= 1
 
-    def _environ(self, conn: _Conn, req: _Request) -> dict[str, Any]:
-        body = b"".join(req.body)
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": req.method.decode("latin-1"),
-            "SCRIPT_NAME": "",
-            "PATH_INFO": unquote_to_bytes(req.path).decode("latin-1"),
-            "QUERY_STRING": req.query.decode("latin-1"),
-            "SERVER_NAME": self.host,
-            "SERVER_PORT": str(self.port),
-            "SERVER_PROTOCOL": f"HTTP/{req.version}",
-            "REMOTE_ADDR": conn.peer[0],
-            "REMOTE_PORT": str(conn.peer[1]),
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.input": io.BytesIO(body),
-            "wsgi.input_terminated": True,
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-        }
-        for name, value in req.headers:
-            key = name.decode("latin-1").upper().replace("-", "_")
-            text = value.decode("latin-1")
-            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
-                environ[key] = text
-                continue
-            key = "HTTP_" + key
-            environ[key] = f"{environ[key]},{text}" if key in environ else text
-        if "CONTENT_LENGTH" not in environ and body:
-            environ["CONTENT_LENGTH"] = str(len(body))
-        return environ
-
-    def _call_app(self, conn: _Conn, req: _Request) -> tuple[bytes, bool]:
+    def _call_app(self, conn: _Conn, req: ParsedRequest) -> tuple[bytes, bool]:
         """Run the app on a pool thread.  Returns what is left to write and
         whether the connection stays open; streams large bodies itself.  An
         app that raises before its answer started gets a 500."""
@@ -486,7 +438,9 @@ class AsyncHttpServer:
             return chunks.append
 
         try:
-            result = self.app(self._environ(conn, req), start_response)
+            environ = build_environ(req, peer=conn.peer, server_name=self.host,
+                                    server_port=self.port)
+            result = self.app(environ, start_response)
             try:
                 return self._answer(conn, req, state, chunks, result)
             finally:
@@ -501,8 +455,8 @@ class AsyncHttpServer:
             self.count_refused("internal")
             return build_refusal(500, "internal", type(exc).__name__), False
 
-    def _answer(self, conn: _Conn, req: _Request, state: dict[str, Any], chunks: list[bytes],
-                result: Iterable[bytes]) -> tuple[bytes, bool]:
+    def _answer(self, conn: _Conn, req: ParsedRequest, state: dict[str, Any],
+                chunks: list[bytes], result: Iterable[bytes]) -> tuple[bytes, bool]:
         size = 0
         for chunk in result:
             if not chunk:
@@ -525,31 +479,12 @@ class AsyncHttpServer:
         head, keep = self._head(req, state, len(body))
         return head + body, keep
 
-    def _head(self, req: _Request, state: dict[str, Any], length: int | None) -> tuple[bytes, bool]:
-        """The status line and headers; ``length`` is the body's size when
-        the whole body is known (else it is streamed)."""
-        status = str(state.get("status") or "500 Internal Server Error")
-        headers: list[tuple[str, str]] = list(state.get("headers") or [])
-        has_length = False
-        lines = [f"HTTP/1.1 {status}\r\n"]
-        for name, value in headers:
-            lname = name.lower()
-            if lname in ("connection", "transfer-encoding", "keep-alive"):
-                continue
-            if lname == "content-length":
-                has_length = True
-            lines.append(f"{name}: {value}\r\n")
-        code = status[:3]
-        bodiless = code in ("204", "304") or code.startswith("1")
-        if not has_length and not bodiless and length is not None:
-            lines.append(f"Content-Length: {length}\r\n")
-            has_length = True
-        keep = req.keep_alive and (has_length or bodiless) and not self.stopping
-        if not keep:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
+    def _head(self, req: ParsedRequest, state: dict[str, Any],
+              length: int | None) -> tuple[bytes, bool]:
+        head, keep = build_head(state.get("status"), state.get("headers"), length=length,
+                                keep_alive=req.keep_alive and not self.stopping)
         state["keep"] = keep
-        return "".join(lines).encode("latin-1"), keep
+        return head, keep
 
     def _write_from_thread(self, conn: _Conn, data: bytes) -> None:
         assert self._loop is not None
