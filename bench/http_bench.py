@@ -1,4 +1,4 @@
-"""Boot HTTP benchmark (issue 9 §3): ours vs a static script under gunicorn.
+"""Boot HTTP benchmark: ours vs a static script under gunicorn.
 
 One run, side by side, median of several repetitions:
 

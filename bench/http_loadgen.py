@@ -1,4 +1,4 @@
-"""HTTP/1.1 load generator for the boot HTTP benchmark (issue 9 §3).
+"""HTTP/1.1 load generator for the boot HTTP benchmark.
 
 Closed loop: ``connections`` keep-alive connections, each sending one GET,
 waiting for the whole answer, then sending the next (no pipelining), for at

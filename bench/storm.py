@@ -1,4 +1,4 @@
-"""Boot storm (issue 9 §4): N simulated machines network-boot and install at once.
+"""Boot storm: N simulated machines network-boot and install at once.
 
 Starts a real etcd (temporary directory) holding N approved image-mode
 tasks, and ``lpmos regional`` (ProxyDHCP, TFTP and boot HTTP in one

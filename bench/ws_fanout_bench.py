@@ -1,4 +1,4 @@
-"""Console fan-out benchmark (issue 9 §5): time from an etcd write to every
+"""Console fan-out benchmark: time from an etcd write to every
 WebSocket client having it.
 
 Starts its own etcd (loopback, temporary data dir) and ``lpmos

@@ -1,4 +1,4 @@
-"""``GET /api/v1/tasks/{idc}/{sn}/log``: a task's full install log (issue 16).
+"""``GET /api/v1/tasks/{idc}/{sn}/log``: a task's full install log.
 
 The task document keeps the newest 200 lines; the whole log of an attempt
 stays with the regional node that served it (``task.attempt_nodes``) and

@@ -1,8 +1,8 @@
 """What a machine boots: one pure function of what the node knows.
 
-:func:`decide_script` is the whole decision table of the boot HTTP API
-(issue 5); the HTTP service only carries the decision out.  It takes the
-node's cached view of the machine (:class:`bootsvc.state.machines.MachineView`),
+:func:`decide_script` is the whole decision table of the boot HTTP API;
+the HTTP service only carries the decision out.  It takes the
+node's cached view of the machine (:class:`bootsvc.policy.machine.MachineView`),
 the catalog image the task asks for and two switches, and returns a
 :class:`ScriptDecision`.  It does no I/O.
 

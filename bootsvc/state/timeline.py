@@ -1,4 +1,4 @@
-"""The boot timeline of each machine, kept in etcd (issue 5 §6).
+"""The boot timeline of each machine, kept in etcd.
 
 Every stage of a machine's boot this node sees — ProxyDHCP answer, TFTP
 file sent, boot script served (which decision and why), install config

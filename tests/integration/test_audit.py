@@ -1,4 +1,4 @@
-"""Audit records are written in the transaction of their change (issue 16):
+"""Audit records are written in the transaction of their change:
 on a real etcd, a change and its record share one revision, a lost race
 leaves no record, and a failure before the commit leaves neither."""
 

@@ -1,4 +1,4 @@
-"""Boot HTTP checks the machine token before the request (issue 16).
+"""Boot HTTP checks the machine token before the request.
 
 Every machine-facing route that needs a machine token answers a request
 with a bad body (or query, or path) by its token first: none or an unknown
@@ -45,7 +45,7 @@ BAD_NAMING_A: list[tuple[str, str, Any, int, str]] = [
 #: requests so bad they name no machine: the token still comes first (401
 #: for none or an unknown one); any machine's valid token hears the 400
 BAD_NAMING_NONE: list[tuple[str, str, Any, str]] = [
-    ("POST", "/agent/v1/heartbeat", {"state": "idle"}, "bad_sn"),     # issue 16's case
+    ("POST", "/agent/v1/heartbeat", {"state": "idle"}, "bad_sn"),     # no token, no sn: 401
     ("POST", "/agent/v1/events", {"events": []}, "bad_sn"),
     ("POST", "/agent/v1/events", b"not json at all", "bad_json"),
     ("POST", "/agent/v1/heartbeat", [SN_A], "bad_request"),

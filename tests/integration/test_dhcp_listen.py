@@ -1,5 +1,5 @@
-"""``lpmos regional --listen ADDR`` with ADDR a unicast address of the node
-(issue 16).  Linux delivers no broadcast to a socket bound to a unicast
+"""``lpmos regional --listen ADDR`` with ADDR a unicast address of the node.
+Linux delivers no broadcast to a socket bound to a unicast
 address, so the ProxyDHCP binds 0.0.0.0 on the interface holding ADDR and
 answers as ADDR.  The node runs in one namespace, ADDR a secondary address
 of its veth (answering as the interface's primary address would show); a

@@ -1,4 +1,4 @@
-"""The full install log (issue 16), end to end on a real etcd: progress
+"""The full install log, end to end on a real etcd: progress
 events through a regional node's boot HTTP, the node's own log files, the
 node API signed with the key from etcd, and the control plane's
 ``GET /api/v1/tasks/{idc}/{sn}/log`` fetching it from the node that served

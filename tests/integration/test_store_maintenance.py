@@ -1,4 +1,4 @@
-"""etcd's history and space on a real etcd (issue 16): the embedded etcd's
+"""etcd's history and space on a real etcd: the embedded etcd's
 auto-compaction with LPMOS's defragmentation keeps the database bounded
 under a long run of writes while a watch cache follows; a NOSPACE alarm is
 seen, and on the embedded etcd cleared once the space is back."""

@@ -1,4 +1,4 @@
-"""RELIABILITY: etcd out of space (issue 16).  With a small
+"""RELIABILITY: etcd out of space.  With a small
 ``--quota-backend-bytes`` filled up, etcd raises its NOSPACE alarm and
 refuses every write: a regional node and the control plane (subprocesses,
 as operators run them) say so in ``/healthz`` and ``/metrics``, the node
