@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bootsvc.context import MemoryTimeline, NodeContext
+from bootsvc.http.settings import HttpSettings
 from bootsvc.netif import default_server_ip
 from bootsvc.policy.reaping import Timeouts
 from bootsvc.state.machines import MachineIndex
@@ -144,7 +145,7 @@ class RegionalNode:
         cache = WatchCache(store, keys.idc(idc), name=f"idc-{idc}")
         machines = MachineIndex(cache, keys, idc)
         server_ip = default_server_ip(config)
-        http_port = int(config.get("http.port", 8081) or 8081)
+        http_port = HttpSettings.from_config(config).port or HttpSettings().port
         advertise = config["regional.advertise_url"] or f"http://{server_ip}:{http_port}"
         self.ctx = NodeContext(
             config=config, idc=idc, node_name=str(config["regional.node_name"]), store=store,

@@ -14,6 +14,7 @@ import sys
 
 from bootsvc.http.catalog import open_catalog
 from bootsvc.http.settings import SETTINGS as HTTP_SETTINGS
+from bootsvc.http.settings import HttpSettings
 from bootsvc.policy.machine import MachineView
 from bootsvc.policy.script import CONFIG_TEMPLATES, decide_script, install_kind
 from bootsvc.render import Renderer, RenderError, build_context
@@ -74,15 +75,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
     server = Server.from_json(server_kv.value) if server_kv is not None else None
     catalog = open_catalog(config.get("catalog"))
     image = catalog.find(task.os_type, task.os_version, task.image)
-    live_name = str(config.get("http.live_image", "live"))
-    live = catalog.images.get(live_name)
-    node_url = config.get("regional.advertise_url") or \
-        f"http://NODE-ADDRESS:{config.get('http.port', 8081)}"
+    http = HttpSettings.from_config(config)
+    live = catalog.images.get(http.live_image)
+    node_url = config.get("regional.advertise_url") or f"http://NODE-ADDRESS:{http.port}"
     template = args.template
     decision, reason = "preview", "preview"
     if template == "boot":
         view = MachineView(sn, task, task_kv.mod_revision, server)
-        d = decide_script(view, discovery=bool(config.get("http.discovery", True)), image=image,
+        d = decide_script(view, discovery=http.discovery, image=image,
                         live_available=live is not None)
         template, decision, reason = d.template, d.action, d.reason
     elif "/" not in template:
@@ -104,8 +104,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
         node_url=node_url, idc=idc, node_name=str(config.get("regional.node_name", "node")),
         decision=decision, reason=reason, sn=sn, mac=task.mac, arch="x86_64", platform="pcbios",
         task=task, server=server, image=image, live=live,
-        live_kernel_args=str(config.get("http.live_kernel_args", "")), token=args.token,
-        retry_delay=int(config.get("http.retry_delay", 10)))
+        live_kernel_args=http.live_kernel_args, token=args.token,
+        retry_delay=http.retry_delay)
     try:
         sys.stdout.write(renderer.render(template, context))
     except RenderError as exc:

@@ -46,6 +46,7 @@ from bootsvc.http.routes_callback import callback_bp
 from bootsvc.http.routes_config import config_bp
 from bootsvc.http.routes_files import files_bp
 from bootsvc.http.routes_ops import ops_bp
+from bootsvc.http.settings import HttpSettings
 from lpmos.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def create_app(ctx: NodeContext, *, catalog: Catalog | None = None,
     (or use :class:`~bootsvc.http.service.HttpService`) to run its background
     workers."""
     app = Flask("bootsvc")
-    app.config["MAX_CONTENT_LENGTH"] = int(ctx.config.get("http.max_body", 1024 * 1024))
+    app.config["MAX_CONTENT_LENGTH"] = HttpSettings.from_config(ctx.config).max_body
     app.json.sort_keys = False  # type: ignore[attr-defined]
     boot = BootBackend(ctx, catalog=catalog, templates_dir=templates_dir)
     app.extensions["lpmos_boot"] = boot

@@ -34,6 +34,7 @@ from bootsvc.http.catalog import open_catalog
 from bootsvc.http.common import JSON_TYPE, HttpError, error_body, is_sn, request_token
 from bootsvc.http.longpoll import TaskChangeWaits
 from bootsvc.http.script_query import BadScriptPath, ScriptQuery, parse_script_query
+from bootsvc.http.settings import HttpSettings
 from bootsvc.policy.machine import MachineView
 from bootsvc.policy.script import (
     CLAIM,
@@ -85,13 +86,14 @@ class BootBackend:
         self.ctx = ctx
         cfg = ctx.config
         self.metrics = ctx.metrics
-        self.discovery: bool = bool(cfg.get("http.discovery", True))
-        self.retry_delay: int = int(cfg.get("http.retry_delay", 10))
-        self.live_name: str = str(cfg.get("http.live_image", "live"))
-        self.live_kernel_args: str = str(cfg.get("http.live_kernel_args", ""))
-        self.heartbeat_interval = float(cfg.get("http.heartbeat_interval", 10.0))
+        settings = HttpSettings.from_config(cfg)
+        self.discovery: bool = settings.discovery
+        self.retry_delay: int = settings.retry_delay
+        self.live_name: str = settings.live_image
+        self.live_kernel_args: str = settings.live_kernel_args
+        self.heartbeat_interval = settings.heartbeat_interval
         self.catalog = catalog if catalog is not None else open_catalog(cfg.get("catalog"))
-        self.renderer = Renderer(templates_dir or cfg.get("http.templates"))
+        self.renderer = Renderer(templates_dir or settings.templates)
         state_dir = Path(cfg.get("state_dir", "/var/lib/lpmos"))
         self.tftp_root = Path(cfg.get("tftp.root") or state_dir / "tftp")
         self.tokens = MachineTokens(ctx.store, ctx.keys, ctx.idc, ctx.cache, ctx.metrics,
@@ -103,9 +105,9 @@ class BootBackend:
         self.install_logs = open_install_logs(cfg, state_dir, ctx.node_name, ctx.metrics)
         self.events = EventPipeline(self.tasks, ctx.idc, ctx.metrics,
                                     state_dir / "spool" / ctx.node_name,
-                                    interval=float(cfg.get("http.event_interval", 0.5)),
+                                    interval=settings.event_interval,
                                     by=f"node:{ctx.node_name}", logs=self.install_logs)
-        self.task_waits = TaskChangeWaits(ctx, int(cfg.get("http.long_polls", 24)))
+        self.task_waits = TaskChangeWaits(ctx, settings.long_polls)
         self._health_at = 0.0
         self._health_ok = False
         self._health_lock = threading.Lock()

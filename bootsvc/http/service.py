@@ -18,6 +18,7 @@ from bootsvc.context import NodeContext
 from bootsvc.http.app import create_app
 from bootsvc.http.backend import BootBackend
 from bootsvc.http.server import AsyncHttpServer
+from bootsvc.http.settings import HttpSettings
 from bootsvc.threaded_loop import ThreadedLoop
 
 log = logging.getLogger(__name__)
@@ -44,17 +45,18 @@ class HttpService:
 
     async def start_async(self) -> HttpService:
         cfg = self.ctx.config
+        settings = HttpSettings.from_config(cfg)
         metrics = self.ctx.metrics
         self.boot.start()
         server = AsyncHttpServer(
             self.app.wsgi_app,
             host=cfg.get("regional.listen", "0.0.0.0"),
-            port=int(cfg.get("http.port", 8081)),
-            threads=int(cfg.get("http.threads", 32)),
-            connection_limit=int(cfg.get("http.connection_limit", 2000)),
-            timeout=float(cfg.get("http.timeout", 30.0)),
-            max_body=int(cfg.get("http.max_body", 1024 * 1024)),
-            max_header=int(cfg.get("http.max_header", 16384)),
+            port=settings.port,
+            threads=settings.threads,
+            connection_limit=settings.connection_limit,
+            timeout=settings.timeout,
+            max_body=settings.max_body,
+            max_header=settings.max_header,
             fast=self.boot.fast_answer,
             on_refused=lambda reason: metrics.inc("http_requests_refused_total", reason=reason),
         )

@@ -3,7 +3,13 @@ regional node's by :mod:`bootsvc.cli`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
 from lpmos.config import (
+    Config,
     Setting,
     float_range,
     int_range,
@@ -54,3 +60,39 @@ SETTINGS: tuple[Setting, ...] = (
             "concurrent agent task long-polls at most (each holds a worker thread); past it "
             "the task answer is returned at once", metavar="N"),
 )
+
+#: each setting's default, parsed as a value from any source would be
+DEFAULTS: dict[str, Any] = {s.key: s.parse(s.default) for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The boot HTTP service's ``http.*`` values; ``HttpSettings()`` is the
+    defaults of :data:`SETTINGS`, the one place they are written."""
+
+    port: int = DEFAULTS["http.port"]
+    discovery: bool = DEFAULTS["http.discovery"]
+    threads: int = DEFAULTS["http.threads"]
+    connection_limit: int = DEFAULTS["http.connection_limit"]
+    max_body: int = DEFAULTS["http.max_body"]
+    max_header: int = DEFAULTS["http.max_header"]
+    timeout: float = DEFAULTS["http.timeout"]
+    live_image: str = DEFAULTS["http.live_image"]
+    live_kernel_args: str = DEFAULTS["http.live_kernel_args"]
+    templates: Path | None = DEFAULTS["http.templates"]
+    event_interval: float = DEFAULTS["http.event_interval"]
+    heartbeat_interval: float = DEFAULTS["http.heartbeat_interval"]
+    retry_delay: int = DEFAULTS["http.retry_delay"]
+    long_polls: int = DEFAULTS["http.long_polls"]
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> HttpSettings:
+        """From values keyed as in :data:`SETTINGS`; a missing key keeps its
+        default."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key.split(".", 1)[1]: value for key, value in values.items()
+                      if key.startswith("http.") and key.split(".", 1)[1] in names})
+
+    @classmethod
+    def from_config(cls, config: Config) -> HttpSettings:
+        return cls.from_values(config.values)
