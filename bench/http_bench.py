@@ -328,6 +328,10 @@ def fill_tasks(etcd_url: str, specs: list[dict[str, Any]], *, batch: int = 100) 
             elif task.status == "approved":
                 task.attempt = 1
                 task.approved_by = "bench"
+                # approved now, as the control plane stamps it: the history
+                # is an hour old, and a node fails an approval that no node
+                # claimed within --boot-timeout (3600 s)
+                task.approved_at = time.time()
             ops.append(Put(keys.task(IDC, task.sn), task.to_json()))
             if len(ops) >= batch:
                 store.commit([], ops)
