@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from images.build import (
+from images.lab_os import (
     LAB_OS_DISK,
     MIB,
     DiskGeometry,
