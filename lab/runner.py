@@ -18,12 +18,17 @@
   NIC's iPXE ROM) or UEFI (OVMF with the NIC ROM disabled, so the firmware's
   own PXE client fetches ``ipxe.efi`` over our TFTP), an empty virtual disk,
   an SMBIOS serial number and the serial console logged to a file that a
-  watcher thread turns into a boot timeline (:data:`SERIAL_STAGES`).
+  watcher thread turns into a boot timeline (:data:`lab.vm.SERIAL_STAGES`).
 
 Everything is torn down in ``__exit__`` (also after Ctrl-C or an exception):
 processes by the PIDs we started, then the namespaces (which removes the
 veths, taps and bridge with them).  :func:`cleanup_stale` removes what a lab
 killed with SIGKILL left behind (namespaces whose owner PID is gone).
+
+This module is the lab itself; a VM and its timeline are :mod:`lab.vm`,
+running tools and stopping children :mod:`lab.process`, the JSON client of
+the control-plane API :mod:`lab.client` (re-exported here for the tests
+and ``lpmos demo``).
 """
 
 from __future__ import annotations
@@ -42,11 +47,15 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab.client import http_json
+from lab.process import LabError, run, stop
+from lab.vm import VM
 from lpmos.procs import pid_alive
+
+__all__ = ["VM", "Lab", "LabError", "cleanup_stale", "control_plane", "http_json"]
 
 REPO = Path(__file__).resolve().parent.parent
 NS_PREFIX = "lpmos-lab-"
@@ -60,39 +69,6 @@ HTTP_PORT = 8081
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
-#: Boot stages read from a VM's serial console, in the order they happen.
-#: Each is searched for only after the previous one matched, so the second
-#: PXE boot after the install does not confuse the first; a stage whose line
-#: never shows (another firmware's wording) is skipped when a later one does.
-SERIAL_STAGES: tuple[tuple[str, str], ...] = (
-    ("firmware", r"SeaBIOS|BdsDxe|UEFI|>>Start PXE"),
-    ("pxe", r"iPXE \(http://ipxe\.org\)|Start PXE over IPv4|PXE-"),
-    ("ipxe", r"iPXE initialising devices"),
-    ("boot-script", r"/boot\.ipxe\.\.\. ok"),
-    ("decision", r"^LPMOS \S+: "),
-    ("kernel", r"Linux version"),
-    ("agent", r"lpmos-live: starting agent"),
-    ("registered", r"agent\.runner: registered as "),
-    ("disk-boot", r"lab-os: booted from disk"),
-    ("callback", r"lab-os: callback succeeded"),
-)
-
-
-class LabError(RuntimeError):
-    """The lab could not be set up, or a stage did not arrive in time."""
-
-
-def _run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30.0,
-         input_text: str | None = None) -> subprocess.CompletedProcess[str]:
-    try:
-        done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
-                              input=input_text, check=False)
-    except FileNotFoundError:
-        raise LabError(f"{cmd[0]} not found: run 'scripts/setup.sh system'") from None
-    if check and done.returncode != 0:
-        raise LabError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[:500]}")
-    return done
-
 
 def _raise_exit(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
@@ -103,175 +79,25 @@ def _stderr_log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, *, grace: float = 10.0) -> None:
-    """SIGTERM our child's process group (started with start_new_session),
-    SIGKILL after ``grace`` seconds."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
 def cleanup_stale(log: Callable[[str], None] = lambda _m: None) -> list[str]:
     """Remove lab namespaces whose owning process (the PID in the name) is
     gone: what a lab killed with SIGKILL left.  Processes still inside such a
     namespace were started by that lab; they are killed by PID first."""
-    done = _run(["ip", "netns", "list"], check=False)
+    done = run(["ip", "netns", "list"], check=False)
     removed = []
     for line in done.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)(?:-\d+)?(?:-site)?", name)
         if not m or pid_alive(int(m.group(1))):
             continue
-        pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
+        pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
-        _run(["ip", "netns", "del", name], check=False)
+        run(["ip", "netns", "del", name], check=False)
         removed.append(name)
         log(f"removed stale lab namespace {name} ({len(pids)} processes)")
     return removed
-
-
-@dataclass
-class StageEvent:
-    stage: str
-    at: float            # seconds since the VM started
-    line: str
-
-
-@dataclass
-class VM:
-    """One QEMU machine of the lab; see :meth:`Lab.boot_vm`."""
-
-    name: str
-    firmware: str        # "bios" | "uefi"
-    mac: str
-    serial: str
-    uuid: str
-    workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
-    started: float = 0.0
-    events: list[StageEvent] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _watcher: threading.Thread | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def serial_log(self) -> Path:
-        return self.workdir / "serial.log"
-
-    def mark(self, stage: str, detail: str = "") -> None:
-        """Record a stage seen from outside the VM (e.g. through the API)."""
-        with self._lock:
-            self.events.append(StageEvent(stage, time.monotonic() - self.started, detail))
-
-    def seen(self, stage: str) -> StageEvent | None:
-        with self._lock:
-            return next((e for e in self.events if e.stage == stage), None)
-
-    def wait_for(self, stage: str, timeout: float) -> StageEvent:
-        """Block until ``stage`` is in the timeline; on timeout raise
-        :class:`LabError` with the serial console's tail."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            event = self.seen(stage)
-            if event is not None:
-                return event
-            if self.proc is not None and self.proc.poll() is not None:
-                raise LabError(f"{self.name}: QEMU exited ({self.proc.returncode}) before "
-                               f"stage {stage!r}\n{self.describe()}")
-            time.sleep(0.2)
-        raise LabError(f"{self.name}: stage {stage!r} did not arrive within {timeout:.0f} s"
-                       f"\n{self.describe()}")
-
-    def timeline(self) -> str:
-        with self._lock:
-            events = list(self.events)
-        rows = [f"  {e.at:7.1f} s  {e.stage:<16} {e.line[:90]}" for e in events]
-        return f"{self.name} ({self.firmware}, {self.serial}, {self.mac}):\n" + "\n".join(rows)
-
-    def console_tail(self, lines: int = 80) -> str:
-        try:
-            text = self.serial_log.read_bytes().decode(errors="replace")
-        except OSError:
-            return "(no serial log)"
-        text = re.sub(r"\x1b\[[0-9;?=]*[A-Za-z]|\x1bc|\r", "", text)
-        return "\n".join(text.splitlines()[-lines:])
-
-    @property
-    def qmp_socket(self) -> Path:
-        return self.workdir / "qmp.sock"
-
-    def qemu_state(self) -> str:
-        """What QEMU itself says of the machine: its run state (``running``,
-        ``paused`` on an I/O error, ``shutdown``...) and where the CPU is.
-        When a console falls silent this tells a firmware loop (running, the
-        same RIP region) from a stopped machine."""
-        try:
-            replies = qmp_call(self.qmp_socket, [
-                {"execute": "query-status"},
-                {"execute": "human-monitor-command",
-                 "arguments": {"command-line": "info registers"}}])
-        except (OSError, ValueError) as exc:
-            return f"(QMP unavailable: {exc})"
-        status = replies[0].get("return", {})
-        regs = str(replies[1].get("return", ""))
-        words = regs.split()
-        ip = next((w for w in words if w.startswith(("RIP=", "EIP="))), "IP=?")
-        hlt = next((w for w in words if w.startswith("HLT=")), "HLT=?")
-        return (f"QEMU: status {status.get('status', '?')}, running {status.get('running')}, "
-                f"CPU0 {ip} {hlt}")
-
-    def describe(self) -> str:
-        return (f"{self.timeline()}\n{self.qemu_state()}\n"
-                f"--- serial console of {self.name} (last lines) ---\n"
-                f"{self.console_tail()}\n--- end of {self.name} ---")
-
-    # -- the serial watcher --------------------------------------------------------------
-
-    def _watch(self) -> None:
-        offset = 0
-        buffer = ""
-        index = 0
-        patterns = [(name, re.compile(rx)) for name, rx in SERIAL_STAGES]
-        while not self._stop.is_set():
-            try:
-                with self.serial_log.open("rb") as fh:
-                    fh.seek(offset)
-                    chunk = fh.read(1 << 20)
-            except OSError:
-                chunk = b""
-            if chunk:
-                offset += len(chunk)
-                buffer += chunk.decode(errors="replace")
-                lines = buffer.split("\n")
-                buffer = lines.pop()[-4096:]
-                for raw in lines:
-                    line = re.sub(r"\x1b\[[0-9;?=]*[A-Za-z]|\x1bc|\r", "", raw).strip()
-                    # the first stage at or after the current one that this
-                    # line shows (a stage the console never prints is skipped)
-                    while True:
-                        hit = next((j for j in range(index, len(patterns))
-                                    if patterns[j][1].search(line)), None)
-                        if hit is None:
-                            break
-                        self.mark(patterns[hit][0], line)
-                        index = hit + 1
-            else:
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        self._stop.set()
-        _stop(self.proc, grace=5.0)
-        if self._watcher is not None:
-            self._watcher.join(5)
 
 
 class Lab:
@@ -339,13 +165,13 @@ class Lab:
         for vm in self.vms:
             vm.stop()
         for proc in (self.node_proc, self.dnsmasq_proc, *self._procs, self.etcd_proc):
-            _stop(proc)
+            stop(proc)
         for ns in reversed(self._created_ns):
             # processes we did not start cannot be in a namespace we created,
             # but a VM's helper could linger: the namespace goes regardless
-            _run(["ip", "netns", "del", ns], check=False)
+            run(["ip", "netns", "del", ns], check=False)
         self._created_ns.clear()
-        _run(["ip", "link", "del", self.host_if], check=False)
+        run(["ip", "link", "del", self.host_if], check=False)
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers.clear()
@@ -353,11 +179,11 @@ class Lab:
     # -- the pieces ---------------------------------------------------------------------------
 
     def _ns(self, ns: str, *cmd: str) -> None:
-        _run(["ip", "-n", ns, *cmd])
+        run(["ip", "-n", ns, *cmd])
 
     def _network(self) -> None:
         for ns in (self.ns, self.site_ns):
-            _run(["ip", "netns", "add", ns])
+            run(["ip", "netns", "add", ns])
             self._created_ns.append(ns)
             self._ns(ns, "link", "set", "lo", "up")
         self._ns(self.ns, "link", "add", "br0", "type", "bridge", "stp_state", "0",
@@ -373,10 +199,10 @@ class Lab:
         self._ns(self.site_ns, "addr", "add", f"{SITE_IP6}/64", "dev", "eth0", "nodad")
         self._ns(self.site_ns, "link", "set", "eth0", "up")
         # the uplink to the host: etcd and the control plane live there
-        _run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", "up0",
+        run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", "up0",
               "netns", self.ns])
-        _run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if])
-        _run(["ip", "link", "set", self.host_if, "up"])
+        run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if])
+        run(["ip", "link", "set", self.host_if, "up"])
         self._ns(self.ns, "addr", "add", f"{self.ns_ip}/30", "dev", "up0")
         self._ns(self.ns, "link", "set", "up0", "up")
         self.log(f"lab segment {SUBNET}.0/24 on br0 in namespace {self.ns}; "
@@ -452,7 +278,7 @@ class Lab:
 
     def node_health(self) -> str | None:
         """The node's /healthz status, fetched from inside the namespace."""
-        done = _run(["ip", "netns", "exec", self.ns, "curl", "-fsS", "-m", "2",
+        done = run(["ip", "netns", "exec", self.ns, "curl", "-fsS", "-m", "2",
                      f"{self.node_url}/healthz"], check=False, timeout=10)
         try:
             return str(json.loads(done.stdout).get("status"))
@@ -531,61 +357,10 @@ class Lab:
                     "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex={net_index}"]
         vm.started = time.monotonic()
         vm.proc = self._spawn(cmd, f"vms/{name}/qemu.log", ns=self.ns)
-        vm._watcher = threading.Thread(target=vm._watch, name=f"serial-{name}", daemon=True)
-        vm._watcher.start()
+        vm.watch_console()
         self.vms.append(vm)
         self.log(f"VM {name}: {firmware}, serial {serial}, MAC {mac}, console {vm.serial_log}")
         return vm
-
-
-def qmp_call(path: Path, commands: Sequence[dict[str, Any]], *,
-             timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Send ``commands`` to a QEMU QMP socket and return one reply each
-    (asynchronous events in between are skipped)."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        reader = sock.makefile("rb")
-
-        def reply() -> dict[str, Any]:
-            while True:
-                line = reader.readline()
-                if not line:
-                    raise OSError("QMP closed the connection")
-                msg = json.loads(line)
-                if "event" not in msg:
-                    return dict(msg)
-
-        reply()                                            # the greeting
-        sock.sendall(b'{"execute": "qmp_capabilities"}\n')
-        reply()
-        out = []
-        for command in commands:
-            sock.sendall(json.dumps(command).encode() + b"\n")
-            out.append(reply())
-        return out
-
-
-def http_json(method: str, url: str, body: Any = None, *, token: str | None = None,
-              timeout: float = 10.0) -> tuple[int, Any]:
-    """A small JSON client for the control-plane API (no dependency)."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
-    req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw)
-        except ValueError:
-            return exc.code, raw.decode(errors="replace")
 
 
 @contextlib.contextmanager
@@ -616,4 +391,4 @@ def control_plane(lab: Lab, *, port: int, listen: str = "127.0.0.1",
     try:
         yield url
     finally:
-        _stop(proc)
+        stop(proc)

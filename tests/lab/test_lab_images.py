@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from images import build
-from lab.runner import Lab, LabError, _run
+from lab.process import run as _run
+from lab.runner import Lab, LabError
 from tests.lab.conftest import require_lab_host
 
 MIB = 1 << 20
