@@ -1,8 +1,7 @@
 """The control plane's in-memory view of etcd: one watch, indexed for the API.
 
-:class:`ConsoleCache` is the process's single :class:`WatchCache` over the
-whole LPMOS prefix, minus the audit records (they only grow; the audit API
-reads them from etcd page by page).  :class:`ConsoleIndex` follows it and
+:class:`web.console_cache.ConsoleCache` is the process's single watch cache
+(everything but the audit records).  :class:`ConsoleIndex` follows it and
 keeps what the API lists need, so listing, filtering and paging 100,000
 tasks never touches etcd:
 
@@ -12,6 +11,9 @@ tasks never touches etcd:
 * counters per ``(idc, status)`` for the stats panel and list totals;
 * servers, agent liveness (machine lease keys), regional nodes and task
   templates.
+
+What a row shows of each record, and the stats' numbers, are the pure
+functions of :mod:`web.summaries`.
 
 Writers (the API) use :class:`lpmos.tasks.TaskService` against etcd and may
 wait for the cache to reach the revision they wrote
@@ -23,137 +25,35 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import statistics
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from lpmos.models import Server, Task, ValidationError
-from lpmos.store import Event, KeyValue, Page, Store, Watch
+from lpmos.store import KeyValue
 from lpmos.store.cache import WatchCache
-from lpmos.store.keys import Keys
+from lpmos.store.keys import Keys, ParsedKey
+from web.console_cache import ConsoleCache
+from web.summaries import (
+    SortKey,
+    TaskEntry,
+    diff_summary,
+    node_view,
+    server_haystack,
+    server_summary,
+    sort_key,
+    task_haystack,
+    task_stats,
+    task_summary,
+)
+
+#: ConsoleCache and task_summary are imported from here by the app and the
+#: API blueprints
+__all__ = ["ConsoleCache", "ConsoleIndex", "Listener", "task_summary"]
 
 log = logging.getLogger(__name__)
-
-LOG_TAIL = 5
-
-SortKey = tuple[float, str, str]
-
-
-class _WithoutAudit:
-    """A read-only :class:`Store` view that hides the audit records.
-
-    Only what :class:`WatchCache` calls is offered.  ``range`` skips the
-    audit key range with one jump, so a prefix with millions of audit
-    records loads as fast as one without."""
-
-    def __init__(self, store: Store, keys: Keys) -> None:
-        self._store = store
-        self.timeout = store.timeout
-        self._skip = keys.audit_prefix()
-        self._skip_end = self._skip[:-1] + chr(ord(self._skip[-1]) + 1)
-
-    def range(self, prefix: str, *, start: str | None = None, limit: int = 0,
-              revision: int = 0) -> Page:
-        while True:
-            if start is not None and self._skip <= start < self._skip_end:
-                start = self._skip_end
-            page = self._store.range(prefix, start=start, limit=limit, revision=revision)
-            revision = page.revision
-            kept = [kv for kv in page.items if not kv.key.startswith(self._skip)]
-            if kept or not page.more or not page.items:
-                return Page(kept, page.revision, page.more)
-            start = max(page.items[-1].key + "\x00", self._skip_end)
-
-    def watch(self, prefix: str, start_revision: int) -> Watch:
-        return self._store.watch(prefix, start_revision)
-
-    def get(self, key: str) -> KeyValue | None:
-        return self._store.get(key)
-
-
-class ConsoleCache(WatchCache):
-    """The single watch of a control-plane process (everything but audit)."""
-
-    def __init__(self, store: Store, keys: Keys, **kwargs: Any) -> None:
-        self._audit_prefix = keys.audit_prefix()
-        super().__init__(_WithoutAudit(store, keys), keys.root(),  # type: ignore[arg-type]
-                         name="console", **kwargs)
-
-    def apply(self, events: Sequence[Event], revision: int) -> None:  # type: ignore[override]
-        super().apply([e for e in events if not e.key.startswith(self._audit_prefix)], revision)
-
-
-@dataclass
-class TaskEntry:
-    task: Task
-    revision: int
-    sort: SortKey
-    haystack: str
-
-
-def sort_key(task: Task) -> SortKey:
-    """Newest first, then IDC and SN: stable across pages."""
-    return (-float(task.created_at), task.idc, task.sn)
-
-
-def task_haystack(task: Task) -> str:
-    return " ".join((task.idc, task.sn, task.mac, task.os_type, task.os_version, task.image,
-                     task.created_by, task.approved_by, task.template, task.notes,
-                     task.status)).lower()
-
-
-def task_summary(task: Task, revision: int) -> dict[str, Any]:
-    """What a list row and a WebSocket delta carry: no history, a short log tail."""
-    p = task.progress
-    return {
-        "idc": task.idc, "sn": task.sn, "mac": task.mac, "os_type": task.os_type,
-        "os_version": task.os_version, "image": task.image, "status": task.status,
-        "template": task.template, "created_by": task.created_by,
-        "created_at": task.created_at, "updated_at": task.updated_at,
-        "approved_by": task.approved_by, "attempt": task.attempt, "reason": task.reason,
-        "claimed_by": task.claimed_by, "started_at": task.started_at,
-        "finished_at": task.finished_at, "notes": task.notes,
-        "progress": {"percent": p.percent, "step": p.step, "message": p.message,
-                     "bytes_done": p.bytes_done, "bytes_total": p.bytes_total,
-                     "rate": p.rate, "updated_at": p.updated_at},
-        "log_tail": task.logs[-LOG_TAIL:],
-        "revision": revision,
-    }
-
-
-def server_summary(server: Server, revision: int, online: bool) -> dict[str, Any]:
-    inv = server.inventory if isinstance(server.inventory, dict) else {}
-    system = inv.get("system") if isinstance(inv.get("system"), dict) else {}
-    cpu = inv.get("cpu") if isinstance(inv.get("cpu"), dict) else {}
-    memory = inv.get("memory") if isinstance(inv.get("memory"), dict) else {}
-    disks = inv.get("disks") if isinstance(inv.get("disks"), list) else []
-    assert isinstance(system, dict) and isinstance(cpu, dict) and isinstance(memory, dict)
-    assert isinstance(disks, list)
-    return {
-        "idc": server.idc, "sn": server.sn, "macs": server.macs, "boot_mac": server.boot_mac,
-        "uuid": server.uuid, "arch": server.arch, "ip": server.ip, "state": server.state,
-        "conflict": server.conflict, "first_seen": server.first_seen,
-        "last_seen": server.last_seen, "online": online,
-        "vendor": str(system.get("vendor", "")), "product": str(system.get("product", "")),
-        "cpu_model": str(cpu.get("model", "")),
-        "cpu_threads": cpu.get("threads") if isinstance(cpu.get("threads"), int) else None,
-        "memory_bytes": memory.get("total_bytes")
-        if isinstance(memory.get("total_bytes"), int) else None,
-        "disk_count": len(disks), "revision": revision,
-    }
-
-
-def _server_haystack(server: Server) -> str:
-    inv = server.inventory if isinstance(server.inventory, dict) else {}
-    system = inv.get("system") if isinstance(inv.get("system"), dict) else {}
-    assert isinstance(system, dict)
-    return " ".join([server.idc, server.sn, server.uuid, server.ip, *server.macs,
-                     str(system.get("vendor", "")), str(system.get("product", ""))]).lower()
-
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -221,7 +121,7 @@ class ConsoleIndex:
             elif parsed is not None and parsed.kind == "server":
                 server = Server.from_json(kv.value)
                 self._servers[(server.idc, server.sn)] = (server, kv.mod_revision,
-                                                          _server_haystack(server))
+                                                          server_haystack(server))
             elif parsed is not None and parsed.kind == "lease":
                 self._online.add((parsed.idc, parsed.name))
             elif parsed is not None and parsed.kind == "node":
@@ -264,77 +164,82 @@ class ConsoleIndex:
 
     def _on_change(self, key: str, old: KeyValue | None, new: KeyValue | None,
                    revision: int) -> None:
+        """Apply one change of the cache to the indexes, then hand the
+        subscribers ``(kind, message)`` (nobody, for a key no list shows)."""
         parsed = self.keys.parse(key)
-        message: dict[str, Any] | None = None
-        kind = ""
         with self._lock:
             self._stats_memo = None
-            if parsed is not None and parsed.kind == "task":
-                kind = "task"
-                ident = (parsed.idc, parsed.name)
-                before = self._tasks.get(ident)
-                before_summary = task_summary(before.task, before.revision) if before else None
-                if new is None:
-                    self._drop_task(ident)
-                    message = {"op": "del", "idc": parsed.idc, "sn": parsed.name}
-                else:
-                    self._load(new, incremental=True)
-                    entry = self._tasks.get(ident)
-                    if entry is not None:
-                        summary = task_summary(entry.task, entry.revision)
-                        message = {"op": "put", "idc": parsed.idc, "sn": parsed.name,
-                                   "task": _diff(before_summary, summary)}
-            elif parsed is not None and parsed.kind == "server":
-                kind = "server"
-                ident = (parsed.idc, parsed.name)
-                if new is None:
-                    self._servers.pop(ident, None)
-                    i = bisect.bisect_left(self._server_order, ident)
-                    if i < len(self._server_order) and self._server_order[i] == ident:
-                        del self._server_order[i]
-                    message = {"op": "del", "idc": parsed.idc, "sn": parsed.name}
-                else:
-                    existed = ident in self._servers
-                    self._load(new, incremental=False)
-                    if not existed and ident in self._servers:
-                        bisect.insort(self._server_order, ident)
-                    got = self._servers.get(ident)
-                    if got is not None:
-                        message = {"op": "put", "idc": parsed.idc, "sn": parsed.name,
-                                   "server": server_summary(got[0], got[1],
-                                                            ident in self._online)}
-            elif parsed is not None and parsed.kind == "lease":
-                kind = "online"
-                ident = (parsed.idc, parsed.name)
-                if new is None:
-                    self._online.discard(ident)
-                else:
-                    self._online.add(ident)
-                message = {"idc": parsed.idc, "sn": parsed.name, "online": new is not None}
-            elif parsed is not None and parsed.kind == "node":
-                kind = "node"
-                ident = (parsed.idc, parsed.name)
-                if new is None:
-                    self._nodes.pop(ident, None)
-                else:
-                    self._load(new, incremental=False)
-                message = {"op": "del" if new is None else "put", "idc": parsed.idc,
-                           "name": parsed.name}
-            elif key.startswith(self.keys.templates()):
-                kind = "template"
-                name = key[len(self.keys.templates()):]
-                if new is None:
-                    self._templates.pop(name, None)
-                else:
-                    self._load(new, incremental=False)
-                message = {"op": "del" if new is None else "put", "name": name}
-            elif parsed is not None and parsed.kind == "timeline":
-                kind = "timeline"
-                message = {"idc": parsed.idc, "sn": parsed.name}
+            kind, message = self._apply_change(key, parsed, new)
         if message is not None:
             message["rev"] = revision
             for fn in self._subscribers:
                 fn(kind, message)
+
+    def _apply_change(self, key: str, parsed: ParsedKey | None, new: KeyValue | None
+                      ) -> tuple[str, dict[str, Any] | None]:
+        """The kind of the change and its message (``None``: nothing to tell)."""
+        if parsed is not None and parsed.kind == "task":
+            return "task", self._task_changed(parsed, new)
+        if parsed is not None and parsed.kind == "server":
+            return "server", self._server_changed(parsed, new)
+        if parsed is not None and parsed.kind == "lease":
+            ident = (parsed.idc, parsed.name)
+            if new is None:
+                self._online.discard(ident)
+            else:
+                self._online.add(ident)
+            return "online", {"idc": parsed.idc, "sn": parsed.name, "online": new is not None}
+        if parsed is not None and parsed.kind == "node":
+            if new is None:
+                self._nodes.pop((parsed.idc, parsed.name), None)
+            else:
+                self._load(new, incremental=False)
+            return "node", {"op": "del" if new is None else "put", "idc": parsed.idc,
+                            "name": parsed.name}
+        if key.startswith(self.keys.templates()):
+            name = key[len(self.keys.templates()):]
+            if new is None:
+                self._templates.pop(name, None)
+            else:
+                self._load(new, incremental=False)
+            return "template", {"op": "del" if new is None else "put", "name": name}
+        if parsed is not None and parsed.kind == "timeline":
+            return "timeline", {"idc": parsed.idc, "sn": parsed.name}
+        return "", None
+
+    def _task_changed(self, parsed: ParsedKey, new: KeyValue | None) -> dict[str, Any] | None:
+        """A task put or deleted; a put carries only the fields that changed."""
+        ident = (parsed.idc, parsed.name)
+        if new is None:
+            self._drop_task(ident)
+            return {"op": "del", "idc": parsed.idc, "sn": parsed.name}
+        before = self._tasks.get(ident)
+        before_summary = task_summary(before.task, before.revision) if before else None
+        self._load(new, incremental=True)
+        entry = self._tasks.get(ident)
+        if entry is None:
+            return None
+        return {"op": "put", "idc": parsed.idc, "sn": parsed.name,
+                "task": diff_summary(before_summary, task_summary(entry.task, entry.revision))}
+
+    def _server_changed(self, parsed: ParsedKey, new: KeyValue | None) -> dict[str, Any] | None:
+        """A server put or deleted, kept in ``_server_order``."""
+        ident = (parsed.idc, parsed.name)
+        if new is None:
+            self._servers.pop(ident, None)
+            i = bisect.bisect_left(self._server_order, ident)
+            if i < len(self._server_order) and self._server_order[i] == ident:
+                del self._server_order[i]
+            return {"op": "del", "idc": parsed.idc, "sn": parsed.name}
+        existed = ident in self._servers
+        self._load(new, incremental=False)
+        if not existed and ident in self._servers:
+            bisect.insort(self._server_order, ident)
+        got = self._servers.get(ident)
+        if got is None:
+            return None
+        return {"op": "put", "idc": parsed.idc, "sn": parsed.name,
+                "server": server_summary(got[0], got[1], ident in self._online)}
 
     # -- tasks ------------------------------------------------------------------
 
@@ -469,56 +374,15 @@ class ConsoleIndex:
             memo = self._stats_memo
             if memo is not None and now is None and time.monotonic() - memo[0] < max_age:
                 return memo[1]
-            per_state: Counter[str] = Counter()
-            per_idc: dict[str, Counter[str]] = {}
-            for (idc, status), n in self._counts.items():
-                per_state[status] += n
-                per_idc.setdefault(idc, Counter())[status] += n
-            hour_now = int(t // 3600)
-            hours = [0] * 24
-            failed_hours = [0] * 24
-            durations: list[float] = []
-            for entry in self._tasks.values():
-                task = entry.task
-                if task.status not in ("succeeded", "failed") or not task.finished_at:
-                    continue
-                age = hour_now - int(task.finished_at // 3600)
-                if 0 <= age < 24:
-                    (hours if task.status == "succeeded" else failed_hours)[23 - age] += 1
-                if task.status == "succeeded" and task.started_at:
-                    durations.append(task.finished_at - task.started_at)
-            result = {
-                "total": sum(per_state.values()),
-                "per_state": dict(per_state),
-                "per_idc": {k: dict(v) for k, v in sorted(per_idc.items())},
-                "installs_per_hour": [
-                    {"hour_start": (hour_now - 23 + i) * 3600, "succeeded": hours[i],
-                     "failed": failed_hours[i]} for i in range(24)],
-                "median_install_seconds": statistics.median(durations) if durations else None,
-                "installs_measured": len(durations),
+            result = task_stats(self._counts, (e.task for e in self._tasks.values()), t)
+            result.update({
                 "servers": len(self._servers),
                 "servers_online": len(self._online),
                 "revision": self.cache.revision,
-            }
+            })
             if now is None:
                 self._stats_memo = (time.monotonic(), result)
             return result
-
-
-def node_view(name: str, data: dict[str, Any], revision: int, now: float) -> dict[str, Any]:
-    """A regional node's registration as shown: the key exists only while its
-    lease lives, so presence means alive; ``last_seen`` is informational."""
-    shown = {k: v for k, v in data.items() if isinstance(k, str) and k != "token"}
-    return {"name": name, "alive": True, "revision": revision, **shown}
-
-
-def _diff(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
-    """``after`` minus the fields equal in ``before`` (identity kept)."""
-    if before is None:
-        return after
-    out = {k: v for k, v in after.items() if before.get(k) != v}
-    out["idc"], out["sn"], out["revision"] = after["idc"], after["sn"], after["revision"]
-    return out
 
 
 def _iter_from(lst: list[Any], start: int) -> Iterator[Any]:
