@@ -86,21 +86,7 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
     values = dict(DEFAULTS)
     values.update({k: v for k, v in config.values.items() if k.startswith("web.")})
     values.update(settings or {})
-    app = Flask(__name__, template_folder="pages", static_folder="static",
-                static_url_path="/static")
-    app.config.update(
-        SECRET_KEY=secret_key or secrets.token_bytes(32),
-        MAX_CONTENT_LENGTH=int(values["web.max_body"]),
-        MAX_FORM_MEMORY_SIZE=min(int(values["web.max_body"]), 512 * 1024),
-        MAX_FORM_PARTS=50,
-        SESSION_COOKIE_NAME="lpmos_session",
-        SESSION_COOKIE_HTTPONLY=True,
-        SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=bool(values["web.secure_cookies"]),
-        PERMANENT_SESSION_LIFETIME=timedelta(hours=float(values["web.session_hours"])),
-        JSON_SORT_KEYS=False,
-        SEND_FILE_MAX_AGE_DEFAULT=300,
-    )
+    app = _flask_app(values, secret_key)
     if catalog is _DEFAULT:
         catalog = load_configured_catalog(config)
     metrics = Registry()
@@ -136,7 +122,34 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
         mutate_limiter=RateLimiter(mutate_rate, burst=max(10.0, mutate_rate / 4)),
         hub=hub, settings=values, owns_cache=owns_cache, maintenance=maintenance)
     app.extensions["lpmos"] = context
+    _register_blueprints(app)
+    _install_hooks(app, context)
+    return app
 
+
+def _flask_app(values: dict[str, Any], secret_key: bytes | None) -> Flask:
+    """The Flask object with the session, body and cache settings of
+    ``values`` (the merged ``web.*`` settings)."""
+    app = Flask(__name__, template_folder="pages", static_folder="static",
+                static_url_path="/static")
+    app.config.update(
+        SECRET_KEY=secret_key or secrets.token_bytes(32),
+        MAX_CONTENT_LENGTH=int(values["web.max_body"]),
+        MAX_FORM_MEMORY_SIZE=min(int(values["web.max_body"]), 512 * 1024),
+        MAX_FORM_PARTS=50,
+        SESSION_COOKIE_NAME="lpmos_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=bool(values["web.secure_cookies"]),
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=float(values["web.session_hours"])),
+        JSON_SORT_KEYS=False,
+        SEND_FILE_MAX_AGE_DEFAULT=300,
+    )
+    return app
+
+
+def _register_blueprints(app: Flask) -> None:
+    """One blueprint per concern, in the order of the module docstring's table."""
     from web import (
         api_admin,
         api_logs,
@@ -152,8 +165,6 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
     for module in (auth, api_tasks, api_logs, api_servers, api_stats, api_admin, ws, openapi,
                    console):
         app.register_blueprint(module.bp)
-    _install_hooks(app, context)
-    return app
 
 
 def _install_hooks(app: Flask, context: WebContext) -> None:
