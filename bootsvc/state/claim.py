@@ -41,7 +41,7 @@ from typing import Literal
 from bootsvc.policy.claim import decide_claim
 from bootsvc.state.tokens import MachineTokens
 from lpmos.models import Server, Task, ValidationError, now
-from lpmos.store import Compare, Conflict, Op, Put, Store, StoreError
+from lpmos.store import Compare, Conflict, KeyValue, Op, Put, Store, StoreError
 from lpmos.store.keys import Keys
 from lpmos.tasks import apply_transition
 
@@ -105,13 +105,8 @@ def claim_install(
     decision = decide_claim(task, server, node=node, continuing=continuing, at=now(),
                             claim_guard=claim_guard, boot_uuid=boot_uuid)
     if decision.conflict and server is not None and server_kv is not None:
-        server.conflict = decision.conflict
-        try:
-            requests += 1
-            store.commit([Compare(keys.server(idc, sn), server_kv.mod_revision)],
-                         [Put(keys.server(idc, sn), server.to_json())])
-        except (Conflict, StoreError):
-            pass      # refused either way; the next boot of the clone flags it again
+        requests += _flag_conflict(store, keys.server(idc, sn), server, server_kv,
+                                   decision.conflict)
     if not decision.install:
         return Outcome(False, decision.reason, task, server, kv.mod_revision,
                        etcd_requests=requests)
@@ -119,12 +114,8 @@ def claim_install(
     if decision.move is not None:
         apply_transition(task, decision.move)
         ops.append(Put(task_key, task.to_json()))
-    token = ""
-    if renew == "delete":
-        ops.append(tokens.delete_op(sn))
-    elif renew == "issue":
-        token, put = tokens.issue(sn, why="install script")
-        ops.append(put)
+    token, token_ops = _token_ops(tokens, sn, renew)
+    ops += token_ops
     if not ops:       # continuing with the token kept: the fresh read was the check
         return Outcome(True, decision.reason, task, server, kv.mod_revision,
                        etcd_requests=requests)
@@ -144,3 +135,28 @@ def claim_install(
     return Outcome(True, decision.reason, task, server,
                    revision if decision.move is not None else kv.mod_revision, token,
                    etcd_requests=requests)
+
+
+def _flag_conflict(store: Store, server_key: str, server: Server, server_kv: KeyValue,
+                   conflict: str) -> int:
+    """Mark the server record with ``conflict``, conditional on the revision
+    read (best effort); returns the etcd requests made (1)."""
+    server.conflict = conflict
+    try:
+        store.commit([Compare(server_key, server_kv.mod_revision)],
+                     [Put(server_key, server.to_json())])
+    except (Conflict, StoreError):
+        pass      # refused either way; the next boot of the clone flags it again
+    return 1
+
+
+def _token_ops(tokens: MachineTokens, sn: str,
+               renew: Literal["issue", "delete", "keep"]) -> tuple[str, list[Op]]:
+    """The machine token's part of the claim: the new token (``""`` unless
+    ``issue``) and the operations that write it."""
+    if renew == "delete":
+        return "", [tokens.delete_op(sn)]
+    if renew == "issue":
+        token, put = tokens.issue(sn, why="install script")
+        return token, [put]
+    return "", []
