@@ -239,6 +239,12 @@ class Setting:
         return self.key.replace(".", "__")
 
 
+def parsed_defaults(settings: Sequence[Setting]) -> dict[str, Any]:
+    """Each setting's default, parsed as a value from any source would be
+    (so ``"127.0.0.1:8080"`` is the tuple a flag would give)."""
+    return {s.key: s.parse(s.default) for s in settings}
+
+
 COMMON: tuple[Setting, ...] = (
     Setting("state_dir", "--state-dir", "/var/lib/lpmos", parse_path,
             "directory for local state: the embedded etcd, spools, logs, TLS material",

@@ -14,6 +14,7 @@ from lpmos.config import (
     parse_bool,
     parse_hostport,
     parse_optional_path,
+    parsed_defaults,
     str_list,
 )
 
@@ -74,4 +75,4 @@ SETTINGS: tuple[Setting, ...] = (
 
 #: Each setting's default as a resolved config holds it (parsed: ``web.listen``
 #: is a (host, port) pair).
-DEFAULTS: dict[str, Any] = {s.key: s.parse(s.default) for s in SETTINGS}
+DEFAULTS: dict[str, Any] = parsed_defaults(SETTINGS)

@@ -16,6 +16,7 @@ from lpmos.config import (
     parse_bool,
     parse_optional_path,
     parse_str,
+    parsed_defaults,
 )
 
 SETTINGS: tuple[Setting, ...] = (
@@ -62,7 +63,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 #: each setting's default, parsed as a value from any source would be
-DEFAULTS: dict[str, Any] = {s.key: s.parse(s.default) for s in SETTINGS}
+DEFAULTS: dict[str, Any] = parsed_defaults(SETTINGS)
 
 
 @dataclass(frozen=True)

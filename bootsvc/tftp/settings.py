@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from bootsvc.wire import tftp
-from lpmos.config import Config, Setting, float_range, int_range, parse_optional_path
+from lpmos.config import (
+    Config,
+    Setting,
+    float_range,
+    int_range,
+    parse_optional_path,
+    parsed_defaults,
+)
 
 #: the event loop's busy-poll of the transfer sockets lasts at most this many spins
 SPIN_LOOP_SPAN = 4
@@ -64,7 +71,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 #: each setting's default, parsed as a value from any source would be
-DEFAULTS: dict[str, Any] = {s.key: s.parse(s.default) for s in SETTINGS}
+DEFAULTS: dict[str, Any] = parsed_defaults(SETTINGS)
 
 
 @dataclass(frozen=True)
