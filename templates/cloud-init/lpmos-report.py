@@ -1,0 +1,325 @@
+#!/usr/bin/python3
+"""lpmos-report: tell the LPMOS regional node how cloud-init's run ended.
+
+Installed by the image install's user-data as /usr/local/sbin/lpmos-report
+and run once by lpmos-report.service, which is ordered after
+cloud-final.service.  It waits for cloud-init (``cloud-init status --wait
+--long``, bounded), reads cloud-init's own record of the run
+(/run/cloud-init/status.json and result.json), and POSTs one JSON report to
+the node's ``POST /callback/<sn>`` with the machine token:
+
+    {"event": "cloud-init", "status": "succeeded" | "failed",
+     "message": one line (on failure cloud-init's first error),
+     "seq": N,
+     "cloud_init": {"status": "done" | "error" | "degraded" | "running",
+                    "stages": {NAME: {"start": t, "finished": t, "errors": [...]}},
+                    "errors": [...], "recoverable_errors": [...]},
+     "hostname": ..., "boot_id": ...}
+
+Only ``done`` is success: an error, a degraded run (cloud-init 23.4+
+``recoverable_errors``) or a run still going when the wait gives up
+(``running``) reports ``failed``.  Delivery is retried with jittered
+exponential backoff within a deadline; every step is logged on stdout
+(the journal).  Once the node has the report, /etc/lpmos/report.json (the
+callback and the token) is removed: the token has no further use, and a
+later run finds nothing to report.
+
+Python 3 standard library only: it runs on a stock cloud image where
+python3 is there for cloud-init and curl may not be.  Exit status 0: sent,
+or nothing to send; 1: not sent.
+"""
+
+import argparse
+import json
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+CONFIG = "/etc/lpmos/report.json"
+STATUS = "/run/cloud-init/status.json"
+RESULT = "/run/cloud-init/result.json"
+STATUS_CMD = "cloud-init status --wait --long"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+#: cloud-init's stages, in the order they run (status.json's ``v1`` keys).
+STAGES = ("init-local", "init", "modules-init", "modules-config", "modules-final")
+
+ERRORS_MAX = 20          # errors kept per stage and in the report
+ERROR_CHARS = 300        # characters of one error
+MESSAGE_CHARS = 500      # characters of the report's message
+FILE_BYTES = 1 << 20     # read at most this much of a status file
+RESPONSE_BYTES = 4096    # read at most this much of the node's answer
+BACKOFF_CAP = 60.0       # longest pause between two attempts, seconds
+
+
+def log(message):
+    print("lpmos-report: " + message, flush=True)
+
+
+def one_line(text, limit):
+    """``text`` on one line without control characters, at most ``limit`` characters."""
+    clean = "".join(c if c.isprintable() else " " for c in str(text))
+    clean = " ".join(clean.split())
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+def number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def read_json(path):
+    """The JSON object in ``path``; None when it is missing or no object."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(FILE_BYTES).decode("utf-8", "replace"))
+    except (OSError, ValueError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log("cannot read %s: %s" % (path, exc))
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_status(command, timeout):
+    """Run ``command`` (cloud-init status --wait --long) for at most
+    ``timeout`` seconds: (exit status or None when it did not finish or
+    could not start, its output)."""
+    if not command:
+        return None, ""
+    try:
+        done = subprocess.run(shlex.split(command), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        log("%r still waiting after %d s; reading cloud-init's files as they are"
+            % (command, timeout))
+        return None, ""
+    except OSError as exc:
+        log("cannot run %r: %s" % (command, exc))
+        return None, ""
+    text = done.stdout.decode("utf-8", "replace")[-4000:]
+    for line in text.splitlines()[:20]:
+        if line.strip(" ."):
+            log("| " + one_line(line, 200))
+    return done.returncode, text
+
+
+def _recoverable(stage, value):
+    """cloud-init 23.4+ ``recoverable_errors``: {LEVEL: [message, ...]}."""
+    out = []
+    if isinstance(value, dict):
+        for level, messages in sorted(value.items()):
+            if isinstance(messages, list):
+                for m in messages:
+                    prefix = stage + ": " if stage else ""
+                    out.append(one_line("%s%s: %s" % (prefix, level, m), ERROR_CHARS))
+    return out
+
+
+def summarize(status_doc, result_doc, rc, status_text=""):
+    """What cloud-init's files (and the status command's exit status
+    ``rc``: 0 done, 1 error, 2 degraded, None unknown) say of the run:
+    the report's ``cloud_init`` object.  Pure.
+
+    The files decide as ``cloud-init status`` does (any stage's errors →
+    error; a stage started and not finished, a current ``stage`` or no
+    result.json → running); a worse exit status of the command wins."""
+    v1 = status_doc.get("v1") if isinstance(status_doc, dict) else None
+    v1 = v1 if isinstance(v1, dict) else {}
+    stages = {}
+    errors = []
+    recoverable = _recoverable("", v1.get("recoverable_errors"))
+    running = bool(v1.get("stage")) or not isinstance(result_doc, dict)
+    for name in STAGES:
+        st = v1.get(name)
+        if not isinstance(st, dict):
+            continue
+        start, finished = number(st.get("start")), number(st.get("finished"))
+        if start is None and finished is None:
+            continue            # a stage that did not run this boot
+        raw = st.get("errors") if isinstance(st.get("errors"), list) else []
+        errs = [one_line(e, ERROR_CHARS) for e in raw[:ERRORS_MAX]]
+        stages[name] = {"start": start, "finished": finished, "errors": errs}
+        errors.extend("%s: %s" % (name, e) for e in errs)
+        recoverable.extend(_recoverable(name, st.get("recoverable_errors")))
+        if start is not None and finished is None:
+            running = True
+    r1 = result_doc.get("v1") if isinstance(result_doc, dict) else None
+    if isinstance(r1, dict) and isinstance(r1.get("errors"), list):
+        known = {e.split(": ", 1)[-1] for e in errors}
+        for e in r1["errors"][:ERRORS_MAX]:
+            line = one_line(e, ERROR_CHARS)
+            if line not in known:
+                errors.append("result: " + line)
+    if not stages:
+        running = True
+    if errors or rc == 1:
+        status = "error"
+        if not errors:
+            errors.append("cloud-init status: " + (one_line(status_text, ERROR_CHARS)
+                                                   or "error"))
+    elif running:
+        status = "running"
+    elif recoverable or rc == 2:
+        status = "degraded"
+    else:
+        status = "done"
+    return {"status": status, "stages": stages, "errors": errors[:ERRORS_MAX],
+            "recoverable_errors": recoverable[:ERRORS_MAX]}
+
+
+def describe(summary):
+    """The report's one-line message for ``summary``."""
+    status = summary["status"]
+    if status == "error":
+        return one_line("cloud-init failed: " + summary["errors"][0], MESSAGE_CHARS)
+    if status == "degraded":
+        first = (summary["recoverable_errors"] or ["cloud-init status reports degraded"])[0]
+        return one_line("cloud-init degraded: " + first, MESSAGE_CHARS)
+    if status == "running":
+        names = [n for n, s in summary["stages"].items() if s["finished"] is None]
+        where = " in " + names[0] if names else ""
+        return one_line("cloud-init did not finish%s before lpmos-report gave up waiting"
+                        % where, MESSAGE_CHARS)
+    times = [t for s in summary["stages"].values() for t in (s["start"], s["finished"])
+             if t is not None]
+    took = " in %d s" % round(max(times) - min(times)) if times else ""
+    return "cloud-init done%s (%s)" % (took, ", ".join(summary["stages"]))
+
+
+def build_report(config, summary, hostname, boot_id):
+    return {
+        "event": "cloud-init",
+        "status": "succeeded" if summary["status"] == "done" else "failed",
+        "message": describe(summary),
+        "seq": config["seq"],
+        "cloud_init": summary,
+        "hostname": one_line(hostname, 64),
+        "boot_id": one_line(boot_id, 64),
+    }
+
+
+def parse_config(data):
+    """report.json's callback, token, sn and seq, checked; ValueError names what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    url = data.get("callback")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValueError("'callback' is not an http(s) URL")
+    token = data.get("token")
+    if not isinstance(token, str) or not token or any(not c.isprintable() for c in token):
+        raise ValueError("'token' is missing")
+    seq = data.get("seq", 1)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise ValueError("'seq' is not a non-negative integer")
+    return {"callback": url, "token": token, "sn": str(data.get("sn") or ""), "seq": seq}
+
+
+class Permanent(Exception):
+    """The node refused the report in a way that a retry cannot change."""
+
+
+def post(url, token, body, timeout):
+    """POST ``body``; the node's answer on 2xx.  Permanent on a 4xx other
+    than 408/425/429; any other failure raises OSError (retry)."""
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST", headers={
+        "Content-Type": "application/json", "Authorization": "Bearer " + token,
+        "User-Agent": "lpmos-report"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read(RESPONSE_BYTES).decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        text = one_line(exc.read(RESPONSE_BYTES).decode("utf-8", "replace"), 300)
+        if 400 <= exc.code < 500 and exc.code not in (408, 425, 429):
+            raise Permanent("HTTP %d: %s" % (exc.code, text)) from None
+        raise OSError("HTTP %d: %s" % (exc.code, text)) from None
+
+
+def deliver(url, token, body, deadline, backoff, request_timeout):
+    """Send until the node takes it or ``deadline`` (monotonic) passes;
+    the pause before retry n is random in [backoff, min(cap, backoff * 2**n)]."""
+    attempt = 0
+    while True:
+        attempt += 1
+        left = deadline - time.monotonic()
+        try:
+            answer = post(url, token, body, max(1.0, min(request_timeout, left)))
+            log("report delivered (attempt %d): %s" % (attempt, one_line(answer, 200)))
+            return True
+        except Permanent as exc:
+            log("the node refused the report, not retrying: %s" % exc)
+            return False
+        except (OSError, ValueError) as exc:
+            pause = random.uniform(backoff, max(backoff, min(BACKOFF_CAP, backoff * 2 ** attempt)))
+            left = deadline - time.monotonic()
+            if left <= pause:
+                log("attempt %d failed (%s); deadline reached, giving up" % (attempt, exc))
+                return False
+            log("attempt %d failed (%s); retrying in %.1f s" % (attempt, exc, pause))
+            time.sleep(pause)
+
+
+def read_boot_id(path):
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read(64).strip()
+    except OSError:
+        return ""
+
+
+def parse_args(argv):
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="lpmos-report", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=env("LPMOS_REPORT_CONFIG", CONFIG))
+    p.add_argument("--status-json", default=env("LPMOS_REPORT_STATUS", STATUS))
+    p.add_argument("--result-json", default=env("LPMOS_REPORT_RESULT", RESULT))
+    p.add_argument("--status-cmd", default=env("LPMOS_REPORT_STATUS_CMD", STATUS_CMD),
+                   help="the command that waits for cloud-init ('' to skip)")
+    p.add_argument("--wait", type=float, default=float(env("LPMOS_REPORT_WAIT", "900")),
+                   help="seconds to wait for cloud-init to finish")
+    p.add_argument("--deadline", type=float, default=float(env("LPMOS_REPORT_DEADLINE", "600")),
+                   help="seconds to keep trying to deliver the report")
+    p.add_argument("--backoff", type=float, default=float(env("LPMOS_REPORT_BACKOFF", "2")),
+                   help="shortest pause between two attempts, seconds")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds per request")
+    p.add_argument("--boot-id", default=BOOT_ID)
+    return p.parse_args(argv)
+
+
+def main(argv):
+    args = parse_args(argv)
+    raw = read_json(args.config)
+    if raw is None:
+        log("no %s: nothing to report (already reported?)" % args.config)
+        return 0
+    try:
+        config = parse_config(raw)
+    except ValueError as exc:
+        log("%s: %s; cannot report" % (args.config, exc))
+        return 1
+    rc, text = run_status(args.status_cmd, args.wait)
+    summary = summarize(read_json(args.status_json), read_json(args.result_json), rc, text)
+    body = build_report(config, summary, socket.gethostname(), read_boot_id(args.boot_id))
+    log("cloud-init %s; reporting %s: %s" % (summary["status"], body["status"], body["message"]))
+    sent = deliver(config["callback"], config["token"], body,
+                   time.monotonic() + args.deadline, args.backoff, args.timeout)
+    if not sent:
+        return 1
+    try:
+        os.unlink(args.config)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log("cannot remove %s: %s" % (args.config, exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
