@@ -40,6 +40,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 CONFIG = "/etc/lpmos/report.json"
 STATUS = "/run/cloud-init/status.json"
@@ -58,36 +59,36 @@ RESPONSE_BYTES = 4096    # read at most this much of the node's answer
 BACKOFF_CAP = 60.0       # longest pause between two attempts, seconds
 
 
-def log(message):
+def log(message: str) -> None:
     print("lpmos-report: " + message, flush=True)
 
 
-def one_line(text, limit):
+def one_line(text: Any, limit: int) -> str:
     """``text`` on one line without control characters, at most ``limit`` characters."""
     clean = "".join(c if c.isprintable() else " " for c in str(text))
     clean = " ".join(clean.split())
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
-def number(value):
+def number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
 
 
-def read_json(path):
+def read_json(path: str) -> dict[str, Any] | None:
     """The JSON object in ``path``; None when it is missing or no object."""
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read(FILE_BYTES).decode("utf-8", "replace"))
     except (OSError, ValueError) as exc:
         if not isinstance(exc, FileNotFoundError):
-            log("cannot read %s: %s" % (path, exc))
+            log(f"cannot read {path}: {exc}")
         return None
     return data if isinstance(data, dict) else None
 
 
-def run_status(command, timeout):
+def run_status(command: str, timeout: float) -> tuple[int | None, str]:
     """Run ``command`` (cloud-init status --wait --long) for at most
     ``timeout`` seconds: (exit status or None when it did not finish or
     could not start, its output)."""
@@ -97,11 +98,11 @@ def run_status(command, timeout):
         done = subprocess.run(shlex.split(command), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        log("%r still waiting after %d s; reading cloud-init's files as they are"
-            % (command, timeout))
+        log(f"{command!r} still waiting after {timeout:.0f} s; "
+            "reading cloud-init's files as they are")
         return None, ""
     except OSError as exc:
-        log("cannot run %r: %s" % (command, exc))
+        log(f"cannot run {command!r}: {exc}")
         return None, ""
     text = done.stdout.decode("utf-8", "replace")[-4000:]
     for line in text.splitlines()[:20]:
@@ -110,19 +111,20 @@ def run_status(command, timeout):
     return done.returncode, text
 
 
-def _recoverable(stage, value):
+def _recoverable(stage: str, value: Any) -> list[str]:
     """cloud-init 23.4+ ``recoverable_errors``: {LEVEL: [message, ...]}."""
-    out = []
+    out: list[str] = []
     if isinstance(value, dict):
         for level, messages in sorted(value.items()):
             if isinstance(messages, list):
                 for m in messages:
                     prefix = stage + ": " if stage else ""
-                    out.append(one_line("%s%s: %s" % (prefix, level, m), ERROR_CHARS))
+                    out.append(one_line(f"{prefix}{level}: {m}", ERROR_CHARS))
     return out
 
 
-def summarize(status_doc, result_doc, rc, status_text=""):
+def summarize(status_doc: dict[str, Any] | None, result_doc: dict[str, Any] | None,
+              rc: int | None, status_text: str = "") -> dict[str, Any]:
     """What cloud-init's files (and the status command's exit status
     ``rc``: 0 done, 1 error, 2 degraded, None unknown) say of the run:
     the report's ``cloud_init`` object.  Pure.
@@ -132,8 +134,8 @@ def summarize(status_doc, result_doc, rc, status_text=""):
     result.json → running); a worse exit status of the command wins."""
     v1 = status_doc.get("v1") if isinstance(status_doc, dict) else None
     v1 = v1 if isinstance(v1, dict) else {}
-    stages = {}
-    errors = []
+    stages: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
     recoverable = _recoverable("", v1.get("recoverable_errors"))
     running = bool(v1.get("stage")) or not isinstance(result_doc, dict)
     for name in STAGES:
@@ -143,10 +145,11 @@ def summarize(status_doc, result_doc, rc, status_text=""):
         start, finished = number(st.get("start")), number(st.get("finished"))
         if start is None and finished is None:
             continue            # a stage that did not run this boot
-        raw = st.get("errors") if isinstance(st.get("errors"), list) else []
+        raw = st.get("errors")
+        raw = raw if isinstance(raw, list) else []
         errs = [one_line(e, ERROR_CHARS) for e in raw[:ERRORS_MAX]]
         stages[name] = {"start": start, "finished": finished, "errors": errs}
-        errors.extend("%s: %s" % (name, e) for e in errs)
+        errors.extend(f"{name}: {e}" for e in errs)
         recoverable.extend(_recoverable(name, st.get("recoverable_errors")))
         if start is not None and finished is None:
             running = True
@@ -157,6 +160,8 @@ def summarize(status_doc, result_doc, rc, status_text=""):
             line = one_line(e, ERROR_CHARS)
             if line not in known:
                 errors.append("result: " + line)
+        if not recoverable:
+            recoverable = _recoverable("", r1.get("recoverable_errors"))
     if not stages:
         running = True
     if errors or rc == 1:
@@ -174,7 +179,7 @@ def summarize(status_doc, result_doc, rc, status_text=""):
             "recoverable_errors": recoverable[:ERRORS_MAX]}
 
 
-def describe(summary):
+def describe(summary: dict[str, Any]) -> str:
     """The report's one-line message for ``summary``."""
     status = summary["status"]
     if status == "error":
@@ -185,15 +190,16 @@ def describe(summary):
     if status == "running":
         names = [n for n, s in summary["stages"].items() if s["finished"] is None]
         where = " in " + names[0] if names else ""
-        return one_line("cloud-init did not finish%s before lpmos-report gave up waiting"
-                        % where, MESSAGE_CHARS)
+        return one_line(f"cloud-init did not finish{where} before lpmos-report gave up waiting",
+                        MESSAGE_CHARS)
     times = [t for s in summary["stages"].values() for t in (s["start"], s["finished"])
              if t is not None]
-    took = " in %d s" % round(max(times) - min(times)) if times else ""
-    return "cloud-init done%s (%s)" % (took, ", ".join(summary["stages"]))
+    took = f" in {round(max(times) - min(times))} s" if times else ""
+    return f"cloud-init done{took} ({', '.join(summary['stages'])})"
 
 
-def build_report(config, summary, hostname, boot_id):
+def build_report(config: dict[str, Any], summary: dict[str, Any], hostname: str,
+                 boot_id: str) -> dict[str, Any]:
     return {
         "event": "cloud-init",
         "status": "succeeded" if summary["status"] == "done" else "failed",
@@ -205,7 +211,7 @@ def build_report(config, summary, hostname, boot_id):
     }
 
 
-def parse_config(data):
+def parse_config(data: Any) -> dict[str, Any]:
     """report.json's callback, token, sn and seq, checked; ValueError names what is wrong."""
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
@@ -225,24 +231,27 @@ class Permanent(Exception):
     """The node refused the report in a way that a retry cannot change."""
 
 
-def post(url, token, body, timeout):
+def post(url: str, token: str, body: dict[str, Any], timeout: float) -> str:
     """POST ``body``; the node's answer on 2xx.  Permanent on a 4xx other
     than 408/425/429; any other failure raises OSError (retry)."""
     data = json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={
-        "Content-Type": "application/json", "Authorization": "Bearer " + token,
-        "User-Agent": "lpmos-report"})
+    # the scheme is http(s): parse_config checked it
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer " + token,
+               "User-Agent": "lpmos-report"}
+    req = urllib.request.Request(url, data=data, method="POST", headers=headers)  # noqa: S310
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.read(RESPONSE_BYTES).decode("utf-8", "replace")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+            answer: bytes = resp.read(RESPONSE_BYTES)
+            return answer.decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         text = one_line(exc.read(RESPONSE_BYTES).decode("utf-8", "replace"), 300)
         if 400 <= exc.code < 500 and exc.code not in (408, 425, 429):
-            raise Permanent("HTTP %d: %s" % (exc.code, text)) from None
-        raise OSError("HTTP %d: %s" % (exc.code, text)) from None
+            raise Permanent(f"HTTP {exc.code}: {text}") from None
+        raise OSError(f"HTTP {exc.code}: {text}") from None
 
 
-def deliver(url, token, body, deadline, backoff, request_timeout):
+def deliver(url: str, token: str, body: dict[str, Any], deadline: float, backoff: float,
+            request_timeout: float) -> bool:
     """Send until the node takes it or ``deadline`` (monotonic) passes;
     the pause before retry n is random in [backoff, min(cap, backoff * 2**n)]."""
     attempt = 0
@@ -251,22 +260,22 @@ def deliver(url, token, body, deadline, backoff, request_timeout):
         left = deadline - time.monotonic()
         try:
             answer = post(url, token, body, max(1.0, min(request_timeout, left)))
-            log("report delivered (attempt %d): %s" % (attempt, one_line(answer, 200)))
+            log(f"report delivered (attempt {attempt}): {one_line(answer, 200)}")
             return True
         except Permanent as exc:
-            log("the node refused the report, not retrying: %s" % exc)
+            log(f"the node refused the report, not retrying: {exc}")
             return False
         except (OSError, ValueError) as exc:
             pause = random.uniform(backoff, max(backoff, min(BACKOFF_CAP, backoff * 2 ** attempt)))
             left = deadline - time.monotonic()
             if left <= pause:
-                log("attempt %d failed (%s); deadline reached, giving up" % (attempt, exc))
+                log(f"attempt {attempt} failed ({exc}); deadline reached, giving up")
                 return False
-            log("attempt %d failed (%s); retrying in %.1f s" % (attempt, exc, pause))
+            log(f"attempt {attempt} failed ({exc}); retrying in {pause:.1f} s")
             time.sleep(pause)
 
 
-def read_boot_id(path):
+def read_boot_id(path: str) -> str:
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             return f.read(64).strip()
@@ -274,7 +283,7 @@ def read_boot_id(path):
         return ""
 
 
-def parse_args(argv):
+def parse_args(argv: list[str]) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="lpmos-report", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=env("LPMOS_REPORT_CONFIG", CONFIG))
@@ -293,21 +302,26 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    raw = read_json(args.config)
-    if raw is None:
-        log("no %s: nothing to report (already reported?)" % args.config)
-        return 0
     try:
-        config = parse_config(raw)
+        with open(args.config, "rb") as f:
+            raw = f.read(FILE_BYTES)
+    except FileNotFoundError:
+        log(f"no {args.config}: nothing to report (already reported?)")
+        return 0
+    except OSError as exc:
+        log(f"cannot read {args.config}: {exc}; cannot report")
+        return 1
+    try:
+        config = parse_config(json.loads(raw.decode("utf-8", "replace")))
     except ValueError as exc:
-        log("%s: %s; cannot report" % (args.config, exc))
+        log(f"{args.config}: {exc}; cannot report")
         return 1
     rc, text = run_status(args.status_cmd, args.wait)
     summary = summarize(read_json(args.status_json), read_json(args.result_json), rc, text)
     body = build_report(config, summary, socket.gethostname(), read_boot_id(args.boot_id))
-    log("cloud-init %s; reporting %s: %s" % (summary["status"], body["status"], body["message"]))
+    log(f"cloud-init {summary['status']}; reporting {body['status']}: {body['message']}")
     sent = deliver(config["callback"], config["token"], body,
                    time.monotonic() + args.deadline, args.backoff, args.timeout)
     if not sent:
@@ -317,7 +331,7 @@ def main(argv):
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log("cannot remove %s: %s" % (args.config, exc))
+        log(f"cannot remove {args.config}: {exc}")
     return 0
 
 
