@@ -21,6 +21,9 @@ SYSTEM_PACKAGES=(
   kmod syslinux syslinux-common grub-efi-amd64-bin  # images/build.py: modules, BIOS/UEFI boot loaders
   vagrant vagrant-libvirt        # the Vagrant libvirt lab (Vagrantfile; 'vagrant validate' test)
   mtools dosfstools fdisk        # agent: NoCloud seed into the image FAT (mcopy), test fixtures (mkfs.vfat, sfdisk)
+  e2fsprogs qemu-utils           # the real Debian image: mkfs.ext4 -d (no loop device), qemu-img (qcow2)
+  cloud-init                     # 'cloud-init schema': the operator's cloud-config is checked with cloud-init's own validator
+  openssh-client                 # the lab logs in to installed systems over SSH
   python3-venv python3-dev gcc   # the virtualenv
 )
 
