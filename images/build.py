@@ -2,7 +2,8 @@
 
     python3 images/build.py live      # images/build/live/{vmlinuz,initrd.img,manifest.json}
     python3 images/build.py lab-os    # images/build/lab-os/{lab-os.img,lab-os.img.sha256}
-    python3 images/build.py all       # both (what ``make images`` runs)
+    python3 images/build.py debian-12 # images/build/debian-12/*.{raw,qcow2,raw.zst}
+    python3 images/build.py all       # all three (what ``make images`` runs)
 
 Everything comes from Debian packages fetched with Debian's own tools
 (``debootstrap``, ``apt-get download``) from the mirror apt is configured
@@ -30,6 +31,11 @@ Stages (cache under ``images/build/cache``), and the module each lives in:
 ``live``     trimmed rootfs + a module subset + lpmos/ and agent/ + /init,
              packed as a sorted newc cpio (images/cpio.py) compressed with zstd
              (images/live.py)
+``cloud-rootfs`` debootstrap + apt-get install of the real Debian image's
+             packages (images/debian_cloud.py)
+``debian-12`` the real Debian 12 cloud image: GPT with BIOS boot, ESP (signed
+             shim + GRUB) and an ext4 root made with ``mkfs.ext4 -d``; raw,
+             qcow2 and raw.zst with their sha256 (images/debian_cloud.py)
 ``lab-os``   a GPT disk image: an EFI system partition (GRUB standalone for
              UEFI, syslinux with gptmbr.bin for BIOS, kernel + a busybox
              initramfs) and an empty FAT partition labelled CIDATA that the
@@ -52,16 +58,17 @@ if __package__ in (None, ""):
 
 from images.common import SOURCE_DATE_EPOCH, BuildError, log, sha256_file
 from images.cpio import write_cpio
+from images.debian_cloud import build_debian_cloud
 from images.lab_os import build_lab_os
 from images.live import build_live
 
-__all__ = ["SOURCE_DATE_EPOCH", "BuildError", "build_lab_os", "build_live", "main",
-           "sha256_file", "write_cpio"]
+__all__ = ["SOURCE_DATE_EPOCH", "BuildError", "build_debian_cloud", "build_lab_os", "build_live",
+           "main", "sha256_file", "write_cpio"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="images/build.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", choices=("live", "lab-os", "all"))
+    parser.add_argument("target", choices=("live", "lab-os", "debian-12", "all"))
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)
     try:
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             build_live(force=args.force)
         if args.target in ("lab-os", "all"):
             build_lab_os(force=args.force)
+        if args.target in ("debian-12", "all"):
+            build_debian_cloud(force=args.force)
     except BuildError as exc:
         log(f"error: {exc}")
         return 1

@@ -71,6 +71,13 @@ def tree_digest(paths: Iterable[Path], root: Path) -> str:
     return digest.hexdigest()
 
 
+def derived_uuid(seed: str, what: str) -> str:
+    """A version-4-shaped GUID (upper case) derived from ``seed`` and
+    ``what``: the same build inputs give the same disk and file system ids."""
+    h = hashlib.sha256(f"{seed}:{what}".encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:32]}".upper()
+
+
 def key_of(inputs: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 

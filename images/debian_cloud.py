@@ -34,7 +34,6 @@ build therefore uses Debian's own tools on files only, like the lab OS:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -53,6 +52,7 @@ from images.common import (
     SUITE,
     BuildError,
     code_digest,
+    derived_uuid,
     fresh_dir,
     key_of,
     log,
@@ -221,8 +221,7 @@ def _remove_tree(path: Path) -> None:
 
 
 def _uuid(key: str, what: str) -> str:
-    h = hashlib.sha256(f"{key}:{what}".encode()).hexdigest()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:32]}"
+    return derived_uuid(key, what).lower()
 
 
 def grub_cfg(root_uuid: str, kernel_version: str) -> str:

@@ -10,7 +10,6 @@ from the cache key, so the same inputs give the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -30,6 +29,7 @@ from images.common import (
     BuildError,
     code_digest,
     copy_overlay,
+    derived_uuid,
     fresh_dir,
     key_of,
     log,
@@ -86,9 +86,7 @@ class DiskGeometry:
 LAB_OS_DISK = DiskGeometry()
 
 
-def _uuid_from(seed: str, what: str) -> str:
-    h = hashlib.sha256(f"{seed}:{what}".encode()).hexdigest()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:32]}".upper()
+_uuid_from = derived_uuid
 
 
 def render_gpt_layout(key: str, disk: DiskGeometry = LAB_OS_DISK) -> str:

@@ -1,14 +1,27 @@
 """The pure parts of the image build as tables: the lab OS disk's geometry,
-its sfdisk script and its mformat commands (the build itself runs in the
-lab tests)."""
+its sfdisk script and its mformat commands; the Debian cloud image's layout,
+GRUB's BIOS embedding and its configs (the builds themselves run in the lab
+tests)."""
 
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import pytest
 
+from images.debian_cloud import (
+    BOOT_DRIVE_CHECK,
+    BOOT_KERNEL_SECTOR,
+    CLOUD_DISK,
+    BuildError,
+    CloudDisk,
+    build_bios_boot,
+    esp_grub_cfg,
+    grub_cfg,
+    render_cloud_gpt,
+)
 from images.lab_os import (
     LAB_OS_DISK,
     MIB,
@@ -74,3 +87,62 @@ def test_uuid_from_is_a_version_4_guid(what: str) -> None:
 def test_mformat_command(start: int, size: int, label: str, serial: str,
                          command: list[str]) -> None:
     assert mformat_command(Path("/t/lab-os.img"), start, size, label, serial) == command
+
+
+# --- the real Debian cloud image (images/debian_cloud.py) -------------------------
+
+
+
+def test_cloud_disk_puts_root_last_and_leaves_room_for_the_backup_gpt() -> None:
+    disk = CLOUD_DISK
+    assert (disk.bios_start, disk.esp_start, disk.root_start) == (MIB, 2 * MIB, 128 * MIB)
+    assert disk.root_start + disk.root_size == disk.total - MIB
+    lines = render_cloud_gpt(KEY).splitlines()
+    assert [re.search(r'name="(\w+)"', line).group(1)  # type: ignore[union-attr]
+            for line in lines[3:]] == ["bios", "esp", "root"]
+    assert lines[3].startswith("start=2048, size=2048, type=21686148-")
+    assert lines[5].startswith(f"start=262144, size={disk.root_size // 512}, ")
+    assert render_cloud_gpt(KEY) == render_cloud_gpt(KEY) != render_cloud_gpt("f" * 64)
+
+
+def _boot_img() -> bytes:
+    return bytes(range(256)) * 2
+
+
+@pytest.mark.parametrize(("core_len", "lba", "sectors"), [
+    (512 * 60, 2048, 60), (512 * 60 + 7, 2048, 61), (1024, 4096, 2)])
+def test_build_bios_boot_points_mbr_and_blocklist_at_the_core(core_len: int, lba: int,
+                                                              sectors: int) -> None:
+    mbr = b"\xaa" * 440 + b"TABLE-AND-SIG".ljust(72, b"t")
+    core = b"\x11" * core_len
+    new_mbr, new_core = build_bios_boot(_boot_img(), core, mbr, lba)
+    assert len(new_mbr) == 512 and new_mbr[440:] == mbr[440:]       # the table stays
+    assert struct.unpack_from("<Q", new_mbr, BOOT_KERNEL_SECTOR)[0] == lba
+    assert new_mbr[BOOT_DRIVE_CHECK:BOOT_DRIVE_CHECK + 2] == b"\x90\x90"
+    assert new_mbr[:BOOT_KERNEL_SECTOR] == _boot_img()[:BOOT_KERNEL_SECTOR]
+    assert len(new_core) == sectors * 512
+    start, length, segment = struct.unpack_from("<QHH", new_core, 500)
+    assert (start, length, segment) == (lba + 1, sectors - 1, 0x820)
+    assert new_core[488:500] == b"\0" * 12                          # the list ends
+    assert new_core[512:core_len] == core[512:]
+
+
+@pytest.mark.parametrize(("boot", "core", "mbr"), [
+    (b"x" * 511, b"c" * 1024, b"m" * 512), (b"x" * 512, b"c" * 512, b"m" * 512),
+    (b"x" * 512, b"c" * 1024, b"m" * 100)])
+def test_build_bios_boot_refuses_what_cannot_be_embedded(boot: bytes, core: bytes,
+                                                          mbr: bytes) -> None:
+    with pytest.raises(BuildError):
+        build_bios_boot(boot, core, mbr, 2048)
+
+
+def test_grub_configs_find_the_root_by_uuid_and_boot_its_kernel() -> None:
+    cfg = grub_cfg("1234-abcd", "6.1.0-57-amd64")
+    assert "search --no-floppy --fs-uuid --set=root 1234-abcd" in cfg
+    assert "linux /boot/vmlinuz-6.1.0-57-amd64 root=UUID=1234-abcd ro console=tty0" in cfg
+    assert "initrd /boot/initrd.img-6.1.0-57-amd64" in cfg
+    assert "insmod" not in cfg      # signed GRUB under Secure Boot loads no module
+    assert esp_grub_cfg("1234-abcd").splitlines() == [
+        "search.fs_uuid 1234-abcd root", "set prefix=($root)'/boot/grub'",
+        "configfile $prefix/grub.cfg"]
+    assert CloudDisk(total=4096 * MIB).root_size == 4096 * MIB - 129 * MIB
