@@ -50,7 +50,8 @@ from images.kernel import Kernel, install_modules, stage_kernel
 #: into the installed image's CIDATA partition without mounting it; fdisk
 #: (sfdisk) and dmidecode are there for the agent's disk and DIMM inventory.
 LIVE_PACKAGES = ("python3", "python3-psutil", "python3-pyudev", "udev", "busybox",
-                 "kmod", "mtools", "fdisk", "dmidecode", "zstd", "ca-certificates")
+                 "kmod", "mtools", "fdisk", "dmidecode", "zstd", "ca-certificates",
+                 "python3-zstandard")
 
 #: Kernel modules in the live image (their dependencies come along).  Enough
 #: for QEMU (virtio, e1000) and common servers (AHCI, NVMe, SCSI disks, Intel
