@@ -280,3 +280,38 @@ def test_a_body_that_is_no_object_is_refused(body: Any) -> None:
     with pytest.raises(ValidationError) as err:
         parse_callback(body, now=NOW)
     assert err.value.field == "body"
+
+
+# --- the contract with templates/cloud-init/lpmos-report.py --------------------------------
+
+
+def _report_script() -> Any:
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "templates" / "cloud-init" / "lpmos-report.py"
+    spec = importlib.util.spec_from_file_location("lpmos_report", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("v1_stages, rc, outcome", [
+    (stages(), 0, "succeeded"),
+    (stages([RUNCMD]), 1, "failed"),
+    ({**stages(), "modules-config": {"start": T0 + 7, "finished": T0 + 9, "errors": [],
+                                     "recoverable_errors": {"WARNING": ["w"]}}}, 2, "failed"),
+    ({**stages(), "modules-final": {"start": T0 + 10, "finished": None, "errors": []}}, None,
+     "failed"),
+])
+def test_what_the_script_sends_the_node_takes(v1_stages: dict[str, Any], rc: int | None,
+                                              outcome: str) -> None:
+    script = _report_script()
+    errors = [e for s in v1_stages.values() for e in s["errors"]]
+    summary = script.summarize({"v1": {**v1_stages, "stage": None}},
+                               {"v1": {"errors": errors}}, rc)
+    body = script.build_report({"seq": 4}, summary, "web-1", "b")
+    cb = parse_callback(body, now=NOW)
+    assert cb.events[-1].status == outcome
+    assert cb.events[-1].message == body["message"]
+    assert [m.stage for m in cb.marks][:-1] == [f"cloud-init {n}" for n in v1_stages]
