@@ -36,8 +36,10 @@ SERIAL_STAGES: tuple[tuple[str, str], ...] = (
     ("kernel", r"Linux version"),
     ("agent", r"lpmos-live: starting agent"),
     ("registered", r"agent\.runner: registered as "),
-    ("disk-boot", r"lab-os: booted from disk"),
-    ("callback", r"lab-os: callback succeeded"),
+    # the installed system: the lab OS says so; a real Debian is its
+    # systemd's welcome, then cloud-init's last line
+    ("disk-boot", r"lab-os: booted from disk|Welcome to Debian GNU/Linux"),
+    ("callback", r"lab-os: callback succeeded|Cloud-init v\. \S+ finished"),
 )
 
 #: terminal escapes and carriage returns the firmware and the kernel write

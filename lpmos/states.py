@@ -4,6 +4,7 @@
     pending → rejected
     any non-terminal state → cancelled
     failed → approved (retry)
+    succeeded → approved (redeploy: the machine installs again)
     approved → failed (no node claimed it within the boot timeout)
     booting → succeeded | failed (an installer may report before any progress)
 
@@ -53,7 +54,7 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     S.APPROVED: frozenset({S.BOOTING, S.FAILED, S.CANCELLED}),
     S.BOOTING: frozenset({S.INSTALLING, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
     S.INSTALLING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED}),
-    S.SUCCEEDED: frozenset(),
+    S.SUCCEEDED: frozenset({S.APPROVED}),
     S.FAILED: frozenset({S.APPROVED}),
     S.REJECTED: frozenset(),
     S.CANCELLED: frozenset(),
@@ -61,11 +62,14 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
 
 #: Transitions a machine's own ``state`` event may make
 #: (:meth:`lpmos.tasks.TaskService.apply_events`): all but ``approved →
-#: failed``.  A machine reports on an install it has claimed; only a regional
-#: node's reaper judges that an approved task was never claimed, and an event
-#: of the previous attempt replayed after a retry must not fail the new one.
+#: failed`` and the redeploy (``succeeded → approved``).  A machine reports
+#: on an install it has claimed; only a regional node's reaper judges that an
+#: approved task was never claimed, an event of the previous attempt
+#: replayed after a retry must not fail the new one, and only an approver
+#: may have a finished machine wiped again.
 REPORTABLE: dict[TaskStatus, frozenset[TaskStatus]] = {
-    state: targets - {S.FAILED} if state is S.APPROVED else targets
+    state: targets - {S.FAILED} if state is S.APPROVED
+    else targets - {S.APPROVED} if state is S.SUCCEEDED else targets
     for state, targets in TRANSITIONS.items()
 }
 
@@ -86,9 +90,9 @@ class IllegalTransition(ValueError):
 
 
 class NotInState(IllegalTransition):
-    """The call moves only a task in state ``expected``: approve (pending)
-    and retry (failed) both lead to approved, and neither may do the
-    other's job under its own name.  HTTP status 409."""
+    """The call moves only a task in state ``expected``: approve (pending),
+    retry (failed) and redeploy (succeeded) all lead to approved, and none
+    may do another's job under its own name.  HTTP status 409."""
 
     def __init__(self, current: TaskStatus | str, target: TaskStatus | str,
                  expected: TaskStatus | str) -> None:

@@ -31,3 +31,13 @@ def lab_images() -> Iterator[dict[str, Path]]:
     except build.BuildError as exc:
         pytest.fail(f"image build failed: {exc}")
     yield {"live": live, "lab-os": lab_os}
+
+
+@pytest.fixture(scope="session")
+def cloud_image() -> Path:
+    """Build (or reuse) the real Debian 12 cloud image (raw, qcow2, raw.zst)."""
+    require_lab_host()
+    try:
+        return build.build_debian_cloud()
+    except build.BuildError as exc:
+        pytest.fail(f"Debian cloud image build failed: {exc}")

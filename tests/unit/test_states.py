@@ -23,7 +23,7 @@ ALLOWED = {
     (S.BOOTING, S.INSTALLING), (S.BOOTING, S.SUCCEEDED), (S.BOOTING, S.FAILED),
     (S.BOOTING, S.CANCELLED),
     (S.INSTALLING, S.SUCCEEDED), (S.INSTALLING, S.FAILED), (S.INSTALLING, S.CANCELLED),
-    (S.FAILED, S.APPROVED),
+    (S.FAILED, S.APPROVED), (S.SUCCEEDED, S.APPROVED),
 }
 
 
@@ -58,7 +58,7 @@ def test_a_machine_cannot_report_an_approved_task_failed() -> None:
     assert S.FAILED in TRANSITIONS[S.APPROVED]
     assert S.FAILED not in REPORTABLE[S.APPROVED]
     assert {(a, b) for a, bs in REPORTABLE.items() for b in bs} == ALLOWED - {
-        (S.APPROVED, S.FAILED)}
+        (S.APPROVED, S.FAILED), (S.SUCCEEDED, S.APPROVED)}
 
 
 RESTART = {"reason": "", "finished_at": 0.0, "started_at": 0.0, "claimed_by": "",
@@ -89,6 +89,9 @@ WRITES = [
     (S.BOOTING, S.FAILED, "", True, {"finished_at": 7.0, "reason": "reported failed"}, False),
     (S.APPROVED, S.BOOTING, "", True, {}, False),
     (S.FAILED, S.APPROVED, "", True, {}, False),
+    # a redeploy is a new attempt, as a retry is
+    (S.SUCCEEDED, S.APPROVED, "", False, {"approved_by": "ann", "approved_at": 7.0, **RESTART},
+     True),
 ]
 
 
