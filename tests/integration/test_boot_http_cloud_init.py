@@ -55,11 +55,11 @@ def machine_in(node: Node, tasks: TaskService, sn: str, status: str) -> str:
     tasks.transition(IDC, sn, "approved", by="bob")
     tasks.transition(IDC, sn, "booting", by="node-a")
     if status == "installing":
-        ev: list[dict[str, Any]] = [{"source": "agent", "seq": 1, "kind": "state",
-                                     "status": "installing",
-               "message": "writing the image"},
-              {"source": "agent", "seq": 2, "kind": "progress", "step": "rebooting",
-               "percent": 100.0}]
+        ev: list[dict[str, Any]] = [
+            {"source": "agent", "seq": 1, "kind": "state", "status": "installing",
+             "message": "writing the image"},
+            {"source": "agent", "seq": 2, "kind": "progress", "step": "rebooting",
+             "percent": 100.0}]
         r = requests.post(f"{node.url}/agent/v1/events", json={"sn": sn, "events": ev},
                           headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert r.json()["task_status"] == "installing", r.text
