@@ -1,12 +1,18 @@
-"""Image install: choose the target disk, stream the image to it verifying
-sha256 while writing, then write the cloud-init NoCloud seed into the
-image's ``cidata`` FAT partition with mtools.
+"""Image install: choose the target disk, stream the image to it (raw,
+qcow2 or compressed raw, decoded while it arrives by
+:mod:`agent.image_formats`) verifying the published file's sha256, then
+write the cloud-init NoCloud seed into the image's ``cidata`` FAT
+partition with mtools, adding one at the end of the disk when the image
+has none (:mod:`agent.seed_partition`).  A failure after the target is
+opened wipes its partition tables (:func:`install_image`).
 
 Pure parts (tested as tables): :func:`parse_install`,
 :func:`parse_root_device_hints`, :func:`decide_target_disk`,
 :class:`ProgressThrottle`, :func:`build_progress`, :func:`decide_resume`,
-:func:`decide_sync`.  Side effects: :func:`write_image` (network and the
-target), :func:`write_seed` (runs ``mcopy``), :func:`open_target`.
+:func:`decide_sync`.  Side effects: :func:`install_image` (all of it),
+:func:`write_image` (network and the target), :func:`write_seed` (runs
+``mcopy``), :func:`open_target`, :class:`DiskWriter` (the target's writes
+and zeroes), :func:`wipe_target`.
 
 Progress is reported through a callback taking the fields of a
 :class:`lpmos.models.ProgressEvent` (the runner spools them): at least every
@@ -17,6 +23,9 @@ The image phase covers 0-95 %, the seed 96 %, the final sync 98 %.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import http.client
 import logging
@@ -24,16 +33,20 @@ import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from agent.client import Backoff, ClientError, NodeClient, NodeError, is_transient
+from agent.image_formats import FORMATS, Decoder, ImageFormatError, open_decoder
 from agent.partitions import MalformedTable, find_seed_partition
+from agent.seed_partition import SEED_BYTES, NoRoom, add_seed_partition
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +58,12 @@ IMAGE_PERCENT = 95.0
 HINT_KEYS = ("size_min_gb", "model", "serial", "rotational", "by_path", "name")
 MCOPY_TIMEOUT = 60.0
 GIB = 1024 ** 3
+MIB = 1024 * 1024
+WIPE_BYTES = MIB
+WRITE_BUFFER = 8 * MIB
+ZERO_BLOCK = MIB
+BLKZEROOUT = 0x127F
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
 class InstallError(RuntimeError):
@@ -114,6 +133,16 @@ class InstallSpec:
     hints: RootDeviceHints = field(default_factory=RootDeviceHints)
     seed: dict[str, str] = field(default_factory=dict)
     allow_removable: bool = False
+    format: str = "raw"
+    disk_size: int | None = None      # the virtual disk's bytes, when the node knows them
+
+    @property
+    def known_disk_size(self) -> int:
+        """The virtual disk's size as far as known before the download (raw:
+        the file; else the catalog's ``disk_size``; 0 when unknown)."""
+        if self.format == "raw":
+            return self.size
+        return self.disk_size or 0
 
 
 def parse_install(data: Any) -> InstallSpec:
@@ -144,6 +173,13 @@ def parse_install(data: Any) -> InstallSpec:
         clean_seed[name] = value
     if "user-data" not in clean_seed or "meta-data" not in clean_seed:
         raise InstallError("install.seed: user-data and meta-data are required")
+    fmt = data.get("format") or "raw"
+    if fmt not in FORMATS:
+        raise InstallError(f"install.format: one of {', '.join(FORMATS)}")
+    disk_size = data.get("disk_size")
+    if disk_size is not None and (isinstance(disk_size, bool) or not isinstance(disk_size, int)
+                                  or disk_size <= 0):
+        raise InstallError("install.disk_size: a positive integer (bytes) or null")
     return InstallSpec(
         image=str(data.get("image") or "")[:64],
         image_url=url,
@@ -152,6 +188,8 @@ def parse_install(data: Any) -> InstallSpec:
         hints=parse_root_device_hints(data.get("root_device_hints")),
         seed=clean_seed,
         allow_removable=bool(data.get("allow_removable", False)),
+        format=fmt,
+        disk_size=disk_size,
     )
 
 
@@ -228,9 +266,13 @@ class ProgressThrottle:
 
 @dataclass
 class Target:
+    """An open target.  ``capacity`` is the disk's size: a block device's,
+    or the size a disk file was given; None for a file that grows to fit."""
+
     path: Path
     block: bool
     fd: int
+    capacity: int | None = None
 
 
 def block_removable(path: Path) -> bool:
@@ -243,10 +285,22 @@ def block_removable(path: Path) -> bool:
         return False
 
 
+def decide_disk_too_small(disk: int, capacity: int | None, path: Path) -> str | None:
+    """Why a virtual disk of ``disk`` bytes does not fit ``capacity`` (None: it fits)."""
+    if capacity is None or disk <= capacity:
+        return None
+    return (f"the image's disk is {disk} bytes, larger than {path} ({capacity} bytes); "
+            f"choose a larger disk (root_device_hints) or a smaller image")
+
+
 @contextlib.contextmanager
-def open_target(path: Path, *, size: int, allow_removable: bool) -> Iterator[Target]:
+def open_target(path: Path, *, size: int, allow_removable: bool,
+                disk_size: int | None = None) -> Iterator[Target]:
     """Open a block device (exclusively: a mounted device is refused by the
-    kernel with EBUSY) or a plain file (created, truncated) for writing."""
+    kernel with EBUSY) or a plain file (created, truncated) for writing.
+    ``size`` is the virtual disk's size when known (0 when not): a device
+    smaller than that is refused before anything is written.  A file is a
+    disk of ``disk_size`` bytes when given, else it grows to fit the image."""
     try:
         st = os.stat(path)
         block = stat.S_ISBLK(st.st_mode)
@@ -256,32 +310,221 @@ def open_target(path: Path, *, size: int, allow_removable: bool) -> Iterator[Tar
         if block_removable(path) and not allow_removable:
             raise InstallError(f"{path} is removable; allow_removable is off")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_EXCL | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(path, os.O_RDWR | os.O_EXCL | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise InstallError(f"cannot open {path}: {exc.strerror}") from None
-        capacity = os.lseek(fd, 0, os.SEEK_END)
+        capacity: int | None = os.lseek(fd, 0, os.SEEK_END)
         os.lseek(fd, 0, os.SEEK_SET)
-        if capacity < size:
-            os.close(fd)
-            raise InstallError(f"{path} holds {capacity} bytes, the image needs {size}")
     else:
         if path.exists() and not path.is_file():
             raise InstallError(f"{path} is neither a block device nor a regular file")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             raise InstallError(f"cannot open {path}: {exc.strerror}") from None
+        capacity = disk_size
+        if disk_size:
+            os.ftruncate(fd, disk_size)
+    why = decide_disk_too_small(size, capacity, path)
+    if why:
+        os.close(fd)
+        raise InstallError(why)
     try:
-        yield Target(path, block, fd)
+        yield Target(path, block, fd, capacity)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
-        view = view[n:]
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+_ZEROS = bytes(ZERO_BLOCK)
+
+
+class _Fallocate:
+    """libc's fallocate(2), loaded once (None when there is none)."""
+
+    fn: Any = None
+    loaded = False
+
+    @classmethod
+    def punch(cls, fd: int, offset: int, length: int) -> bool:
+        if not cls.loaded:
+            cls.loaded = True
+            with contextlib.suppress(OSError, AttributeError):
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = libc.fallocate
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+                cls.fn = fn
+        if cls.fn is None:
+            return False
+        return bool(cls.fn(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0)
+
+
+class DiskWriter:
+    """The :class:`agent.image_formats.Sink` on a target: contiguous writes
+    are coalesced into ``WRITE_BUFFER`` pwrite calls, all-zero blocks of
+    ``ZERO_BLOCK`` become zero ranges, and zero ranges are zeroed cheaply
+    (BLKZEROOUT on a device, a punched hole or nothing past the end in a
+    file, zeros written as the fallback).  The page cache is flushed every
+    ``SYNC_EVERY`` bytes.  ``touched`` says whether the target was changed."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.pending = bytearray()
+        self.pending_at = 0
+        self.zero_at = 0
+        self.zero_len = 0
+        self.written = 0
+        self.synced = 0
+        self.touched = False
+        self.file_end = 0 if target.block else (target.capacity or 0)
+        self.disk_size: int | None = None
+
+    # -- the Sink
+    def announce(self, size: int) -> None:
+        why = decide_disk_too_small(size, self.target.capacity, self.target.path)
+        if why:
+            raise InstallError(why)
+        self.disk_size = size
+
+    def _check(self, offset: int, length: int) -> None:
+        cap = self.target.capacity
+        if cap is not None and offset + length > cap:
+            raise InstallError(f"the image's disk is larger than {self.target.path} "
+                               f"({cap} bytes): it writes up to byte {offset + length}")
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check(offset, len(data))
+        if self.pending and offset != self.pending_at + len(self.pending):
+            self._flush_data()
+        if not self.pending:
+            self.pending_at = offset
+        self.pending += data
+        if len(self.pending) >= WRITE_BUFFER:
+            self._flush_data()
+
+    def zero(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        self._flush_data()
+        self._zero_pending(offset, length)
+
+    # -- flushing
+    def _zero_pending(self, offset: int, length: int) -> None:
+        if self.zero_len and offset == self.zero_at + self.zero_len:
+            self.zero_len += length
+            return
+        self._flush_zero()
+        self.zero_at, self.zero_len = offset, length
+
+    def _flush_data(self) -> None:
+        buf, at = self.pending, self.pending_at
+        if not buf:
+            return
+        self.pending = bytearray()
+        view = memoryview(buf)
+        run = 0                         # start (in buf) of the data not yet written
+        i = 0
+        while i < len(buf):
+            step = min(ZERO_BLOCK - (at + i) % ZERO_BLOCK, len(buf) - i)
+            if buf.startswith(_ZEROS[:step], i):
+                if run < i:
+                    self._pwrite(view[run:i], at + run)
+                self._zero_pending(at + i, step)
+                run = i + step
+            i += step
+        if run < len(buf):
+            self._pwrite(view[run:], at + run)
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        self._flush_zero()
+        try:
+            _write_all(self.target.fd, data, offset)
+        except OSError as exc:
+            raise InstallError(f"writing {self.target.path}: {exc.strerror}") from None
+        self.touched = True
+        self.file_end = max(self.file_end, offset + len(data))
+        self._written(len(data))
+
+    def _written(self, n: int) -> None:
+        self.written += n
+        if decide_sync(self.written, self.synced):
+            os.fdatasync(self.target.fd)
+            self.synced = self.written
+
+    def _flush_zero(self) -> None:
+        offset, length = self.zero_at, self.zero_len
+        if not length:
+            return
+        self.zero_len = 0
+        try:
+            self._zero_range(offset, length)
+        except OSError as exc:
+            raise InstallError(f"zeroing {self.target.path}: {exc.strerror}") from None
+        self.touched = True
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        fd = self.target.fd
+        if self.target.block:
+            if offset % 512 == 0 and length % 512 == 0:
+                try:
+                    fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+                    return
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+        else:
+            end = min(offset + length, self.file_end)
+            if end <= offset:
+                return                  # past the file's end: a hole once it is extended
+            if _Fallocate.punch(fd, offset, end - offset):
+                return
+            length = end - offset
+        while length:
+            n = min(length, ZERO_BLOCK)
+            _write_all(fd, _ZEROS[:n], offset)
+            offset, length = offset + n, length - n
+            self._written(n)
+
+    def flush(self) -> None:
+        self._flush_data()
+        self._flush_zero()
+
+    def reset(self) -> None:
+        """Forget what is buffered (the download restarts from 0)."""
+        self.pending = bytearray()
+        self.zero_len = 0
+        self.disk_size = None
+
+    def finish(self, disk_size: int) -> None:
+        """Flush, size a file that grows to the disk, and fsync."""
+        self.flush()
+        try:
+            if not self.target.block and self.target.capacity is None:
+                os.ftruncate(self.target.fd, disk_size)
+            os.fsync(self.target.fd)
+        except OSError as exc:
+            raise InstallError(f"flushing {self.target.path}: {exc.strerror}") from None
+
+
+def wipe_target(target: Target) -> None:
+    """Zero the first and the last MiB of ``target`` (primary GPT or MBR,
+    backup GPT), so no boot trusts a half-written disk.  Best effort: an
+    error here must not hide the reason the install failed."""
+    try:
+        size = target.capacity if target.block and target.capacity else \
+            os.fstat(target.fd).st_size
+        spans = {(0, min(WIPE_BYTES, size)), (max(size - WIPE_BYTES, 0), size)}
+        for start, end in spans:
+            if end > start:
+                _write_all(target.fd, bytes(end - start), start)
+        os.fsync(target.fd)
+    except OSError as exc:
+        log.error("wiping the partition tables of %s failed: %s", target.path, exc)
 
 
 # --- streaming the image ---------------------------------------------------------
@@ -352,23 +595,39 @@ def decide_sync(written: int, synced: int) -> bool:
     return written - synced >= SYNC_EVERY
 
 
-class _ImageCopy:
-    """The state of one image write across connections: the bytes written,
-    their digest, the ETag to resume with, and the progress reports."""
+@dataclass(frozen=True)
+class WrittenImage:
+    sha256: str
+    disk_size: int            # bytes of the virtual disk written
 
-    def __init__(self, target: Target, size: int, report: Report,
-                 clock: Callable[[], float]) -> None:
-        self.target = target
+
+class _ImageCopy:
+    """The state of one image write across connections: the published bytes
+    received, their digest, the decoder (which keeps its place, so every
+    format resumes), the ETag to resume with, and the progress reports."""
+
+    def __init__(self, writer: DiskWriter, size: int, fmt: str, disk_size: int | None,
+                 report: Report, clock: Callable[[], float]) -> None:
+        self.writer = writer
         self.size = size
+        self.fmt = fmt
+        self.disk_size = disk_size
         self.report = report
         self.clock = clock
         self.digest = hashlib.sha256()
+        self.decoder = self._decoder()
         self.done = 0
-        self.synced = 0
         self.etag: str | None = None
         self.throttle = ProgressThrottle(size)
         self.last_progress = clock()
         self.attempt = 0      # failed connections since the last byte arrived
+
+    def _decoder(self) -> Decoder:
+        try:
+            return open_decoder(self.fmt, self.writer, file_size=self.size,
+                                disk_size=self.disk_size, on_size=self.writer.announce)
+        except ImageFormatError as exc:
+            raise InstallError(str(exc)) from None
 
     def progress(self, force: bool = False) -> None:
         now = self.clock()
@@ -377,22 +636,25 @@ class _ImageCopy:
         rate = self.throttle.mark(self.done, now)
         self.report(build_progress(self.done, self.size, rate))
 
+    def log(self, message: str) -> None:
+        log.warning("%s", message)
+        self.report({"kind": "log", "step": "writing image", "message": message})
+
     def restart(self) -> None:
-        log.warning("image restarted from 0 (changed or no Range support)")
+        self.log(f"restarting from 0 after {self.done} bytes: the node sent the whole "
+                 f"image (it changed, or it ignores Range)")
         self.digest = hashlib.sha256()
         self.done = 0
-        os.lseek(self.target.fd, 0, os.SEEK_SET)
+        self.writer.reset()
+        self.decoder = self._decoder()
 
     def write(self, chunk: bytes) -> None:
-        """Hash and write ``chunk``; a failing target is final (no retry)."""
+        """Hash and decode ``chunk``; a failing target or a bad image is final."""
         self.digest.update(chunk)
         try:
-            _write_all(self.target.fd, chunk)
-            if decide_sync(self.done + len(chunk), self.synced):
-                os.fdatasync(self.target.fd)
-                self.synced = self.done + len(chunk)
-        except OSError as exc:
-            raise InstallError(f"writing {self.target.path}: {exc.strerror}") from None
+            self.decoder.feed(chunk)
+        except ImageFormatError as exc:
+            raise InstallError(f"{exc} (at byte {self.done} of the {self.fmt} image)") from None
         self.done += len(chunk)
         self.last_progress = self.clock()
         self.attempt = 0
@@ -415,6 +677,14 @@ class _ImageCopy:
         except (OSError, http.client.HTTPException) as exc:   # the read side
             return exc
 
+    def finish(self) -> int:
+        try:
+            disk = self.decoder.finish()
+        except ImageFormatError as exc:
+            raise InstallError(str(exc)) from None
+        self.writer.finish(disk)
+        return disk
+
 
 def _stream_once(source: ImageSource, copy: _ImageCopy) -> BaseException | None:
     """One connection to the node: None when the image is complete, else the
@@ -428,25 +698,34 @@ def _stream_once(source: ImageSource, copy: _ImageCopy) -> BaseException | None:
     with contextlib.closing(stream):
         if decide_resume(start, copy.done):
             copy.restart()
+        elif start:
+            copy.log(f"resumed at byte {start} of {copy.size}")
         copy.etag = new_etag or copy.etag
         return copy.copy(stream)
 
 
 def write_image(source: ImageSource, target: Target, *, size: int, sha256: str,
-                report: Report, stall_timeout: float = 600.0,
-                backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic,
-                sleep: Callable[[float], None] = time.sleep) -> str:
-    """Stream ``size`` bytes from ``source`` to ``target`` and return the
-    sha256, which must equal ``sha256``.
+                report: Report, fmt: str = "raw", disk_size: int | None = None,
+                stall_timeout: float = 600.0, backoff: Backoff | None = None,
+                clock: Callable[[], float] = time.monotonic,
+                sleep: Callable[[float], None] = time.sleep,
+                writer: DiskWriter | None = None) -> WrittenImage:
+    """Stream the ``size`` published bytes of a ``fmt`` image from
+    ``source``, decode them onto ``target``, and check their sha256
+    against ``sha256`` (the digest of the file as published, not of the
+    disk).
 
-    The digest is computed over the bytes as they are written, in order;
-    after a broken connection the stream resumes where it stopped (HTTP
-    Range), or from 0 when the node answers with the whole image.  Gives up
-    with :class:`InstallError` when no byte arrives for ``stall_timeout``
-    seconds or the node refuses the image for good (4xx other than 408/429).
+    After a broken connection the stream resumes where it stopped (HTTP
+    Range) with the same decoder, whatever the format; when the node answers
+    with the whole image instead it restarts from 0 with a new decoder and
+    digest.  The progress log says which.  Gives up with
+    :class:`InstallError` when no byte arrives for ``stall_timeout``
+    seconds, the node refuses the image for good (4xx other than 408/429),
+    the image does not decode or its disk does not fit the target.
     """
     backoff = backoff or Backoff(base=0.5, cap=10.0)
-    copy = _ImageCopy(target, size, report, clock)
+    writer = writer or DiskWriter(target)
+    copy = _ImageCopy(writer, size, fmt, disk_size, report, clock)
     copy.progress(force=True)
     while copy.done < size:
         error = _stream_once(source, copy)
@@ -459,30 +738,29 @@ def write_image(source: ImageSource, target: Target, *, size: int, sha256: str,
         sleep(backoff.delay(copy.attempt))
         copy.attempt += 1
     copy.progress(force=True)
-    os.fsync(target.fd)
-    if not target.block:
-        os.ftruncate(target.fd, size)
     got = copy.digest.hexdigest()
     if got != sha256:
-        raise InstallError(f"sha256 mismatch: the written image has {got}, expected {sha256}")
-    return got
+        raise InstallError(f"sha256 mismatch: the downloaded image has {got}, expected {sha256}")
+    disk = copy.finish()
+    return WrittenImage(got, disk)
 
 
 # --- the NoCloud seed ---------------------------------------------------------------
 
 
-def write_seed(target: Path, seed: dict[str, str]) -> int:
-    """Write the seed files into the ``cidata`` FAT partition of the image
-    on ``target`` with ``mcopy -o -i TARGET@@OFFSET`` (no mount).  Returns the
-    partition's byte offset."""
-    try:
-        found = find_seed_partition(target)
-    except (MalformedTable, OSError) as exc:
-        raise InstallError(f"cannot read the partition table of {target}: {exc}") from None
-    if found is None:
-        raise InstallError("the image has no 'cidata' partition (GPT name or FAT label) "
-                           "for the cloud-init seed")
-    _part, offset = found
+def write_seed(target: Path, seed: dict[str, str], *, offset: int | None = None) -> int:
+    """Write the seed files into the ``cidata`` FAT partition at byte
+    ``offset`` of ``target`` (found in the partition table when not given)
+    with ``mcopy -o -i TARGET@@OFFSET`` (no mount).  Returns the offset."""
+    if offset is None:
+        try:
+            found = find_seed_partition(target)
+        except (MalformedTable, OSError) as exc:
+            raise InstallError(f"cannot read the partition table of {target}: {exc}") from None
+        if found is None:
+            raise InstallError("the image has no 'cidata' partition (GPT name or FAT label) "
+                               "for the cloud-init seed")
+        offset = found[1]
     mcopy = shutil.which("mcopy")
     if mcopy is None:
         raise InstallError("mcopy not found: install the mtools package in the live image")
@@ -500,4 +778,66 @@ def write_seed(target: Path, seed: dict[str, str]) -> int:
             if done.returncode != 0:
                 err = done.stderr.decode(errors="replace").strip()[:300]
                 raise InstallError(f"mcopy {name} into the seed partition failed: {err}")
+    return offset
+
+
+def decide_seed_disk_size(disk_size: int, capacity: int | None) -> int:
+    """The size of the disk the seed partition goes to the end of: the
+    target's, or for a file that grows, the image's disk rounded up to a
+    MiB plus the seed and a MiB for the backup GPT."""
+    if capacity is not None:
+        return capacity
+    return -(-disk_size // MIB) * MIB + SEED_BYTES + MIB
+
+
+def prepare_seed_partition(target: Target, disk_size: int, report: Report) -> int:
+    """The byte offset of the image's ``cidata`` partition; when it has
+    none, one is added at the end of the disk first (a file that grows is
+    extended for it)."""
+    try:
+        found = find_seed_partition(target.path)
+    except (MalformedTable, OSError) as exc:
+        raise InstallError(f"cannot read the partition table of {target.path}: {exc}") from None
+    if found is not None:
+        return found[1]
+    disk_bytes = decide_seed_disk_size(disk_size, target.capacity)
+    try:
+        if target.capacity is None:
+            os.ftruncate(target.fd, disk_bytes)
+        plan = add_seed_partition(target.path, disk_bytes=disk_bytes, part_guid=uuid.uuid4())
+    except (NoRoom, MalformedTable) as exc:
+        raise InstallError(str(exc)) from None
+    except (OSError, RuntimeError) as exc:
+        raise InstallError(f"adding the cidata seed partition to {target.path}: {exc}") from None
+    report({"kind": "log", "step": "seed",
+            "message": f"the image has no cidata partition: added one of {plan.size >> 20} MiB "
+                       f"at byte {plan.start} ({plan.scheme})"})
+    return plan.start
+
+
+def install_image(source: ImageSource, spec: InstallSpec, target_path: Path, *,
+                  report: Report, allow_removable: bool, stall_timeout: float = 600.0,
+                  disk_size: int | None = None, **write_kw: Any) -> int:
+    """Write ``spec``'s image to ``target_path`` and its NoCloud seed, as
+    :func:`write_image` and :func:`write_seed` do; returns the seed's byte
+    offset.  A failure once the target is open wipes its first and last MiB
+    (:func:`wipe_target`) before the :class:`InstallError` goes on: the
+    disk's content is given up the moment the install commits to it, and a
+    disk without partition tables is one no firmware boots, so the machine
+    goes back to the network.  ``disk_size`` makes a file target a disk of
+    that size (tests)."""
+    with open_target(target_path, size=spec.known_disk_size, allow_removable=allow_removable,
+                     disk_size=disk_size) as tgt:
+        try:
+            written = write_image(source, tgt, size=spec.size, sha256=spec.sha256,
+                                  report=report, fmt=spec.format, disk_size=spec.disk_size,
+                                  stall_timeout=stall_timeout, **write_kw)
+            report({"kind": "progress", "step": "seed", "percent": 96.0,
+                    "message": "writing the cloud-init NoCloud seed"})
+            offset = prepare_seed_partition(tgt, written.disk_size, report)
+            write_seed(tgt.path, spec.seed, offset=offset)
+            os.fsync(tgt.fd)
+        except BaseException:
+            wipe_target(tgt)
+            raise
     return offset

@@ -45,10 +45,8 @@ from agent.install import (
     InstallError,
     InstallSpec,
     decide_target_disk,
-    open_target,
+    install_image,
     parse_install,
-    write_image,
-    write_seed,
 )
 from agent.inventory import collect_inventory, read_default_route_iface
 from agent.inventory.nics import decide_boot_mac
@@ -353,20 +351,18 @@ class Agent:
             allow_removable = spec.allow_removable or self.opts.allow_removable
             if target is None:
                 disks = self._inventory_fn(None).get("disks") or []
-                disk = decide_target_disk(disks, spec.hints, image_size=spec.size,
+                disk = decide_target_disk(disks, spec.hints,
+                                          image_size=spec.known_disk_size or spec.size,
                                           allow_removable=allow_removable)
                 target = Path("/dev") / str(disk["name"])
             self.report({"kind": "state", "status": "installing", "step": "starting",
-                         "message": f"writing image {spec.image} ({spec.size} bytes) "
-                                    f"to {target}"})
+                         "message": f"writing image {spec.image} ({spec.format}, {spec.size} "
+                                    f"bytes) to {target}"})
             source = HttpImageSource(self.client, spec.image_url,
                                      timeout=max(self.opts.http_timeout, 30.0))
-            with open_target(target, size=spec.size, allow_removable=allow_removable) as tgt:
-                write_image(source, tgt, size=spec.size, sha256=spec.sha256, report=self.report,
-                            stall_timeout=self.opts.stall_timeout)
-            self.report({"kind": "progress", "step": "seed", "percent": 96.0,
-                         "message": "writing the cloud-init NoCloud seed"})
-            offset = write_seed(target, spec.seed)
+            offset = install_image(source, spec, target, report=self.report,
+                                   allow_removable=allow_removable,
+                                   stall_timeout=self.opts.stall_timeout)
             os.sync()
             self.report({"kind": "progress", "step": "synced", "percent": 98.0,
                          "message": f"image verified (sha256 {spec.sha256[:12]}...), seed at "
