@@ -60,7 +60,7 @@ MCOPY_TIMEOUT = 60.0
 GIB = 1024 ** 3
 MIB = 1024 * 1024
 WIPE_BYTES = MIB
-WRITE_BUFFER = 8 * MIB
+WRITE_BUFFER = 2 * MIB
 ZERO_BLOCK = MIB
 BLKZEROOUT = 0x127F
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -478,9 +478,13 @@ class DiskWriter:
                     if exc.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
                         raise
         else:
+            if offset + length > self.file_end:
+                # past the file's end: extending it leaves a hole, which reads as zeros
+                os.ftruncate(fd, offset + length)
             end = min(offset + length, self.file_end)
+            self.file_end = max(self.file_end, offset + length)
             if end <= offset:
-                return                  # past the file's end: a hole once it is extended
+                return
             if _Fallocate.punch(fd, offset, end - offset):
                 return
             length = end - offset
@@ -638,7 +642,7 @@ class _ImageCopy:
 
     def log(self, message: str) -> None:
         log.warning("%s", message)
-        self.report({"kind": "log", "step": "writing image", "message": message})
+        self.report({"kind": "log", "step": "download", "message": message})
 
     def restart(self) -> None:
         self.log(f"restarting from 0 after {self.done} bytes: the node sent the whole "
