@@ -40,8 +40,9 @@ from typing import Any, Protocol
 
 import zstandard
 
-FORMATS = ("raw", "qcow2", "raw.zst", "raw.xz", "raw.gz")
-SUFFIXES = {".qcow2": "qcow2", ".zst": "raw.zst", ".xz": "raw.xz", ".gz": "raw.gz"}
+from lpmos.catalog import DISK_FORMATS
+
+FORMATS = DISK_FORMATS                # the catalog's names (lpmos.catalog infers them)
 OUT_MAX = 4 * 1024 * 1024
 QCOW2_BUFFER_MAX = 64 * 1024 * 1024
 QCOW2_PENDING_MAX = 1 << 21           # mapped clusters not yet received (memory bound)
@@ -91,16 +92,6 @@ class Decoder(Protocol):
         """The stream ended: the virtual disk's size, or
         :class:`ImageFormatError` when the stream was incomplete."""
         ...
-
-
-def infer_format(disk_image: str) -> str:
-    """The format of a published file by its name: ``.qcow2``, ``.zst``,
-    ``.xz``, ``.gz``; anything else is raw."""
-    name = disk_image.rsplit("/", 1)[-1].lower()
-    for suffix, fmt in SUFFIXES.items():
-        if name.endswith(suffix):
-            return fmt
-    return "raw"
 
 
 # --- raw and compressed raw -------------------------------------------------------

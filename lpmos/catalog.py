@@ -11,7 +11,11 @@ Each ``[[image]]`` entry:
 | arch         | ``x86_64`` or ``arm64``                                        |
 | mode         | ``image`` (agent streams ``disk_image``) or ``installer``      |
 | kernel, initrd, disk_image | paths relative to the image root, or URLs        |
-| sha256       | of ``disk_image`` (image mode)                                 |
+| sha256       | of ``disk_image`` as published (image mode)                    |
+| format       | of ``disk_image``: ``raw``, ``qcow2``, ``raw.zst``, ``raw.xz``, |
+|              | ``raw.gz``; inferred from its suffix when empty (else raw)     |
+| disk_size    | bytes of the virtual disk (optional; lets the agent refuse a   |
+|              | too small disk before writing a compressed raw image)          |
 | sha256_file  | a file holding that checksum (written by the image build), read |
 |              | at load time when ``sha256`` is empty                          |
 | kernel_args  | default kernel arguments (installer mode)                      |
@@ -42,6 +46,8 @@ from lpmos.models import ValidationError
 FAMILIES = ("ubuntu", "debian", "rhel", "lab")
 MODES = ("image", "installer")
 ROLES = ("install", "live")
+DISK_FORMATS = ("raw", "qcow2", "raw.zst", "raw.xz", "raw.gz")
+FORMAT_SUFFIXES = ((".qcow2", "qcow2"), (".zst", "raw.zst"), (".xz", "raw.xz"), (".gz", "raw.gz"))
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
@@ -66,6 +72,8 @@ class Image:
     kernel_args: str = ""
     description: str = ""
     role: str = "install"
+    format: str = ""
+    disk_size: int = 0
 
     @property
     def installable(self) -> bool:
@@ -79,6 +87,12 @@ class Image:
             return ""
         return (f"{self.name} is the live agent image (role {self.role!r}), which machines "
                 f"boot for discovery; it cannot be installed")
+
+    @property
+    def disk_format(self) -> str:
+        """The format of ``disk_image``: ``format``, else by its suffix
+        (``.qcow2``, ``.zst``, ``.xz``, ``.gz``), else raw."""
+        return self.format or infer_disk_format(self.disk_image)
 
     def is_url(self, value: str) -> bool:
         return value.startswith(("http://", "https://"))
@@ -151,6 +165,12 @@ class Catalog:
         return problems
 
 
+def infer_disk_format(disk_image: str) -> str:
+    """A disk image's format by its file name's suffix; unknown is raw."""
+    name = disk_image.rsplit("/", 1)[-1].lower()
+    return next((fmt for suffix, fmt in FORMAT_SUFFIXES if name.endswith(suffix)), "raw")
+
+
 def parse_catalog(data: dict[str, object], path: Path | None = None) -> Catalog:
     entries = data.get("image", [])
     if not isinstance(entries, list):
@@ -185,6 +205,13 @@ def parse_catalog(data: dict[str, object], path: Path | None = None) -> Catalog:
             raise CatalogError(f"{where}: installer mode needs kernel and initrd")
         if img.sha256 and not re.fullmatch(r"[0-9a-f]{64}", img.sha256):
             raise CatalogError(f"{where}: sha256 must be 64 lowercase hex digits")
+        if img.format and img.format not in DISK_FORMATS:
+            raise CatalogError(f"{where}: format must be one of {', '.join(DISK_FORMATS)}")
+        if isinstance(img.disk_size, bool) or not isinstance(img.disk_size, int) \
+                or img.disk_size < 0:
+            raise CatalogError(f"{where}: disk_size must be a non-negative integer (bytes)")
+        if img.format == "raw" and img.disk_size and img.size and img.disk_size != img.size:
+            raise CatalogError(f"{where}: a raw image's disk_size is its size")
         if img.sha256_file and not img.sha256:
             img = replace(img, sha256=_read_checksum(path, img.sha256_file))
         images[img.name] = img

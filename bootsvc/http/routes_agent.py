@@ -179,6 +179,7 @@ def _install_spec(boot: BootBackend, view: MachineView, task: Any, image: Image,
         "mode": "image", "image": image.name,
         "image_url": file_url(boot.ctx.advertise_url, image.name, image.disk_image),
         "sha256": image.sha256, "size": size,
+        "format": image.disk_format, "disk_size": image.disk_size or None,
         "root_device_hints": params.get("root_device_hints", {}),
         "seed": seed, "allow_removable": bool(params.get("allow_removable", False)),
     }

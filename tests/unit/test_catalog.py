@@ -68,3 +68,35 @@ def test_the_shipped_catalog_offers_everything_but_the_live_image() -> None:
     assert "live" in cat.images and not cat.images["live"].installable
     offered = {i.name for i in cat.installable()}
     assert offered == set(cat.images) - {"live"} and "lab-os" in offered
+
+
+@pytest.mark.parametrize(("disk_image", "fmt", "expected"), [
+    ("debian-12.raw", "", "raw"),
+    ("debian-12.qcow2", "", "qcow2"),
+    ("debian-12.raw.zst", "", "raw.zst"),
+    ("http://mirror/x/debian-12.img.XZ", "", "raw.xz"),
+    ("debian-12.raw.gz", "", "raw.gz"),
+    ("lab-os.img", "", "raw"),              # unknown suffix: raw
+    ("debian-12.bin", "qcow2", "qcow2"),    # the entry's format wins
+])
+def test_disk_format_from_the_entry_or_the_suffix(disk_image: str, fmt: str,
+                                                  expected: str) -> None:
+    entry = {**LAB_OS, "disk_image": disk_image, "format": fmt}
+    assert parse_catalog({"image": [entry]}).images["lab-os"].disk_format == expected
+
+
+def test_disk_size_is_kept() -> None:
+    entry = {**LAB_OS, "disk_image": "d.raw.zst", "disk_size": 2 << 30}
+    assert parse_catalog({"image": [entry]}).images["lab-os"].disk_size == 2 << 30
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"format": "vmdk"}, "format must be one of raw, qcow2"),
+    ({"disk_size": -1}, "disk_size must be a non-negative integer"),
+    ({"disk_size": "2G"}, "disk_size must be a non-negative integer"),
+    ({"disk_size": True}, "disk_size must be a non-negative integer"),
+    ({"format": "raw", "size": 10, "disk_size": 20}, "a raw image's disk_size is its size"),
+])
+def test_bad_format_or_disk_size_refused(change: dict, match: str) -> None:
+    with pytest.raises(CatalogError, match=match):
+        parse_catalog({"image": [{**LAB_OS, **change}]})
