@@ -311,19 +311,21 @@ def qcow2_header_needed(prefix: bytes, file_size: int) -> int:
     how large a cluster is."""
     if len(prefix) < 24:
         return min(24, file_size)
+    if prefix[:4] != QCOW2_MAGIC:
+        return len(prefix)            # parse_qcow2_header says why
     cluster_bits: int = struct.unpack_from(">I", prefix, 20)[0]
     if not 9 <= cluster_bits <= 21:
-        return len(prefix)            # parse_qcow2_header says why
+        return min(104, file_size)    # enough for parse_qcow2_header to say why
     return min(1 << cluster_bits, file_size)
 
 
 def parse_qcow2_header(data: bytes, file_size: int) -> Qcow2Header:
     """The header in the first cluster of a qcow2 file of ``file_size``
     bytes, validated (see the module's docstring for what is refused)."""
+    if data[:4] != QCOW2_MAGIC[:len(data)] or not data:
+        raise ImageFormatError("not a qcow2 image (no QFI\\xfb magic)")
     if len(data) < 72:
         raise ImageFormatError(f"qcow2 header truncated ({len(data)} bytes)")
-    if data[:4] != QCOW2_MAGIC:
-        raise ImageFormatError("not a qcow2 image (no QFI\\xfb magic)")
     (version, backing_off, backing_len, cluster_bits, size, crypt, l1_size, l1_offset,
      refcount_off, refcount_clusters, _nb_snapshots, _snapshots_off) = struct.unpack_from(
         ">IQIIQIIQQIIQ", data, 4)
