@@ -114,7 +114,7 @@ class Machine:
         assert any(d["name"] == "vda" and d["size_bytes"] == DISK_GB * GIB
                    for d in inventory["disks"])
         status, body = _api(self.cp, "POST", "/api/v1/tasks", self.tokens["operator"], {
-            "idc": "dc1", "sn": vm.serial, "mac": vm.mac, "os_type": "Debian 12",
+            "idc": "dc1", "sn": vm.serial, "mac": vm.mac, "os_type": "Debian 12 cloud",
             "image": self.image, "params": self.params(hostname), "notes": "real OS lab"})
         assert status == 201, body
         status, body = _api(self.cp, "POST", f"/api/v1/tasks/dc1/{vm.serial}/approve",
