@@ -26,7 +26,11 @@ Contract (STYLE principle 7, RELIABILITY "bad input"):
   ``to_yaml`` a YAML document built from data with ``yaml.safe_dump``
               (YAML templates build a dict and dump it; they never paste
               values into YAML text);
-  ``to_json`` compact JSON.
+  ``to_json`` compact JSON;
+  ``merge_cloud_config(text)`` our cloud-config (a dict) merged with the
+              operator's ``#cloud-config`` text (:func:`lpmos.cloudconfig.merge_cloud_config`);
+  ``network_config(mac, rename=True)`` ``params.network`` as NoCloud
+              network-config v2 (:func:`lpmos.netconfig.build_network_config`).
 
 Template variables (:func:`build_context`; the README's template section
 should point here):
@@ -48,7 +52,11 @@ should point here):
 |                     | ``disk_image_url`` (``{}`` when none)                         |
 | ``live``            | the live agent image entry, with its URLs and ``kernel_args`` |
 | ``kernel_args``     | the image's kernel_args + ``params.kernel_args``              |
-| ``hostname``        | ``params.hostname`` if a valid label, else derived from SN    |
+| ``hostname``        | ``params.hostname``'s first label if it is a valid host name, |
+|                     | else derived from the SN                                      |
+| ``fqdn``            | ``params.hostname`` when it is a valid FQDN, else ``hostname``|
+| ``default_user``    | the image's default user: ``params.username``, else by OS     |
+|                     | family (``debian``, ``ubuntu``, ``cloud-user``...)            |
 | ``root_disk``       | ``root_device_hints.name`` or ``params.root_disk``            |
 | ``root_disk_serial``| ``root_device_hints.serial``                                  |
 | ``token``           | this machine's token (only in install scripts and configs)    |
@@ -84,6 +92,10 @@ from jinja2 import (
 )
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from lpmos.cloudconfig import default_user, merge_cloud_config, parse_cloud_config
+from lpmos.models import ValidationError, validate_hostname
+from lpmos.netconfig import build_network_config, parse_network
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
 _IPXE_SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~:/=,+@-"
@@ -163,9 +175,23 @@ def filter_urlquote(value: Any) -> str:
     return quote(_text(value), safe="")
 
 
+class _YamlDumper(yaml.SafeDumper):
+    """SafeDumper that writes multi-line strings as ``|`` blocks (a script
+    in write_files stays readable); PyYAML falls back to a quoted scalar
+    where a block cannot hold the string exactly."""
+
+
+def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data.rstrip("\n") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_YamlDumper.add_representer(str, _str_presenter)
+
+
 def filter_to_yaml(value: Any) -> str:
-    return yaml.safe_dump(_plain(value), default_flow_style=False, sort_keys=False,
-                          allow_unicode=False, width=1000)
+    return yaml.dump(_plain(value), Dumper=_YamlDumper, default_flow_style=False,
+                     sort_keys=False, allow_unicode=False, width=1000)
 
 
 def filter_to_json(value: Any) -> str:
@@ -184,6 +210,27 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def filter_merge_cloud_config(ours: Any, operator_text: Any) -> dict[str, Any]:
+    """Our cloud-config merged with the operator's text (``""``: none)."""
+    if not isinstance(ours, Mapping):
+        raise _SlotError("merge_cloud_config applies to a mapping")
+    if operator_text in (None, ""):
+        return dict(ours)
+    try:
+        return merge_cloud_config(ours, parse_cloud_config(operator_text))
+    except ValidationError as exc:
+        raise _SlotError(str(exc)) from None
+
+
+def filter_network_config(value: Any, mac: Any, rename: bool = True) -> dict[str, Any]:
+    """``params.network`` (None: DHCP) as network-config v2 for boot MAC ``mac``."""
+    try:
+        net = parse_network(value, boot_mac=str(mac))
+        return build_network_config(net, str(mac), rename=rename)
+    except ValidationError as exc:
+        raise _SlotError(str(exc)) from None
+
+
 FILTERS = {
     "line": filter_line,
     "ipxe": filter_ipxe,
@@ -193,6 +240,8 @@ FILTERS = {
     "urlquote": filter_urlquote,
     "to_yaml": filter_to_yaml,
     "to_json": filter_to_json,
+    "merge_cloud_config": filter_merge_cloud_config,
+    "network_config": filter_network_config,
 }
 
 
@@ -268,17 +317,29 @@ def _template_line(name: str) -> int | None:
 
 # --- the context every template gets ------------------------------------------------
 
-_HOSTNAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+def _wanted_hostname(params: Mapping[str, Any]) -> str:
+    """``params.hostname`` checked and lowercased; ``""`` when unset or invalid."""
+    try:
+        return validate_hostname(params.get("hostname"))
+    except ValidationError:
+        return ""
 
 
 def hostname_for(sn: str, params: Mapping[str, Any]) -> str:
-    """``params.hostname`` when it is a valid host name label, else one
-    derived from the SN (lowercase, other characters as ``-``)."""
-    wanted = params.get("hostname")
-    if isinstance(wanted, str) and _HOSTNAME_RE.fullmatch(wanted):
-        return wanted
+    """The first label of ``params.hostname`` when it is a valid RFC 1123
+    host name (label or FQDN), else one derived from the SN (lowercase,
+    other characters as ``-``)."""
+    wanted = _wanted_hostname(params)
+    if wanted:
+        return wanted.split(".", 1)[0]
     derived = re.sub(r"[^a-z0-9-]", "-", sn.lower()).strip("-")[:63].strip("-")
     return derived or "lpmos"
+
+
+def fqdn_for(sn: str, params: Mapping[str, Any]) -> str:
+    """``params.hostname`` when it is a valid FQDN, else :func:`hostname_for`."""
+    wanted = _wanted_hostname(params)
+    return wanted if "." in wanted else hostname_for(sn, params)
 
 
 #: task fields templates do not get: bounded but bulky bookkeeping (the log
@@ -392,6 +453,8 @@ def build_context(
         "arch": arch,
         "platform": platform,
         "hostname": hostname_for(sn or "lpmos", params),
+        "fqdn": fqdn_for(sn or "lpmos", params),
+        "default_user": default_user(params, str(img.get("os_family", ""))),
         "task": task_d,
         "params": params,
         "server": server_d,

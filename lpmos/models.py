@@ -11,8 +11,11 @@ This module is stdlib-only: the agent imports it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
+import struct
 import time
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, field, fields
@@ -26,7 +29,9 @@ LOG_LINES_KEPT = 200          # newest lines kept in the task document
 HISTORY_KEPT = 50             # newest transitions kept in the task document
 ATTEMPT_NODES_KEPT = 50       # newest attempts whose serving node the task remembers
 MESSAGE_MAX = 1000            # characters of one log line / progress message
-PARAMS_MAX_BYTES = 16 * 1024  # JSON size of a task's free-form parameters
+PARAMS_MAX_BYTES = 32 * 1024  # JSON size of a task's parameters (keys, cloud-config, network)
+SSH_KEYS_MAX = 16             # authorized keys in params.ssh_keys
+SSH_KEY_CHARS = 2048          # characters of one key line (an 8192-bit RSA key is ~1,400)
 
 
 class ValidationError(ValueError):
@@ -105,6 +110,98 @@ def validate_text(value: Any, field_name: str, max_len: int = 200, *,
         raise ValidationError(field_name, "no newlines or control characters")
     if not allow_empty and not value.strip():
         raise ValidationError(field_name, "must not be empty")
+    return value
+
+
+_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def validate_hostname(value: Any, field_name: str = "hostname") -> str:
+    """An RFC 1123 host name: one label (``web-01``) or an FQDN
+    (``web-01.dc1.example.com``), at most 253 characters; returned in
+    lowercase (host names are case-insensitive), without a trailing dot."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field_name, "a host name such as web-01 or web-01.example.com")
+    name = value.lower().removesuffix(".")
+    if len(name) > 253:
+        raise ValidationError(field_name, "at most 253 characters")
+    for label in name.split("."):
+        if not _LABEL_RE.fullmatch(label):
+            raise ValidationError(field_name, f"{value[:80]!r} is not an RFC 1123 host name: "
+                                  "labels of 1-63 of a-z, 0-9 and '-', not starting or "
+                                  "ending with '-', joined by '.'")
+    return name
+
+
+#: the OpenSSH public key types an authorized_keys line may name
+SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                 "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
+                 "sk-ecdsa-sha2-nistp256@openssh.com")
+
+
+def validate_ssh_key(value: Any, field_name: str = "ssh_keys") -> str:
+    """One public key line, ``TYPE BASE64 [COMMENT]``: the type is one of
+    :data:`SSH_KEY_TYPES`, the base64 decodes, and the blob inside names the
+    same type (so a key pasted under the wrong type, or a truncated one, is
+    refused here rather than ignored by sshd on the installed system).
+    Options before the type (``from="..."``) are not accepted."""
+    if not isinstance(value, str):
+        raise ValidationError(field_name, "a public key line such as 'ssh-ed25519 AAAA... me@host'")
+    line = value.strip()
+    if len(line) > SSH_KEY_CHARS:
+        raise ValidationError(field_name, f"a key line of at most {SSH_KEY_CHARS} characters")
+    if _CONTROL_RE.search(line.replace("\t", " ")):
+        raise ValidationError(field_name, "one key per line: no newlines or control characters")
+    parts = line.split(None, 2)
+    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
+        raise ValidationError(field_name, f"{line[:40]!r} does not start with a key type: "
+                              + ", ".join(SSH_KEY_TYPES))
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError(field_name, f"the {parts[0]} key's base64 does not decode") from None
+    try:
+        (length,) = struct.unpack(">I", blob[:4])
+        inner = blob[4:4 + length].decode("ascii")
+    except (struct.error, UnicodeDecodeError):
+        inner = ""
+    if inner != parts[0] or len(blob) < 4 + length + 4:
+        raise ValidationError(field_name, f"the base64 is not a {parts[0]} public key "
+                              "(truncated, or pasted under the wrong type)")
+    return " ".join(parts)
+
+
+def validate_ssh_keys(value: Any, field_name: str = "ssh_keys") -> list[str]:
+    """A list of key lines (a string: one key per line), each checked, in
+    order, duplicates dropped; at most :data:`SSH_KEYS_MAX`."""
+    if isinstance(value, str):
+        value = [x for x in value.splitlines() if x.strip()]
+    if not isinstance(value, list):
+        raise ValidationError(field_name, "a list of public key lines")
+    if len(value) > SSH_KEYS_MAX:
+        raise ValidationError(field_name, f"at most {SSH_KEYS_MAX} keys")
+    keys: list[str] = []
+    for i, item in enumerate(value):
+        key = validate_ssh_key(item, f"{field_name}[{i}]")
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+_CRYPT_RE = re.compile(
+    r"\$(6|5)\$(rounds=[0-9]{4,9}\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{43,86}"
+    r"|\$y\$[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{1,64}\$[./A-Za-z0-9]{43}"
+    r"|\$2[aby]\$[0-9]{2}\$[./A-Za-z0-9]{53}")
+
+
+def validate_password_hash(value: Any, field_name: str = "password_hash") -> str:
+    """A crypt(3) hash: SHA-512 ``$6$``, SHA-256 ``$5$``, yescrypt ``$y$`` or
+    bcrypt ``$2b$``.  A plain password is refused: make a hash with
+    ``openssl passwd -6`` or ``mkpasswd -m sha-512``."""
+    if not isinstance(value, str) or not _CRYPT_RE.fullmatch(value):
+        raise ValidationError(field_name, "a crypt hash ($6$..., $5$..., $y$... or $2b$...), "
+                              "not a password: make one with 'openssl passwd -6' or "
+                              "'mkpasswd -m sha-512'")
     return value
 
 

@@ -160,20 +160,33 @@ def test_autoinstall_user_data_is_yaml_with_reporting_webhook(renderer: Renderer
     assert meta["instance-id"] == "lpmos-SN-0001-2"
 
 
-def test_cloud_init_seed_parses_and_calls_back_with_token(renderer: Renderer) -> None:
+def test_cloud_init_seed_installs_the_report_hook_with_token(renderer: Renderer) -> None:
     c = ctx("image")
     user = renderer.render(CONFIG_TEMPLATES["image"]["user-data"], c)
     assert user.startswith("#cloud-config\n")
     doc = yaml.safe_load(user)
-    words = shlex.split(doc["runcmd"][0].split(" || ")[0])
-    assert words[-1] == f"{NODE}/callback/SN-0001"
-    assert f"Authorization: Bearer {TOKEN}" in words
-    assert json.loads(words[words.index("-d") + 1])["event"] == "firstboot"
+    assert doc["runcmd"] == [["systemctl", "start", "--no-block", "lpmos-report.service"]]
+    assert not any("firstboot" in str(cmd) for cmd in doc["runcmd"])   # cloud-init reports
+    files = {f["path"]: f for f in doc["write_files"]}
+    report = files["/etc/lpmos/report.json"]
+    assert report["permissions"] == "0600"
+    assert json.loads(report["content"]) == {"callback": f"{NODE}/callback/SN-0001",
+                                             "token": TOKEN, "sn": "SN-0001", "seq": 2}
+    templates = Path(renderer.templates_dir) / "cloud-init"
+    assert files["/usr/local/sbin/lpmos-report"]["content"] == \
+        (templates / "lpmos-report.py").read_text()
+    assert files["/usr/local/sbin/lpmos-report"]["permissions"] == "0755"
+    assert files["/etc/systemd/system/lpmos-report.service"]["content"] == \
+        (templates / "lpmos-report.service").read_text()
+    assert doc["reporting"] == {"lpmos": {"type": "webhook",
+                                          "endpoint": f"{NODE}/callback/SN-0001?token={TOKEN}"}}
+    assert doc["hostname"] == "web-01" and doc["preserve_hostname"] is False
     meta = yaml.safe_load(renderer.render(CONFIG_TEMPLATES["image"]["meta-data"], c))
     assert meta["lpmos"] == {"sn": "SN-0001", "idc": "dc1", "callback": f"{NODE}/callback/SN-0001",
                              "token": TOKEN}
     net = yaml.safe_load(renderer.render(CONFIG_TEMPLATES["image"]["network-config"], c))
-    assert net["ethernets"]["boot"]["match"]["macaddress"] == "52:54:00:12:34:56"
+    assert net["ethernets"]["eth0"] == {"match": {"macaddress": "52:54:00:12:34:56"},
+                                        "set-name": "eth0", "dhcp4": True}
 
 
 def test_preseed_is_one_directive_per_line(renderer: Renderer) -> None:
