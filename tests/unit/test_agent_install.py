@@ -25,12 +25,14 @@ from agent.install import (
     decide_resume,
     decide_sync,
     decide_target_disk,
+    install_image,
     open_target,
     parse_install,
     parse_root_device_hints,
     write_image,
     write_seed,
 )
+from agent.seed_partition import SEED_BYTES
 
 DISKS = [
     {"name": "nvme0n1", "size_bytes": 960 * GIB, "model": "SAMSUNG MZQL2", "serial": "S1",
@@ -336,3 +338,166 @@ def test_write_seed_on_garbage_fails(tmp_path: Path) -> None:
     image.write_bytes(b"\0" * 4096)
     with pytest.raises(InstallError, match="partition table"):
         write_seed(image, SEED)
+
+
+# --- stock cloud images: formats, resume, seed partition, failure cleanup -------------
+
+needs_image_tools = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("qemu-img", "zstd", "xz", "gzip", "sfdisk", "mformat",
+                                      "mcopy", "mtype")),
+    reason="needs qemu-utils, zstd, xz-utils, gzip, fdisk and mtools")
+
+CLOUD_MIB = 24
+DISK = 64 * MIB
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """A cloud-image-like raw disk (GPT: bios_grub, ESP, root last; random and
+    sparse data, no cidata) and its published forms."""
+    tmp = tmp_path_factory.mktemp("cloud")
+    raw = tmp / "cloud.raw"
+    with raw.open("wb") as fh:
+        fh.truncate(CLOUD_MIB * MIB)
+    subprocess.run(["sfdisk", "-q", str(raw)], check=True, timeout=30, input=(
+        b"label: gpt\nsize=2048, type=21686148-6449-6E6F-744E-656564454649\n"
+        b"size=4096, type=U\ntype=L\n"))
+    with raw.open("r+b") as fh:
+        for at in (3 * MIB, 7 * MIB + 4321, 15 * MIB, 20 * MIB):
+            fh.seek(at)
+            fh.write(os.urandom(700_000))
+    out = {"raw": raw.read_bytes()}
+    for fmt, cmd in {"qcow2": ["qemu-img", "convert", "-O", "qcow2", str(raw)],
+                     "qcow2-c": ["qemu-img", "convert", "-c", "-O", "qcow2", str(raw)]}.items():
+        subprocess.run([*cmd, str(tmp / fmt)], check=True, timeout=60)
+        out[fmt] = (tmp / fmt).read_bytes()
+    for fmt, cmd in {"raw.zst": ["zstd", "-q", "-c"], "raw.xz": ["xz", "-c", "-1"],
+                     "raw.gz": ["gzip", "-c"]}.items():
+        out[fmt] = subprocess.run([*cmd, str(raw)], check=True, capture_output=True,
+                                  timeout=60).stdout
+    return out
+
+
+def install(tmp_path: Path, published: bytes, fmt: str, source: MemorySource | None = None,
+            *, sha: str | None = None, disk_size: int | None = DISK,
+            spec_disk_size: int | None = None, **kw: object) -> tuple[list[dict], Path, int]:
+    events: list[dict] = []
+    spec = parse_install({**GOOD, "size": len(published), "format": fmt.removesuffix("-c"),
+                          "sha256": sha or hashlib.sha256(published).hexdigest(),
+                          "disk_size": spec_disk_size, "seed": SEED})
+    target = tmp_path / "disk"
+    offset = install_image(source or MemorySource(published), spec, target,
+                           report=events.append, allow_removable=False, disk_size=disk_size,
+                           backoff=Backoff(0.001, 0.002), sleep=lambda s: None, **kw)
+    return events, target, offset
+
+
+FORMATS = ["raw", "qcow2", "qcow2-c", "raw.zst", "raw.xz", "raw.gz"]
+
+
+def check_cloud_install(target: Path, raw: bytes, offset: int) -> None:
+    written = target.read_bytes()
+    assert len(written) == DISK
+    # the image's partitions are the image's bytes (LBA 34 on; the GPT at 0-33 changed)
+    assert written[34 * 512:len(raw) - 33 * 512] == raw[34 * 512:-33 * 512]
+    assert "No errors detected" in subprocess.run(
+        ["sfdisk", "--verify", str(target)], capture_output=True, timeout=30).stdout.decode()
+    assert offset + SEED_BYTES <= DISK and offset >= DISK - SEED_BYTES - MIB
+    for file, text in SEED.items():
+        assert mtype(target, offset, file) == text
+
+
+@needs_image_tools
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_install_cloud_image_adds_the_seed(tmp_path: Path, cloud: dict[str, bytes],
+                                           fmt: str) -> None:
+    events, target, offset = install(tmp_path, cloud[fmt], fmt)
+    check_cloud_install(target, cloud["raw"], offset)
+    assert any("added one of 4 MiB" in e.get("message", "") for e in events)
+    percents = [e["percent"] for e in events if e["kind"] == "progress"]
+    assert percents[-2:] == [95.0, 96.0] and percents == sorted(percents)
+
+
+@needs_image_tools
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_install_resumes_mid_stream_for_every_format(tmp_path: Path, cloud: dict[str, bytes],
+                                                     fmt: str) -> None:
+    data = cloud[fmt]
+    source = MemorySource(data, cuts=[len(data) // 3, 1000])
+    events, target, offset = install(tmp_path, data, fmt, source)
+    check_cloud_install(target, cloud["raw"], offset)
+    assert source.opened == [0, len(data) // 3, len(data) // 3 + 1000]
+    logs = [e["message"] for e in events if e["kind"] == "log"]
+    assert f"resumed at byte {len(data) // 3} of {len(data)}" in logs
+
+
+@needs_image_tools
+@pytest.mark.parametrize("fmt", ["qcow2", "raw.zst"])
+def test_install_restarts_when_range_is_ignored(tmp_path: Path, cloud: dict[str, bytes],
+                                                fmt: str) -> None:
+    data = cloud[fmt]
+    source = MemorySource(data, cuts=[len(data) // 2], ignore_range=True)
+    events, target, offset = install(tmp_path, data, fmt, source)
+    check_cloud_install(target, cloud["raw"], offset)
+    logs = [e["message"] for e in events if e["kind"] == "log"]
+    assert any(m.startswith(f"restarting from 0 after {len(data) // 2} bytes") for m in logs)
+
+
+def wiped(target: Path) -> bool:
+    data = target.read_bytes()
+    return data[:MIB] == bytes(MIB) and data[-MIB:] == bytes(MIB)
+
+
+@needs_image_tools
+@pytest.mark.parametrize(("case", "match"), [
+    ("checksum", "sha256 mismatch"),
+    ("truncated download", "stalled"),
+    ("truncated qcow2", r"qcow2 image is truncated|inside the file"),
+    ("backing file", "backing file"),
+    ("bad header", "cluster_bits 30 out of range"),
+    ("larger than the disk", r"the image's disk is \d+ bytes, larger than"),
+    ("larger than the disk, zst", r"the image's disk is \d+ bytes, larger than"),
+    ("no room for the seed", "no room for the 4 MiB cidata seed partition"),
+])
+def test_bad_input_fails_clearly_and_wipes(tmp_path: Path, cloud: dict[str, bytes], case: str,
+                                           match: str) -> None:
+    fmt, data, kw = "qcow2", cloud["qcow2"], {}
+    if case == "checksum":
+        kw = {"sha": "0" * 64}
+    elif case == "truncated download":
+        clock = iter(range(0, 100_000, 100))
+        kw = {"source": MemorySource(data, cuts=[len(data) // 2] + [0] * 200),
+              "stall_timeout": 250.0, "clock": lambda: float(next(clock))}
+    elif case == "truncated qcow2":
+        data = data[:len(data) // 2]
+    elif case == "backing file":
+        base = tmp_path / "base.raw"
+        base.write_bytes(cloud["raw"])
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+                        str(tmp_path / "over.qcow2")], check=True, timeout=30)
+        data = (tmp_path / "over.qcow2").read_bytes()
+    elif case == "bad header":
+        data = data[:20] + (30).to_bytes(4, "big") + data[24:]
+    elif case == "larger than the disk":
+        kw = {"disk_size": 16 * MIB}
+    elif case == "larger than the disk, zst":
+        fmt, data = "raw.zst", cloud["raw.zst"]
+        kw = {"disk_size": 16 * MIB}
+    elif case == "no room for the seed":
+        kw = {"disk_size": CLOUD_MIB * MIB + MIB}
+    source = kw.pop("source", None)
+    (tmp_path / "disk").write_bytes(b"\xee" * DISK)
+    with pytest.raises(InstallError, match=match):
+        install(tmp_path, data, fmt, source, **kw)  # type: ignore[arg-type]
+    assert wiped(tmp_path / "disk")
+
+
+def test_parse_install_format_and_disk_size() -> None:
+    spec = parse_install({**GOOD, "format": "raw.zst", "disk_size": 2 * GIB})
+    assert (spec.format, spec.disk_size, spec.known_disk_size) == ("raw.zst", 2 * GIB, 2 * GIB)
+    old = parse_install(GOOD)                 # an old node: raw, the file is the disk
+    assert (old.format, old.disk_size, old.known_disk_size) == ("raw", None, 10)
+    with pytest.raises(InstallError, match=r"install\.format"):
+        parse_install({**GOOD, "format": "vmdk"})
+    with pytest.raises(InstallError, match=r"install\.disk_size"):
+        parse_install({**GOOD, "disk_size": -5})
