@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -216,3 +217,55 @@ def test_lab_boots_to_our_ipxe_script_and_leaves_nothing_after_a_failure(
     for pid in seen["pids"]:
         assert not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z", pid
+
+
+@pytest.mark.slow
+@pytest.mark.lab
+@pytest.mark.timeout(1200)   # the first build: debootstrap and apt-get install, then ~75 s
+def test_debian_cloud_image_is_cached_reproducible_and_shaped_like_a_cloud_image(
+        cloud_image: Path, tmp_path: Path) -> None:
+    name = "debian-12-generic-amd64"
+    stamp = (cloud_image / ".stamp").read_text()
+    started = time.monotonic()
+    assert build.build_debian_cloud() == cloud_image
+    assert time.monotonic() - started < 30, "a build with nothing changed must take seconds"
+    assert (cloud_image / ".stamp").read_text() == stamp
+    manifest = json.loads((cloud_image / "manifest.json").read_text())
+    for ext in ("raw", "qcow2", "raw.zst"):
+        digest = (cloud_image / f"{name}.{ext}.sha256").read_text().split()[0]
+        assert digest == manifest["files"][f"{name}.{ext}"]["sha256"]
+    assert build.sha256_file(cloud_image / f"{name}.raw") == manifest["files"][f"{name}.raw"][
+        "sha256"]
+    raw = cloud_image / f"{name}.raw"
+    assert raw.stat().st_size == 2 << 30
+    # like a distribution's image: BIOS boot, ESP, root last; no cidata
+    parts = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True,
+                                      text=True, check=True).stdout)["partitiontable"]
+    assert parts["label"] == "gpt"
+    assert [p.get("name") for p in parts["partitions"]] == ["bios", "esp", "root"]
+    esp = parts["partitions"][1]
+    listing = subprocess.run(["mdir", "-b", "-/", "-i", f"{raw}@@{esp['start'] * 512}", "::/"],
+                             capture_output=True, text=True, check=True,
+                             env=dict(os.environ, MTOOLS_SKIP_CHECK="1")).stdout
+    for wanted in ("::/EFI/BOOT/BOOTX64.EFI", "::/EFI/BOOT/grubx64.efi", "::/EFI/debian/grub.cfg",
+                   "::/EFI/debian/shimx64.efi"):
+        assert wanted in listing, listing
+    assert "fbx64" not in listing.lower()     # shim's fallback would reorder the boot entries
+    with raw.open("rb") as fh:
+        mbr = fh.read(512)
+    assert mbr[510:] == b"\x55\xaa" and mbr[:2] != b"\0\0"     # GRUB's boot code in the MBR
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json",
+                                      str(cloud_image / f"{name}.qcow2")], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 2 << 30
+    assert "backing-filename" not in info
+    assert (cloud_image / f"{name}.qcow2").stat().st_size < 600 * MIB
+    # the same inputs give the same bytes: a forced rebuild elsewhere
+    side = tmp_path / "side"
+    subprocess.run([sys.executable, "-c", "from images import build; "
+                    "build.build_debian_cloud(force=True)"],
+                   env=dict(os.environ, LPMOS_IMAGE_OUT=str(side)), check=True,
+                   cwd=build.__file__.rsplit("/images/", 1)[0], capture_output=True)
+    for ext in ("raw", "qcow2", "raw.zst"):
+        assert (side / "debian-12" / f"{name}.{ext}.sha256").read_text() == \
+            (cloud_image / f"{name}.{ext}.sha256").read_text(), ext
