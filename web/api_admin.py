@@ -21,7 +21,13 @@ from flask import Blueprint, jsonify, request
 
 from lpmos.audit import audit_stamp
 from lpmos.auth import Role, TokenRecord, User
-from lpmos.models import ValidationError, now, validate_text
+from lpmos.cloudconfig import (
+    SchemaCheckUnavailable,
+    check_cloud_config,
+    parse_install_params,
+    redact_params,
+)
+from lpmos.models import PARAMS_MAX_BYTES, ValidationError, now, validate_text
 from lpmos.store import Compare, Conflict, Delete, KeyValue, Op, Put, Store
 from web.audit import request_auditor
 from web.auth import Principal, current_principal, requires
@@ -282,16 +288,26 @@ def parse_template(name: str, body: dict[str, Any]) -> dict[str, Any]:
     params = body.get("params", {})
     if not isinstance(params, dict):
         raise ValidationError("params", "a JSON object")
-    if len(json.dumps(params)) > 16 * 1024:
-        raise ValidationError("params", "at most 16384 bytes of JSON")
-    out["params"] = params
+    if len(json.dumps(params)) > PARAMS_MAX_BYTES:
+        raise ValidationError("params", f"at most {PARAMS_MAX_BYTES} bytes of JSON")
+    out["params"] = parse_install_params(params, mac=None)
+    if out["params"].get("cloud_config"):
+        try:   # the operator's document alone: a task merges ours in, and checks again
+            check_cloud_config(out["params"]["cloud_config"])
+        except SchemaCheckUnavailable as exc:
+            raise ApiError(503, "unavailable", str(exc), reason="schema_check") from None
     return out
+
+
+def template_view(data: dict[str, Any]) -> dict[str, Any]:
+    """A template as the API returns it: its params' secrets redacted."""
+    return dict(data, params=redact_params(data.get("params")))
 
 
 @bp.get("/templates")
 @requires(Role.VIEWER)
 def list_templates() -> Any:
-    return jsonify({"items": ctx().index.templates()})
+    return jsonify({"items": [template_view(t) for t in ctx().index.templates()]})
 
 
 @bp.put("/templates/<name>")
@@ -315,12 +331,12 @@ def put_template(name: str) -> Any:
         raise Conflict(key, seen)
     data["updated_by"] = _principal().user
     data["updated_at"] = now()
-    before = json.loads(current.value) if current else None
+    before = template_view(json.loads(current.value)) if current else None
     revision = c.store.commit([Compare(key, seen)], [
         Put(key, json.dumps(data, sort_keys=True).encode()),
-        request_auditor(c).op("template.put", name, before=before, after=data)])
+        request_auditor(c).op("template.put", name, before=before, after=template_view(data))])
     c.cache.wait_for_revision(revision, 2.0)
-    return jsonify({"template": dict(data, name=name), "revision": revision})
+    return jsonify({"template": dict(template_view(data), name=name), "revision": revision})
 
 
 @bp.delete("/templates/<name>")
@@ -333,7 +349,8 @@ def delete_template(name: str) -> Any:
         raise ApiError(404, "not_found", f"no template named {name}")
     revision = c.store.commit([Compare(key, current.mod_revision)], [
         Delete(key),
-        request_auditor(c).op("template.delete", name, before=json.loads(current.value))])
+        request_auditor(c).op("template.delete", name,
+                              before=template_view(json.loads(current.value)))])
     c.cache.wait_for_revision(revision, 2.0)
     return jsonify({"deleted": name})
 

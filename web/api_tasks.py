@@ -10,17 +10,38 @@ reach the written revision, so the caller's next list shows its change.
 
 The calls of the earlier console work as its operators wrote them: a JSON
 body sent by ``curl -d`` without a Content-Type header is JSON here.
+
+Install inputs (``params.hostname``, ``ssh_keys``, ``password_hash``,
+``username``, ``cloud_config``, ``network``; docs/install-inputs.md) are
+checked when a task is created, and a task with ``cloud_config`` has its
+whole user-data rendered as the node will render it and checked by
+cloud-init's own ``cloud-init schema``: a refusal is a 400 quoting
+cloud-init, and nothing is stored.  Secrets never leave: every task this
+API returns has its params through :func:`lpmos.cloudconfig.redact_params`
+(list rows and WebSocket deltas carry no params at all).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import Any
 
+import yaml
 from flask import Blueprint, jsonify, request
 
+from bootsvc.policy.script import CONFIG_TEMPLATES
+from bootsvc.render import Renderer, RenderError, build_context
 from lpmos.auth import Role
+from lpmos.catalog import Image
+from lpmos.cloudconfig import (
+    SchemaCheckUnavailable,
+    check_cloud_config,
+    parse_install_params,
+    redact_params,
+    render_cloud_config,
+)
 from lpmos.models import Task, ValidationError, validate_name, validate_sn, validate_text
 from lpmos.states import IllegalTransition, NotInState, TaskStatus
 from lpmos.store import Op
@@ -37,6 +58,9 @@ TASK_FIELDS = ("idc", "sn", "mac", "os_type", "os_version", "image", "params", "
                "template")
 CSV_FIELDS = ("idc", "sn", "mac", "os_type", "os_version", "image", "template", "notes")
 READ_YOUR_WRITES_WAIT = 2.0
+#: what the create-time check renders in place of a node's URL and token
+CHECK_NODE_URL = "http://lpmos-node.invalid:8081"
+CHECK_TOKEN = "create-time-schema-check"  # noqa: S105 - a placeholder, not a secret
 
 
 def _principal() -> Principal:
@@ -57,6 +81,13 @@ def _object_body() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object")
     return body
+
+
+def task_view(task: Task) -> dict[str, Any]:
+    """A task as the API returns it: its params redacted."""
+    data = task.to_dict()
+    data["params"] = redact_params(data.get("params"))
+    return data
 
 
 def _synced(c: WebContext, revision: int) -> None:
@@ -126,10 +157,51 @@ def build_task(c: WebContext, data: Any) -> Task:
             raise ValidationError(required, "is required")
     task = Task(**values)
     task.validate()
+    image: Image | None = None
     if c.catalog is not None:
         image = c.catalog.resolve(task.os_type, task.os_version, task.image)
         task.image = image.name
+    known = c.index.server(task.idc, task.sn)
+    task.params = parse_install_params(
+        task.params, mac=task.mac,
+        known_macs=frozenset(known[0].macs) if known and known[0].macs else None)
+    task.validate()
+    if task.params.get("cloud_config"):
+        templates = c.config.get("http.templates")
+        check_seed_user_data(task, image, Renderer(Path(templates) if templates else None))
     return task
+
+
+def seed_user_data(task: Task, image: Image | None, renderer: Renderer) -> str:
+    """The user-data the node will render for ``task`` (its own URL and
+    token aside): the image seed's, or for an Ubuntu autoinstall the
+    installed system's embedded ``user-data``.  ValidationError when the
+    install kind reads no cloud-config."""
+    kind = "image" if image is None or image.mode == "image" else image.os_family
+    if kind not in ("image", "ubuntu"):
+        raise ValidationError("params.cloud_config", f"a {kind} installer does not read "
+                              "cloud-config; it applies to image installs and Ubuntu autoinstall")
+    context = build_context(node_url=CHECK_NODE_URL, idc=task.idc, node_name="control-plane",
+                            decision="claim", sn=task.sn, mac=task.mac, task=task,
+                            image=image, token=CHECK_TOKEN)
+    try:
+        text = renderer.render(CONFIG_TEMPLATES[kind]["user-data"], context)
+    except RenderError as exc:
+        raise ValidationError("params", str(exc)) from None
+    if kind == "ubuntu":
+        embedded = yaml.safe_load(text)["autoinstall"]["user-data"]
+        return render_cloud_config(embedded)
+    return text
+
+
+def check_seed_user_data(task: Task, image: Image | None, renderer: Renderer) -> None:
+    """cloud-init's schema check on the merged user-data of ``task``:
+    CloudConfigRejected (400) quoting cloud-init; 503 when it cannot run."""
+    text = seed_user_data(task, image, renderer)
+    try:
+        check_cloud_config(text)
+    except SchemaCheckUnavailable as exc:
+        raise ApiError(503, "unavailable", str(exc), reason="schema_check") from None
 
 
 # -- list and read --------------------------------------------------------------
@@ -190,7 +262,7 @@ def get_task(idc: str, sn: str) -> Any:
         if entry is None:
             raise ApiError(404, "not_found", f"no task for {idc}/{sn}")
         task, revision = entry.task, entry.revision
-    return jsonify({"task": task.to_dict(), "revision": revision,
+    return jsonify({"task": task_view(task), "revision": revision,
                     "online": c.index.online(idc, sn)})
 
 
@@ -201,7 +273,9 @@ def get_task(idc: str, sn: str) -> Any:
 @requires(Role.OPERATOR)
 def create_task() -> Any:
     """Create a ``pending`` task: ``{"idc", "sn", "mac", "os_type",
-    "os_version"?, "image"?, "template"?, "params"?, "notes"?}``."""
+    "os_version"?, "image"?, "template"?, "params"?, "notes"?}``.  The
+    install inputs in ``params`` are checked (400 naming the field), a
+    ``cloud_config`` by cloud-init's schema check on the merged user-data."""
     c = ctx()
     body = _body(allow_empty=False)
     task = build_task(c, body)
@@ -209,7 +283,7 @@ def create_task() -> Any:
                             audit=_audit(c, "task.create", f"{task.idc}/{task.sn}", task.notes))
     _synced(c, stored.revision)
     ignored = sorted(set(body) - set(TASK_FIELDS)) if isinstance(body, dict) else []
-    resp = jsonify({"task": stored.task.to_dict(), "revision": stored.revision,
+    resp = jsonify({"task": task_view(stored.task), "revision": stored.revision,
                     "ignored_fields": ignored})
     resp.status_code = 201
     resp.headers["Location"] = f"/api/v1/tasks/{task.idc}/{task.sn}"
@@ -350,7 +424,7 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
                        status=current.task.status if current else None,
                        revision=current.revision if current else 0) from None
     _synced(c, stored.revision)
-    return jsonify({"task": stored.task.to_dict(), "revision": stored.revision})
+    return jsonify({"task": task_view(stored.task), "revision": stored.revision})
 
 
 @bp.post("/tasks/<idc>/<sn>/approve")

@@ -441,7 +441,7 @@ def test_agent_register_poll_install_events_firstboot(node: Node, tasks: TaskSer
     assert spec["image_url"] == f"{node.url}/images/lab-os/disk.img"
     assert spec["size"] == 1 << 20 and len(spec["sha256"]) == 64
     assert spec["root_device_hints"] == {"size_min_gb": 1}
-    assert token in spec["seed"]["user-data"] and "firstboot" in spec["seed"]["user-data"]
+    assert token in spec["seed"]["user-data"] and "lpmos-report" in spec["seed"]["user-data"]
     assert tasks.get(IDC, sn).task.status == "booting"  # type: ignore[union-attr]
     # the disk image needs the token
     assert requests.get(spec["image_url"], timeout=5).status_code == 401

@@ -56,9 +56,9 @@ HOSTILE = [
 
 
 def make_task(**params: object) -> Task:
-    base = {"hostname": "web-01", "ssh_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE test@x"],
-            "timezone": "Asia/Shanghai", "root_device_hints": {"name": "/dev/sda",
-                                                                "serial": "S1"}}
+    base: dict[str, object] = {
+        "hostname": "web-01", "ssh_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE test@x"],
+        "timezone": "Asia/Shanghai", "root_device_hints": {"name": "/dev/sda", "serial": "S1"}}
     base.update(params)
     return Task(idc="dc1", sn="SN-0001", mac="52:54:00:12:34:56", os_type="Rocky Linux 9",
                 status="booting", params=base, attempt=2).validate()
