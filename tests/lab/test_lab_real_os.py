@@ -81,7 +81,7 @@ class Machine:
             "network": {"mode": "static",
                         "addresses": [f"{self.ipv4}/24", f"{self.ipv6}/64"],
                         "gateway4": "10.77.0.1",
-                        "nameservers": ["10.77.0.1"]},
+                        "dns": {"servers": ["10.77.0.1"], "search": ["lab.lpmos"]}},
         }
 
     def task(self) -> dict[str, Any] | None:
