@@ -82,6 +82,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     try:
         build.build_live()
         build.build_lab_os()
+        build.build_debian_cloud()
     except build.BuildError as exc:
         sys.stderr.write(f"lpmos demo: image build failed: {exc}\n")
         return 1
@@ -132,8 +133,9 @@ def _boot_and_follow(lab: Any, config: Config,
                      console: tuple[str, list[tuple[str, str, str]]] | None,
                      started: float) -> None:
     firmwares = config["demo.firmware"]
+    # 4 GiB disks: room for the 2 GiB Debian image, its seed and its growth
     vms = [lab.boot_vm(f"{firmwares[i % len(firmwares)]}-{i + 1}",
-                       firmware=firmwares[i % len(firmwares)])
+                       firmware=firmwares[i % len(firmwares)], disk_gb=4)
            for i in range(config["demo.vms"])]
     _print("")
     _print(f"LPMOS demo is up ({time.monotonic() - started:.0f} s)")
@@ -147,7 +149,10 @@ def _boot_and_follow(lab: Any, config: Config,
     for vm in vms:
         _print(f"  VM {vm.name}: serial {vm.serial}, MAC {vm.mac}, console log {vm.serial_log}")
     _print("The VMs appear in the console as they finish discovery; create a task for one "
-           "(image 'lab-os') and approve it to watch the install. Ctrl-C stops everything.")
+           "and approve it to watch the install: image 'debian-12-generic' (real Debian 12, "
+           "cloud-init; give it your SSH key and a static address such as 10.77.0.211/24, "
+           f"then log in with: ip netns exec {lab.ns} ssh debian@10.77.0.211) or 'lab-os' "
+           "(the tiny lab OS, a minute faster). Ctrl-C stops everything.")
     shown: dict[str, int] = {vm.name: 0 for vm in vms}
     while True:
         for vm in vms:
