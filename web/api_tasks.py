@@ -187,7 +187,10 @@ def seed_user_data(task: Task, image: Image | None, renderer: Renderer) -> str:
     try:
         text = renderer.render(CONFIG_TEMPLATES[kind]["user-data"], context)
     except RenderError as exc:
-        raise ValidationError("params", str(exc)) from None
+        # the operator's document cannot be merged (runcmd not a list ...):
+        # cloud-init's own words on it first, else the renderer's
+        check_cloud_config(str(task.params.get("cloud_config", "")))
+        raise ValidationError("params.cloud_config", str(exc)) from None
     if kind == "ubuntu":
         embedded = yaml.safe_load(text)["autoinstall"]["user-data"]
         return render_cloud_config(embedded)
@@ -197,9 +200,8 @@ def seed_user_data(task: Task, image: Image | None, renderer: Renderer) -> str:
 def check_seed_user_data(task: Task, image: Image | None, renderer: Renderer) -> None:
     """cloud-init's schema check on the merged user-data of ``task``:
     CloudConfigRejected (400) quoting cloud-init; 503 when it cannot run."""
-    text = seed_user_data(task, image, renderer)
     try:
-        check_cloud_config(text)
+        check_cloud_config(seed_user_data(task, image, renderer))
     except SchemaCheckUnavailable as exc:
         raise ApiError(503, "unavailable", str(exc), reason="schema_check") from None
 

@@ -303,6 +303,13 @@
       el("option", { value: "", text: t("form.none") }),
       state.templates.map((tp) => el("option", { value: tp.name, text: `${tp.name} — ${tp.os_type}` })));
     const notes = el("input", { name: "notes", id: "new-notes", maxlength: "1000" });
+    // Install inputs (docs/install-inputs.md).  The password hash is a secret:
+    // sent, never shown again (the API answers "<set>").
+    const hostname = el("input", { name: "hostname", id: "new-hostname", maxlength: "253", placeholder: "web-01.example.com" });
+    const sshKeys = el("textarea", { name: "ssh_keys", id: "new-ssh-keys", class: "mono", rows: "3", placeholder: t("form.ssh_keys_hint") });
+    const passwordHash = el("input", { name: "password_hash", id: "new-password-hash", type: "password", autocomplete: "off", maxlength: "200", placeholder: "$6$…  (openssl passwd -6)" });
+    const cloudConfig = el("textarea", { name: "cloud_config", id: "new-cloud-config", class: "mono", rows: "4", placeholder: "#cloud-config\npackages: [htop]" });
+    const network = el("textarea", { name: "network", id: "new-network", class: "mono", rows: "3", placeholder: '{"mode": "static", "addresses": ["192.0.2.10/24"], "gateway4": "192.0.2.1", "dns": {"servers": ["192.0.2.53"]}}' });
     if (os.tagName === "SELECT") {
       const sync = () => { const o = os.selectedOptions[0]; if (o) version.value = o.getAttribute("data-version") || ""; };
       os.addEventListener("change", sync); sync();
@@ -321,6 +328,11 @@
       el("label", {}, t("form.sn"), sn), el("label", {}, t("form.mac"), mac),
       el("label", {}, t("form.template"), template),
       el("label", {}, t("form.os"), os), el("label", {}, t("form.os_version"), version),
+      el("label", {}, t("form.hostname"), hostname),
+      el("label", {}, t("form.password_hash"), passwordHash),
+      el("label", { class: "wide" }, t("form.ssh_keys"), sshKeys),
+      el("label", { class: "wide" }, t("form.cloud_config"), cloudConfig),
+      el("label", { class: "wide" }, t("form.network"), network),
       el("label", { class: "wide" }, t("form.notes"), notes),
       el("div", { class: "actions" },
         el("button", { class: "btn btn-primary", type: "submit", id: "create-submit", text: t("form.create") }),
@@ -331,8 +343,19 @@
         os_type: os.value, os_version: version.value.trim(), notes: notes.value };
       if (template.value) body.template = template.value;
       if (os.tagName === "SELECT" && os.selectedOptions[0] && !template.value) body.image = os.selectedOptions[0].getAttribute("data-image");
+      const params = {};
+      if (hostname.value.trim()) params.hostname = hostname.value.trim();
+      const keys = sshKeys.value.split("\n").map((k) => k.trim()).filter(Boolean);
+      if (keys.length) params.ssh_keys = keys;
+      if (passwordHash.value.trim()) params.password_hash = passwordHash.value.trim();
+      if (cloudConfig.value.trim()) params.cloud_config = cloudConfig.value.replace(/\r\n/g, "\n");
+      if (network.value.trim()) {
+        try { params.network = JSON.parse(network.value); } catch (e) { toast(`network: ${e.message}`, "error"); return; }
+      }
+      if (Object.keys(params).length) body.params = params;
       try {
         const res = await api("POST", "/api/v1/tasks", body);
+        passwordHash.value = "";
         applyTaskFull(res.task, res.revision);
         toast(t("form.created", { t: `${body.idc}/${body.sn}` }), "ok");
         panel.classList.add("hidden");
@@ -442,6 +465,18 @@
     return el("dl", { class: "kv" }, pairs.filter(Boolean).map(([k, v]) => [el("dt", { text: k }),
       el("dd", {}, v instanceof Node ? v : String(v === null || v === undefined || v === "" ? "—" : v))]));
   }
+  // The install inputs a task drawer shows; the API has already redacted the
+  // secrets (password_hash is "<set>"), and the cloud-config is shown as text.
+  function installInputs(p) {
+    const net = p.network && typeof p.network === "object" ? p.network : null;
+    return [
+      p.hostname ? [t("form.hostname"), p.hostname] : null,
+      Array.isArray(p.ssh_keys) && p.ssh_keys.length ? [t("form.ssh_keys"), el("pre", { class: "mono", text: p.ssh_keys.join("\n") })] : null,
+      p.password_hash ? [t("form.password_hash"), String(p.password_hash)] : null,
+      net ? [t("form.network"), el("pre", { class: "mono", text: JSON.stringify(net, null, 1) })] : null,
+      p.cloud_config ? [t("form.cloud_config"), el("pre", { class: "mono", text: String(p.cloud_config) })] : null,
+    ];
+  }
   async function openTask(idc, sn, refresh) {
     const seq = ++drawerSeq;
     state.drawer = { kind: "task", idc, sn };
@@ -460,6 +495,7 @@
         [t("form.template"), task.template], [t("col.created_by"), `${task.created_by} · ${fmtTime(task.created_at)}`],
         task.approved_by ? ["approved_by", `${task.approved_by} · ${fmtTime(task.approved_at)}`] : null,
         [t("form.notes"), task.notes], task.reason ? ["reason", task.reason] : null,
+        ...installInputs(task.params || {}),
         ["attempt", task.attempt], ["claimed_by", task.claimed_by], ["revision", data.revision],
         [t("col.online"), data.online ? t("servers.online") : t("servers.offline")]]),
       el("div", { class: "section", text: t("detail.history") }),
