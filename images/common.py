@@ -49,7 +49,9 @@ def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
     except FileNotFoundError:
         raise BuildError(f"{cmd[0]} not found: run 'scripts/setup.sh system'") from None
     except subprocess.CalledProcessError as exc:
-        err = exc.stderr.decode(errors="replace")[-2000:] if exc.stderr else ""
+        # debootstrap says why on stdout, most tools on stderr
+        out = exc.stderr or exc.stdout or b""
+        err = out.decode(errors="replace")[-2000:] if isinstance(out, bytes) else str(out)
         raise BuildError(f"{' '.join(cmd[:4])}... failed with exit {exc.returncode}\n"
                          f"{err}") from None
 

@@ -48,10 +48,13 @@ from images.kernel import Kernel, install_modules, stage_kernel
 #: device database pyudev reads (by-path, serials) and loads modules by
 #: modalias; busybox is init, udhcpc, reboot; mtools writes the NoCloud seed
 #: into the installed image's CIDATA partition without mounting it; fdisk
-#: (sfdisk) and dmidecode are there for the agent's disk and DIMM inventory.
+#: (sfdisk) and dmidecode are there for the agent's disk and DIMM inventory;
+#: python3-zstandard decodes .zst images (its dependency on the virtual
+#: python3-cffi-backend-api-* is named through the package that provides it:
+#: debootstrap does not resolve virtual packages).
 LIVE_PACKAGES = ("python3", "python3-psutil", "python3-pyudev", "udev", "busybox",
                  "kmod", "mtools", "fdisk", "dmidecode", "zstd", "ca-certificates",
-                 "python3-zstandard")
+                 "python3-zstandard", "python3-cffi-backend")
 
 #: Kernel modules in the live image (their dependencies come along).  Enough
 #: for QEMU (virtio, e1000) and common servers (AHCI, NVMe, SCSI disks, Intel
