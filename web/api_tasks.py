@@ -1,5 +1,5 @@
 """``/api/v1/tasks``: create, list, read, approve, reject, cancel, retry,
-delete and batch-import install tasks.
+redeploy, delete and batch-import install tasks.
 
 Every change goes through :class:`lpmos.tasks.TaskService` (one CAS each)
 with its audit record (who, what, before, after) in the same transaction.
@@ -390,10 +390,13 @@ def batch_create() -> Any:
 
 def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
                 note_field: str = "notes", four_eyes: bool = False,
-                source: TaskStatus | None = None) -> Any:
-    """``source``: the one state the call applies to, when two calls lead to
-    the same state (approve: pending → approved; retry: failed → approved),
-    so that neither does the other's job under its name in the audit log."""
+                source: TaskStatus | None = None, new_params: bool = False) -> Any:
+    """``source``: the one state the call applies to, when several calls lead
+    to the same state (approve: pending → approved; retry: failed →
+    approved; redeploy: succeeded → approved), so that none does another's
+    job under its name in the audit log.  ``new_params``: the body's
+    ``params`` (an object) are merged into the task's and checked as at
+    creation, in the same CAS as the move."""
     c = ctx()
     idc, sn = _path_ids(idc, sn)
     body = _object_body()
@@ -406,11 +409,17 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
     if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int)):
         raise ApiError(400, "invalid", "revision: an integer (the task revision you saw)")
     user = _principal().user
+    changes = body.get("params") if new_params else None
+    if changes is not None and not isinstance(changes, dict):
+        raise ApiError(400, "invalid", "params: a JSON object (merged into the task's)",
+                       field="params")
 
     def check(task: Task) -> None:
         if four_eyes and c.setting("web.four_eyes", False) and task.created_by == user:
             raise ApiError(403, "four_eyes", f"{user} created this task and may not approve "
                                              "it (four-eyes rule)")
+        if changes:
+            _merge_params(c, task, changes)
 
     try:
         stored = c.tasks.transition(idc, sn, target, by=user, reason=note,
@@ -458,6 +467,36 @@ def retry_task(idc: str, sn: str) -> Any:
     """failed → approved (a new install: an approval, so the approver role)."""
     return _transition(idc, sn, TaskStatus.APPROVED, "task.retry", four_eyes=True,
                        source=TaskStatus.FAILED)
+
+
+@bp.post("/tasks/<idc>/<sn>/redeploy")
+@requires(Role.APPROVER)
+def redeploy_task(idc: str, sn: str) -> Any:
+    """succeeded → approved: the machine installs again as a new attempt
+    (its history kept).  ``{"params"?, "notes"?, "revision"?}``: ``params``
+    are merged into the task's (e.g. ``{"hostname": "web-2"}``) and checked
+    as at creation; a bad one is a 400 and changes nothing.  The machine
+    installs at its next network boot."""
+    return _transition(idc, sn, TaskStatus.APPROVED, "task.redeploy", four_eyes=True,
+                       source=TaskStatus.SUCCEEDED, new_params=True)
+
+
+def _merge_params(c: WebContext, task: Task, changes: dict[str, Any]) -> None:
+    """``changes`` merged into ``task.params`` (a null value removes the
+    key) and checked as a new task's are; ValidationError (400) else."""
+    merged = {k: v for k, v in {**task.params, **changes}.items() if v is not None}
+    known = c.index.server(task.idc, task.sn)
+    try:
+        task.params = parse_install_params(
+            merged, mac=task.mac,
+            known_macs=frozenset(known[0].macs) if known and known[0].macs else None)
+        task.validate()
+    except ValidationError as exc:
+        raise ApiError(400, "invalid", str(exc), field=exc.field) from None
+    if task.params.get("cloud_config"):
+        image = c.catalog.images.get(task.image) if c.catalog is not None else None
+        templates = c.config.get("http.templates")
+        check_seed_user_data(task, image, Renderer(Path(templates) if templates else None))
 
 
 @bp.delete("/tasks/<idc>/<sn>")

@@ -30,10 +30,14 @@ def _q(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, 
 
 
 PAGE = [_q("limit", "page size, 1-500", _I), _q("cursor", "next_cursor of the previous page")]
-NOTES_BODY = {"type": "object", "properties": {
-    "notes": _S, "reason": _S,
-    "revision": {"type": "integer", "description": "apply only if the task is still at this "
-                                                   "revision (else 409)"}}}
+_REVISION = {"type": "integer", "description": "apply only if the task is still at this "
+                                              "revision (else 409)"}
+NOTES_BODY = {"type": "object", "properties": {"notes": _S, "reason": _S, "revision": _REVISION}}
+
+REDEPLOY_BODY = {"type": "object", "properties": {
+    "notes": _S, "reason": _S, "revision": _REVISION,
+    "params": {"type": "object", "description": "merged into the task's params and checked "
+                                                "as at creation; null removes a key"}}}
 
 #: "METHOD /openapi/path" → summary, query parameters, request body schema, response schema
 DOCS: dict[str, dict[str, Any]] = {
@@ -69,6 +73,10 @@ DOCS: dict[str, dict[str, Any]] = {
                                              "body": NOTES_BODY, "response": "TaskResult"},
     "POST /api/v1/tasks/{idc}/{sn}/retry": {"summary": "failed → approved",
                                             "body": NOTES_BODY, "response": "TaskResult"},
+    "POST /api/v1/tasks/{idc}/{sn}/redeploy": {
+        "summary": "succeeded → approved: install again as a new attempt, with params "
+                   "merged into the task's (e.g. a new hostname)",
+        "body": REDEPLOY_BODY, "response": "TaskResult"},
     "GET /api/v1/servers": {"summary": "Discovered machines",
                             "params": [_q("idc", "IDC name"),
                                        _q("q", "text in SN, MAC, UUID, IP, vendor"), *PAGE],

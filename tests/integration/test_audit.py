@@ -103,6 +103,9 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
         ("POST", f"/api/v1/tasks/dc1/{sn}/approve", "approver", {"notes": "go"}),
         ("FAIL", sn, "", None),          # a node claims it, the install fails
         ("POST", f"/api/v1/tasks/dc1/{sn}/retry", "approver", {"notes": "disk replaced"}),
+        ("SUCCEED", sn, "", None),       # the new attempt succeeds
+        ("POST", f"/api/v1/tasks/dc1/{sn}/redeploy", "approver",
+         {"notes": "reinstall", "params": {"hostname": "web-2"}}),
         ("POST", f"/api/v1/tasks/dc1/{sn}/cancel", "operator", {"reason": "wrong disk"}),
         ("DELETE", f"/api/v1/tasks/dc1/{sn}", "operator", None),
         ("POST", "/api/v1/tasks/batch", "operator",
@@ -121,6 +124,10 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
             svc.transition("dc1", path, "booting", by="node:a")
             svc.transition("dc1", path, "failed", by="node:a", reason="disk missing")
             continue
+        if method == "SUCCEED":
+            svc.transition("dc1", path, "booting", by="node:a")
+            svc.transition("dc1", path, "succeeded", by="node:a")
+            continue
         r = c.open(path, method=method, data=json.dumps(body) if body is not None else None,
                    headers=env.headers(role))
         assert r.status_code in (200, 201), (path, r.get_json())
@@ -128,7 +135,7 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
             token_id = r.get_json()["id"]
     r = c.delete(f"/api/v1/tokens/{token_id}", headers=env.headers("admin"))
     assert r.status_code == 200
-    exercised = {f"{m} {p}" for m, p, _, _ in calls if m != "FAIL"} | {
+    exercised = {f"{m} {p}" for m, p, _, _ in calls if m not in ("FAIL", "SUCCEED")} | {
         f"DELETE /api/v1/tokens/{token_id}"}
 
     records = audit_kvs(store, keys, start)
@@ -147,7 +154,7 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
     actions = sorted(r["action"] for r, _ in records)
     assert actions == sorted([
         "task.create", "task.create", "task.reject", "task.approve", "task.retry",
-        "task.cancel", "task.delete", "task.batch_create", "user.put", "token.create",
+        "task.redeploy", "task.cancel", "task.delete", "task.batch_create", "user.put", "token.create",
         "token.revoke", "template.put", "template.delete", "server.clear_conflict"])
     # the API reports a record's revision (the change's); no record went
     # through a put of its own

@@ -118,6 +118,7 @@ MUTATING: list[tuple[str, str, str]] = [
     ("POST", "/api/v1/tasks/dc1/sn-x/reject", "approver"),
     ("POST", "/api/v1/tasks/dc1/sn-x/cancel", "operator"),
     ("POST", "/api/v1/tasks/dc1/sn-x/retry", "approver"),
+    ("POST", "/api/v1/tasks/dc1/sn-x/redeploy", "approver"),
     ("DELETE", "/api/v1/tasks/dc1/sn-x", "operator"),
     ("PUT", "/api/v1/users/someone", "admin"),
     ("POST", "/api/v1/tokens", "admin"),
@@ -249,6 +250,49 @@ def test_retry_is_only_for_failed_and_approve_only_for_pending(env: WebEnv) -> N
     assert r.get_json()["detail"] == f"approve applies to a pending task; dc1/{sn} is failed"
     r = c.post(f"/api/v1/tasks/dc1/{sn}/retry", json={}, headers=env.headers("approver"))
     assert r.status_code == 200 and r.get_json()["task"]["status"] == "approved"
+
+
+#: ``openssl passwd -6 -salt saltsalt secret``
+HASH = ("$6$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc"
+        "1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO1")
+
+
+def test_redeploy_installs_a_succeeded_machine_again_with_new_params(env: WebEnv) -> None:
+    """succeeded → approved as attempt 2, params merged and checked in the
+    same CAS, the history kept; only a succeeded task, and a bad param
+    changes nothing."""
+    c = env.app.test_client()
+    svc = TaskService(env.store, env.keys)
+    sn = new_sn()
+    body = task_body(sn) | {"params": {"hostname": "web-1", "password_hash": HASH}}
+    assert c.post("/api/v1/tasks", json=body, headers=env.headers("operator")).status_code == 201
+    r = c.post(f"/api/v1/tasks/dc1/{sn}/redeploy", json={}, headers=env.headers("approver"))
+    assert r.status_code == 409
+    assert r.get_json()["detail"] == f"redeploy applies to a succeeded task; dc1/{sn} is pending"
+    c.post(f"/api/v1/tasks/dc1/{sn}/approve", json={}, headers=env.headers("approver"))
+    svc.transition("dc1", sn, "booting", by="node")
+    svc.transition("dc1", sn, "succeeded", by="node")
+    before = svc.get("dc1", sn)
+    assert before is not None
+    for bad in ({"params": {"hostname": "not a name!"}}, {"params": ["x"]}):
+        r = c.post(f"/api/v1/tasks/dc1/{sn}/redeploy", json=bad, headers=env.headers("approver"))
+        assert r.status_code == 400, r.get_json()
+        assert svc.get("dc1", sn).revision == before.revision  # type: ignore[union-attr]
+    r = c.post(f"/api/v1/tasks/dc1/{sn}/redeploy", headers=env.headers("viewer"),
+               json={"params": {"hostname": "web-2"}})
+    assert r.status_code == 403
+    r = c.post(f"/api/v1/tasks/dc1/{sn}/redeploy", headers=env.headers("approver"),
+               json={"params": {"hostname": "web-2"}, "notes": "new name"})
+    assert r.status_code == 200, r.get_json()
+    task = r.get_json()["task"]
+    assert (task["status"], task["attempt"]) == ("approved", 2)
+    assert task["params"]["hostname"] == "web-2"
+    assert task["params"]["password_hash"] != HASH        # redacted
+    stored = svc.get("dc1", sn).task  # type: ignore[union-attr]
+    assert stored.params["hostname"] == "web-2" and stored.params["password_hash"] == HASH
+    assert [(h.from_status, h.to_status) for h in stored.history][-2:] == [
+        ("booting", "succeeded"), ("succeeded", "approved")]
+    assert any(a["action"] == "task.redeploy" for a in audit_items(env, target=f"dc1/{sn}"))
 
 
 @pytest.mark.parametrize(("body", "field"), [
