@@ -154,8 +154,8 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
     actions = sorted(r["action"] for r, _ in records)
     assert actions == sorted([
         "task.create", "task.create", "task.reject", "task.approve", "task.retry",
-        "task.redeploy", "task.cancel", "task.delete", "task.batch_create", "user.put", "token.create",
-        "token.revoke", "template.put", "template.delete", "server.clear_conflict"])
+        "task.redeploy", "task.cancel", "task.delete", "task.batch_create", "user.put",
+        "token.create", "token.revoke", "template.put", "template.delete", "server.clear_conflict"])
     # the API reports a record's revision (the change's); no record went
     # through a put of its own
     listed = c.get("/api/v1/audit", query_string={"target": rejected},
