@@ -794,21 +794,24 @@ def decide_seed_disk_size(disk_size: int, capacity: int | None) -> int:
     return -(-disk_size // MIB) * MIB + SEED_BYTES + MIB
 
 
-def prepare_seed_partition(target: Target, disk_size: int, report: Report) -> int:
-    """The byte offset of the image's ``cidata`` partition; when it has
-    none, one is added at the end of the disk first (a file that grows is
-    extended for it)."""
+def prepare_seed_partition(target: Target, disk_size: int, report: Report,
+                           seed: dict[str, str]) -> int:
+    """Write the NoCloud ``seed`` into the image's ``cidata`` partition and
+    return its byte offset; when the image has none, one is added at the
+    end of the disk, with the seed in it (a file that grows is extended for
+    it)."""
     try:
         found = find_seed_partition(target.path)
     except (MalformedTable, OSError) as exc:
         raise InstallError(f"cannot read the partition table of {target.path}: {exc}") from None
     if found is not None:
-        return found[1]
+        return write_seed(target.path, seed, offset=found[1])
     disk_bytes = decide_seed_disk_size(disk_size, target.capacity)
     try:
         if target.capacity is None:
             os.ftruncate(target.fd, disk_bytes)
-        plan = add_seed_partition(target.path, disk_bytes=disk_bytes, part_guid=uuid.uuid4())
+        plan = add_seed_partition(target.path, disk_bytes=disk_bytes, part_guid=uuid.uuid4(),
+                                  fill=lambda fat: _fill_seed(fat, seed))
     except (NoRoom, MalformedTable) as exc:
         raise InstallError(str(exc)) from None
     except (OSError, RuntimeError) as exc:
@@ -817,6 +820,10 @@ def prepare_seed_partition(target: Target, disk_size: int, report: Report) -> in
             "message": f"the image has no cidata partition: added one of {plan.size >> 20} MiB "
                        f"at byte {plan.start} ({plan.scheme})"})
     return plan.start
+
+
+def _fill_seed(fat: Path, seed: dict[str, str]) -> None:
+    write_seed(fat, seed, offset=0)
 
 
 def install_image(source: ImageSource, spec: InstallSpec, target_path: Path, *,
@@ -838,8 +845,7 @@ def install_image(source: ImageSource, spec: InstallSpec, target_path: Path, *,
                                   stall_timeout=stall_timeout, **write_kw)
             report({"kind": "progress", "step": "seed", "percent": 96.0,
                     "message": "writing the cloud-init NoCloud seed"})
-            offset = prepare_seed_partition(tgt, written.disk_size, report)
-            write_seed(tgt.path, spec.seed, offset=offset)
+            offset = prepare_seed_partition(tgt, written.disk_size, report, spec.seed)
             os.fsync(tgt.fd)
         except BaseException:
             wipe_target(tgt)

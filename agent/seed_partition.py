@@ -27,6 +27,7 @@ import os
 import shutil
 import struct
 import subprocess
+import tempfile
 import uuid
 import zlib
 from collections.abc import Callable
@@ -224,10 +225,11 @@ def decide_seed_plan(head: bytes, read_at: Callable[[int, int], bytes], *, disk_
 # --- on the target -----------------------------------------------------------------
 
 
-def mformat_command(target: Path, plan: SeedPlan, serial: str) -> list[str]:
-    """``mformat`` of the seed's FAT at its byte offset (no mount), as the
-    lab image's build formats its own (64 heads, 32 sectors)."""
-    return ["mformat", "-i", f"{target}@@{plan.start}", "-T", str(plan.size // 512),
+def mformat_command(image: Path, plan: SeedPlan, serial: str) -> list[str]:
+    """``mformat`` of the seed's FAT into ``image``, a file holding just the
+    partition (no mount), as the lab image's build formats its own (64
+    heads, 32 sectors; the partition's start as hidden sectors)."""
+    return ["mformat", "-i", str(image), "-T", str(plan.size // 512),
             "-h", "64", "-s", "32", "-H", str(plan.start // 512), "-v", FAT_LABEL,
             "-N", serial, "::"]
 
@@ -243,11 +245,18 @@ def write_plan(fd: int, plan: SeedPlan) -> None:
 
 
 def add_seed_partition(target: Path, *, disk_bytes: int,
-                       part_guid: uuid.UUID | None = None) -> SeedPlan:
+                       part_guid: uuid.UUID | None = None,
+                       fill: Callable[[Path], None] | None = None) -> SeedPlan:
     """Add the seed partition to the disk (or disk file) ``target`` of
-    ``disk_bytes`` and format it (FAT, label CIDATA).  Raises
-    :class:`NoRoom`, :class:`MalformedTable`, ``OSError`` or
-    ``RuntimeError`` (mformat failed)."""
+    ``disk_bytes``, formatted FAT (label CIDATA) and filled by ``fill``.
+    Raises :class:`NoRoom`, :class:`MalformedTable`, ``OSError`` or
+    ``RuntimeError`` (mformat failed).
+
+    The file system is made in a temporary file of the partition's size
+    (``mformat``, then ``fill(path)`` copies the seed files in) and written
+    to the partition in one piece: mtools refuses an ``@@offset`` past what
+    it takes for the size of a block device (``st_size`` is 0: "Offset
+    bigger than base image"), and the seed partition sits at the disk's end."""
     part_guid = part_guid or uuid.uuid4()
     fd = os.open(target, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -256,16 +265,29 @@ def add_seed_partition(target: Path, *, disk_bytes: int,
 
         plan = decide_seed_plan(read_at(0, 8192), read_at, disk_bytes=disk_bytes,
                                 part_guid=part_guid)
-        # zero the FAT area first: mformat writes only its own structures
-        os.pwrite(fd, bytes(ALIGN_BYTES), plan.start)
-        write_plan(fd, plan)
+        with tempfile.TemporaryDirectory(prefix="lpmos-cidata-") as tmp:
+            fat = Path(tmp) / "cidata.img"
+            with fat.open("wb") as fh:
+                fh.truncate(plan.size)
+            format_fat(fat, plan, part_guid.hex[:8])
+            if fill is not None:
+                fill(fat)
+            write_plan(fd, plan)
+            _write_file_at(fd, fat, plan.start)
+        os.fsync(fd)
     finally:
         os.close(fd)
+    return plan
+
+
+def format_fat(image: Path, plan: SeedPlan, serial: str) -> None:
+    """``mformat`` the seed's FAT into ``image`` (a file of the partition's
+    size), with the partition's start as its hidden sectors."""
     mformat = shutil.which("mformat")
     if mformat is None:
         raise RuntimeError("mformat not found: install the mtools package in the live image")
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-    cmd = [mformat, *mformat_command(target, plan, part_guid.hex[:8])[1:]]
+    cmd = [mformat, *mformat_command(image, plan, serial)[1:]]
     try:
         done = subprocess.run(cmd, capture_output=True, timeout=MFORMAT_TIMEOUT, env=env,
                               check=False)
@@ -274,4 +296,12 @@ def add_seed_partition(target: Path, *, disk_bytes: int,
     if done.returncode != 0:
         err = done.stderr.decode(errors="replace").strip()[:300]
         raise RuntimeError(f"mformat of the seed partition failed: {err}")
-    return plan
+
+
+def _write_file_at(fd: int, path: Path, offset: int) -> None:
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
