@@ -10,6 +10,7 @@ process (``python -m bench.<name> [--quick]``), with a time limit each:
 | ``http_bench``       | boot scripts and kickstart, 10,000 tasks | gunicorn static  |
 | ``storm``            | 1,000 machines boot and install          | the targets      |
 | ``ws_fanout_bench``  | console WebSocket fan-out, 200 clients   | the target       |
+| ``image_write_bench``| the agent's image write, raw/qcow2/zst   | dd, qemu-img, zstd |
 
 Each bench prints its own table (passed through as it runs) and writes its
 own JSON; this collects every table, exit status, duration and JSON into
@@ -37,10 +38,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-ORDER = ("dhcp_bench", "tftp_bench", "http_bench", "storm", "ws_fanout_bench")
+ORDER = ("dhcp_bench", "tftp_bench", "http_bench", "storm", "ws_fanout_bench",
+         "image_write_bench")
 #: seconds each bench may take (full, quick)
 LIMITS = {"dhcp_bench": (1800, 300), "tftp_bench": (2400, 300), "http_bench": (1800, 300),
-          "storm": (900, 300), "ws_fanout_bench": (900, 300)}
+          "storm": (900, 300), "ws_fanout_bench": (900, 300),
+          "image_write_bench": (1800, 300)}
 MAX_OUTPUT = 1 << 20
 
 
