@@ -5,7 +5,7 @@ image is written to a file on the same file system by
 
 * ours: :func:`agent.install.write_image` (the decoder, sha256 over the
   published bytes, coalesced writes, zero ranges punched), reading the
-  published file through a local :class:`ImageSource`, then ``fsync``;
+  published file through :class:`agent.install.FileImageSource`, then ``fsync``;
 * the reference: ``dd bs=4M conv=sparse,fsync`` (raw), ``qemu-img convert
   -O raw`` then ``fsync`` (qcow2), ``zstd -dc | dd bs=4M conv=sparse,fsync``
   (raw.zst) — the tools an operator would use by hand;
@@ -33,13 +33,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from agent.install import open_target, write_image  # noqa: E402
+from agent.install import FileImageSource, open_target, write_image  # noqa: E402
 
 MIB = 1 << 20
 BUILT = REPO / "images" / "build" / "debian-12"
@@ -47,18 +47,6 @@ NAME = "debian-12-generic-amd64"
 FORMATS = ("raw", "qcow2", "raw.zst")
 #: a run may take at most this long (a stuck tool fails the bench, not the machine)
 RUN_TIMEOUT = 900.0
-
-
-class FileSource:
-    """The published image from a local file (``Range`` by seeking)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def open(self, offset: int, etag: str | None) -> tuple[BinaryIO, int, str | None]:
-        fh = self.path.open("rb")
-        fh.seek(offset)
-        return fh, offset, None
 
 
 def make_images(tmp: Path, size_mib: int) -> dict[str, Path]:
@@ -103,7 +91,7 @@ def run_ours(fmt: str, src: Path, digest: str, target: Path) -> float:
     target.unlink(missing_ok=True)
     started = time.monotonic()
     with open_target(target, size=0, allow_removable=False) as tgt:
-        write_image(FileSource(src), tgt, size=src.stat().st_size, sha256=digest,
+        write_image(FileImageSource(src), tgt, size=src.stat().st_size, sha256=digest,
                     report=lambda event: None, fmt=fmt)
         os.fsync(tgt.fd)
     return time.monotonic() - started
