@@ -192,8 +192,9 @@ def test_qcow2_refusals_from_qemu_img(tmp_path: Path) -> None:
         (["-o", "extended_l2=on"], "extended L2"),
         (["-o", "compression_type=zstd"], r"compression type 1 .*only zlib"),
         (["-o", f"data_file={tmp_path / 'data.raw'}"], "external data file"),
-        (["-o", "encrypt.format=luks,encrypt.key-secret=s", "--object", "secret,id=s,data=x"],
-         "encrypted"),
+        # an encrypted image is the crypt_method case of the patched-header
+        # table below: qemu-img's LUKS creation benchmarks PBKDF2 on the CPU
+        # and fails under load ("Unable to get accurate CPU usage")
     ]
     for opts, match in cases:
         data = qemu_create(tmp_path, *opts)
