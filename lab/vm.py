@@ -15,13 +15,15 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lab.process import LabError
 from lab.process import stop as stop_process
+
+T = TypeVar("T")
 
 #: Boot stages read from a VM's serial console, in the order they happen.
 #: Each is searched for only after the previous one matched, so the second
@@ -122,6 +124,22 @@ class VM:
             time.sleep(0.2)
         raise LabError(f"{self.name}: stage {stage!r} did not arrive within {timeout:.0f} s"
                        f"\n{self.describe()}")
+
+    def wait_until(self, what: str, timeout: float, probe: Callable[[], T | None],
+                   interval: float = 1.0) -> T:
+        """Poll ``probe()`` until it returns something truthy and return it;
+        :class:`LabError` with the console when ``timeout`` runs out or
+        QEMU exits first (``what`` names the wait in the message)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = probe()
+            if value:
+                return value
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(f"{self.name}: QEMU exited before {what}\n{self.describe()}")
+            time.sleep(interval)
+        raise LabError(f"{self.name}: {what} did not happen within {timeout:.0f} s\n"
+                       f"{self.describe()}")
 
     def timeline(self) -> str:
         with self._lock:

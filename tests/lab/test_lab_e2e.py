@@ -41,18 +41,6 @@ def _api(cp: str, method: str, path: str, token: str, body: Any = None) -> tuple
     return http_json(method, cp + path, body, token=token, timeout=15)
 
 
-def _wait(vm: VM, what: str, timeout: float, probe: Any) -> Any:
-    """Poll ``probe()`` until it returns something truthy; LabError with the
-    console when the budget runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        if vm.proc is not None and vm.proc.poll() is not None:
-            raise LabError(f"{vm.name}: QEMU exited before {what}\n{vm.describe()}")
-        time.sleep(1.0)
-    raise LabError(f"{vm.name}: {what} did not happen within {timeout:.0f} s\n{vm.describe()}")
 
 
 def _install_flow(vm: VM, cp: str, operator: str, approver: str) -> dict[str, Any]:
@@ -62,7 +50,7 @@ def _install_flow(vm: VM, cp: str, operator: str, approver: str) -> dict[str, An
         status, body = _api(cp, "GET", f"/api/v1/servers/dc1/{vm.serial}", operator)
         return body if status == 200 and body["server"].get("inventory") else None
 
-    found = _wait(vm, "discovery (server with inventory in the API)", BUDGET["discovered"],
+    found = vm.wait_until("discovery (server with inventory in the API)", BUDGET["discovered"],
                   server)
     inventory = found["server"]["inventory"]
     vm.mark("discovered", f"inventory: {len(inventory.get('disks', []))} disks, "
@@ -97,7 +85,7 @@ def _install_flow(vm: VM, cp: str, operator: str, approver: str) -> dict[str, An
             return task
         return None
 
-    task = _wait(vm, "task installing", BUDGET["installing"],
+    task = vm.wait_until("task installing", BUDGET["installing"],
                  lambda: task_status(("installing",)))
     vm.mark("installing", f"{task['progress'].get('step')} {task['progress'].get('percent')}%")
 
@@ -108,11 +96,11 @@ def _install_flow(vm: VM, cp: str, operator: str, approver: str) -> dict[str, An
             return task
         return None
 
-    task = _wait(vm, "image written (step rebooting)", BUDGET["rebooting"], rebooting)
+    task = vm.wait_until("image written (step rebooting)", BUDGET["rebooting"], rebooting)
     vm.mark("rebooting", f"{task['progress'].get('percent')}%")
     vm.wait_for("disk-boot", BUDGET["disk-boot"])
     vm.wait_for("callback", BUDGET["succeeded"])
-    task = _wait(vm, "task succeeded", BUDGET["succeeded"],
+    task = vm.wait_until("task succeeded", BUDGET["succeeded"],
                  lambda: task_status(("succeeded",)))
     vm.mark("succeeded", f"attempt {task['attempt']}")
     return {"task": task, "percents": sorted(p for p in seen["percents"] if p is not None)}

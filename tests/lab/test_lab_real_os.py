@@ -53,16 +53,6 @@ def _api(cp: str, method: str, path: str, token: str, body: Any = None) -> tuple
     return http_json(method, cp + path, body, token=token, timeout=15)
 
 
-def _wait(vm: VM, what: str, timeout: float, probe: Any) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        if vm.proc is not None and vm.proc.poll() is not None:
-            raise LabError(f"{vm.name}: QEMU exited before {what}\n{vm.describe()}")
-        time.sleep(2.0)
-    raise LabError(f"{vm.name}: {what} did not happen within {timeout:.0f} s\n{vm.describe()}")
 
 
 class Machine:
@@ -99,7 +89,7 @@ class Machine:
                 raise LabError(f"{self.vm.name}: task failed: {task.get('reason')}\n"
                                f"{self.vm.describe()}")
             return task if task["status"] in wanted else None
-        return _wait(self.vm, what, BUDGET[budget], probe)  # type: ignore[no-any-return]
+        return self.vm.wait_until(what, BUDGET[budget], probe)  # type: ignore[no-any-return]
 
     def install(self, hostname: str) -> dict[str, Any]:
         vm = self.vm
@@ -110,7 +100,7 @@ class Machine:
                                 self.tokens["operator"])
             return body if status == 200 and body["server"].get("inventory") else None
 
-        inventory = _wait(vm, "discovery", BUDGET["discovered"], server)["server"]["inventory"]
+        inventory = vm.wait_until("discovery", BUDGET["discovered"], server)["server"]["inventory"]
         assert any(d["name"] == "vda" and d["size_bytes"] == DISK_GB * GIB
                    for d in inventory["disks"])
         status, body = _api(self.cp, "POST", "/api/v1/tasks", self.tokens["operator"], {
@@ -123,7 +113,7 @@ class Machine:
         self.times["approved"] = time.monotonic()
         vm.mark("approved", self.image)
         task = self.wait_status("image written", "written", ("installing", "succeeded"))
-        _wait(vm, "image written (step rebooting)", BUDGET["written"],
+        vm.wait_until("image written (step rebooting)", BUDGET["written"],
               lambda: (t := self.task()) and (t["status"] == "succeeded"
                                               or (t.get("progress") or {}).get("step")
                                               == "rebooting"))
@@ -157,7 +147,7 @@ class Machine:
         def first_login() -> Any:
             done = self.ssh("true", timeout=30)
             return done.returncode == 0
-        _wait(self.vm, f"SSH login to {self.ipv4}", BUDGET["ssh"], first_login)
+        self.vm.wait_until(f"SSH login to {self.ipv4}", BUDGET["ssh"], first_login)
         self.times.setdefault("ssh", time.monotonic())
         facts = {}
         for name, cmd in probes.items():

@@ -4,6 +4,8 @@ console line shows, and the console text without terminal noise."""
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +42,18 @@ def test_match_stages_table(line: str, start: str, stages: list[str],
 ])
 def test_strip_console_table(raw: str, clean: str) -> None:
     assert strip_console(raw) == clean
+
+
+def test_wait_until_returns_the_first_truthy_value_or_names_the_wait(tmp_path: Path) -> None:
+    from lab.process import LabError
+    from lab.vm import VM
+
+    vm = VM("v1", "bios", "52:54:00:00:00:01", "SN-1", "u", tmp_path)
+    answers = iter([None, 0, {"ok": 1}])
+    assert vm.wait_until("the answer", 5, lambda: next(answers), interval=0.01) == {"ok": 1}
+    with pytest.raises(LabError, match="v1: the thing did not happen within 0 s"):
+        vm.wait_until("the thing", 0.05, lambda: None, interval=0.01)
+    vm.proc = subprocess.Popen(["true"])
+    vm.proc.wait()
+    with pytest.raises(LabError, match="QEMU exited before the login"):
+        vm.wait_until("the login", 5, lambda: None, interval=0.01)
