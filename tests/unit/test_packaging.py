@@ -13,12 +13,13 @@ SERVER_ONLY = {"flask", "flask_sock", "grpc", "pyetcd", "google", "scapy", "jinj
                "httptools", "gunicorn", "werkzeug"}
 
 
-def test_agent_extra_is_psutil_and_pyudev_only() -> None:
+def test_agent_extra_is_psutil_pyudev_and_zstandard_only() -> None:
+    # psutil and pyudev: the inventory; zstandard: the .raw.zst image decoder
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["dependencies"] == []
     names = sorted(d.split(">")[0].split("=")[0].strip() for d in
                    project["optional-dependencies"]["agent"])
-    assert names == ["psutil", "pyudev"]
+    assert names == ["psutil", "pyudev", "zstandard"]
 
 
 def test_agent_modules_import_no_server_dependency() -> None:
