@@ -8,7 +8,9 @@ image is written to a file on the same file system by
   published file through :class:`agent.install.FileImageSource`, then ``fsync``;
 * the reference: ``dd bs=4M conv=sparse,fsync`` (raw), ``qemu-img convert
   -O raw`` then ``fsync`` (qcow2), ``zstd -dc | dd bs=4M conv=sparse,fsync``
-  (raw.zst) — the tools an operator would use by hand;
+  (raw.zst) — the tools an operator would use by hand — alone, and with a
+  ``sha256sum`` of the published file beside it (``+sha256``: ours always
+  checks the digest, the tools do not);
 
 alternating ours and the reference, each the median of ``--repeat`` runs,
 from a warm page cache for the source (both read the same file).  The
@@ -105,9 +107,23 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def run_reference(fmt: str, src: Path, target: Path) -> float:
+def run_reference(fmt: str, src: Path, target: Path, *, verify: bool = False) -> float:
+    """The reference tool's time; with ``verify``, the time until both the
+    tool and a ``sha256sum`` of the published file (run beside it, as an
+    operator checking the download would) are done: ours always hashes."""
     target.unlink(missing_ok=True)
     started = time.monotonic()
+    checksum = subprocess.Popen(["sha256sum", str(src)], stdout=subprocess.DEVNULL) \
+        if verify else None
+    try:
+        _reference_write(fmt, src, target)
+    finally:
+        if checksum is not None:
+            checksum.wait(timeout=RUN_TIMEOUT)
+    return time.monotonic() - started
+
+
+def _reference_write(fmt: str, src: Path, target: Path) -> None:
     dd = ["dd", f"of={target}", "bs=4M", "conv=sparse,fsync", "status=none"]
     if fmt == "raw":
         subprocess.run([*dd, f"if={src}"], check=True, timeout=RUN_TIMEOUT)
@@ -123,7 +139,6 @@ def run_reference(fmt: str, src: Path, target: Path) -> float:
             if zstd.stdout is not None:
                 zstd.stdout.close()
             zstd.wait(timeout=RUN_TIMEOUT)
-    return time.monotonic() - started
 
 
 def same_disk(a: Path, b: Path, size: int) -> bool:
@@ -143,22 +158,31 @@ def bench(images: dict[str, Path], repeat: int, workdir: Path) -> list[dict[str,
     for fmt in FORMATS:
         src = images[fmt]
         digest = sha256_of(src)          # also warms the page cache for both
-        ours_t, ref_t = [], []
+        ours_t: list[float] = []
+        ref_t: list[float] = []
+        verified_t: list[float] = []
         for i in range(repeat):
-            order = (("ours", "ref") if i % 2 == 0 else ("ref", "ours"))
+            order = (("ours", "ref", "verified") if i % 2 == 0
+                     else ("verified", "ref", "ours"))
             for who in order:
                 if who == "ours":
                     ours_t.append(run_ours(fmt, src, digest, workdir / "ours.disk"))
-                else:
+                elif who == "ref":
                     ref_t.append(run_reference(fmt, src, workdir / "ref.disk"))
+                else:
+                    verified_t.append(run_reference(fmt, src, workdir / "ref.disk",
+                                                    verify=True))
         if not same_disk(workdir / "ours.disk", workdir / "ref.disk", disk):
             raise SystemExit(f"image_write_bench: {fmt}: ours and the reference wrote "
                              "different disks")
         ours_s, ref_s = statistics.median(ours_t), statistics.median(ref_t)
+        verified_s = statistics.median(verified_t)
         rows.append({"format": fmt, "published_bytes": src.stat().st_size, "disk_bytes": disk,
                      "ours_seconds": ours_s, "reference_seconds": ref_s,
+                     "verified_reference_seconds": verified_s,
                      "ours_mib_s": disk / MIB / ours_s, "reference_mib_s": disk / MIB / ref_s,
-                     "ratio": ref_s / ours_s, "runs": {"ours": ours_t, "reference": ref_t}})
+                     "ratio": ref_s / ours_s, "verified_ratio": verified_s / ours_s,
+                     "runs": {"ours": ours_t, "reference": ref_t, "verified": verified_t}})
     return rows
 
 
@@ -167,13 +191,16 @@ REFERENCE = {"raw": "dd", "qcow2": "qemu-img convert", "raw.zst": "zstd -dc | dd
 
 def print_table(rows: list[dict[str, Any]], source: str) -> None:
     print(f"image write throughput ({source}), disk MiB/s; ratio = ours / reference "
-          "throughput (> 1: ours faster)")
+          "throughput (> 1: ours faster); ours always checks the sha256, the reference "
+          "does not, '+sha256' runs sha256sum of the published file beside it")
     print(f"{'format':<9} {'published MiB':>13} {'ours s':>8} {'ours MiB/s':>10} "
-          f"{'reference':<17} {'ref s':>8} {'ref MiB/s':>9} {'ratio':>6}")
+          f"{'reference':<17} {'ref s':>8} {'ref MiB/s':>9} {'ratio':>6} "
+          f"{'+sha256 s':>9} {'ratio':>6}")
     for r in rows:
         print(f"{r['format']:<9} {r['published_bytes'] / MIB:>13.0f} {r['ours_seconds']:>8.2f} "
               f"{r['ours_mib_s']:>10.0f} {REFERENCE[r['format']]:<17} "
-              f"{r['reference_seconds']:>8.2f} {r['reference_mib_s']:>9.0f} {r['ratio']:>6.2f}")
+              f"{r['reference_seconds']:>8.2f} {r['reference_mib_s']:>9.0f} {r['ratio']:>6.2f} "
+              f"{r['verified_reference_seconds']:>9.2f} {r['verified_ratio']:>6.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="size of the generated image when the Debian one is not built")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    for tool in ("qemu-img", "zstd", "dd", "sfdisk"):
+    for tool in ("qemu-img", "zstd", "dd", "sfdisk", "sha256sum"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} missing: run 'scripts/setup.sh system'")
     repeat = 1 if args.quick else max(1, min(args.repeat, 9))

@@ -31,3 +31,5 @@ def test_image_write_bench_quick_prints_table_and_json(tmp_path: Path) -> None:
     for row in report["rows"]:
         assert row["ours_seconds"] > 0 and row["reference_seconds"] > 0
         assert row["ratio"] == pytest.approx(row["reference_seconds"] / row["ours_seconds"])
+        assert row["verified_ratio"] == pytest.approx(
+            row["verified_reference_seconds"] / row["ours_seconds"])
