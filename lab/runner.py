@@ -276,6 +276,25 @@ class Lab:
             time.sleep(0.3)
         self.log(f"regional node up at {self.node_url} (from the host via {self.ns_ip})")
 
+    def api_tokens(self, prefix: str = "/os") -> dict[str, str]:
+        """An API token each for a lab operator and a lab approver (users
+        ``lab-operator`` and ``lab-approver``, created in the lab's etcd):
+        ``{"operator": token, "approver": token}``."""
+        from lpmos.auth import Auth
+        from lpmos.store.etcd import EtcdStore
+        from lpmos.store.keys import Keys
+
+        store = EtcdStore(self.etcd_endpoints, timeout=5.0)
+        try:
+            auth = Auth(store, Keys(prefix))
+            tokens = {}
+            for role in ("operator", "approver"):
+                auth.put_user(f"lab-{role}", role, f"{role}-password-1")
+                tokens[role] = auth.create_token(f"lab-{role}")[0]
+            return tokens
+        finally:
+            store.close()
+
     def node_health(self) -> str | None:
         """The node's /healthz status, fetched from inside the namespace."""
         done = run(["ip", "netns", "exec", self.ns, "curl", "-fsS", "-m", "2",

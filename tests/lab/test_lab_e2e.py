@@ -23,10 +23,7 @@ from typing import Any
 import pytest
 
 from lab.runner import VM, Lab, LabError, control_plane, http_json
-from lpmos.auth import Auth
 from lpmos.store.embedded import free_port
-from lpmos.store.etcd import EtcdStore
-from lpmos.store.keys import Keys
 from tests.lab.conftest import require_lab_host
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(1500)]
@@ -113,13 +110,8 @@ def test_bios_and_uefi_vms_install_lab_os_end_to_end(lab_images: dict[str, Path]
     vms: list[VM] = []
     try:
         with Lab(tmp_path / "lab") as lab:
-            store = EtcdStore(lab.etcd_endpoints, timeout=5.0)
-            auth = Auth(store, Keys("/os"))
-            auth.put_user("lab-operator", "operator", "operator-password-1")
-            auth.put_user("lab-approver", "approver", "approver-password-1")
-            operator, _ = auth.create_token("lab-operator")
-            approver, _ = auth.create_token("lab-approver")
-            store.close()
+            tokens = lab.api_tokens()
+            operator, approver = tokens["operator"], tokens["approver"]
             with control_plane(lab, port=free_port()) as cp:
                 vms = [lab.boot_vm("bios-1", firmware="bios"),
                        lab.boot_vm("uefi-1", firmware="uefi")]

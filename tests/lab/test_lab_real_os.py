@@ -31,10 +31,7 @@ from typing import Any
 import pytest
 
 from lab.runner import VM, Lab, LabError, control_plane, http_json
-from lpmos.auth import Auth
 from lpmos.store.embedded import free_port
-from lpmos.store.etcd import EtcdStore
-from lpmos.store.keys import Keys
 from tests.lab.conftest import require_lab_host
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(2700)]
@@ -183,13 +180,7 @@ def test_bios_and_uefi_vms_install_debian_and_are_logged_into(
     machines: list[Machine] = []
     try:
         with Lab(tmp_path / "lab") as lab:
-            store = EtcdStore(lab.etcd_endpoints, timeout=5.0)
-            auth = Auth(store, Keys("/os"))
-            auth.put_user("lab-operator", "operator", "operator-password-1")
-            auth.put_user("lab-approver", "approver", "approver-password-1")
-            tokens = {"operator": auth.create_token("lab-operator")[0],
-                      "approver": auth.create_token("lab-approver")[0]}
-            store.close()
+            tokens = lab.api_tokens()
             with control_plane(lab, port=free_port()) as cp:
                 for name, firmware, image, ipv4, ipv6 in MACHINES:
                     vm = lab.boot_vm(name, firmware=firmware, disk_gb=DISK_GB)
