@@ -24,7 +24,9 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.netns, pytest.mark.
 
 
 def test_demo_prints_console_and_users_and_cleans_up_on_ctrl_c(
-        lab_images: dict[str, Path], tmp_path: Path) -> None:
+        lab_images: dict[str, Path], cloud_image: Path, tmp_path: Path) -> None:
+    # the images are built before (the fixtures): the demo's own build of
+    # them on a fresh machine takes minutes and is not what this test times
     require_lab_host()
     port = free_port()
     out = tmp_path / "demo.out"
