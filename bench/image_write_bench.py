@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from agent.install import FileImageSource, open_target, write_image  # noqa: E402
+from lpmos.testing import write_cloud_like_disk  # noqa: E402
 
 MIB = 1 << 20
 BUILT = REPO / "images" / "build" / "debian-12"
@@ -54,16 +55,10 @@ RUN_TIMEOUT = 900.0
 def make_images(tmp: Path, size_mib: int) -> dict[str, Path]:
     """A generated cloud-like disk of ``size_mib`` and its qcow2/raw.zst forms."""
     raw = tmp / "gen.raw"
-    with raw.open("wb") as fh:
-        fh.truncate(size_mib * MIB)
-    subprocess.run(["sfdisk", "-q", str(raw)], check=True, timeout=30, input=(
-        b"label: gpt\nsize=2048, type=21686148-6449-6E6F-744E-656564454649\n"
-        b"size=8192, type=U\ntype=L\n"))
-    with raw.open("r+b") as fh:
-        # a third random, the rest holes, in 4 MiB runs
-        for at in range(8 * MIB, size_mib * MIB - 4 * MIB, 12 * MIB):
-            fh.seek(at)
-            fh.write(os.urandom(4 * MIB))
+    # a third random, the rest holes, in 4 MiB runs
+    write_cloud_like_disk(raw, size=size_mib * MIB, esp_sectors=8192,
+                          data=[(at, 4 * MIB) for at in
+                                range(8 * MIB, size_mib * MIB - 4 * MIB, 12 * MIB)])
     return convert(raw, tmp)
 
 

@@ -1,7 +1,8 @@
 """Test support for the core: a temporary image catalog, ``catalog.toml``
-plus small random image files, in the format :mod:`lpmos.catalog` reads.
+plus small random image files, in the format :mod:`lpmos.catalog` reads,
+and a disk shaped like a distribution's cloud image.
 
-Tests and benchmarks both write catalogs with it; it lives in the core so
+Tests and benchmarks both write catalogs and disks with it; it lives in the core so
 that neither has to import the other.  The store fakes are in
 :mod:`lpmos.store.testing`, the control plane for tests in :mod:`web.testing`.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -79,3 +81,24 @@ def write_catalog(root: Path, *, disk_name: str = "lab-os", disk_bytes: int = 1 
     path = root / "catalog.toml"
     path.write_text("\n" + "\n".join([live, image, *(i.toml() for i in installers)]))
     return Catalog(path, files)
+
+
+#: GPT type of the BIOS boot partition (GRUB's core image goes there)
+BIOS_BOOT_TYPE = "21686148-6449-6E6F-744E-656564454649"
+
+
+def write_cloud_like_disk(path: Path, *, size: int, esp_sectors: int,
+                          data: Iterable[tuple[int, int]]) -> None:
+    """``path`` as a disk of ``size`` bytes shaped like a distribution's
+    cloud image: GPT with a 1 MiB BIOS boot partition, an ESP of
+    ``esp_sectors`` and the root last, no cidata; random bytes at each
+    ``(offset, length)`` of ``data``, holes elsewhere (``sfdisk`` needed)."""
+    with path.open("wb") as fh:
+        fh.truncate(size)
+    subprocess.run(["sfdisk", "-q", str(path)], check=True, timeout=30, input=(
+        f"label: gpt\nsize=2048, type={BIOS_BOOT_TYPE}\n"
+        f"size={esp_sectors}, type=U\ntype=L\n").encode())
+    with path.open("r+b") as fh:
+        for offset, length in data:
+            fh.seek(offset)
+            fh.write(os.urandom(length))

@@ -33,6 +33,7 @@ from agent.install import (
     write_seed,
 )
 from agent.seed_partition import SEED_BYTES
+from lpmos.testing import write_cloud_like_disk
 
 DISKS = [
     {"name": "nvme0n1", "size_bytes": 960 * GIB, "model": "SAMSUNG MZQL2", "serial": "S1",
@@ -357,15 +358,9 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     sparse data, no cidata) and its published forms."""
     tmp = tmp_path_factory.mktemp("cloud")
     raw = tmp / "cloud.raw"
-    with raw.open("wb") as fh:
-        fh.truncate(CLOUD_MIB * MIB)
-    subprocess.run(["sfdisk", "-q", str(raw)], check=True, timeout=30, input=(
-        b"label: gpt\nsize=2048, type=21686148-6449-6E6F-744E-656564454649\n"
-        b"size=4096, type=U\ntype=L\n"))
-    with raw.open("r+b") as fh:
-        for at in (3 * MIB, 7 * MIB + 4321, 15 * MIB, 20 * MIB):
-            fh.seek(at)
-            fh.write(os.urandom(700_000))
+    write_cloud_like_disk(raw, size=CLOUD_MIB * MIB, esp_sectors=4096,
+                          data=[(at, 700_000) for at in (3 * MIB, 7 * MIB + 4321, 15 * MIB,
+                                                         20 * MIB)])
     out = {"raw": raw.read_bytes()}
     for fmt, cmd in {"qcow2": ["qemu-img", "convert", "-O", "qcow2", str(raw)],
                      "qcow2-c": ["qemu-img", "convert", "-c", "-O", "qcow2", str(raw)]}.items():
