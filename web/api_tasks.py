@@ -161,15 +161,27 @@ def build_task(c: WebContext, data: Any) -> Task:
     if c.catalog is not None:
         image = c.catalog.resolve(task.os_type, task.os_version, task.image)
         task.image = image.name
-    known = c.index.server(task.idc, task.sn)
-    task.params = parse_install_params(
-        task.params, mac=task.mac,
-        known_macs=frozenset(known[0].macs) if known and known[0].macs else None)
+    task.params = checked_params(c, task, task.params)
     task.validate()
+    check_task_cloud_config(c, task, image)
+    return task
+
+
+def checked_params(c: WebContext, task: Task, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` checked and normalised as install inputs of ``task``'s
+    machine (bond members against its registered MACs, once it has any)."""
+    known = c.index.server(task.idc, task.sn)
+    return parse_install_params(
+        params, mac=task.mac,
+        known_macs=frozenset(known[0].macs) if known and known[0].macs else None)
+
+
+def check_task_cloud_config(c: WebContext, task: Task, image: Image | None) -> None:
+    """cloud-init's schema check of the merged user-data, when the task
+    brings its own cloud-config (:func:`check_seed_user_data`)."""
     if task.params.get("cloud_config"):
         templates = c.config.get("http.templates")
         check_seed_user_data(task, image, Renderer(Path(templates) if templates else None))
-    return task
 
 
 def seed_user_data(task: Task, image: Image | None, renderer: Renderer) -> str:
@@ -485,18 +497,13 @@ def _merge_params(c: WebContext, task: Task, changes: dict[str, Any]) -> None:
     """``changes`` merged into ``task.params`` (a null value removes the
     key) and checked as a new task's are; ValidationError (400) else."""
     merged = {k: v for k, v in {**task.params, **changes}.items() if v is not None}
-    known = c.index.server(task.idc, task.sn)
     try:
-        task.params = parse_install_params(
-            merged, mac=task.mac,
-            known_macs=frozenset(known[0].macs) if known and known[0].macs else None)
+        task.params = checked_params(c, task, merged)
         task.validate()
     except ValidationError as exc:
         raise ApiError(400, "invalid", str(exc), field=exc.field) from None
-    if task.params.get("cloud_config"):
-        image = c.catalog.images.get(task.image) if c.catalog is not None else None
-        templates = c.config.get("http.templates")
-        check_seed_user_data(task, image, Renderer(Path(templates) if templates else None))
+    check_task_cloud_config(c, task, c.catalog.images.get(task.image)
+                            if c.catalog is not None else None)
 
 
 @bp.delete("/tasks/<idc>/<sn>")
