@@ -237,11 +237,15 @@ def mformat_command(image: Path, plan: SeedPlan, serial: str) -> list[str]:
 def write_plan(fd: int, plan: SeedPlan) -> None:
     """Write the plan's sectors (the primary header last) and flush."""
     for offset, data in plan.writes:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        _pwrite_all(fd, data, offset)
     os.fsync(fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def add_seed_partition(target: Path, *, disk_bytes: int,
@@ -301,7 +305,5 @@ def format_fat(image: Path, plan: SeedPlan, serial: str) -> None:
 def _write_file_at(fd: int, path: Path, offset: int) -> None:
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
-            view = memoryview(chunk)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
+            _pwrite_all(fd, chunk, offset)
+            offset += len(chunk)
