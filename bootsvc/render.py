@@ -22,6 +22,14 @@ Contract (STYLE principle 7, RELIABILITY "bad input"):
               ``ipxe``-encoded, joined with single spaces;
   ``shell``   a POSIX-shell single-quoted word (``shlex.quote``), refusing
               control characters;
+  ``grub``    one GRUB script word, single-quoted (``$``, ``;``, blanks and
+              braces are inert inside); a quote in the value is closed,
+              escaped and reopened; control characters are refused;
+  ``grub_args`` a kernel argument string: each blank-separated word ``grub``-quoted;
+  ``grub_text`` free text for GRUB's ``echo``: the ``ipxe_text`` set, quoted;
+  ``grub_url`` an ``http://`` URL as the GRUB path ``'(http,host)/path'``;
+              refused (RenderError) for https or a port other than 80,
+              which Debian 12's signed GRUB 2.06 cannot fetch;
   ``urlquote`` a URI component (nothing left unescaped);
   ``to_yaml`` a YAML document built from data with ``yaml.safe_dump``
               (YAML templates build a dict and dump it; they never paste
@@ -79,7 +87,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import yaml
 from jinja2 import (
@@ -93,6 +101,7 @@ from jinja2 import (
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from bootsvc.tftp.chain import GrubUrlError, grub_http_device
 from lpmos.cloudconfig import default_user, merge_cloud_config, parse_cloud_config
 from lpmos.models import ValidationError, validate_hostname
 from lpmos.netconfig import build_network_config, parse_network
@@ -171,6 +180,33 @@ def filter_shell(value: Any) -> str:
     return shlex.quote(filter_line(value))
 
 
+def filter_grub(value: Any) -> str:
+    """One single-quoted GRUB word; control characters are refused."""
+    return "'" + filter_line(value).replace("'", "'\\''") + "'"
+
+
+def filter_grub_args(value: Any) -> str:
+    """A kernel argument string for a GRUB ``linux`` line."""
+    return " ".join(filter_grub(word) for word in _text(value).split())
+
+
+def filter_grub_text(value: Any) -> str:
+    """Free text for a GRUB ``echo``."""
+    return filter_grub(filter_ipxe_text(value))
+
+
+def filter_grub_url(value: Any) -> str:
+    """``http://host[:80]/path`` as the quoted GRUB path ``'(http,host)/path'``."""
+    text = filter_line(value)
+    try:
+        device = grub_http_device(text)
+    except GrubUrlError as exc:
+        raise _SlotError(str(exc)) from None
+    parts = urlsplit(text)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return filter_grub(device + (path or "/"))
+
+
 def filter_urlquote(value: Any) -> str:
     return quote(_text(value), safe="")
 
@@ -237,6 +273,10 @@ FILTERS = {
     "ipxe_args": filter_ipxe_args,
     "ipxe_text": filter_ipxe_text,
     "shell": filter_shell,
+    "grub": filter_grub,
+    "grub_args": filter_grub_args,
+    "grub_text": filter_grub_text,
+    "grub_url": filter_grub_url,
     "urlquote": filter_urlquote,
     "to_yaml": filter_to_yaml,
     "to_json": filter_to_json,

@@ -5,6 +5,8 @@ after iPXE is loaded, and what the control plane asks the node.
 | --------------------------------------- | -------------- | --------------------------- |
 | GET  /boot.ipxe                         | —              | boot: constant chain script |
 | GET  /boot/<mac>.ipxe                   | —              | boot: per-machine script    |
+| GET  /grub/grub.cfg                     | —              | boot: GRUB's constant config|
+| GET  /grub/<mac>.cfg                    | —              | boot: per-machine GRUB cfg  |
 | GET  /config/<sn>/<name>                | token          | config: rendered configs    |
 | GET  /config/<sn>/t/<token>/<name>      | token in path  | (for cloud-init seedfrom)   |
 | POST /callback/<sn>                     | token          | callback: installer hooks   |
@@ -14,7 +16,8 @@ after iPXE is loaded, and what the control plane asks the node.
 | POST /agent/v1/events                   | token          | agent                       |
 | GET  /images/<name>/<file>              | token for disk | files: Range, ETag          |
 |                                         | images         |                             |
-| GET  /ipxe/<file>                       | —              | files: iPXE binaries        |
+| GET  /ipxe/<file>                       | —              | files: boot loaders (iPXE,  |
+|                                         |                | shim, GRUB) for HTTP boot   |
 | GET  /healthz, /metrics                 | —              | ops                         |
 | GET  /node/v1/logs/<sn>                 | control plane  | node_api                    |
 |                                         | signature      |                             |

@@ -40,13 +40,16 @@ from bootsvc.policy.script import (
     CLAIM,
     CONTINUE,
     DISCOVERY,
+    LOADER_SUFFIXES,
     TEMPLATES,
     WAIT,
     ScriptDecision,
     decide_script,
+    loader_template,
 )
 from bootsvc.render import Renderer, RenderError, build_context
 from bootsvc.state.claim import claim_install
+from bootsvc.tftp.chain import GrubUrlError, render_grub_config
 from bootsvc.state.events import EventPipeline, EventsRefused
 from bootsvc.state.install_log import open_install_logs
 from bootsvc.state.registration import Registrar
@@ -112,6 +115,7 @@ class BootBackend:
         self._health_ok = False
         self._health_lock = threading.Lock()
         self.boot_script_text = ""
+        self.grub_config_text = ""
         # rendered non-destructive scripts: (template, decision, reason, sn, mac, arch,
         # platform) -> (task, server, image, live, text); a hit needs the very same
         # records (the machine index makes new objects on every change)
@@ -214,20 +218,40 @@ class BootBackend:
             self.boot_script_text = self.renderer.render("ipxe/boot.ipxe.j2", self.context())
         return self.boot_script_text
 
+    def constant_grub_config(self) -> str:
+        """GRUB's constant ``grub/grub.cfg`` (also served over TFTP); 404 when
+        GRUB cannot reach this node (its URL is not on port 80)."""
+        self.metrics.inc("http_boot_constant_total")
+        if not self.grub_config_text:
+            try:
+                self.grub_config_text = render_grub_config(self.ctx.advertise_url).decode()
+            except GrubUrlError as exc:
+                raise HttpError(404, "not_found", f"no GRUB config on this node: {exc}") \
+                    from None
+        return self.grub_config_text
+
     def fast_answer(self, path: str, query: str, remote_addr: str, *,
                     inline: bool = True) -> tuple[int, str, bytes] | None:
-        """``GET /boot.ipxe`` and ``GET /boot/<mac>.ipxe`` without Flask:
-        ``(status, content type, body)``, or ``None`` for any other path and
-        (``inline``) for a script that needs etcd (an install claim).  The
-        same answers as the ``boot`` blueprint; the boot storm's hot path."""
-        if not path.startswith("/boot") or not path.endswith(".ipxe"):
+        """``GET /boot.ipxe``, ``GET /boot/<mac>.ipxe``, ``GET /grub/grub.cfg``
+        and ``GET /grub/<mac>.cfg`` without Flask: ``(status, content type,
+        body)``, or ``None`` for any other path and (``inline``) for a script
+        that needs etcd (an install claim).  The same answers as the ``boot``
+        blueprint; the boot storm's hot path."""
+        if path.startswith("/boot") and path.endswith(".ipxe"):
+            loader = "ipxe"
+        elif path.startswith("/grub/") and path.endswith(".cfg"):
+            loader = "grub"
+        else:
             return None
         try:
             if path == "/boot.ipxe":
                 text: str | None = self.constant_script()
-            elif path.startswith("/boot/") and path.count("/") == 2:
+            elif path == "/grub/grub.cfg":
+                text = self.constant_grub_config()
+            elif path.count("/") == 2 and path.startswith(("/boot/", "/grub/")):
                 args = dict(parse_qsl(query[:2048], keep_blank_values=True, max_num_fields=16))
-                text = self.boot_script(path[6:], args, remote_addr, inline=inline)
+                text = self.boot_script(path[6:], args, remote_addr, inline=inline,
+                                        loader=loader)
             else:
                 return None
         except HttpError as exc:
@@ -245,8 +269,10 @@ class BootBackend:
         return 200, "text/plain; charset=utf-8", text.encode()
 
     def boot_script(self, name: str, args: Mapping[str, str], remote_addr: str, *,
-                    inline: bool = False) -> str | None:
-        """The per-machine iPXE script for ``/boot/<name>`` (``<mac>.ipxe``).
+                    inline: bool = False, loader: str = "ipxe") -> str | None:
+        """The per-machine iPXE script for ``/boot/<name>`` (``<mac>.ipxe``),
+        or with ``loader="grub"`` the GRUB config for ``/grub/<name>``
+        (``<mac>.cfg``): one decision, rendered from ``templates/<loader>/``.
 
         Decided from the cache; only ``claim``/``continue`` decisions reach
         etcd (through :func:`bootsvc.state.claim.claim_install`), and fail closed
@@ -256,7 +282,7 @@ class BootBackend:
         """
         started = time.perf_counter()
         try:
-            query = parse_script_query(name, args)
+            query = parse_script_query(name, args, suffix=LOADER_SUFFIXES[loader])
         except BadScriptPath as exc:
             self.metrics.inc("http_requests_refused_total", reason=exc.reason)
             raise
@@ -271,11 +297,12 @@ class BootBackend:
                 return None
             self._claim(answer, view, image, query.uuid)
         sn = view.sn if view is not None else ""
-        text = self._render_or_wait(answer, query, sn=sn, mac=mac, image=image)
+        text = self._render_or_wait(answer, query, sn=sn, mac=mac, image=image, loader=loader)
         decision = answer.decision
         if decision.action == DISCOVERY and sn:
             self.tokens.drop_async(sn, why="new boot")      # a new boot means a new agent
-        self.ctx.timeline.record(f"sn:{sn}" if sn else mac, "boot script", {
+        stage = "grub config" if loader == "grub" else "boot script"
+        self.ctx.timeline.record(f"sn:{sn}" if sn else mac, stage, {
             "decision": decision.action, "reason": decision.reason, "mac": mac,
             "ip": remote_addr, "arch": query.arch, "platform": query.platform})
         self.metrics.inc("http_boot_scripts_total", decision=decision.action)
@@ -319,38 +346,42 @@ class BootBackend:
                                              decision.sn)
 
     def _render_or_wait(self, answer: _ScriptAnswer, query: ScriptQuery, *, sn: str, mac: str,
-                        image: Image | None) -> str:
+                        image: Image | None, loader: str = "ipxe") -> str:
         """The script of ``answer``; a template that fails to render gives a
         wait script that says so (and ``answer`` becomes that wait)."""
         decision = answer.decision
         try:
             return self._render_script(decision, sn=sn, mac=mac, arch=query.arch,
                                        platform=query.platform, task=answer.task,
-                                       server=answer.server, image=image, token=answer.token)
+                                       server=answer.server, image=image, token=answer.token,
+                                       loader=loader)
         except RenderError as exc:
-            log.error("boot script for %s: %s", mac, exc)
-            self.metrics.inc("http_render_errors_total", template=decision.template)
+            log.error("boot %s for %s: %s", "config" if loader == "grub" else "script", mac, exc)
+            template = loader_template(decision.template, loader)
+            self.metrics.inc("http_render_errors_total", template=template)
             reason = f"the {decision.action} script could not be rendered; ask the operator"
             answer.decision = ScriptDecision(WAIT, TEMPLATES[WAIT], reason, sn)
-            return self.renderer.render(answer.decision.template, self.context(
-                decision=answer.decision.action, reason=reason, sn=sn, mac=mac))
+            return self.renderer.render(loader_template(answer.decision.template, loader),
+                                        self.context(decision=answer.decision.action,
+                                                     reason=reason, sn=sn, mac=mac))
 
     def _render_script(self, decision: ScriptDecision, *, sn: str, mac: str, arch: str,
                        platform: str, task: Any, server: Any, image: Image | None,
-                       token: str) -> str:
+                       token: str, loader: str = "ipxe") -> str:
         """Render a boot script; one without a token (every non-destructive
         answer) is rendered once per state of the machine's records and
         reused while they stay the same (a pending machine's iPXE asks again
         every ``retry_delay`` seconds)."""
         live = self.live
-        key = (decision.template, decision.action, decision.reason, sn, mac, arch, platform)
+        template = loader_template(decision.template, loader)
+        key = (template, decision.action, decision.reason, sn, mac, arch, platform)
         if not token:
             hit = self._scripts.get(key)
             if hit is not None and hit[0] is task and hit[1] is server and hit[2] is image \
                     and hit[3] is live:
                 self.metrics.inc("http_boot_script_renders_total", cached="yes")
                 return hit[4]
-        text = self.renderer.render(decision.template, self.context(
+        text = self.renderer.render(template, self.context(
             decision=decision.action, reason=decision.reason, sn=sn, mac=mac, arch=arch,
             platform=platform, task=task, server=server, image=image, token=token))
         self.metrics.inc("http_boot_script_renders_total", cached="no")

@@ -6,7 +6,8 @@ Four shapes, told apart by their fields:
   "seq"}``), posted by the install configs' and the first boot's scripts;
 * the installed system's cloud-init report (``"event": "cloud-init"``,
   templates/cloud-init/lpmos-report.py): the task's success or failure,
-  with cloud-init's reason, and each stage's times;
+  with cloud-init's reason, each stage's times and how the installed
+  system booted (BIOS or UEFI, Secure Boot);
 * cloud-init's own ``reporting`` webhook events (``"origin": "cloudinit"``);
 * the Ubuntu autoinstall ``reporting`` webhook JSON (any other origin).
 
@@ -36,6 +37,8 @@ WEBHOOK_STAGES = frozenset({"init-local", "init-network", "modules-init", "modul
                             "modules-final"})
 #: what the report's ``cloud_init.status`` may be; only ``done`` is success.
 CLOUD_INIT_STATUSES = ("done", "error", "degraded", "running")
+#: what the report's ``firmware.mode`` may be
+FIRMWARE_MODES = ("uefi", "bios")
 WEBHOOK_RESULTS = frozenset({"SUCCESS", "WARN", "FAIL"})
 
 STAGES_MAX = 8          # stages in one report
@@ -44,7 +47,9 @@ ERROR_CHARS = 300       # characters of one error
 REASON_CHARS = 500      # characters of the reason a failed report gives the task
 NAME_CHARS = 200        # characters of a webhook event's name
 REPORT_SEQ_MAX = 2**40  # a report's seq; its events' seq is seq * 16 + n (< 2**53)
-#: the report's events: a log line per stage (seq * 16 + its index), then the state
+#: the report's events: a log line per stage (seq * 16 + its index, below STAGES_MAX),
+#: the firmware's line, then the state
+_FIRMWARE_SLOT = 14
 _STATE_SLOT = 15
 
 _STAGE_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
@@ -159,9 +164,19 @@ class StageTimes:
 
 
 @dataclass(frozen=True)
+class Firmware:
+    """How the installed system booted: ``mode`` ``uefi`` or ``bios``;
+    ``secure_boot`` None when UEFI did not say (never None under BIOS)."""
+
+    mode: str
+    secure_boot: bool | None
+
+
+@dataclass(frozen=True)
 class CloudInitReport:
     """A checked cloud-init report: ``outcome`` is ``succeeded`` exactly
-    when cloud-init's ``status`` is ``done``."""
+    when cloud-init's ``status`` is ``done``; ``firmware`` None when the
+    report does not say (an lpmos-report older than the field)."""
 
     seq: int
     status: str
@@ -171,6 +186,7 @@ class CloudInitReport:
     errors: tuple[str, ...]
     hostname: str
     boot_id: str
+    firmware: Firmware | None = None
 
 
 def _text(value: Any, name: str, limit: int) -> str:
@@ -220,6 +236,35 @@ def parse_stages(value: Any) -> tuple[StageTimes, ...]:
     return tuple(sorted(stages, key=lambda s: (order.get(s.name, len(order)), s.start or 0.0)))
 
 
+def parse_firmware(value: Any) -> Firmware | None:
+    """The report's ``firmware``; None when absent or null.  BIOS has no
+    Secure Boot: a BIOS report that says otherwise, or does not say, is
+    refused rather than believed."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValidationError("firmware", 'an object {"mode", "secure_boot"}')
+    mode = value.get("mode")
+    if mode not in FIRMWARE_MODES:
+        raise ValidationError("firmware.mode", "one of " + ", ".join(FIRMWARE_MODES))
+    if "secure_boot" not in value:
+        raise ValidationError("firmware.secure_boot", "true, false or null")
+    secure_boot = value["secure_boot"]
+    if mode == "bios" and secure_boot is not False:
+        raise ValidationError("firmware.secure_boot", "false under BIOS")
+    if secure_boot is not None and not isinstance(secure_boot, bool):
+        raise ValidationError("firmware.secure_boot", "true, false or null")
+    return Firmware(str(mode), secure_boot)
+
+
+def firmware_line(firmware: Firmware) -> str:
+    """The firmware's line in the task's log."""
+    if firmware.mode == "bios":
+        return "installed system booted BIOS (no Secure Boot)"
+    state = {True: "on", False: "off", None: "unknown"}[firmware.secure_boot]
+    return f"installed system booted UEFI, Secure Boot {state}"
+
+
 def parse_report(body: dict[str, Any]) -> CloudInitReport:
     """A cloud-init report, checked; ValidationError naming the field.
 
@@ -250,7 +295,8 @@ def parse_report(body: dict[str, Any]) -> CloudInitReport:
         message = "cloud-init done"
     return CloudInitReport(seq, str(status), outcome, message, stages, errors,
                            _text(body.get("hostname"), "hostname", 64),
-                           _text(body.get("boot_id"), "boot_id", 64))
+                           _text(body.get("boot_id"), "boot_id", 64),
+                           parse_firmware(body.get("firmware")))
 
 
 def iso_time(t: float | None) -> str:
@@ -273,13 +319,22 @@ def stage_line(stage: StageTimes) -> str:
 
 
 def parse_cloud_init_report(body: dict[str, Any], *, now: float) -> Callback:
-    """The report as events (a log line per stage, then the task's state
-    with cloud-init's reason) and marks (one per stage, then the result)."""
+    """The report as events (a log line per stage, one for the firmware
+    when the report names it, then the task's state with cloud-init's
+    reason) and marks (one per stage, then the result).
+
+    The result mark's ``firmware`` is ``""`` and its ``secure_boot`` None
+    when the report does not say; such a report gives no firmware line, so
+    it gives the events it gave before the field existed."""
     report = parse_report(body)
     base = report.seq * 16
     events = [ProgressEvent.from_dict({
         "source": "cloud-init", "seq": base + i, "kind": "log", "step": stage.name,
         "message": stage_line(stage), "at": now}) for i, stage in enumerate(report.stages)]
+    if report.firmware is not None:
+        events.append(ProgressEvent.from_dict({
+            "source": "cloud-init", "seq": base + _FIRMWARE_SLOT, "kind": "log",
+            "message": firmware_line(report.firmware), "at": now}))
     events.append(ProgressEvent.from_dict({
         "source": "cloud-init", "seq": base + _STATE_SLOT, "kind": "state",
         "status": report.outcome, "message": report.reason, "at": now}))
@@ -289,7 +344,9 @@ def parse_cloud_init_report(body: dict[str, Any], *, now: float) -> Callback:
         for s in report.stages]
     marks.append(Mark("cloud-init result", {
         "status": report.status, "task": report.outcome, "message": report.reason[:200],
-        "errors": len(report.errors), "hostname": report.hostname, "boot_id": report.boot_id}))
+        "errors": len(report.errors), "hostname": report.hostname, "boot_id": report.boot_id,
+        "firmware": report.firmware.mode if report.firmware else "",
+        "secure_boot": report.firmware.secure_boot if report.firmware else None}))
     return Callback("cloud-init", tuple(events), tuple(marks))
 
 

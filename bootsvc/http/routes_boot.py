@@ -1,7 +1,9 @@
-"""The ``boot`` blueprint: the iPXE scripts, no token.
+"""The ``boot`` blueprint: the iPXE scripts and GRUB configs, no token.
 
 ``GET /boot.ipxe`` is a constant script that chains to the per-machine
-``GET /boot/<mac>.ipxe?uuid=&serial=&arch=&platform=&bootmac=``.  In a
+``GET /boot/<mac>.ipxe?uuid=&serial=&arch=&platform=&bootmac=``; GRUB's
+constant ``GET /grub/grub.cfg`` (also over TFTP) runs the per-machine
+``GET /grub/<mac>.cfg``, the same decision rendered for GRUB.  In a
 running node :mod:`bootsvc.http.fastpath` (and the server's inline path)
 answer both before Flask sees them; these routes give the same answers
 (both call :class:`~bootsvc.http.backend.BootBackend`) for every other way
@@ -27,4 +29,16 @@ def boot_ipxe() -> Response:
 def boot_machine(name: str) -> Response:
     boot = current_boot()
     text = boot.boot_script(name, request.args, request.remote_addr or "")
+    return text_response(text or "")
+
+
+@boot_bp.get("/grub/grub.cfg")
+def grub_config() -> Response:
+    return text_response(current_boot().constant_grub_config())
+
+
+@boot_bp.get("/grub/<path:name>")
+def grub_machine(name: str) -> Response:
+    boot = current_boot()
+    text = boot.boot_script(name, request.args, request.remote_addr or "", loader="grub")
     return text_response(text or "")

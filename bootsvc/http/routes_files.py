@@ -5,8 +5,12 @@
 | ------------------------------ | -------------------------------------- |
 | GET /images/<name>/<file>      | kernel, initrd: none; disk image: any  |
 |                                | machine's token                        |
-| GET /ipxe/<file>               | none: the iPXE binaries of the TFTP    |
-|                                | root, for HTTP boot                    |
+| GET /ipxe/<file>               | none: the boot loaders of the TFTP     |
+|                                | root (iPXE, shim, GRUB), for HTTP boot |
+
+Each kernel, initrd and loader sent is a boot timeline entry of the
+machine's address (``kernel fetched``, ``initrd fetched``, ``loader shim``
+...), so a machine stuck between its loader and its kernel shows where.
 
 Only a file the catalog names for that image, or a plain file directly in
 the TFTP root, is served; a name outside ``[A-Za-z0-9][A-Za-z0-9._+-]``
@@ -18,11 +22,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from bootsvc.http.backend import current_boot
 from bootsvc.http.common import HttpError
 from bootsvc.http.files import serve_file
+from bootsvc.tftp.chain import transfer_stage
 
 _FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
@@ -47,7 +52,17 @@ def image_file(name: str, file: str) -> Response:
     path = boot.catalog.local_path(getattr(image, which))
     assert path is not None
     etag = image.sha256 if which == "disk_image" and image.sha256 else None
-    return serve_file(path, etag_hint=etag, metric=which)
+    response = serve_file(path, etag_hint=etag, metric=which)
+    if which != "disk_image":
+        _record(f"{which} fetched", {"image": name, "file": file})
+    return response
+
+
+def _record(stage: str, detail: dict[str, object]) -> None:
+    """A timeline entry for the file this request is sent (its status and range)."""
+    detail = {**detail, "range": request.headers.get("Range", "")[:40],
+              "ip": request.remote_addr or ""}
+    current_boot().ctx.timeline.record(f"ip:{request.remote_addr}", stage, detail)
 
 
 @files_bp.get("/ipxe/<file>")
@@ -61,4 +76,7 @@ def ipxe_file(file: str) -> Response:
     if path.parent != root:
         boot.metrics.inc("http_requests_refused_total", reason="outside_root")
         raise HttpError(404, "not_found", "no such file")
-    return serve_file(path, metric="ipxe")
+    response = serve_file(path, metric="ipxe")
+    stage = transfer_stage(file)
+    _record(stage if stage != "tftp" else "loader", {"file": file, "via": "http"})
+    return response

@@ -1,5 +1,7 @@
 """What a machine says about itself when it asks for its boot script:
-``/boot/<mac>.ipxe?uuid=&serial=&arch=&platform=&bootmac=``.
+``/boot/<mac>.ipxe?uuid=&serial=&arch=&platform=&bootmac=`` (iPXE), or its
+GRUB config: ``/grub/<mac>.cfg`` (the MAC only: GRUB 2.06 cannot
+URI-encode a value).
 
 Pure.  Only the MAC of the path is required (a bad one is refused); every
 query value is clamped or dropped, never refused: an iPXE build that sends
@@ -43,13 +45,16 @@ def _or_empty(parse: Callable[[str], str], value: str) -> str:
         return ""
 
 
-def parse_script_query(name: str, args: Mapping[str, str]) -> ScriptQuery:
-    """``name`` is the path after ``/boot/`` (``<mac>.ipxe``), ``args`` the query."""
-    if not name.endswith(".ipxe"):
-        raise BadScriptPath(404, "not_found", "per-machine scripts are /boot/<mac>.ipxe",
+def parse_script_query(name: str, args: Mapping[str, str], *,
+                       suffix: str = ".ipxe") -> ScriptQuery:
+    """``name`` is the path after ``/boot/`` (``<mac>.ipxe``) or ``/grub/``
+    (``<mac>.cfg``, ``suffix=".cfg"``), ``args`` the query."""
+    if not name.endswith(suffix) or "/" in name:
+        where = "/grub/<mac>.cfg" if suffix == ".cfg" else "/boot/<mac>.ipxe"
+        raise BadScriptPath(404, "not_found", f"per-machine configs are {where}",
                             "bad_boot_path")
     try:
-        mac = normalize_mac(name[:-5])
+        mac = normalize_mac(name[: -len(suffix)])
     except ValidationError as exc:
         raise BadScriptPath(400, "bad_mac", str(exc), "bad_mac") from None
     uuid = args.get("uuid")

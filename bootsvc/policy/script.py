@@ -85,6 +85,21 @@ CONFIG_TEMPLATES: dict[str, dict[str, str]] = {
 }
 
 
+#: the boot loaders a decision is rendered for: iPXE's script, or GRUB's
+#: config (Secure Boot machines, through shim); the same table, one
+#: template directory each
+LOADER_SUFFIXES = {"ipxe": ".ipxe", "grub": ".cfg"}
+
+
+def loader_template(template: str, loader: str) -> str:
+    """``template`` (an iPXE template of the table) for ``loader``:
+    ``ipxe/wait.ipxe.j2`` is ``grub/wait.cfg.j2`` for GRUB."""
+    if loader == "ipxe":
+        return template
+    stem = template.removeprefix("ipxe/").removesuffix(".ipxe.j2")
+    return f"{loader}/{stem}{LOADER_SUFFIXES[loader]}.j2"
+
+
 @dataclass(frozen=True, slots=True)
 class ScriptDecision:
     """What to serve.  ``reason`` is shown on the machine's console and

@@ -23,7 +23,7 @@ import shutil
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,15 @@ IPXE_DIR = Path("/usr/lib/ipxe")
 #: The iPXE builds a TFTP root gets, BIOS and UEFI; missing ones are skipped.
 IPXE_FILES = ("undionly.kpxe", "undionly.kkpxe", "ipxe.pxe", "ipxe.efi", "snponly.efi",
               "ipxe.lkrn")
+#: The Secure Boot chain (Debian's ``shim-signed`` and ``grub-efi-amd64-signed``):
+#: TFTP root name -> the signed file.  shim loads ``grubx64.efi`` (and, when
+#: it must ask the user about a key, ``mmx64.efi``) from the directory it was
+#: loaded from, so the signed GRUB network image goes in under that name.
+SIGNED_LOADERS: dict[str, Path] = {
+    "shimx64.efi": Path("/usr/lib/shim/shimx64.efi.signed"),
+    "mmx64.efi": Path("/usr/lib/shim/mmx64.efi.signed"),
+    "grubx64.efi": Path("/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"),
+}
 #: Names generated per request by default: one path component ending in
 #: ``.ipxe`` (an iPXE script for clients that fetch one over TFTP).
 DEFAULT_VIRTUAL_PATTERN = r"[A-Za-z0-9_-]{1,64}\.ipxe"
@@ -215,37 +224,41 @@ class TftpRoot:
                 self._cached_bytes -= len(evicted)
 
 
-def prepare_tftp_root(root: Path, source: Path = IPXE_DIR) -> list[str]:
-    """Create ``root`` and put Debian's iPXE builds in it; return their names.
+def prepare_tftp_root(root: Path, source: Path = IPXE_DIR,
+                      loaders: Mapping[str, Path] = SIGNED_LOADERS) -> list[str]:
+    """Create ``root`` and put Debian's iPXE builds (from ``source``) and the
+    signed Secure Boot loaders (``loaders``: name -> file) in it; return the
+    names placed.
 
-    Each build is hard-linked when the file system allows it, else copied
+    Each file is hard-linked when the file system allows it, else copied
     (never symlinked: a symlink out of the root would be refused when served).
     A file already there with the same size and mtime is left alone; a
-    missing build in ``source`` is skipped.
+    missing one is skipped.
     """
     root.mkdir(parents=True, exist_ok=True)
-    placed: list[str] = []
-    for name in IPXE_FILES:
-        src = source / name
-        if not src.is_file():
-            continue
-        src = src.resolve()   # Debian ships some builds as symlinks into /boot
-        dest = root / name
+    wanted = [(name, source / name) for name in IPXE_FILES] + list(loaders.items())
+    return [name for name, src in wanted if _place(root, name, src)]
+
+
+def _place(root: Path, name: str, src: Path) -> bool:
+    """Put ``src`` into ``root`` as ``name`` (see :func:`prepare_tftp_root`)."""
+    if not src.is_file():
+        return False
+    src = src.resolve()   # Debian ships some builds as symlinks into /boot
+    dest = root / name
+    try:
+        sst = src.stat()
+        if not dest.is_symlink() and dest.is_file():
+            dst = dest.stat()
+            if (dst.st_size, int(dst.st_mtime)) == (sst.st_size, int(sst.st_mtime)):
+                return True
+        tmp = root / f".{name}.tmp{os.getpid()}"
+        tmp.unlink(missing_ok=True)
         try:
-            sst = src.stat()
-            if not dest.is_symlink() and dest.is_file():
-                dst = dest.stat()
-                if (dst.st_size, int(dst.st_mtime)) == (sst.st_size, int(sst.st_mtime)):
-                    placed.append(name)
-                    continue
-            tmp = root / f".{name}.tmp{os.getpid()}"
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copy2(src, tmp)
-            os.replace(tmp, dest)
-            placed.append(name)
+            os.link(src, tmp)
         except OSError:
-            continue
-    return placed
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dest)
+        return True
+    except OSError:
+        return False

@@ -223,5 +223,49 @@ def test_service_prepares_root_serves_ipxe_and_boot_script(tmp_path):
     assert "chain --autofree --replace http://192.0.2.10:8081/boot.ipxe" in script
     stages = timeline.entries("ip:127.0.0.1")
     assert [e["detail"]["file"] for e in stages] == ["ipxe.efi", "boot.ipxe"]
-    assert all(e["stage"] == "tftp" and e["detail"]["status"] == "ok" for e in stages)
+    assert [e["stage"] for e in stages] == ["loader ipxe", "tftp"]
+    assert all(e["detail"]["status"] == "ok" for e in stages)
     assert ctx.metrics.get("tftp_sessions_total", status="ok") == 2
+
+
+def test_service_serves_the_secure_boot_chain_and_grub_config(tmp_path):
+    """What a Secure Boot machine fetches over TFTP, as real clients: the
+    signed shim, the signed GRUB network image under the name shim loads,
+    and GRUB's constant config (for a node GRUB can reach: port 80); each is
+    its own timeline stage."""
+    shim = Path("/usr/lib/shim/shimx64.efi.signed")
+    grub = Path("/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed")
+    assert shim.is_file() and grub.is_file(), "scripts/setup.sh installs shim-signed, " \
+        "grub-efi-amd64-signed"
+    config = resolve(settings_by_key([COMMON, NODE_SETTINGS, SETTINGS]), flags={
+        "state_dir": str(tmp_path), "tftp__port": "0", "regional__listen": "127.0.0.1",
+        "tftp__timeout": "0.5"}, environ={}, config_file=None)
+    timeline = MemoryTimeline()
+    ctx = NodeContext(config=config, idc="dc1", node_name="n1", store=None, keys=None,
+                      cache=None, machines=None, metrics=Registry(), timeline=timeline,
+                      advertise_url="http://192.0.2.10", server_ip="192.0.2.10")
+    service = TftpService(ctx)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(service.start())
+        port = service.port
+
+        async def fetch(name: str, out: Path) -> int:
+            proc = await asyncio.create_subprocess_exec(
+                "curl", "-sS", "--max-time", "10", "-o", str(out),
+                f"tftp://127.0.0.1:{port}/{name}")
+            return await proc.wait()
+
+        for name, out in (("shimx64.efi", "a"), ("grubx64.efi", "b"), ("grub/grub.cfg", "c")):
+            assert loop.run_until_complete(fetch(name, tmp_path / out)) == 0, name
+        # GRUB probes x86_64-efi/grub.cfg first: a plain "not found"
+        assert loop.run_until_complete(fetch("grub/x86_64-efi/grub.cfg", tmp_path / "d")) != 0
+        loop.run_until_complete(service.stop())
+    finally:
+        loop.close()
+    assert (tmp_path / "a").read_bytes() == shim.read_bytes()
+    assert (tmp_path / "b").read_bytes() == grub.read_bytes()
+    assert 'source "(http,192.0.2.10)/grub/${net_default_mac}.cfg"' in \
+        (tmp_path / "c").read_text()
+    stages = [e["stage"] for e in timeline.entries("ip:127.0.0.1")]
+    assert stages[:3] == ["loader shim", "loader grub", "grub.cfg"]

@@ -193,12 +193,17 @@ def test_prepare_tftp_root_copies_and_is_idempotent(tmp_path):
     (source / "undionly.kpxe").write_bytes(b"bios")
     (source / "ipxe.efi").write_bytes(b"uefi")
     root = tmp_path / "state" / "tftp"
-    placed = prepare_tftp_root(root, source)
-    assert sorted(placed) == ["ipxe.efi", "undionly.kpxe"]
+    shim = tmp_path / "shimx64.efi.signed"
+    shim.write_bytes(b"signed shim")
+    loaders = {"shimx64.efi": shim, "grubx64.efi": tmp_path / "missing.efi.signed"}
+    placed = prepare_tftp_root(root, source, loaders)
+    assert sorted(placed) == ["ipxe.efi", "shimx64.efi", "undionly.kpxe"]
+    assert (root / "shimx64.efi").read_bytes() == b"signed shim"
     assert (root / "ipxe.efi").read_bytes() == b"uefi"
     assert not (root / "ipxe.efi").is_symlink()
-    assert prepare_tftp_root(root, source) == placed
-    assert sorted(p.name for p in root.iterdir()) == ["ipxe.efi", "undionly.kpxe"]
+    assert prepare_tftp_root(root, source, loaders) == placed
+    assert sorted(p.name for p in root.iterdir()) == ["ipxe.efi", "shimx64.efi",
+                                                      "undionly.kpxe"]
 
 
 def test_prepare_tftp_root_from_debian_ipxe(tmp_path):
@@ -208,3 +213,8 @@ def test_prepare_tftp_root_from_debian_ipxe(tmp_path):
     assert {"undionly.kpxe", "ipxe.efi", "snponly.efi"} <= set(placed)
     r = TftpRoot(tmp_path / "tftp")
     assert r.open("ipxe.efi", CLIENT).data == Path("/usr/lib/ipxe/ipxe.efi").read_bytes()
+    # the Secure Boot chain: Debian's signed shim, and its signed GRUB network
+    # image under the name shim loads next (setup.sh installs both packages)
+    assert {"shimx64.efi", "grubx64.efi"} <= set(placed)
+    assert r.open("grubx64.efi", CLIENT).data == Path(
+        "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed").read_bytes()
