@@ -14,11 +14,16 @@ the node's ``POST /callback/<sn>`` with the machine token:
      "cloud_init": {"status": "done" | "error" | "degraded" | "running",
                     "stages": {NAME: {"start": t, "finished": t, "errors": [...]}},
                     "errors": [...], "recoverable_errors": [...]},
+     "firmware": {"mode": "uefi" | "bios", "secure_boot": true | false | null},
      "hostname": ..., "boot_id": ...}
 
 Only ``done`` is success: an error, a degraded run (cloud-init 23.4+
 ``recoverable_errors``) or a run still going when the wait gives up
-(``running``) reports ``failed``.  Delivery is retried with jittered
+(``running``) reports ``failed``.  ``firmware`` is how the installed system
+itself booted: ``uefi`` when /sys/firmware/efi exists, and Secure Boot
+from the SecureBoot EFI variable as agent/inventory/system.py reads it
+(true only for the value 1; null on UEFI when the variable cannot be
+read; false under BIOS, which has no Secure Boot).  Delivery is retried with jittered
 exponential backoff within a deadline; every step is logged on stdout
 (the journal).  Once the node has the report, /etc/lpmos/report.json (the
 callback and the token) is removed: the token has no further use, and a
@@ -47,6 +52,9 @@ STATUS = "/run/cloud-init/status.json"
 RESULT = "/run/cloud-init/result.json"
 STATUS_CMD = "cloud-init status --wait --long"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+EFI_DIR = "/sys/firmware/efi"
+#: the SecureBoot variable of the EFI global variable GUID
+SECURE_BOOT_VAR = "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 
 #: cloud-init's stages, in the order they run (status.json's ``v1`` keys).
 STAGES = ("init-local", "init", "modules-init", "modules-config", "modules-final")
@@ -199,13 +207,14 @@ def describe(summary: dict[str, Any]) -> str:
 
 
 def build_report(config: dict[str, Any], summary: dict[str, Any], hostname: str,
-                 boot_id: str) -> dict[str, Any]:
+                 boot_id: str, firmware: dict[str, Any]) -> dict[str, Any]:
     return {
         "event": "cloud-init",
         "status": "succeeded" if summary["status"] == "done" else "failed",
         "message": describe(summary),
         "seq": config["seq"],
         "cloud_init": summary,
+        "firmware": firmware,
         "hostname": one_line(hostname, 64),
         "boot_id": one_line(boot_id, 64),
     }
@@ -283,6 +292,47 @@ def read_boot_id(path: str) -> str:
         return ""
 
 
+def parse_secure_boot(var: bytes | None) -> bool | None:
+    """The SecureBoot variable as efivarfs gives it (4 bytes of attributes,
+    then the UINT8 value) as on (1) or off (anything else); None when it
+    could not be read or is too short.  Pure."""
+    if var is None or len(var) < 5:
+        return None
+    return var[4] == 1
+
+
+def read_secure_boot_var(efi_dir: str) -> bytes | None:
+    """The SecureBoot variable under ``efi_dir``: efivarfs, else the old
+    sysfs ``vars/.../data`` (no attribute bytes there, so four are put in
+    front); None when neither can be read."""
+    try:
+        with open(os.path.join(efi_dir, "efivars", SECURE_BOOT_VAR), "rb") as f:
+            return f.read(64)
+    except OSError:
+        pass
+    try:
+        with open(os.path.join(efi_dir, "vars", SECURE_BOOT_VAR, "data"), "rb") as f:
+            return b"\x00\x00\x00\x00" + f.read(60)
+    except OSError:
+        return None
+
+
+def read_firmware(efi_dir: str) -> dict[str, Any]:
+    """The report's ``firmware``: ``uefi`` when ``efi_dir`` exists, else
+    ``bios`` (no Secure Boot: false)."""
+    if not os.path.isdir(efi_dir):
+        return {"mode": "bios", "secure_boot": False}
+    return {"mode": "uefi", "secure_boot": parse_secure_boot(read_secure_boot_var(efi_dir))}
+
+
+def describe_firmware(firmware: dict[str, Any]) -> str:
+    """``firmware`` as the log says it."""
+    if firmware["mode"] == "bios":
+        return "BIOS"
+    state = {True: "on", False: "off", None: "unknown"}[firmware["secure_boot"]]
+    return f"UEFI, Secure Boot {state}"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="lpmos-report", description=__doc__.split("\n")[0])
@@ -299,6 +349,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="shortest pause between two attempts, seconds")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds per request")
     p.add_argument("--boot-id", default=BOOT_ID)
+    p.add_argument("--efi-dir", default=EFI_DIR,
+                   help="where the kernel shows EFI (absent: the system booted BIOS)")
     return p.parse_args(argv)
 
 
@@ -320,7 +372,10 @@ def main(argv: list[str]) -> int:
         return 1
     rc, text = run_status(args.status_cmd, args.wait)
     summary = summarize(read_json(args.status_json), read_json(args.result_json), rc, text)
-    body = build_report(config, summary, socket.gethostname(), read_boot_id(args.boot_id))
+    firmware = read_firmware(args.efi_dir)
+    log(f"booted {describe_firmware(firmware)}")
+    body = build_report(config, summary, socket.gethostname(), read_boot_id(args.boot_id),
+                        firmware)
     log(f"cloud-init {summary['status']}; reporting {body['status']}: {body['message']}")
     sent = deliver(config["callback"], config["token"], body,
                    time.monotonic() + args.deadline, args.backoff, args.timeout)

@@ -136,10 +136,11 @@ def test_cloud_init_done_succeeds_an_installing_task(node: Node, tasks: TaskServ
         r = webhook(node, sn, token, body)
         assert r.status_code == 200 and r.json()["acked"] == [], r.text
     assert stored(tasks, sn).task.status == "installing"
-    # the final report decides
-    r = report(node, sn, token, cloud_init_report([]))
+    # the final report decides; it says how the installed system booted
+    body = {**cloud_init_report([]), "firmware": {"mode": "uefi", "secure_boot": True}}
+    r = report(node, sn, token, body)
     assert r.status_code == 200, r.text
-    assert r.json() == {"acked": [f"cloud-init:{n}" for n in (16, 17, 18, 19, 31)],
+    assert r.json() == {"acked": [f"cloud-init:{n}" for n in (16, 17, 18, 19, 30, 31)],
                         "task_status": "succeeded"}
     task = stored(tasks, sn).task
     assert task.status == "succeeded" and task.reason == ""
@@ -147,8 +148,9 @@ def test_cloud_init_done_succeeds_an_installing_task(node: Node, tasks: TaskServ
     assert any(line.startswith("[cloud-init] init-local: started ") for line in task.logs)
     assert any(line.startswith("[cloud-init] modules-final: started ") and "(20.0 s)" in line
                for line in task.logs)
-    assert task.logs[-1] == ("[cloud-init] cloud-init done in 30 s "
-                             "(init-local, init, modules-config, modules-final)")
+    assert task.logs[-2:] == ["[cloud-init] installed system booted UEFI, Secure Boot on",
+                              "[cloud-init] cloud-init done in 30 s "
+                              "(init-local, init, modules-config, modules-final)"]
     assert not any("config-ssh" in line for line in task.logs)
     entries = timeline_stages(node, sn, ["cloud-init init-local start",
                                          "cloud-init modules-final finish", *STAGE_MARKS])
@@ -159,11 +161,13 @@ def test_cloud_init_done_succeeds_an_installing_task(node: Node, tasks: TaskServ
     assert by_stage["cloud-init modules-final finish"]["result"] == "SUCCESS"
     assert by_stage["cloud-init result"]["status"] == "done"
     assert by_stage["cloud-init result"]["hostname"] == "web-1"
+    assert by_stage["cloud-init result"]["firmware"] == "uefi"
+    assert by_stage["cloud-init result"]["secure_boot"] is True
     assert not any("config-ssh" in e["stage"] for e in entries)
     ours = [e["stage"] for e in entries if e["stage"].startswith("cloud-init")]
     assert ours.index("cloud-init modules-final finish") < ours.index("cloud-init init-local")
     # the report again (its answer was lost): the same ids, nothing changes twice
-    again = report(node, sn, token, cloud_init_report([]))
+    again = report(node, sn, token, body)
     assert again.status_code == 200 and again.json()["task_status"] == "succeeded"
     assert [h.to_status for h in stored(tasks, sn).task.history].count("succeeded") == 1
 
@@ -205,6 +209,7 @@ def test_cloud_init_error_fails_a_booting_task_with_its_reason(
         "status": "error", "task": "failed",
         "message": f"cloud-init failed: modules-final: {RUNCMD}"[:200], "errors": 1,
         "hostname": "web-1", "boot_id": "0f3a4c1e-1111-2222-3333-444455556666",
+        "firmware": "", "secure_boot": None,        # a report without firmware: unknown
         "ip": "127.0.0.1"}
 
 
@@ -224,6 +229,8 @@ def _lying() -> dict[str, Any]:
     (_lying(), "status: 'failed' for a cloud-init run that is error"),
     (_without(cloud_init_report([]), "cloud_init"), "cloud_init: "),
     ({**cloud_init_report([]), "seq": -2}, "seq: "),
+    ({**cloud_init_report([]), "firmware": {"mode": "bios", "secure_boot": True}},
+     "firmware.secure_boot: "),
     ({"name": 7, "event_type": "finish", "origin": "cloudinit"}, "name: "),
     (hook("modules-final", "finish", "BROKEN"), "result: "),
 ])

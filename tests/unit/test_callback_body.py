@@ -10,6 +10,7 @@ timestamp, and result on finish)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -187,6 +188,81 @@ def test_a_bad_report_is_refused_naming_the_field(path: str, value: Any, field: 
     assert err.value.field == field
 
 
+@pytest.mark.parametrize("firmware, line, mode, secure_boot", [
+    ({"mode": "uefi", "secure_boot": True}, "installed system booted UEFI, Secure Boot on",
+     "uefi", True),
+    ({"mode": "uefi", "secure_boot": False}, "installed system booted UEFI, Secure Boot off",
+     "uefi", False),
+    ({"mode": "uefi", "secure_boot": None}, "installed system booted UEFI, Secure Boot unknown",
+     "uefi", None),
+    ({"mode": "bios", "secure_boot": False}, "installed system booted BIOS (no Secure Boot)",
+     "bios", False),
+    ({"mode": "uefi", "secure_boot": True, "setup_mode": False},   # a newer field: ignored
+     "installed system booted UEFI, Secure Boot on", "uefi", True),
+])
+def test_the_firmware_is_a_log_line_and_in_the_result_mark(
+        firmware: dict[str, Any], line: str, mode: str, secure_boot: bool | None) -> None:
+    cb = parse_callback(with_(SUCCESS, "firmware", firmware), now=NOW)
+    *stage_logs, fw, state = cb.events
+    assert [e.seq for e in stage_logs] == [48, 49, 50, 51]
+    assert (fw.source, fw.seq, fw.kind, fw.step, fw.status) == ("cloud-init", 3 * 16 + 14,
+                                                                "log", "", "")
+    assert fw.log_line() == f"[cloud-init] {line}"
+    assert (state.seq, state.status) == (3 * 16 + 15, "succeeded")
+    result = cb.marks[-1]
+    assert result.stage == "cloud-init result"
+    assert (result.detail["firmware"], result.detail["secure_boot"]) == (mode, secure_boot)
+
+
+@pytest.mark.parametrize("body", [SUCCESS, with_(SUCCESS, "firmware", None)])
+def test_a_report_without_firmware_is_unknown_and_gives_the_events_it_gave_before(
+        body: dict[str, Any]) -> None:
+    assert "firmware" not in SUCCESS            # an lpmos-report older than the field
+    assert parse_report(body).firmware is None
+    cb = parse_callback(body, now=NOW)
+    assert [(e.seq, e.kind) for e in cb.events] == [
+        (48, "log"), (49, "log"), (50, "log"), (51, "log"), (63, "state")]
+    assert cb.marks[-1].detail == {
+        "status": "done", "task": "succeeded", "message": SUCCESS["message"], "errors": 0,
+        "hostname": "web-1", "boot_id": "0f3a4c1e-1111-2222-3333-444455556666",
+        "firmware": "", "secure_boot": None}
+
+
+def test_the_firmware_line_keeps_clear_of_the_stage_slots() -> None:
+    """STAGES_MAX stages take seq * 16 + 0..7; the firmware line and the
+    state follow them, in the report's own block of 16."""
+    many = {f"s{i}": {"start": T0 + i, "finished": T0 + i + 1} for i in range(STAGES_MAX)}
+    body = with_(with_(SUCCESS, "cloud_init.stages", many), "firmware",
+                 {"mode": "uefi", "secure_boot": True})
+    seqs = [e.seq for e in parse_callback(body, now=NOW).events]
+    assert seqs == [*range(48, 48 + STAGES_MAX), 62, 63]
+
+
+@pytest.mark.parametrize("firmware, field", [
+    ("uefi", "firmware"),
+    (["uefi", True], "firmware"),
+    (True, "firmware"),
+    ({}, "firmware.mode"),
+    ({"secure_boot": True}, "firmware.mode"),
+    ({"mode": "UEFI", "secure_boot": True}, "firmware.mode"),
+    ({"mode": "efi", "secure_boot": True}, "firmware.mode"),
+    ({"mode": None, "secure_boot": None}, "firmware.mode"),
+    ({"mode": "uefi"}, "firmware.secure_boot"),
+    ({"mode": "uefi", "secure_boot": 1}, "firmware.secure_boot"),
+    ({"mode": "uefi", "secure_boot": 0}, "firmware.secure_boot"),
+    ({"mode": "uefi", "secure_boot": "on"}, "firmware.secure_boot"),
+    ({"mode": "uefi", "secure_boot": "true"}, "firmware.secure_boot"),
+    ({"mode": "bios", "secure_boot": True}, "firmware.secure_boot"),   # BIOS has none
+    ({"mode": "bios", "secure_boot": None}, "firmware.secure_boot"),
+    ({"mode": "bios", "secure_boot": 0}, "firmware.secure_boot"),
+    ({"mode": "bios"}, "firmware.secure_boot"),
+])
+def test_a_bad_firmware_is_refused_naming_the_field(firmware: Any, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        parse_callback(with_(SUCCESS, "firmware", firmware), now=NOW)
+    assert err.value.field == field
+
+
 # --- cloud-init's reporting webhook -------------------------------------------------------
 
 
@@ -287,7 +363,6 @@ def test_a_body_that_is_no_object_is_refused(body: Any) -> None:
 
 def _report_script() -> Any:
     import importlib.util
-    from pathlib import Path
     path = Path(__file__).resolve().parents[2] / "templates" / "cloud-init" / "lpmos-report.py"
     spec = importlib.util.spec_from_file_location("lpmos_report", path)
     assert spec is not None and spec.loader is not None
@@ -310,8 +385,34 @@ def test_what_the_script_sends_the_node_takes(v1_stages: dict[str, Any], rc: int
     errors = [e for s in v1_stages.values() for e in s["errors"]]
     summary = script.summarize({"v1": {**v1_stages, "stage": None}},
                                {"v1": {"errors": errors}}, rc)
-    body = script.build_report({"seq": 4}, summary, "web-1", "b")
+    body = script.build_report({"seq": 4}, summary, "web-1", "b",
+                               {"mode": "uefi", "secure_boot": True})
     cb = parse_callback(body, now=NOW)
     assert cb.events[-1].status == outcome
     assert cb.events[-1].message == body["message"]
+    assert cb.events[-2].message == "installed system booted UEFI, Secure Boot on"
     assert [m.stage for m in cb.marks][:-1] == [f"cloud-init {n}" for n in v1_stages]
+    assert cb.marks[-1].detail["secure_boot"] is True
+
+
+@pytest.mark.parametrize("uefi, efivar, mode, secure_boot", [
+    (True, b"\x06\x00\x00\x00\x01", "uefi", True),
+    (True, b"\x06\x00\x00\x00\x00", "uefi", False),
+    (True, None, "uefi", None),
+    (False, None, "bios", False),
+])
+def test_the_firmware_the_script_reads_the_node_takes(
+        tmp_path: Path, uefi: bool, efivar: bytes | None, mode: str,
+        secure_boot: bool | None) -> None:
+    script = _report_script()
+    efi = tmp_path / "efi"
+    if uefi:
+        (efi / "efivars").mkdir(parents=True)
+    if efivar is not None:
+        (efi / "efivars" / "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c").write_bytes(efivar)
+    summary = script.summarize({"v1": {**stages(), "stage": None}}, {"v1": {"errors": []}}, 0)
+    body = script.build_report({"seq": 4}, summary, "web-1", "b",
+                               script.read_firmware(str(efi)))
+    report = parse_report(body)
+    assert report.firmware is not None
+    assert (report.firmware.mode, report.firmware.secure_boot) == (mode, secure_boot)

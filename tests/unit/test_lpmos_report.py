@@ -8,11 +8,14 @@ cloud-init run, run as the image runs it (a python3 process) against:
 * a cloud-init 23.4 ``recoverable_errors`` capture (degraded) that the host's
   22.4 cannot write;
 * a small HTTP server on 127.0.0.1 that records what it is sent, and fails
-  as it is told to.
+  as it is told to;
+* /sys/firmware/efi as a directory under tmp_path, with efivarfs's
+  SecureBoot file (4 attribute bytes, then the value) on, off or missing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -32,6 +35,9 @@ FIXTURES = REPO / "tests" / "fixtures" / "cloud_init"
 #: the interpreter of the target image (Debian's python3, cloud-init's own)
 PYTHON = shutil.which("python3", path="/usr/bin") or "python3"
 TOKEN = "tok_" + "B" * 43
+SECURE_BOOT_VAR = "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+#: efivarfs's attributes of SecureBoot: NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS
+EFI_ATTRS = b"\x06\x00\x00\x00"
 OK_STAGES = [["init-local", []], ["init", []], ["modules-config", []], ["modules-final", []]]
 RUNCMD_FAILED = "Runparts: 1 failures (runcmd) in 1 attempted commands"
 
@@ -100,6 +106,11 @@ class Machine:
     def run_dir(self) -> Path:
         return self.root / "run" / "cloud-init"
 
+    @property
+    def efi_dir(self) -> Path:
+        """/sys/firmware/efi; absent (BIOS) unless a test makes it."""
+        return self.root / "sys" / "firmware" / "efi"
+
     def write_config(self, callback: str, seq: int = 7) -> None:
         self.config.parent.mkdir(parents=True, exist_ok=True)
         self.config.write_text(json.dumps({"callback": callback, "token": TOKEN, "sn": "SN-1",
@@ -119,6 +130,7 @@ class Machine:
                 "--status-json", str(self.run_dir / "status.json"),
                 "--result-json", str(self.run_dir / "result.json"),
                 "--status-cmd", status_cmd, "--boot-id", str(self.root / "boot_id"),
+                "--efi-dir", str(self.efi_dir),
                 "--backoff", "0.05", "--deadline", "20", "--timeout", "5", *extra]
         (self.root / "boot_id").write_text("0f3a4c1e-1111-2222-3333-444455556666\n")
         return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
@@ -241,6 +253,76 @@ def test_recoverable_errors_are_degraded_and_fail(
     assert body["message"] == "cloud-init degraded: " + ci["recoverable_errors"][0]
     assert ci["stages"]["modules-config"] == {"start": 1733115402.01, "finished": 1733115402.66,
                                               "errors": []}
+
+
+# --- the firmware ---------------------------------------------------------------------------
+
+
+def _script() -> Any:
+    spec = importlib.util.spec_from_file_location("lpmos_report", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def efi(efi_dir: Path, secure_boot: bytes | None, legacy: bool = False) -> Path:
+    """``efi_dir`` as /sys/firmware/efi, its SecureBoot variable holding
+    ``secure_boot`` (None: no variable); ``legacy``: the old sysfs
+    ``vars/<name>/data``, without attribute bytes."""
+    (efi_dir / "efivars").mkdir(parents=True)
+    if secure_boot is not None and legacy:
+        (efi_dir / "vars" / SECURE_BOOT_VAR).mkdir(parents=True)
+        (efi_dir / "vars" / SECURE_BOOT_VAR / "data").write_bytes(secure_boot)
+    elif secure_boot is not None:
+        (efi_dir / "efivars" / SECURE_BOOT_VAR).write_bytes(EFI_ATTRS + secure_boot)
+    return efi_dir
+
+
+@pytest.mark.parametrize("value, legacy, secure_boot", [
+    (b"\x01", False, True),
+    (b"\x00", False, False),
+    (b"\x02", False, False),           # agent/inventory/system.py's rule: on only for 1
+    (None, False, None),               # no variable: UEFI does not say
+    (b"", False, None),                # the attributes and no value
+    (b"\x01", True, True),             # the old sysfs API
+    (b"\x00", True, False),
+])
+def test_uefi_reads_secure_boot_from_the_efivar(tmp_path: Path, value: bytes | None,
+                                                legacy: bool, secure_boot: bool | None) -> None:
+    efi_dir = efi(tmp_path / "efi", value, legacy)
+    assert _script().read_firmware(str(efi_dir)) == {"mode": "uefi", "secure_boot": secure_boot}
+
+
+def test_an_unreadable_efivar_is_unknown(tmp_path: Path) -> None:
+    efi_dir = efi(tmp_path / "efi", None)
+    (efi_dir / "efivars" / SECURE_BOOT_VAR).mkdir()      # open() fails: EISDIR
+    assert _script().read_firmware(str(efi_dir)) == {"mode": "uefi", "secure_boot": None}
+
+
+def test_no_efi_directory_is_bios_without_secure_boot(tmp_path: Path) -> None:
+    assert _script().read_firmware(str(tmp_path / "efi")) == \
+        {"mode": "bios", "secure_boot": False}
+
+
+@pytest.mark.parametrize("uefi, value, firmware, line", [
+    (True, b"\x01", {"mode": "uefi", "secure_boot": True}, "booted UEFI, Secure Boot on"),
+    (True, b"\x00", {"mode": "uefi", "secure_boot": False}, "booted UEFI, Secure Boot off"),
+    (True, None, {"mode": "uefi", "secure_boot": None}, "booted UEFI, Secure Boot unknown"),
+    (False, None, {"mode": "bios", "secure_boot": False}, "booted BIOS"),
+])
+def test_the_report_says_how_the_system_booted(
+        machine: Machine, node: tuple[str, Recorder], uefi: bool, value: bytes | None,
+        firmware: dict[str, Any], line: str) -> None:
+    url, rec = node
+    machine.write_config(url)
+    if uefi:
+        efi(machine.efi_dir, value)
+    # no cloud-init files: a run that is still going, reported all the same
+    done = machine.run(status_cmd="")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert only_report(rec)["firmware"] == firmware
+    assert f"lpmos-report: {line}\n" in done.stdout
 
 
 # --- delivery ---------------------------------------------------------------------------------
