@@ -68,6 +68,10 @@ HTTP_PORT = 8081
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+#: Secure Boot: the SMM build of OVMF and a variable store with Microsoft's
+#: keys enrolled (it verifies shim, which is signed by Microsoft's UEFI CA)
+OVMF_CODE_SB = Path("/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
+OVMF_VARS_SB = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
 
 
 def _raise_exit(signum: int, _frame: object) -> None:
@@ -101,18 +105,29 @@ def cleanup_stale(log: Callable[[str], None] = lambda _m: None) -> list[str]:
 
 
 class Lab:
-    """The lab segment, its DHCP server, etcd and the regional node."""
+    """The lab segment, its DHCP server, etcd and the regional node.
+
+    ``http_port`` is the node's boot HTTP port (80 for a node that boots
+    Secure Boot machines through GRUB, which knows no other port).  Without
+    ``site_dhcp`` the site's dnsmasq only sends router advertisements and
+    the node is the segment's DHCP server (``--dhcp-mode full``), as GRUB
+    2.06 needs: it reads its server from the DHCP ACK and ignores
+    ProxyDHCP offers."""
+
+    _instances = 0
 
     def __init__(self, workdir: Path, *, etcd_endpoints: Sequence[str] = (),
                  catalog: Path | None = None, node_args: Sequence[str] = (),
                  log: Callable[[str], None] | None = None, python: str = sys.executable,
-                 memory_mb: int = 1024) -> None:
+                 memory_mb: int = 1024, http_port: int = HTTP_PORT,
+                 site_dhcp: bool = True) -> None:
         self.workdir = Path(workdir)
         self.owner = os.getpid()
-        self.lab_id = f"{self.owner}-{int(time.time() * 1000) % 100000}"
+        Lab._instances += 1       # two labs of one process in one second stay apart
+        self.lab_id = f"{self.owner}-{(int(time.time() * 1000) + Lab._instances) % 100000}"
         self.ns = NS_PREFIX + self.lab_id
         self.site_ns = self.ns + "-site"
-        index = (self.owner * 7 + int(time.time())) % 16000
+        index = (self.owner * 7 + int(time.time()) + Lab._instances * 131) % 16000
         a, b = index // 64 + 1, (index % 64) * 4
         self.host_ip = f"169.254.{a}.{b + 1}"
         self.ns_ip = f"169.254.{a}.{b + 2}"
@@ -131,7 +146,12 @@ class Lab:
         self.node_proc: subprocess.Popen[bytes] | None = None
         self.dnsmasq_proc: subprocess.Popen[bytes] | None = None
         self.etcd_url = ""            # as seen from the host
-        self.node_url = f"http://{NODE_IP}:{HTTP_PORT}"
+        self.http_port = http_port
+        self.site_dhcp = site_dhcp
+        if not site_dhcp:
+            self.node_args += ["--dhcp-mode", "full",
+                               "--dhcp-range", f"{SUBNET}.100-{SUBNET}.199"]
+        self.node_url = f"http://{NODE_IP}" + (f":{http_port}" if http_port != 80 else "")
 
     # -- context manager --------------------------------------------------------------------
 
@@ -221,13 +241,13 @@ class Lab:
     def _dnsmasq(self) -> None:
         leases = self.workdir / "dnsmasq.leases"
         leases.touch()
+        dhcp4 = [f"--dhcp-range={SUBNET}.100,{SUBNET}.199,255.255.255.0,1h",
+                 "--dhcp-option=3", "--dhcp-option=6",       # no router, no DNS: address only
+                 "--dhcp-authoritative"] if self.site_dhcp else []
         self.dnsmasq_proc = self._spawn([
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
             "--user=root", "--group=root", "--interface=eth0", "--bind-interfaces",
-            f"--dhcp-range={SUBNET}.100,{SUBNET}.199,255.255.255.0,1h",
-            "--dhcp-option=3", "--dhcp-option=6",       # no router, no DNS: address only
-            f"--dhcp-leasefile={leases}", "--dhcp-authoritative", "--log-dhcp",
-            "--enable-ra", "--dhcp-range=::,constructor:eth0,ra-only,64,1h",
+            *dhcp4, f"--dhcp-leasefile={leases}", "--log-dhcp", "--enable-ra", "--dhcp-range=::,constructor:eth0,ra-only,64,1h",
             "--ra-param=eth0,high,10,0", "--log-facility=-",
             f"--pid-file={self.workdir / 'dnsmasq.pid'}",
         ], "dnsmasq.log", ns=self.site_ns)
@@ -259,7 +279,7 @@ class Lab:
                "--state-dir", str(self.workdir / "node"),
                "--etcd-endpoints", ",".join(self.node_etcd_endpoints()),
                "--interface", "br0", "--catalog", str(self.catalog),
-               "--http-port", str(HTTP_PORT), *self.node_args]
+               "--http-port", str(self.http_port), *self.node_args]
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         self.node_proc = self._spawn(cmd, "node.log", ns=self.ns, env=env)
         deadline = time.monotonic() + 60
@@ -322,7 +342,8 @@ class Lab:
 
     def boot_vm(self, name: str, *, firmware: str = "bios", serial: str | None = None,
                 disk_gb: int = 2, memory_mb: int | None = None,
-                disk_first: bool | None = None) -> VM:
+                disk_first: bool | None = None, secure_boot: bool = False,
+                http_boot: bool = False) -> VM:
         """Start one VM that network-boots; returns at once (see VM.wait_for).
 
         Boot order: BIOS VMs try the network first and leave to the disk when
@@ -332,9 +353,16 @@ class Lab:
         skipped so the first boot is PXE, and after the install OVMF boots
         the disk instead of walking its other network options (PXE over
         IPv6, HTTP boot) for minutes after iPXE exits.
+
+        UEFI only: ``secure_boot`` runs OVMF with Secure Boot enforced
+        (Microsoft's keys enrolled: only signed loaders run); ``http_boot``
+        turns OVMF's PXE off (``opt/org.tianocore/IPv4PXESupport``), so the
+        firmware boots by its own UEFI HTTP boot over IPv4, with no TFTP.
         """
         if firmware not in ("bios", "uefi"):
             raise ValueError("firmware: bios or uefi")
+        if (secure_boot or http_boot) and firmware != "uefi":
+            raise ValueError("secure_boot and http_boot need firmware='uefi'")
         if disk_first is None:
             disk_first = firmware == "uefi"
         net_index, disk_index = (2, 1) if disk_first else (1, 2)
@@ -362,9 +390,18 @@ class Lab:
                "-device", f"virtio-blk-pci,drive=d0,bootindex={disk_index}"]
         if firmware == "uefi":
             vars_fd = vmdir / "OVMF_VARS.fd"
-            shutil.copyfile(OVMF_VARS, vars_fd)
-            cmd += ["-machine", "q35",
-                    "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            shutil.copyfile(OVMF_VARS_SB if secure_boot else OVMF_VARS, vars_fd)
+            if secure_boot:
+                cmd += ["-machine", "q35,smm=on",
+                        "-global", "driver=cfi.pflash01,property=secure,value=on"]
+            else:
+                cmd += ["-machine", "q35"]
+            if http_boot:
+                cmd += ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
+                        "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
+                        "-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=n"]
+            code = OVMF_CODE_SB if secure_boot else OVMF_CODE
+            cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                     "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
                     # romfile= (empty): no iPXE ROM, OVMF's own PXE client boots
                     "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile=,"
@@ -378,7 +415,9 @@ class Lab:
         vm.proc = self._spawn(cmd, f"vms/{name}/qemu.log", ns=self.ns)
         vm.watch_console()
         self.vms.append(vm)
-        self.log(f"VM {name}: {firmware}, serial {serial}, MAC {mac}, console {vm.serial_log}")
+        how = " Secure Boot" * secure_boot + " HTTP boot" * http_boot
+        self.log(f"VM {name}: {firmware}{how}, serial {serial}, MAC {mac}, "
+                 f"console {vm.serial_log}")
         return vm
 
 

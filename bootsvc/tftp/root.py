@@ -3,9 +3,10 @@ hot files, and virtual files generated per request.
 
 Contract (RELIABILITY L5): nothing outside the root is ever opened.  A name
 is normalised by :func:`normalize_name` (pure) before it touches the file
-system: backslashes are separators, ``.`` and empty components vanish, and
-``..``, absolute names (``/x``, ``C:\\x``), NUL and non-printable characters
-are refused.  The resolved path must stay under the root after following
+system: backslashes are separators, ``.`` and empty components vanish, a
+leading ``/`` means the root itself (as tftpd-hpa ``--secure`` and dnsmasq
+read it: GRUB asks for ``/grub/grub.cfg``), and ``..``, drive names
+(``C:\\x``), NUL and non-printable characters are refused.  The resolved path must stay under the root after following
 symlinks, must be a regular file, and is opened with ``O_NOFOLLOW``.  (The
 root is the operator's read-only directory; a local user who can rename
 things inside it between our check and our open could still race us, which
@@ -80,8 +81,9 @@ def normalize_name(name: str) -> str:
     :class:`PathRejected`.
 
     ``pxelinux.cfg\\default`` → ``pxelinux.cfg/default``; ``./a//b`` →
-    ``a/b``.  Refused: empty, longer than 255 characters, NUL or any
-    character outside printable ASCII, a leading ``/`` or ``\\`` or a drive
+    ``a/b``; ``/grub/grub.cfg`` → ``grub/grub.cfg`` (a leading separator
+    names the root, never the file system's).  Refused: empty, longer than
+    255 characters, NUL or any character outside printable ASCII, a drive
     letter (absolute), any ``..`` component, more than 16 components.
     """
     if not name:
@@ -91,8 +93,8 @@ def normalize_name(name: str) -> str:
     if any(not 0x20 <= ord(c) < 0x7F for c in name):
         raise PathRejected("non_printable", "file name has non-printable characters")
     text = name.replace("\\", "/")
-    if text.startswith("/") or _DRIVE.match(text):
-        raise PathRejected("absolute", "absolute file names are refused")
+    if _DRIVE.match(text):
+        raise PathRejected("absolute", "drive names are refused")
     parts = [p for p in text.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
         raise PathRejected("traversal", "'..' is refused")

@@ -25,6 +25,11 @@ CLIENT = ("192.0.2.1", 1234)
     ("./a//b/./c", "a/b/c"),
     ("a\\\\b", "a/b"),
     ("dir/", "dir"),
+    # a leading separator is the root (GRUB asks for /grub/grub.cfg), never "/"
+    ("/grub/grub.cfg", "grub/grub.cfg"),
+    ("/etc/passwd", "etc/passwd"),
+    ("\\etc\\passwd", "etc/passwd"),
+    ("//x", "x"),
 ])
 def test_normalize_name_accepts(name, expected):
     assert normalize_name(name) == expected
@@ -38,8 +43,8 @@ def test_normalize_name_accepts(name, expected):
     ("a/../../b", "traversal"),
     ("a/..", "traversal"),
     ("..\\..\\windows", "traversal"),
-    ("/etc/passwd", "absolute"),
-    ("\\etc\\passwd", "absolute"),
+    ("/", "empty_name"),
+    ("/../etc/passwd", "traversal"),
     ("C:\\boot.ini", "absolute"),
     ("c:boot.ini", "absolute"),
     ("a\x00b", "non_printable"),
