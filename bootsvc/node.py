@@ -32,8 +32,8 @@ from bootsvc.policy.reaping import Timeouts
 from bootsvc.state.machines import MachineIndex
 from bootsvc.state.reaper import Reaper
 from lpmos import __version__
-from bootsvc.tftp.chain import GRUB_LOADERS, GrubUrlError, grub_http_device
-from lpmos.config import Config, ConfigError
+from bootsvc.tftp.chain import GRUB_LOADERS
+from lpmos.config import Config
 from lpmos.metrics import Registry
 from lpmos.store import Store, StoreError
 from lpmos.store.cache import WatchCache
@@ -136,24 +136,19 @@ class NodeRegistration:
             self._stop.wait(random.uniform(NODE_LEASE_TTL / 4, NODE_LEASE_TTL / 3))
 
 
-def check_grub_reachable(config: Config, advertise_url: str) -> None:
-    """A node that offers GRUB (a ``dhcp.bootfile_*`` of shim or GRUB, for
-    Secure Boot) must be reachable by it: Debian 12's signed GRUB 2.06
-    fetches only plain HTTP on port 80, so anything else is refused at start
-    rather than leaving every such machine looping at its loader."""
-    if "http" not in config.get("regional.services", ("http",)):
-        return
+def grub_warnings(config: Config) -> list[str]:
+    """What an operator must know about a node that offers GRUB (a
+    ``dhcp.bootfile_*`` of shim or GRUB, for Secure Boot): Debian 12's signed
+    GRUB 2.06 reads its TFTP server from the DHCP ACK only, so in proxy mode
+    the site's DHCP must name this node (next-server) for it to boot."""
     grub = sorted({str(config.get(f"dhcp.bootfile_{family}") or "") for family in
                    ("bios", "efi32", "efi64", "arm64")} & GRUB_LOADERS)
-    if not grub:
-        return
-    try:
-        grub_http_device(advertise_url)
-    except GrubUrlError as exc:
-        raise ConfigError(
-            f"the boot file {grub[0]} starts GRUB, but the node's URL {exc}; run the boot "
-            "HTTP on --http-port 80, or set --advertise-url to a port-80 address in front "
-            "of it") from None
+    if not grub or config.get("dhcp.mode", "proxy") != "proxy":
+        return []
+    return [f"dhcp: {grub[0]} starts Debian's signed GRUB, which ignores ProxyDHCP offers and "
+            "finds its TFTP server in the DHCP ACK only: make the site's DHCP name this node "
+            "as next-server (siaddr / option 66) for Secure Boot machines, or run "
+            "--dhcp-mode full on a segment this node serves alone"]
 
 
 class RegionalNode:
@@ -168,7 +163,8 @@ class RegionalNode:
         server_ip = default_server_ip(config)
         http_port = HttpSettings.from_config(config).port or HttpSettings().port
         advertise = config["regional.advertise_url"] or f"http://{server_ip}:{http_port}"
-        check_grub_reachable(config, advertise)
+        for line in grub_warnings(config):
+            log.warning("%s", line)
         self.ctx = NodeContext(
             config=config, idc=idc, node_name=str(config["regional.node_name"]), store=store,
             keys=keys, cache=cache, machines=machines, metrics=Registry(),
@@ -217,6 +213,10 @@ class RegionalNode:
 
             self._http = HttpService(self.ctx)
             await self._http.start_async()
+            for service in self._async:
+                attach = getattr(service, "attach", None)
+                if attach is not None:        # TFTP: GRUB's configs and files
+                    attach(self._http.boot)
 
     def _start_rest(self) -> None:
         ctx = self.ctx

@@ -27,9 +27,9 @@ Contract (STYLE principle 7, RELIABILITY "bad input"):
               escaped and reopened; control characters are refused;
   ``grub_args`` a kernel argument string: each blank-separated word ``grub``-quoted;
   ``grub_text`` free text for GRUB's ``echo``: the ``ipxe_text`` set, quoted;
-  ``grub_url`` an ``http://`` URL as the GRUB path ``'(http,host)/path'``;
-              refused (RenderError) for https or a port other than 80,
-              which Debian 12's signed GRUB 2.06 cannot fetch;
+  ``grub_file(attr)`` a catalog image's local ``kernel``/``initrd`` as the
+              quoted TFTP path GRUB loads it by (``'/images/<name>/<file>'``);
+              a URL is refused: Debian 12's signed GRUB has no HTTP client;
   ``urlquote`` a URI component (nothing left unescaped);
   ``to_yaml`` a YAML document built from data with ``yaml.safe_dump``
               (YAML templates build a dict and dump it; they never paste
@@ -87,7 +87,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import yaml
 from jinja2 import (
@@ -101,7 +101,6 @@ from jinja2 import (
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from bootsvc.tftp.chain import GrubUrlError, grub_http_device
 from lpmos.cloudconfig import default_user, merge_cloud_config, parse_cloud_config
 from lpmos.models import ValidationError, validate_hostname
 from lpmos.netconfig import build_network_config, parse_network
@@ -195,16 +194,20 @@ def filter_grub_text(value: Any) -> str:
     return filter_grub(filter_ipxe_text(value))
 
 
-def filter_grub_url(value: Any) -> str:
-    """``http://host[:80]/path`` as the quoted GRUB path ``'(http,host)/path'``."""
-    text = filter_line(value)
-    try:
-        device = grub_http_device(text)
-    except GrubUrlError as exc:
-        raise _SlotError(str(exc)) from None
-    parts = urlsplit(text)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return filter_grub(device + (path or "/"))
+def filter_grub_file(image: Any, attr: str) -> str:
+    """A catalog image's ``kernel`` or ``initrd`` as the quoted path GRUB
+    loads it by from the node's TFTP (``'/images/<name>/<file>'``).  A URL is
+    refused: Debian 12's signed GRUB has no HTTP client under Secure Boot."""
+    if not isinstance(image, Mapping) or attr not in ("kernel", "initrd"):
+        raise _SlotError("grub_file takes a catalog image and 'kernel' or 'initrd'")
+    value = str(image.get(attr) or "")
+    name = str(image.get("name") or "")
+    if not value:
+        raise _SlotError(f"catalog image {name!r} has no {attr}")
+    if value.startswith(("http://", "https://")):
+        raise _SlotError(f"catalog image {name!r} names a URL for its {attr}; GRUB (Secure "
+                         "Boot) loads only from the node's TFTP: give the entry a local file")
+    return filter_grub(f"/images/{name}/{Path(value).name}")
 
 
 def filter_urlquote(value: Any) -> str:
@@ -276,7 +279,7 @@ FILTERS = {
     "grub": filter_grub,
     "grub_args": filter_grub_args,
     "grub_text": filter_grub_text,
-    "grub_url": filter_grub_url,
+    "grub_file": filter_grub_file,
     "urlquote": filter_urlquote,
     "to_yaml": filter_to_yaml,
     "to_json": filter_to_json,

@@ -49,7 +49,7 @@ from bootsvc.policy.script import (
 )
 from bootsvc.render import Renderer, RenderError, build_context
 from bootsvc.state.claim import claim_install
-from bootsvc.tftp.chain import GrubUrlError, render_grub_config
+from bootsvc.tftp.chain import render_grub_config
 from bootsvc.state.events import EventPipeline, EventsRefused
 from bootsvc.state.install_log import open_install_logs
 from bootsvc.state.registration import Registrar
@@ -219,16 +219,27 @@ class BootBackend:
         return self.boot_script_text
 
     def constant_grub_config(self) -> str:
-        """GRUB's constant ``grub/grub.cfg`` (also served over TFTP); 404 when
-        GRUB cannot reach this node (its URL is not on port 80)."""
+        """GRUB's constant ``grub/grub.cfg`` (GRUB reads it over TFTP; HTTP
+        serves the same text, for a look at what machines get)."""
         self.metrics.inc("http_boot_constant_total")
         if not self.grub_config_text:
-            try:
-                self.grub_config_text = render_grub_config(self.ctx.advertise_url).decode()
-            except GrubUrlError as exc:
-                raise HttpError(404, "not_found", f"no GRUB config on this node: {exc}") \
-                    from None
+            self.grub_config_text = render_grub_config().decode()
         return self.grub_config_text
+
+    def boot_file(self, name: str, file: str, *, disk: bool = False) -> tuple[str, Path] | None:
+        """The catalog file ``file`` of image ``name`` that a machine may
+        fetch, as ``(which, path)`` (``which``: kernel, initrd, or with
+        ``disk`` disk_image); ``None`` for anything else.  Only a local file
+        the catalog names for that image qualifies."""
+        image = self.catalog.images.get(name)
+        if image is None:
+            return None
+        for attr in ("kernel", "initrd", "disk_image") if disk else ("kernel", "initrd"):
+            value = getattr(image, attr)
+            if value and not image.is_url(value) and Path(value).name == file:
+                path = self.catalog.local_path(value)
+                return (attr, path) if path is not None else None
+        return None
 
     def fast_answer(self, path: str, query: str, remote_addr: str, *,
                     inline: bool = True) -> tuple[int, str, bytes] | None:

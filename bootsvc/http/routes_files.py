@@ -20,7 +20,6 @@ the TFTP root, is served; a name outside ``[A-Za-z0-9][A-Za-z0-9._+-]``
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from flask import Blueprint, Response, request
 
@@ -36,21 +35,13 @@ files_bp = Blueprint("files", __name__)
 @files_bp.get("/images/<name>/<file>")
 def image_file(name: str, file: str) -> Response:
     boot = current_boot()
-    image = boot.catalog.images.get(name)
-    if image is None or not _FILE_RE.fullmatch(file):
+    found = boot.boot_file(name, file, disk=True) if _FILE_RE.fullmatch(file) else None
+    if found is None:
         raise HttpError(404, "not_found", "no such image file")
-    which = None
-    for attr in ("kernel", "initrd", "disk_image"):
-        value = getattr(image, attr)
-        if value and not image.is_url(value) and Path(value).name == file:
-            which = attr
-            break
-    if which is None:
-        raise HttpError(404, "not_found", "no such image file")
+    which, path = found
+    image = boot.catalog.images[name]
     if which == "disk_image":
         boot.authenticate(None)        # any machine's token (a disk image is no secret of one)
-    path = boot.catalog.local_path(getattr(image, which))
-    assert path is not None
     etag = image.sha256 if which == "disk_image" and image.sha256 else None
     response = serve_file(path, etag_hint=etag, metric=which)
     if which != "disk_image":

@@ -8,16 +8,19 @@ pause rather than dropping the machine to a prompt.
 
 GRUB is the signed network image of Debian 12 (``grubnetx64.efi.signed``,
 GRUB 2.06), which shim loads on Secure Boot machines.  Its built-in prefix is
-``/grub`` on the server it was loaded from (TFTP, or HTTP for HTTP boot), so
-it reads ``grub/grub.cfg`` there.  Its HTTP client knows no port other than
-80 (``(http,host:port)`` arrived in GRUB 2.12), hence
-:func:`grub_http_device` refuses a node URL on another port.
+``/grub`` on the TFTP server it was loaded from, so it reads
+``grub/grub.cfg`` there.  It has no HTTP client built in and Secure Boot
+forbids loading one (``http.mod``), so everything GRUB fetches comes over
+TFTP: this config, the machine's own ``grub/<mac>.cfg`` and the kernel and
+initrd (``images/<name>/<file>``).  It reads its server from the DHCP ACK
+and ignores ProxyDHCP offers (GRUB 2.12 reads them), so it boots where the
+node is the DHCP server (``--dhcp-mode full``) or the site's DHCP names the
+node as next-server.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
 
 #: the name the chain script is served under
 BOOT_SCRIPT = "boot.ipxe"
@@ -47,30 +50,11 @@ def transfer_stage(file: str) -> str:
     return LOADER_STAGES.get(file, "tftp")
 
 
-_HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
-
-
-class GrubUrlError(ValueError):
-    """A URL GRUB 2.06 cannot fetch (not plain http on port 80)."""
-
-
-def grub_http_device(url: str) -> str:
-    """``(http,HOST)`` for an ``http://HOST[:80]/...`` URL, the device GRUB
-    names it by; :class:`GrubUrlError` for any other scheme or port, or a
-    host that is no plain name or IPv4 address."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if parts.scheme != "http" or port not in (None, 80):
-        raise GrubUrlError(f"{url} is not one Debian 12's signed GRUB (2.06) can fetch: "
-                           "it speaks only http:// on port 80")
-    host = parts.hostname or ""
-    if not _HOST_RE.fullmatch(host):
-        raise GrubUrlError(f"{url} names no host GRUB can reach: a host name or IPv4 "
-                           "address is needed")
-    return f"(http,{host})"
+#: a machine's own GRUB config over TFTP, as GRUB names it (``$net_default_mac``)
+GRUB_MACHINE_RE = re.compile(r"grub/((?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2})\.cfg")
+#: a catalog file over TFTP, for GRUB: ``images/<image>/<file>``
+IMAGE_FILE_RE = re.compile(r"images/([A-Za-z0-9][A-Za-z0-9._+-]{0,127})/"
+                           r"([A-Za-z0-9][A-Za-z0-9._+-]{0,127})")
 
 
 def render_chain_script(advertise_url: str) -> bytes:
@@ -88,27 +72,23 @@ def render_chain_script(advertise_url: str) -> bytes:
     ).encode("ascii")
 
 
-def render_grub_config(advertise_url: str) -> bytes:
-    """The constant ``grub/grub.cfg``: it runs this machine's own config from
-    the node's HTTP (``/grub/<mac>.cfg``, the same decision as iPXE's
-    per-machine script) and, when that fails or returns (a wait), asks again
-    after a pause, forever; no menu, no prompt.  Raises
-    :class:`GrubUrlError` when GRUB cannot reach ``advertise_url``."""
-    device = grub_http_device(advertise_url)
-    path = urlsplit(advertise_url).path.rstrip("/")
-    config = f"{device}{path}/grub/${{net_default_mac}}.cfg"
+def render_grub_config() -> bytes:
+    """The constant ``grub/grub.cfg``: it runs this machine's own config
+    from the same TFTP server (``$prefix/<mac>.cfg``: the same decision as
+    iPXE's per-machine script) and, when that fails or returns (a wait),
+    asks again after a pause, forever; no menu, no prompt."""
     return (
         "# LPMOS constant GRUB config: runs this machine's own config from the node,\n"
         "# and asks again after a pause when it cannot be fetched or returns.\n"
         "set timeout=0\n"
         "set pager=0\n"
         "while [ 1 = 1 ]; do\n"
-        f'  source "{config}"\n'
+        '  source "$prefix/${net_default_mac}.cfg"\n'
         '  echo "LPMOS: asking the node again in 5 s"\n'
         "  sleep 5\n"
         "done\n"
     ).encode("ascii")
 
 
-__all__ = ["BOOT_SCRIPT", "GRUB_CONFIG", "GRUB_LOADERS", "GrubUrlError", "grub_http_device",
+__all__ = ["BOOT_SCRIPT", "GRUB_CONFIG", "GRUB_LOADERS", "GRUB_MACHINE_RE", "IMAGE_FILE_RE",
            "render_chain_script", "render_grub_config", "transfer_stage"]

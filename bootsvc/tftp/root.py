@@ -13,7 +13,9 @@ things inside it between our check and our open could still race us, which
 is why the final open re-checks the inode it stat-ed.)
 
 Only names that fully match one narrow, anchored pattern reach the virtual
-file callback; everything else is a static file or "not found".
+file callback; everything else is a static file or "not found".  The
+callback may hand back a future (:class:`ContentPending`) when its answer
+needs a thread, and the server answers when it is done.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +57,9 @@ MAX_NAME_CHARS = 255
 DEFAULT_CACHE_BYTES = TftpSettings().cache_bytes
 DEFAULT_MAX_FILE_BYTES = 1024 * 1024 * 1024
 
-VirtualSource = Callable[[str, tuple[str, int]], bytes | None]
+#: ``virtual(name, client)``: the bytes, ``None`` for "not generated here",
+#: or a future of either when making them takes a thread (an etcd claim)
+VirtualSource = Callable[[str, tuple[str, int]], "bytes | None | Future[bytes | None]"]
 
 
 class PathRejected(Exception):
@@ -66,6 +71,16 @@ class PathRejected(Exception):
         super().__init__(message)
         self.reason = reason
         self.code = code
+
+
+class ContentPending(Exception):
+    """A virtual file is being made on another thread: ``future`` gives its
+    bytes (or ``None``: not found); the server answers once it is done."""
+
+    def __init__(self, name: str, future: Future[bytes | None]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.future = future
 
 
 class FileNotFound(PathRejected):
@@ -151,6 +166,8 @@ class TftpRoot:
         rel = normalize_name(name)
         if self._virtual is not None and self._virtual_re.fullmatch(rel):
             generated = self._virtual(rel, client)
+            if isinstance(generated, Future):
+                raise ContentPending(rel, generated)
             if generated is not None:
                 return FileContent(rel, to_netascii(generated) if netascii else generated, True)
         return FileContent(rel, self._read_static(rel, netascii))

@@ -22,6 +22,7 @@ window at most once per window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -29,12 +30,14 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bootsvc.tftp.root import (
     DEFAULT_VIRTUAL_PATTERN,
+    ContentPending,
     FileContent,
     PathRejected,
     TftpRoot,
@@ -65,7 +68,7 @@ from bootsvc.tftp.sockets import (
 )
 from bootsvc.tftp.stats import count_transfer, describe_metrics
 from bootsvc.wire import tftp
-from bootsvc.wire.tftp import ErrorCode, MalformedPacket, Opcode, OptionRefused
+from bootsvc.wire.tftp import ErrorCode, MalformedPacket, Opcode, OptionRefused, to_netascii
 from lpmos.metrics import Registry
 
 log = logging.getLogger("lpmos.tftp")
@@ -112,6 +115,8 @@ class TftpServer:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: dict[tuple[str, int], Session] = {}
+        #: requests whose virtual file is being made on a thread (ContentPending)
+        self._deferred: dict[tuple[str, int], bytes] = {}
         self._per_client: dict[str, int] = {}
         self._pktinfo = False
         self._epoll: select.epoll | None = None
@@ -200,14 +205,57 @@ class TftpServer:
         existing = self._sessions.get(addr)
         if existing is not None and self._answered_by(existing, datagram):
             return
+        if addr in self._deferred:
+            self.metrics.inc("tftp_dropped_total", reason="duplicate_request")
+            return
         if not self._make_room(addr):
             return
+        netascii = request.mode == "netascii"
         try:
-            content = self.root.open(request.filename, addr,
-                                     netascii=request.mode == "netascii")
+            content = self.root.open(request.filename, addr, netascii=netascii)
         except PathRejected as exc:
             self._refuse(addr, exc.code, str(exc), exc.reason)
             return
+        except ContentPending as pending:
+            self._defer(pending, request, datagram, addr, local, netascii)
+            return
+        self._start_transfer(request, datagram, addr, local, content)
+
+    def _defer(self, pending: ContentPending, request: tftp.Request, datagram: bytes,
+               addr: tuple[str, int], local: str | None, netascii: bool) -> None:
+        """Answer ``request`` once its virtual file is made on another thread
+        (repeats of it meanwhile are dropped as duplicates)."""
+        loop = self._loop
+        assert loop is not None
+        self._deferred[addr] = datagram
+
+        def done(future: Future[bytes | None]) -> None:
+            with contextlib.suppress(RuntimeError):        # the loop has closed
+                loop.call_soon_threadsafe(self._finish_deferred, pending.name, future,
+                                          request, datagram, addr, local, netascii)
+        pending.future.add_done_callback(done)
+
+    def _finish_deferred(self, name: str, future: Future[bytes | None], request: tftp.Request,
+                         datagram: bytes, addr: tuple[str, int], local: str | None,
+                         netascii: bool) -> None:
+        if self._deferred.pop(addr, None) is None or self._sock is None:
+            return
+        try:
+            data = future.result()
+        except Exception:
+            log.exception("tftp: generating %s for %s failed", name, addr[0])
+            self._refuse(addr, ErrorCode.NOT_DEFINED, "server error", "virtual_failed")
+            return
+        if data is None:
+            self._refuse(addr, ErrorCode.FILE_NOT_FOUND, "file not found", "not_found")
+            return
+        if not self._make_room(addr):
+            return
+        content = FileContent(name, to_netascii(data) if netascii else data, True)
+        self._start_transfer(request, datagram, addr, local, content)
+
+    def _start_transfer(self, request: tftp.Request, datagram: bytes, addr: tuple[str, int],
+                        local: str | None, content: FileContent) -> None:
         try:
             negotiated = tftp.decide_options(request.options, len(content.data), self.limits)
         except OptionRefused as exc:

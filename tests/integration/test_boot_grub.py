@@ -1,13 +1,16 @@
 """GRUB's configs (Secure Boot machines boot shim, then Debian's signed
-GRUB) against a real etcd: the constant ``/grub/grub.cfg``, the
-per-machine ``/grub/<mac>.cfg`` from the same decision table as iPXE's
-scripts, refusals that never touch the store, and task values that cannot
-become GRUB commands."""
+GRUB) against a real etcd: the constant ``grub.cfg``, the per-machine
+``<mac>.cfg`` from the same decision table as iPXE's scripts (over HTTP for
+a look, over TFTP as GRUB fetches it, the install claim included), the
+kernel and initrd over TFTP, refusals that never touch the store, and task
+values that cannot become GRUB commands."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +19,30 @@ import requests
 from test_boot_http import MAC, decision_of, new_task, register, synced
 from test_boot_http_support import IDC, Node, eventually, start_node, write_catalog
 
+from bootsvc.settings import NODE_SETTINGS
+from bootsvc.tftp.service import TftpService
+from bootsvc.tftp.settings import SETTINGS as TFTP_SETTINGS
 from lpmos import testing
+from lpmos.config import COMMON, resolve, settings_by_key
 from lpmos.models import Task
 from lpmos.store.keys import Keys
 from lpmos.tasks import TaskService
 
-#: the node's URL as GRUB reaches it (port 80); the test talks to the real port
-GRUB_URL = "http://127.0.0.1"
-#: an installer on a site mirror GRUB can fetch from (plain http, port 80; never fetched)
-ROCKY_HTTP = testing.Installer("rocky-9-site", "Rocky Linux 9 site", "rhel", "9",
-                               kernel="http://mirror.site.example/rocky/9/vmlinuz",
-                               initrd="http://mirror.site.example/rocky/9/initrd.img",
-                               kernel_args="inst.repo=http://mirror.site.example/rocky/9/")
+#: an installer whose kernel and initrd the node has (GRUB loads only from the node)
+ROCKY_LOCAL = testing.Installer("rocky-9-site", "Rocky Linux 9 site", "rhel", "9",
+                                kernel="rocky-site/vmlinuz", initrd="rocky-site/initrd.img",
+                                kernel_args="inst.repo=http://mirror.site.example/rocky/9/")
 
 
 @pytest.fixture
 def node(etcd_server: Any, keys: Keys, tmp_path: Path) -> Iterator[Node]:
     root = tmp_path / "images"
     root.mkdir()
-    catalog, _ = testing.write_catalog(root, installers=(testing.ROCKY_9, ROCKY_HTTP))
+    (root / "rocky-site").mkdir()
+    (root / "rocky-site" / "vmlinuz").write_bytes(b"k" * 1000)
+    (root / "rocky-site" / "initrd.img").write_bytes(b"i" * 1000)
+    catalog, _ = testing.write_catalog(root, installers=(testing.ROCKY_9, ROCKY_LOCAL))
     n = start_node(etcd_server.url, keys, tmp_path / "state", "node-g", catalog)
-    n.ctx.advertise_url = GRUB_URL
     yield n
     n.stop()
 
@@ -64,7 +70,7 @@ def test_constant_config_runs_the_machine_config_over_http_and_retries(node: Nod
     r = grub(node, "grub.cfg")
     assert r.status_code == 200
     text = r.text
-    assert 'source "(http,127.0.0.1)/grub/${net_default_mac}.cfg"' in text
+    assert 'source "$prefix/${net_default_mac}.cfg"' in text
     assert "while [ 1 = 1 ]; do" in text and "sleep 5" in text
     assert "set timeout=0" in text and "menuentry" not in text
 
@@ -76,10 +82,10 @@ def test_unknown_machine_gets_the_discovery_config_from_the_cache(node: Node) ->
     assert grub_decision(r.text) == "discovery"
     lines = r.text.splitlines()
     linux = next(line for line in lines if line.startswith("linux "))
-    assert linux.startswith("linux '(http,127.0.0.1)/images/live/vmlinuz' ")
-    assert "'lpmos.server=http://127.0.0.1'" in linux and "lpmos.mode=discovery" in linux
+    assert linux.startswith("linux '/images/live/vmlinuz' ")
+    assert f"'lpmos.server={node.url}'" in linux and "lpmos.mode=discovery" in linux
     assert f"'BOOTIF=01-{MAC.replace(':', '-')}'" in linux
-    assert "initrd '(http,127.0.0.1)/images/live/initrd.img'" in lines
+    assert "initrd '/images/live/initrd.img'" in lines
     assert "boot" in lines
     assert node.store.calls == []           # decided from the watch cache
     assert node.ctx.metrics.get("http_boot_scripts_total", decision="discovery") == 1
@@ -115,7 +121,6 @@ def test_a_pending_machine_without_live_image_waits(etcd_server: Any, keys: Keys
     catalog, _ = write_catalog(root)
     n = start_node(etcd_server.url, keys, tmp_path / "s2", "node-w", catalog,
                    http__live_image="absent")
-    n.ctx.advertise_url = GRUB_URL
     try:
         new_task(tasks, sn="SNW", mac="52:54:00:aa:00:09")
         synced(n, "SNW", "pending")
@@ -190,7 +195,7 @@ def test_task_values_cannot_become_grub_commands(node: Node, tasks: TaskService,
     linux = next(line for line in text.splitlines() if line.startswith("linux "))
     # the hostile argument is one word, quote and all: 'x'\'''  (closed, escaped, reopened)
     assert "'x'\\''' ';' 'reboot'" in linux and "'quiet'" in linux
-    assert linux.startswith("linux '(http,mirror.site.example)/rocky/9/vmlinuz' ")
+    assert linux.startswith("linux '/images/rocky-9-site/vmlinuz' ")
 
     mac2 = "52:54:00:aa:66:02"
     tasks.create(Task(idc=IDC, sn="EVIL-2", mac=mac2, os_type="Rocky Linux 9 site",
@@ -207,8 +212,9 @@ def test_task_values_cannot_become_grub_commands(node: Node, tasks: TaskService,
 
 def test_an_installer_grub_cannot_fetch_waits_with_the_reason(node: Node,
                                                             tasks: TaskService) -> None:
-    """Rocky's official mirror is https: GRUB 2.06 has no TLS, so the machine
-    waits and the log says why (an operator points the catalog at a mirror)."""
+    """The catalog's Rocky entry names URLs: Debian's signed GRUB has no HTTP
+    client under Secure Boot, so the machine waits and the log says why (the
+    operator gives the entry local files, which the node serves over TFTP)."""
     mac = "52:54:00:aa:66:03"
     tasks.create(Task(idc=IDC, sn="TLS-1", mac=mac, os_type="Rocky Linux 9"), by="alice")
     tasks.transition(IDC, "TLS-1", "approved", by="bob")
@@ -217,20 +223,50 @@ def test_an_installer_grub_cannot_fetch_waits_with_the_reason(node: Node,
     assert grub_decision(r.text) == "wait" and "could not be rendered" in r.text
 
 
-def test_a_node_grub_cannot_reach_serves_no_grub_config(etcd_server: Any, keys: Keys,
-                                                        tmp_path: Path) -> None:
-    """On a port other than 80 (GRUB 2.06's only port) the constant config is a
-    404 that says why (``lpmos regional`` refuses to start with a GRUB boot
-    file then: tests/unit/test_grub.py)."""
-    root = tmp_path / "images"
-    root.mkdir()
-    catalog, _ = write_catalog(root)
-    n = start_node(etcd_server.url, keys, tmp_path / "s3", "node-p", catalog)
+def test_grub_fetches_its_configs_and_the_live_image_over_tftp(
+        node: Node, tasks: TaskService, tmp_path: Path) -> None:
+    """The node's TFTP service attached to the boot backend, with curl as
+    the TFTP client: the constant config, a discovery config from the cache,
+    an install config that needs the etcd claim (made on a thread while the
+    loop goes on), the live kernel; a disk image and unknown names are not
+    served."""
+    config = resolve(settings_by_key([COMMON, NODE_SETTINGS, TFTP_SETTINGS]), flags={
+        "state_dir": str(tmp_path / "tftp-state"), "tftp__port": "0",
+        "regional__listen": "127.0.0.1"}, environ={}, config_file=None)
+    ctx = replace(node.ctx, config=config)
+    service = TftpService(ctx)
+    service.attach(node.service.boot)
+    mac = "52:54:00:aa:55:01"
+    new_task(tasks, sn="TF-1", mac=mac, os_type="Lab OS", approve=True)
+    synced(node, "TF-1", "approved")
+    loop = asyncio.new_event_loop()
+    got: dict[str, tuple[int, bytes]] = {}
     try:
-        r = grub(n, "grub.cfg")
-        assert r.status_code == 404 and "port 80" in r.json()["detail"]
-        # a machine config cannot point GRUB at this node either: it says so and waits
-        r = grub(n, f"{MAC}.cfg")
-        assert grub_decision(r.text) == "wait" and "could not be rendered" in r.text
+        loop.run_until_complete(service.start())
+
+        async def fetch(name: str) -> None:
+            out = tmp_path / name.replace("/", "_")
+            proc = await asyncio.create_subprocess_exec(
+                "curl", "-sS", "--max-time", "15", "-o", str(out),
+                f"tftp://127.0.0.1:{service.port}/{name}", stderr=asyncio.subprocess.DEVNULL)
+            code = await proc.wait()
+            got[name] = (code, out.read_bytes() if out.exists() else b"")
+
+        names = ["grub/grub.cfg", "grub/52:54:00:aa:55:02.cfg", f"grub/{mac}.cfg",
+                 "images/live/vmlinuz", "images/lab-os/disk.img", "images/nope/vmlinuz"]
+        async def fetch_all() -> None:
+            await asyncio.gather(*(fetch(n) for n in names))
+        loop.run_until_complete(fetch_all())
+        loop.run_until_complete(service.stop())
     finally:
-        n.stop()
+        loop.close()
+    assert b"while [ 1 = 1 ]" in got["grub/grub.cfg"][1]
+    assert grub_decision(got["grub/52:54:00:aa:55:02.cfg"][1].decode()) == "discovery"
+    install = got[f"grub/{mac}.cfg"][1].decode()
+    assert grub_decision(install) == "claim" and "lpmos.mode=install" in install
+    stored = tasks.get(IDC, "TF-1")
+    assert stored is not None and stored.task.status == "booting"     # claimed
+    live = node.service.boot.catalog.local_path(node.service.boot.live.kernel)
+    assert got["images/live/vmlinuz"] == (0, live.read_bytes())
+    assert got["images/lab-os/disk.img"][0] != 0          # disk images: HTTP with a token
+    assert got["images/nope/vmlinuz"][0] != 0
