@@ -23,7 +23,10 @@ Rules, in order:
    file name; a mismatch is refused (``arch_class_mismatch``);
 5. a family whose boot file is not configured is refused (``no_bootfile``):
    arm64 and efi32 by default, since Debian ships iPXE for BIOS and x86-64
-   UEFI only, and 32-bit UEFI firmware cannot run the x86-64 ``ipxe.efi``.
+   UEFI only, and 32-bit UEFI firmware cannot run the x86-64 ``ipxe.efi``;
+6. shim and GRUB (:data:`GRUB_LOADERS`, the Secure Boot chain) are never
+   offered over UEFI HTTP boot (``grub_over_http``): Debian 12's signed GRUB
+   has no HTTP client under Secure Boot, so it would stop at its prompt.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ ARCHITECTURES: dict[int, tuple[str, bool]] = {
     ARCH_HTTP_X64: ("efi64", True),
     ARCH_HTTP_ARM64: ("arm64", True),
 }
+
+#: boot files that start Debian's signed GRUB (through shim): TFTP only
+GRUB_LOADERS = frozenset({"shimx64.efi", "grubx64.efi"})
 
 PXE_CLIENT = "PXEClient"
 HTTP_CLIENT = "HTTPClient"
@@ -172,6 +178,10 @@ def decide_bootfile(client: ClientInfo, policy: BootPolicy) -> BootfileDecision:
     if not filename:
         return BootRefusal("no_bootfile", f"no boot file configured for {family}")
     if over_http:
+        if filename in GRUB_LOADERS:
+            return BootRefusal("grub_over_http",
+                               f"{filename} (GRUB) cannot boot over HTTP: no HTTP client in "
+                               "Debian's signed GRUB")
         if not policy.http_base:
             return BootRefusal("no_script_url", "no advertise URL configured for HTTP boot")
         return BootAnswer("http", f"{policy.http_base.rstrip('/')}/{filename}", klass, family,

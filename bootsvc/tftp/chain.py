@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import re
 
+from bootsvc.policy.bootfile import GRUB_LOADERS
+
 #: the name the chain script is served under
 BOOT_SCRIPT = "boot.ipxe"
 #: the name GRUB's network image reads its config under (its prefix is /grub)
 GRUB_CONFIG = "grub/grub.cfg"
-#: boot files that start GRUB (through shim): a node that offers one serves
-#: GRUB's configs and needs its boot HTTP on port 80
-GRUB_LOADERS = frozenset({"shimx64.efi", "grubx64.efi"})
 
 #: boot loader files and the timeline stage their transfer is recorded as
 #: (any other file: ``tftp``), so a machine stuck at a loader shows where

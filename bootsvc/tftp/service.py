@@ -56,6 +56,8 @@ class TftpService:
         self._script = render_chain_script(ctx.advertise_url) if ctx.advertise_url else None
         self._grub = render_grub_config()
         self._boot: BootBackend | None = None
+        #: catalog files sent over TFTP -> their timeline stage (kernel fetched ...)
+        self._file_stages: dict[str, str] = {}
         self._claims: ThreadPoolExecutor | None = None
         self.server = TftpServer(
             self.root, TftpSettings.from_config(cfg),
@@ -107,7 +109,8 @@ class TftpService:
                 data = found[1].read_bytes()
             except OSError:
                 return None
-            boot.metrics.inc("tftp_files_total", kind=found[0])
+            if len(self._file_stages) < 1024:
+                self._file_stages[name] = f"{found[0]} fetched"
             return data
         return None
 
@@ -132,8 +135,9 @@ class TftpService:
         detail = {"file": record["file"], "bytes": record["bytes"],
                   "seconds": record["seconds"], "status": record["status"]}
         try:
-            self.ctx.timeline.record(f"ip:{record['client']}", transfer_stage(record["file"]),
-                                     detail)
+            file = record["file"]
+            stage = self._file_stages.get(file) or transfer_stage(file)
+            self.ctx.timeline.record(f"ip:{record['client']}", stage, detail)
         except Exception:
             log.exception("tftp: timeline record failed")
 

@@ -27,6 +27,8 @@ IA32 = BootPolicy(bootfiles={**POLICY.bootfiles, "efi32": "i386/ipxe.efi"},
 SNP = BootPolicy(bootfiles={**POLICY.bootfiles, "efi64": "snponly.efi"},
                  script_url=POLICY.script_url, http_base=POLICY.http_base)
 NO_URL = BootPolicy(bootfiles=POLICY.bootfiles)
+SHIM = BootPolicy(bootfiles={**POLICY.bootfiles, "efi64": "shimx64.efi"},
+                  script_url=POLICY.script_url, http_base=POLICY.http_base)
 
 PXE = b"PXEClient:Arch:00000:UNDI:002001"
 HTTP = b"HTTPClient:Arch:00016:UNDI:003001"
@@ -61,6 +63,12 @@ TABLE = [
     (16, PXE, None, False, POLICY, "arch_class_mismatch"),
     (7, HTTP, None, False, POLICY, "arch_class_mismatch"),
     (16, HTTP, None, False, NO_URL, "no_script_url"),
+    # Secure Boot: shim (then Debian's signed GRUB) over TFTP, never over HTTP boot
+    (7, PXE, None, False, SHIM, ("tftp", "shimx64.efi")),
+    (9, PXE, None, False, SHIM, ("tftp", "shimx64.efi")),
+    (0, PXE, None, False, SHIM, ("tftp", "undionly.kpxe")),
+    (16, HTTP, None, False, SHIM, "grub_over_http"),
+    (7, PXE, b"iPXE", False, SHIM, ("script", f"{BASE}/boot.ipxe")),
     # iPXE already running: the script, never the binary again
     (0, PXE, b"iPXE", False, POLICY, ("script", f"{BASE}/boot.ipxe")),
     (7, PXE, b"iPXE", False, POLICY, ("script", f"{BASE}/boot.ipxe")),
