@@ -96,8 +96,9 @@ SETTINGS: tuple[Setting, ...] = (
             "iPXE you put under the TFTP root (the x86-64 ipxe.efi does not run there); "
             "none (default): do not answer them", metavar="FILE"),
     Setting("dhcp.bootfile_efi64", "--dhcp-bootfile-efi64", "ipxe.efi", parse_bootfile,
-            "boot file for x86-64 UEFI clients (arch 7, 9; HTTP boot 16), e.g. snponly.efi; "
-            "none: do not answer", metavar="FILE"),
+            "boot file for x86-64 UEFI clients (arch 7, 9; HTTP boot 16), e.g. snponly.efi, or "
+            "shimx64.efi for Secure Boot (Debian's signed shim, then GRUB, over TFTP; never "
+            "offered to HTTP boot); none: do not answer", metavar="FILE"),
     Setting("dhcp.bootfile_arm64", "--dhcp-bootfile-arm64", None, parse_bootfile,
             "boot file for arm64 UEFI clients (arch 11, HTTP boot 19); none (default): do not "
             "answer them", metavar="FILE"),

@@ -270,3 +270,36 @@ def test_grub_fetches_its_configs_and_the_live_image_over_tftp(
     assert got["images/live/vmlinuz"] == (0, live.read_bytes())
     assert got["images/lab-os/disk.img"][0] != 0          # disk images: HTTP with a token
     assert got["images/nope/vmlinuz"][0] != 0
+
+
+def test_loaders_over_http_have_content_length_and_range(etcd_server: Any, keys: Keys,
+                                                         tmp_path: Path) -> None:
+    """What UEFI HTTP boot fetches: a loader of the TFTP root, whole with
+    its Content-Length, or a byte range (firmware resumes a broken download)."""
+    root = tmp_path / "images"
+    root.mkdir()
+    catalog, _ = write_catalog(root)
+    tftp = tmp_path / "tftp"
+    tftp.mkdir()
+    shim = Path("/usr/lib/shim/shimx64.efi.signed").read_bytes()
+    (tftp / "shimx64.efi").write_bytes(shim)
+    n = start_node(etcd_server.url, keys, tmp_path / "s4", "node-l", catalog,
+                   tftp__root=str(tftp))
+    try:
+        whole = requests.get(f"{n.url}/ipxe/shimx64.efi", timeout=10)
+        assert whole.status_code == 200 and whole.content == shim
+        assert whole.headers["Content-Length"] == str(len(shim))
+        assert whole.headers["Accept-Ranges"] == "bytes"
+        part = requests.get(f"{n.url}/ipxe/shimx64.efi", headers={"Range": "bytes=100-1123"},
+                            timeout=10)
+        assert part.status_code == 206 and part.content == shim[100:1124]
+        assert part.headers["Content-Length"] == "1024"
+        assert part.headers["Content-Range"] == f"bytes 100-1123/{len(shim)}"
+        tail = requests.get(f"{n.url}/ipxe/shimx64.efi", headers={"Range": "bytes=-10"},
+                            timeout=10)
+        assert tail.status_code == 206 and tail.content == shim[-10:]
+        beyond = requests.get(f"{n.url}/ipxe/shimx64.efi",
+                              headers={"Range": f"bytes={len(shim)}-"}, timeout=10)
+        assert beyond.status_code == 416
+    finally:
+        n.stop()
