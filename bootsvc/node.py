@@ -31,8 +31,8 @@ from bootsvc.netif import default_server_ip
 from bootsvc.policy.reaping import Timeouts
 from bootsvc.state.machines import MachineIndex
 from bootsvc.state.reaper import Reaper
-from lpmos import __version__
 from bootsvc.tftp.chain import GRUB_LOADERS
+from lpmos import __version__
 from lpmos.config import Config
 from lpmos.metrics import Registry
 from lpmos.store import Store, StoreError

@@ -247,7 +247,8 @@ class Lab:
         self.dnsmasq_proc = self._spawn([
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
             "--user=root", "--group=root", "--interface=eth0", "--bind-interfaces",
-            *dhcp4, f"--dhcp-leasefile={leases}", "--log-dhcp", "--enable-ra", "--dhcp-range=::,constructor:eth0,ra-only,64,1h",
+            *dhcp4, f"--dhcp-leasefile={leases}", "--log-dhcp", "--enable-ra",
+            "--dhcp-range=::,constructor:eth0,ra-only,64,1h",
             "--ra-param=eth0,high,10,0", "--log-facility=-",
             f"--pid-file={self.workdir / 'dnsmasq.pid'}",
         ], "dnsmasq.log", ns=self.site_ns)

@@ -49,11 +49,11 @@ from bootsvc.policy.script import (
 )
 from bootsvc.render import Renderer, RenderError, build_context
 from bootsvc.state.claim import claim_install
-from bootsvc.tftp.chain import render_grub_config
 from bootsvc.state.events import EventPipeline, EventsRefused
 from bootsvc.state.install_log import open_install_logs
 from bootsvc.state.registration import Registrar
 from bootsvc.state.tokens import MachineTokens, TokenError
+from bootsvc.tftp.chain import render_grub_config
 from lpmos.catalog import Catalog, Image
 from lpmos.models import ProgressEvent
 from lpmos.store import StoreError

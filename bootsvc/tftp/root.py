@@ -6,11 +6,12 @@ is normalised by :func:`normalize_name` (pure) before it touches the file
 system: backslashes are separators, ``.`` and empty components vanish, a
 leading ``/`` means the root itself (as tftpd-hpa ``--secure`` and dnsmasq
 read it: GRUB asks for ``/grub/grub.cfg``), and ``..``, drive names
-(``C:\\x``), NUL and non-printable characters are refused.  The resolved path must stay under the root after following
-symlinks, must be a regular file, and is opened with ``O_NOFOLLOW``.  (The
-root is the operator's read-only directory; a local user who can rename
-things inside it between our check and our open could still race us, which
-is why the final open re-checks the inode it stat-ed.)
+(``C:\\x``), NUL and non-printable characters are refused.  The resolved
+path must stay under the root after following symlinks, must be a regular
+file, and is opened with ``O_NOFOLLOW``.  (The root is the operator's
+read-only directory; a local user who can rename things inside it between
+our check and our open could still race us, which is why the final open
+re-checks the inode it stat-ed.)
 
 Only names that fully match one narrow, anchored pattern reach the virtual
 file callback; everything else is a static file or "not found".  The
@@ -59,7 +60,7 @@ DEFAULT_MAX_FILE_BYTES = 1024 * 1024 * 1024
 
 #: ``virtual(name, client)``: the bytes, ``None`` for "not generated here",
 #: or a future of either when making them takes a thread (an etcd claim)
-VirtualSource = Callable[[str, tuple[str, int]], "bytes | None | Future[bytes | None]"]
+VirtualSource = Callable[[str, tuple[str, int]], "bytes | Future[bytes | None] | None"]
 
 
 class PathRejected(Exception):

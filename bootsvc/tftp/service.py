@@ -10,6 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bootsvc.http.common import HttpError
 from bootsvc.tftp.chain import (
     BOOT_SCRIPT,
     GRUB_CONFIG,
@@ -19,7 +20,6 @@ from bootsvc.tftp.chain import (
     render_grub_config,
     transfer_stage,
 )
-from bootsvc.http.common import HttpError
 from bootsvc.tftp.root import prepare_tftp_root
 from bootsvc.tftp.server import TftpServer
 from bootsvc.tftp.settings import TftpSettings
@@ -89,7 +89,7 @@ class TftpService:
         self._boot = boot
         self._claims = ThreadPoolExecutor(CLAIM_THREADS, thread_name_prefix="tftp-grub")
 
-    def _virtual(self, name: str, client: tuple[str, int]) -> bytes | None | Future[bytes | None]:
+    def _virtual(self, name: str, client: tuple[str, int]) -> bytes | Future[bytes | None] | None:
         if name == BOOT_SCRIPT:
             return self._script
         if name == GRUB_CONFIG:
@@ -115,7 +115,7 @@ class TftpService:
         return None
 
     def _grub_machine(self, boot: BootBackend, name: str,
-                      ip: str) -> bytes | None | Future[bytes | None]:
+                      ip: str) -> bytes | Future[bytes | None] | None:
         """A machine's GRUB config: answered on the loop from the cache; one
         that needs an etcd claim is made on a thread."""
         try:
