@@ -59,6 +59,7 @@ BAD_NAMING_NONE: list[tuple[str, str, Any, str]] = [
 #: route must be in the tables above (the guard test compares)
 NO_MACHINE_TOKEN = {
     "/boot.ipxe", "/boot/<path:name>", "/healthz", "/metrics", "/ipxe/<file>",
+    "/grub/grub.cfg", "/grub/<path:name>",   # GRUB configs: the same decision as /boot
     "/static/<path:filename>",
     "/agent/v1/register",            # optional: the token when the machine holds one
     "/images/<name>/<file>",         # any machine's token for disk images (test below)
