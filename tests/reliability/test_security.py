@@ -71,6 +71,7 @@ PROTECTED: list[tuple[str, str, Any]] = [
 #: routes of the boot app and how each is guarded (the guard test compares)
 ROUTE_GUARDS = {
     "/boot.ipxe": "public", "/boot/<path:name>": "public", "/healthz": "public",
+    "/grub/grub.cfg": "public", "/grub/<path:name>": "public",
     "/metrics": "public", "/ipxe/<file>": "public (TFTP root files)",
     "/images/<name>/<file>": "token for disk images",
     "/agent/v1/register": "token when the machine holds one",
