@@ -46,6 +46,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("lpmos.cli_config", "show the effective configuration and its sources"),
     "token": ("lpmos.cli_token", "create, list and revoke API tokens and users"),
     "render": ("bootsvc.render_cli", "preview a rendered boot script or install config"),
+    "login": ("lpmos.cli_client", "API client: store a control plane's URL and token as a profile"),
+    "task": ("lpmos.cli_client", "API client: create, list, show, approve ... install tasks"),
+    "server": ("lpmos.cli_client", "API client: list and show discovered machines"),
+    "node": ("lpmos.cli_client", "API client: list the regional nodes alive"),
+    "audit": ("lpmos.cli_client", "API client: list audit records"),
+    "template": ("lpmos.cli_client", "API client: list and show task templates"),
+    "completion": ("lpmos.cli_client", "print a shell completion script (bash)"),
 }
 
 EXIT_USAGE = 2
