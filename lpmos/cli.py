@@ -99,7 +99,11 @@ def load_command(name: str) -> ModuleType:
 
 
 def command_settings(module: ModuleType) -> list[Setting]:
-    return settings_by_key([COMMON, getattr(module, "SETTINGS", ())])
+    """A command's settings: the common ones (state dir, etcd, log level ...)
+    unless the module says ``COMMON_SETTINGS = False`` (the API client, which
+    talks only to a control plane's REST API), then its own."""
+    common = COMMON if getattr(module, "COMMON_SETTINGS", True) else ()
+    return settings_by_key([common, getattr(module, "SETTINGS", ())])
 
 
 def all_settings(only: str | None = None) -> tuple[list[Setting], list[str]]:

@@ -85,6 +85,9 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "template": ("list", "show"),
 }
 
+#: the client reads no etcd, state dir or catalog: only its own flags
+COMMON_SETTINGS = False
+
 
 def exit_codes_epilog() -> str:
     lines = ["exit codes:"] + [f"  {code}  {text}" for code, text in EXIT_CODES]
