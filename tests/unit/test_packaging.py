@@ -22,6 +22,18 @@ def test_agent_extra_is_psutil_pyudev_and_zstandard_only() -> None:
     assert names == ["psutil", "pyudev", "zstandard"]
 
 
+def test_scapy_is_for_tests_and_the_bench_only() -> None:
+    """No service imports scapy: it is in the ``dev`` extra, not ``server``."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert not any(d.startswith("scapy") for d in extras["server"])
+    assert any(d.startswith("scapy") for d in extras["dev"])
+    users = subprocess.run(["grep", "-rlE", "^(import scapy|from scapy)", "lpmos", "bootsvc",
+                            "agent", "web", "lab", "images"], cwd=REPO, capture_output=True,
+                           text=True, timeout=30, check=False).stdout.split()
+    assert users == [], users
+
+
 def test_agent_modules_import_no_server_dependency() -> None:
     code = (
         "import importlib, pkgutil, sys, agent, lpmos.models, lpmos.states, lpmos.config;"
