@@ -13,6 +13,7 @@ registers one blueprint per concern:
 | api_servers   | web.api_servers      | discovered servers, inventory, timeline|
 | api_stats     | web.api_stats        | stats, /healthz, /metrics              |
 | api_admin     | web.api_admin        | audit, users, tokens, templates, IDCs  |
+| api_webhooks  | web.api_webhooks     | outbound webhooks and their deliveries |
 | ws            | web.ws               | /ws live updates                       |
 | openapi       | web.openapi          | /api/v1/openapi.json                   |
 | console       | web.console          | the console pages                      |
@@ -122,6 +123,11 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
         mutate_limiter=RateLimiter(mutate_rate, burst=max(10.0, mutate_rate / 4)),
         hub=hub, settings=values, owns_cache=owns_cache, maintenance=maintenance)
     app.extensions["lpmos"] = context
+    from web.webhooks import WebhookDispatcher, WebhookSettings
+
+    dispatcher = WebhookDispatcher(cache, keys, metrics, WebhookSettings.from_values(values))
+    app.extensions["lpmos_webhooks"] = dispatcher.start()
+    context.workers.append(dispatcher)
     _register_blueprints(app)
     _install_hooks(app, context)
     return app
@@ -156,14 +162,15 @@ def _register_blueprints(app: Flask) -> None:
         api_servers,
         api_stats,
         api_tasks,
+        api_webhooks,
         auth,
         console,
         openapi,
         ws,
     )
 
-    for module in (auth, api_tasks, api_logs, api_servers, api_stats, api_admin, ws, openapi,
-                   console):
+    for module in (auth, api_tasks, api_logs, api_servers, api_stats, api_admin, api_webhooks,
+                   ws, openapi, console):
         app.register_blueprint(module.bp)
 
 

@@ -51,6 +51,8 @@ class WebContext:
     owns_cache: bool = True
     #: etcd's alarms and sizes (None: not watched, e.g. a test's MemoryStore)
     maintenance: EtcdMaintenance | None = None
+    #: background workers stopped with the app (the webhook dispatcher)
+    workers: list[Any] = field(default_factory=list)
 
     def setting(self, key: str, default: Any = None) -> Any:
         """A ``web.*`` value: the resolved config's, else the default here."""
@@ -59,6 +61,8 @@ class WebContext:
         return self.config.get(key, default)
 
     def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
         self.hub.close()
         if self.maintenance is not None:
             self.maintenance.stop()

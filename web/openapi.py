@@ -110,6 +110,26 @@ DOCS: dict[str, dict[str, Any]] = {
                             "response": "Object", "status": 201},
     "DELETE /api/v1/tokens/{token_id}": {"summary": "Revoke tokens by id prefix",
                                          "response": "Object"},
+    "GET /api/v1/webhooks": {"summary": "Outbound webhooks (never their secrets)",
+                             "response": "Page"},
+    "POST /api/v1/webhooks": {
+        "summary": "Create a webhook; the answer carries its HMAC secret, once",
+        "body": {"type": "object", "required": ["url", "events"], "properties": {
+            "url": _S, "events": {"type": "array", "items": _S}, "secret": _S,
+            "enabled": {"type": "boolean"}, "description": _S}},
+        "response": "Object", "status": 201},
+    "GET /api/v1/webhooks/{webhook_id}": {"summary": "One webhook", "response": "Object"},
+    "PUT /api/v1/webhooks/{webhook_id}": {
+        "summary": "Change a webhook's url, events, enabled, description or secret",
+        "body": {"type": "object", "properties": {
+            "url": _S, "events": {"type": "array", "items": _S}, "secret": _S,
+            "enabled": {"type": "boolean"}, "description": _S, "revision": _I}},
+        "response": "Object"},
+    "DELETE /api/v1/webhooks/{webhook_id}": {"summary": "Delete a webhook",
+                                             "response": "Object"},
+    "GET /api/v1/webhooks/{webhook_id}/deliveries": {
+        "summary": "The webhook's last delivery attempts in this process, newest first",
+        "response": "Page"},
     "GET /api/v1/templates": {"summary": "Task templates", "response": "Page"},
     "PUT /api/v1/templates/{name}": {"summary": "Create or replace a task template",
                                      "body": _ref("Template"), "response": "Object"},

@@ -19,6 +19,7 @@ start with ``_`` so they can never collide with an IDC.
 | {p}/_auth/users/{name}                | user (role, password hash)          |
 | {p}/_auth/tokens/{sha256}             | API token record                    |
 | {p}/_templates/{name}                 | task template (preset)              |
+| {p}/_webhooks/{id}                    | outbound webhook (URL, events, key) |
 | {p}/_secrets/node_api                 | control plane → node API HMAC key   |
 """
 
@@ -114,6 +115,14 @@ class Keys:
 
     def templates(self) -> str:
         return f"{self.prefix}/_templates/"
+
+    def webhook(self, ident: str) -> str:
+        """An outbound webhook (:mod:`web.webhooks`); its value holds the
+        HMAC secret, so only the control plane reads it."""
+        return f"{self.prefix}/_webhooks/{ident}"
+
+    def webhooks(self) -> str:
+        return f"{self.prefix}/_webhooks/"
 
     def node_api_secret(self) -> str:
         """The key the control plane signs its requests to regional nodes

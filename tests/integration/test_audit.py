@@ -135,13 +135,23 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
             token_id = r.get_json()["id"]
     r = c.delete(f"/api/v1/tokens/{token_id}", headers=env.headers("admin"))
     assert r.status_code == 200
+    r = c.post("/api/v1/webhooks", json={"url": "http://127.0.0.1:9/hook",
+                                         "events": ["task.state"]}, headers=env.headers("admin"))
+    assert r.status_code == 201
+    webhook_id = r.get_json()["webhook"]["id"]
+    r = c.put(f"/api/v1/webhooks/{webhook_id}", json={"enabled": False},
+              headers=env.headers("admin"))
+    assert r.status_code == 200
+    r = c.delete(f"/api/v1/webhooks/{webhook_id}", headers=env.headers("admin"))
+    assert r.status_code == 200
     exercised = {f"{m} {p}" for m, p, _, _ in calls if m not in ("FAIL", "SUCCEED")} | {
-        f"DELETE /api/v1/tokens/{token_id}"}
+        f"DELETE /api/v1/tokens/{token_id}", "POST /api/v1/webhooks",
+        f"PUT /api/v1/webhooks/{webhook_id}", f"DELETE /api/v1/webhooks/{webhook_id}"}
 
     records = audit_kvs(store, keys, start)
     where = {"task": keys.idc("dc1") + "machines/", "user": keys.user("auditee"),
              "token": keys.api_tokens(), "template": keys.template("audited"),
-             "server": keys.server("dc1", sn)}
+             "server": keys.server("dc1", sn), "webhook": keys.webhooks()}
     for record, revision in records:
         prefix = where[record["action"].split(".")[0]]
         if record["action"].startswith("task.") and record["action"] != "task.batch_create":
@@ -155,7 +165,8 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
     assert actions == sorted([
         "task.create", "task.create", "task.reject", "task.approve", "task.retry",
         "task.redeploy", "task.cancel", "task.delete", "task.batch_create", "user.put",
-        "token.create", "token.revoke", "template.put", "template.delete", "server.clear_conflict"])
+        "token.create", "token.revoke", "template.put", "template.delete", "server.clear_conflict",
+        "webhook.create", "webhook.update", "webhook.delete"])
     # the API reports a record's revision (the change's); no record went
     # through a put of its own
     listed = c.get("/api/v1/audit", query_string={"target": rejected},
@@ -166,13 +177,14 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
     assert not [k for k in store.puts if k.startswith(keys.audit_prefix())]
     # every mutating route of the API was exercised above
     mutating = {r for r in api_routes(env.app) if r.split(" ")[0] in ("POST", "PUT", "DELETE")}
-    normalized = {_rule(e, sn, rejected, token_id) for e in exercised}
+    normalized = {_rule(e, sn, rejected, token_id, webhook_id) for e in exercised}
     assert mutating <= normalized, mutating - normalized
 
 
 def _rule(call: str, *names: str) -> str:
     method, path = call.split(" ", 1)
     parts = ["{sn}" if p in names[:2] else "{token_id}" if p == names[2]
+             else "{webhook_id}" if p == names[3]
              else "{idc}" if p == "dc1" else "{name}" if p in ("auditee", "audited") else p
              for p in path.split("/")]
     return f"{method} {'/'.join(parts)}"

@@ -126,6 +126,9 @@ MUTATING: list[tuple[str, str, str]] = [
     ("PUT", "/api/v1/templates/tpl1", "operator"),
     ("DELETE", "/api/v1/templates/tpl1", "operator"),
     ("POST", "/api/v1/servers/dc1/sn-x/clear-conflict", "approver"),
+    ("POST", "/api/v1/webhooks", "admin"),
+    ("PUT", "/api/v1/webhooks/0123456789abcdef", "admin"),
+    ("DELETE", "/api/v1/webhooks/0123456789abcdef", "admin"),
 ]
 BELOW = {"operator": "viewer", "approver": "operator", "admin": "approver"}
 
@@ -133,7 +136,7 @@ BELOW = {"operator": "viewer", "approver": "operator", "admin": "approver"}
 def _rule_of(path: str) -> str:
     parts = path.split("/")
     mapping = {"dc1": "{idc}", "sn-x": "{sn}", "someone": "{name}", "abcdef12": "{token_id}",
-               "tpl1": "{name}"}
+               "tpl1": "{name}", "0123456789abcdef": "{webhook_id}"}
     return "/".join(mapping.get(p, p) for p in parts)
 
 
