@@ -28,10 +28,10 @@ from typing import Any, Protocol
 from bootsvc.context import MemoryTimeline, NodeContext
 from bootsvc.http.settings import HttpSettings
 from bootsvc.netif import default_server_ip
+from bootsvc.policy.bootfile import FAMILIES, GRUB_LOADERS
 from bootsvc.policy.reaping import Timeouts
 from bootsvc.state.machines import MachineIndex
 from bootsvc.state.reaper import Reaper
-from bootsvc.tftp.chain import GRUB_LOADERS
 from lpmos import __version__
 from lpmos.config import Config
 from lpmos.metrics import Registry
@@ -141,8 +141,8 @@ def grub_warnings(config: Config) -> list[str]:
     ``dhcp.bootfile_*`` of shim or GRUB, for Secure Boot): Debian 12's signed
     GRUB 2.06 reads its TFTP server from the DHCP ACK only, so in proxy mode
     the site's DHCP must name this node (next-server) for it to boot."""
-    grub = sorted({str(config.get(f"dhcp.bootfile_{family}") or "") for family in
-                   ("bios", "efi32", "efi64", "arm64")} & GRUB_LOADERS)
+    grub = sorted({str(config.get(f"dhcp.bootfile_{family}") or "") for family in FAMILIES}
+                  & GRUB_LOADERS)
     if not grub or config.get("dhcp.mode", "proxy") != "proxy":
         return []
     return [f"dhcp: {grub[0]} starts Debian's signed GRUB, which ignores ProxyDHCP offers and "

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from bootsvc.policy.bootfile import BootPolicy, parse_bootfile
+from bootsvc.policy.bootfile import FAMILIES, BootPolicy, parse_bootfile
 from bootsvc.state.dhcp_leases import parse_range
 from lpmos.config import (
     Config,
@@ -36,7 +36,7 @@ PortKind = Literal["dhcp", "proxy"]
 Mode = Literal["proxy", "full", "off"]
 
 #: the firmware families that each have a boot file setting (``dhcp.bootfile_<family>``)
-BOOT_FAMILIES = ("bios", "efi32", "efi64", "arm64")
+BOOT_FAMILIES = FAMILIES
 
 
 def _ip_list(raw: Any) -> list[str]:

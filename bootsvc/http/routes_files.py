@@ -68,6 +68,5 @@ def ipxe_file(file: str) -> Response:
         boot.metrics.inc("http_requests_refused_total", reason="outside_root")
         raise HttpError(404, "not_found", "no such file")
     response = serve_file(path, metric="ipxe")
-    stage = transfer_stage(file)
-    _record(stage if stage != "tftp" else "loader", {"file": file, "via": "http"})
+    _record(transfer_stage(file, "loader"), {"file": file, "via": "http"})
     return response

@@ -2,9 +2,10 @@
 script ``boot.ipxe`` and GRUB's ``grub/grub.cfg``.
 
 Both are constant per node (no machine is known at TFTP time: TFTP carries
-no MAC) and only hand the machine over to boot HTTP, where the per-machine
-script or config is decided; if HTTP cannot be reached they retry after a
-pause rather than dropping the machine to a prompt.
+no MAC) and only hand the machine over to its per-machine script or config
+(iPXE's over boot HTTP, GRUB's over TFTP, below), where the boot is decided;
+if that cannot be fetched they retry after a pause rather than dropping the
+machine to a prompt.
 
 GRUB is the signed network image of Debian 12 (``grubnetx64.efi.signed``,
 GRUB 2.06), which shim loads on Secure Boot machines.  Its built-in prefix is
@@ -44,9 +45,10 @@ LOADER_STAGES = {
 }
 
 
-def transfer_stage(file: str) -> str:
-    """The timeline stage of a file sent to a machine (TFTP or HTTP)."""
-    return LOADER_STAGES.get(file, "tftp")
+def transfer_stage(file: str, other: str = "tftp") -> str:
+    """The timeline stage of a file sent to a machine (TFTP or HTTP);
+    ``other`` for a file that is no known loader."""
+    return LOADER_STAGES.get(file, other)
 
 
 #: a machine's own GRUB config over TFTP, as GRUB names it (``$net_default_mac``)

@@ -39,6 +39,7 @@ from bootsvc.tftp.root import (
     DEFAULT_VIRTUAL_PATTERN,
     ContentPending,
     FileContent,
+    FileNotFound,
     PathRejected,
     TftpRoot,
     VirtualSource,
@@ -116,7 +117,7 @@ class TftpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: dict[tuple[str, int], Session] = {}
         #: requests whose virtual file is being made on a thread (ContentPending)
-        self._deferred: dict[tuple[str, int], bytes] = {}
+        self._deferred: set[tuple[str, int]] = set()
         self._per_client: dict[str, int] = {}
         self._pktinfo = False
         self._epoll: select.epoll | None = None
@@ -227,7 +228,7 @@ class TftpServer:
         (repeats of it meanwhile are dropped as duplicates)."""
         loop = self._loop
         assert loop is not None
-        self._deferred[addr] = datagram
+        self._deferred.add(addr)
 
         def done(future: Future[bytes | None]) -> None:
             with contextlib.suppress(RuntimeError):        # the loop has closed
@@ -238,8 +239,9 @@ class TftpServer:
     def _finish_deferred(self, name: str, future: Future[bytes | None], request: tftp.Request,
                          datagram: bytes, addr: tuple[str, int], local: str | None,
                          netascii: bool) -> None:
-        if self._deferred.pop(addr, None) is None or self._sock is None:
+        if addr not in self._deferred or self._sock is None:
             return
+        self._deferred.discard(addr)
         try:
             data = future.result()
         except Exception:
@@ -247,7 +249,8 @@ class TftpServer:
             self._refuse(addr, ErrorCode.NOT_DEFINED, "server error", "virtual_failed")
             return
         if data is None:
-            self._refuse(addr, ErrorCode.FILE_NOT_FOUND, "file not found", "not_found")
+            missing = FileNotFound()
+            self._refuse(addr, missing.code, str(missing), missing.reason)
             return
         if not self._make_room(addr):
             return

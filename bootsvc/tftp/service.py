@@ -39,8 +39,9 @@ CLAIM_THREADS = 4
 
 class TftpService:
     """Serves ``tftp.root`` (default ``STATE_DIR/tftp``, prepared from
-    Debian's iPXE builds at start) on ``--listen``, plus the node's chain
-    script as ``boot.ipxe`` when the node has an advertised URL, and what
+    Debian's iPXE builds and signed Secure Boot loaders at start) on
+    ``--listen``, plus the node's chain script as ``boot.ipxe`` when the node
+    has an advertised URL, and what
     GRUB fetches (it has no other way to the node): ``grub/grub.cfg``,
     ``grub/<mac>.cfg`` and ``images/<name>/<kernel or initrd>``, the last two
     from the boot HTTP's backend once :meth:`attach` gave it.  Transfers are
@@ -56,8 +57,6 @@ class TftpService:
         self._script = render_chain_script(ctx.advertise_url) if ctx.advertise_url else None
         self._grub = render_grub_config()
         self._boot: BootBackend | None = None
-        #: catalog files sent over TFTP -> their timeline stage (kernel fetched ...)
-        self._file_stages: dict[str, str] = {}
         self._claims: ThreadPoolExecutor | None = None
         self.server = TftpServer(
             self.root, TftpSettings.from_config(cfg),
@@ -106,13 +105,20 @@ class TftpService:
             if found is None:
                 return None
             try:
-                data = found[1].read_bytes()
+                return found[1].read_bytes()
             except OSError:
                 return None
-            if len(self._file_stages) < 1024:
-                self._file_stages[name] = f"{found[0]} fetched"
-            return data
         return None
+
+    def _stage(self, file: str) -> str:
+        """The timeline stage of a file sent: a catalog kernel or initrd is
+        ``kernel fetched`` / ``initrd fetched``, else :func:`transfer_stage`."""
+        image = IMAGE_FILE_RE.fullmatch(file)
+        if image is not None and self._boot is not None:
+            found = self._boot.boot_file(image.group(1), image.group(2))
+            if found is not None:
+                return f"{found[0]} fetched"
+        return transfer_stage(file)
 
     def _grub_machine(self, boot: BootBackend, name: str,
                       ip: str) -> bytes | Future[bytes | None] | None:
@@ -135,9 +141,8 @@ class TftpService:
         detail = {"file": record["file"], "bytes": record["bytes"],
                   "seconds": record["seconds"], "status": record["status"]}
         try:
-            file = record["file"]
-            stage = self._file_stages.get(file) or transfer_stage(file)
-            self.ctx.timeline.record(f"ip:{record['client']}", stage, detail)
+            self.ctx.timeline.record(f"ip:{record['client']}", self._stage(record["file"]),
+                                     detail)
         except Exception:
             log.exception("tftp: timeline record failed")
 

@@ -7,7 +7,6 @@ values that cannot become GRUB commands."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -18,6 +17,7 @@ import pytest
 import requests
 from test_boot_http import MAC, decision_of, new_task, register, synced
 from test_boot_http_support import IDC, Node, eventually, start_node, write_catalog
+from test_tftp_clients import fetch_with_curl
 
 from bootsvc.settings import NODE_SETTINGS
 from bootsvc.tftp.service import TftpService
@@ -239,27 +239,9 @@ def test_grub_fetches_its_configs_and_the_live_image_over_tftp(
     mac = "52:54:00:aa:55:01"
     new_task(tasks, sn="TF-1", mac=mac, os_type="Lab OS", approve=True)
     synced(node, "TF-1", "approved")
-    loop = asyncio.new_event_loop()
-    got: dict[str, tuple[int, bytes]] = {}
-    try:
-        loop.run_until_complete(service.start())
-
-        async def fetch(name: str) -> None:
-            out = tmp_path / name.replace("/", "_")
-            proc = await asyncio.create_subprocess_exec(
-                "curl", "-sS", "--max-time", "15", "-o", str(out),
-                f"tftp://127.0.0.1:{service.port}/{name}", stderr=asyncio.subprocess.DEVNULL)
-            code = await proc.wait()
-            got[name] = (code, out.read_bytes() if out.exists() else b"")
-
-        names = ["grub/grub.cfg", "grub/52:54:00:aa:55:02.cfg", f"grub/{mac}.cfg",
-                 "images/live/vmlinuz", "images/lab-os/disk.img", "images/nope/vmlinuz"]
-        async def fetch_all() -> None:
-            await asyncio.gather(*(fetch(n) for n in names))
-        loop.run_until_complete(fetch_all())
-        loop.run_until_complete(service.stop())
-    finally:
-        loop.close()
+    names = ["grub/grub.cfg", "grub/52:54:00:aa:55:02.cfg", f"grub/{mac}.cfg",
+             "images/live/vmlinuz", "images/lab-os/disk.img", "images/nope/vmlinuz"]
+    got = fetch_with_curl(service, names, tmp_path, together=True, max_time=15)
     assert b"while [ 1 = 1 ]" in got["grub/grub.cfg"][1]
     assert grub_decision(got["grub/52:54:00:aa:55:02.cfg"][1].decode()) == "discovery"
     install = got[f"grub/{mac}.cfg"][1].decode()

@@ -186,41 +186,63 @@ def test_transfer_records_and_metrics(server, root, tmp_path):
 # --- the node's service ------------------------------------------------------
 
 
-def test_service_prepares_root_serves_ipxe_and_boot_script(tmp_path):
-    if not Path("/usr/lib/ipxe/ipxe.efi").exists():
-        pytest.skip("Debian's ipxe package is not installed")
+def node_tftp(tmp_path: Path, advertise_url: str) -> tuple[NodeContext, MemoryTimeline]:
+    """A node context for a TFTP service on a free port of 127.0.0.1."""
     config = resolve(settings_by_key([COMMON, NODE_SETTINGS, SETTINGS]), flags={
         "state_dir": str(tmp_path), "tftp__port": "0", "regional__listen": "127.0.0.1",
         "tftp__timeout": "0.5"}, environ={}, config_file=None)
     timeline = MemoryTimeline()
     ctx = NodeContext(config=config, idc="dc1", node_name="n1", store=None, keys=None,
                       cache=None, machines=None, metrics=Registry(), timeline=timeline,
-                      advertise_url="http://192.0.2.10:8081", server_ip="192.0.2.10")
+                      advertise_url=advertise_url, server_ip="192.0.2.10")
+    return ctx, timeline
+
+
+def fetch_with_curl(service: TftpService, names: list[str], out: Path, *,
+                    together: bool = False, max_time: int = 10) -> dict[str, tuple[int, bytes]]:
+    """Start ``service``, fetch each of ``names`` with curl (one after
+    another, or all ``together``), stop it: name -> (curl's exit status, the
+    bytes it wrote)."""
+    got: dict[str, tuple[int, bytes]] = {}
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(service.start())
+
+        async def fetch(name: str) -> None:
+            dest = out / name.replace("/", "_")
+            proc = await asyncio.create_subprocess_exec(
+                "curl", "-sS", "--max-time", str(max_time), "-o", str(dest),
+                f"tftp://127.0.0.1:{service.port}/{name}", stderr=asyncio.subprocess.DEVNULL)
+            code = await proc.wait()
+            got[name] = (code, dest.read_bytes() if dest.exists() else b"")
+
+        async def fetch_all() -> None:
+            if together:
+                await asyncio.gather(*(fetch(n) for n in names))
+            else:
+                for n in names:
+                    await fetch(n)
+        loop.run_until_complete(fetch_all())
+        loop.run_until_complete(service.stop())
+    finally:
+        loop.close()
+    return got
+
+
+def test_service_prepares_root_serves_ipxe_and_boot_script(tmp_path):
+    if not Path("/usr/lib/ipxe/ipxe.efi").exists():
+        pytest.skip("Debian's ipxe package is not installed")
+    ctx, timeline = node_tftp(tmp_path, "http://192.0.2.10:8081")
     service = TftpService(ctx)
     assert service.server.threads_busy is not None and not service.server.threads_busy()
     ctx.busy_checks.append(lambda: True)        # boot HTTP's pool has work
     assert service.server.threads_busy()
     ctx.busy_checks.clear()
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(service.start())
-        port = service.port
-
-        async def fetch(name: str, out: Path) -> int:
-            proc = await asyncio.create_subprocess_exec(
-                "curl", "-sS", "--max-time", "10", "-o", str(out),
-                f"tftp://127.0.0.1:{port}/{name}")
-            return await proc.wait()
-
-        assert loop.run_until_complete(fetch("ipxe.efi", tmp_path / "a")) == 0
-        assert loop.run_until_complete(fetch("boot.ipxe", tmp_path / "b")) == 0
-        loop.run_until_complete(service.stop())
-    finally:
-        loop.close()
-    assert (tmp_path / "a").read_bytes() == Path("/usr/lib/ipxe/ipxe.efi").read_bytes()
-    script = (tmp_path / "b").read_text()
-    assert script.startswith("#!ipxe\n")
-    assert "chain --autofree --replace http://192.0.2.10:8081/boot.ipxe" in script
+    got = fetch_with_curl(service, ["ipxe.efi", "boot.ipxe"], tmp_path)
+    assert got["ipxe.efi"] == (0, Path("/usr/lib/ipxe/ipxe.efi").read_bytes())
+    code, script = got["boot.ipxe"]
+    assert code == 0 and script.decode().startswith("#!ipxe\n")
+    assert "chain --autofree --replace http://192.0.2.10:8081/boot.ipxe" in script.decode()
     stages = timeline.entries("ip:127.0.0.1")
     assert [e["detail"]["file"] for e in stages] == ["ipxe.efi", "boot.ipxe"]
     assert [e["stage"] for e in stages] == ["loader ipxe", "tftp"]
@@ -236,34 +258,14 @@ def test_service_serves_the_secure_boot_chain_and_grub_config(tmp_path):
     grub = Path("/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed")
     assert shim.is_file() and grub.is_file(), "scripts/setup.sh installs shim-signed, " \
         "grub-efi-amd64-signed"
-    config = resolve(settings_by_key([COMMON, NODE_SETTINGS, SETTINGS]), flags={
-        "state_dir": str(tmp_path), "tftp__port": "0", "regional__listen": "127.0.0.1",
-        "tftp__timeout": "0.5"}, environ={}, config_file=None)
-    timeline = MemoryTimeline()
-    ctx = NodeContext(config=config, idc="dc1", node_name="n1", store=None, keys=None,
-                      cache=None, machines=None, metrics=Registry(), timeline=timeline,
-                      advertise_url="http://192.0.2.10", server_ip="192.0.2.10")
-    service = TftpService(ctx)
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(service.start())
-        port = service.port
-
-        async def fetch(name: str, out: Path) -> int:
-            proc = await asyncio.create_subprocess_exec(
-                "curl", "-sS", "--max-time", "10", "-o", str(out),
-                f"tftp://127.0.0.1:{port}/{name}")
-            return await proc.wait()
-
-        for name, out in (("shimx64.efi", "a"), ("grubx64.efi", "b"), ("grub/grub.cfg", "c")):
-            assert loop.run_until_complete(fetch(name, tmp_path / out)) == 0, name
-        # GRUB probes x86_64-efi/grub.cfg first: a plain "not found"
-        assert loop.run_until_complete(fetch("grub/x86_64-efi/grub.cfg", tmp_path / "d")) != 0
-        loop.run_until_complete(service.stop())
-    finally:
-        loop.close()
-    assert (tmp_path / "a").read_bytes() == shim.read_bytes()
-    assert (tmp_path / "b").read_bytes() == grub.read_bytes()
-    assert 'source "$prefix/${net_default_mac}.cfg"' in (tmp_path / "c").read_text()
+    ctx, timeline = node_tftp(tmp_path, "http://192.0.2.10")
+    got = fetch_with_curl(TftpService(ctx), [
+        "shimx64.efi", "grubx64.efi", "grub/grub.cfg",
+        "grub/x86_64-efi/grub.cfg"], tmp_path)      # GRUB's probe: a plain "not found"
+    assert got["shimx64.efi"] == (0, shim.read_bytes())
+    assert got["grubx64.efi"] == (0, grub.read_bytes())
+    assert got["grub/grub.cfg"][0] == 0
+    assert 'source "$prefix/${net_default_mac}.cfg"' in got["grub/grub.cfg"][1].decode()
+    assert got["grub/x86_64-efi/grub.cfg"][0] != 0
     stages = [e["stage"] for e in timeline.entries("ip:127.0.0.1")]
     assert stages[:3] == ["loader shim", "loader grub", "grub.cfg"]

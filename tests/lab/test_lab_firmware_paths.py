@@ -38,7 +38,7 @@ import pytest
 from lab.runner import Lab, LabError, control_plane
 from lpmos.store.embedded import free_port
 from tests.lab.conftest import require_lab_host
-from tests.lab.test_lab_real_os import DISK_GB, Machine, _api
+from tests.lab.test_lab_real_os import DISK_GB, Machine, _api, print_lab_times
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(2400)]
 
@@ -120,12 +120,7 @@ def test_secure_boot_and_uefi_http_boot_install_debian(
                 print(m.vm.describe())
             raise
         finally:
-            print(f"\nfirmware paths lab: {time.monotonic() - started:.0f} s in all")
-            for m in machines:
-                if "ssh" in m.times and "approved" in m.times:
-                    print(f"{m.vm.name}: approval to SSH login "
-                          f"{m.times['ssh'] - m.times['approved']:.0f} s")
-                print(m.vm.timeline())
+            print_lab_times("firmware paths lab", started, machines, [m.vm for m in machines])
 
         # --- Secure Boot: signed all the way, and everyone says so
         assert sb_facts["hostname"] == "sb-os" and sb_facts["efi"] == "uefi", sb_facts

@@ -154,6 +154,19 @@ class Machine:
         return facts
 
 
+def print_lab_times(what: str, started: float, machines: list[Machine],
+                    vms: list[VM]) -> None:
+    """The lab's time in all, each machine's approval to its first SSH login
+    (the number bench/README.md quotes), each VM's stage timeline."""
+    print(f"\n{what}: {time.monotonic() - started:.0f} s in all")
+    for m in machines:
+        if "ssh" in m.times and "approved" in m.times:
+            print(f"{m.vm.name}: approval to SSH login "
+                  f"{m.times['ssh'] - m.times['approved']:.0f} s")
+    for vm in vms:
+        print(vm.timeline())
+
+
 def _check_installed(m: Machine, facts: dict[str, str], hostname: str) -> None:
     assert facts["hostname"] == hostname, facts
     assert "status: done" in facts["cloud_init"], facts["cloud_init"]
@@ -215,10 +228,4 @@ def test_bios_and_uefi_vms_install_debian_and_are_logged_into(
                 history = bios.task() or {}
                 assert history.get("attempt") == 2
     finally:
-        print(f"\nreal OS lab: {time.monotonic() - started:.0f} s in all")
-        for m in machines:
-            if "ssh" in m.times and "approved" in m.times:
-                print(f"{m.vm.name}: approval to SSH login "
-                      f"{m.times['ssh'] - m.times['approved']:.0f} s")
-        for vm in vms:
-            print(vm.timeline())
+        print_lab_times("real OS lab", started, machines, vms)
