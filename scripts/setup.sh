@@ -25,6 +25,9 @@ SYSTEM_PACKAGES=(
   e2fsprogs qemu-utils           # the real Debian image: mkfs.ext4 -d (no loop device), qemu-img (qcow2)
   cloud-init                     # 'cloud-init schema': the operator's cloud-config is checked with cloud-init's own validator
   openssh-client                 # the lab logs in to installed systems over SSH
+  prometheus                     # promtool: the tests check every /metrics exposition with 'promtool check metrics'
+  slapd ldap-utils               # LDAP sign-in tests: a real slapd the test starts (StartTLS, certificates made in the test)
+  debhelper dh-virtualenv dpkg-dev  # the Debian package of LPMOS (packaging/debian, built and installed by a test)
   python3-venv python3-dev gcc   # the virtualenv
 )
 
@@ -67,7 +70,17 @@ system() {
     echo "setup: installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Packages such as slapd and prometheus start their daemon on install; we
+    # never use those (tests start their own, on their own ports), so no
+    # service may start while we install (policy-rc.d, removed afterwards).
+    local policy=""
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+      policy=/usr/sbin/policy-rc.d
+      printf '#!/bin/sh\n# lpmos setup.sh: no service starts during install\nexit 101\n' > "$policy"
+      chmod 755 "$policy"
+    fi
+    apt-get install -y -q --no-install-recommends "${missing[@]}" || { [[ -n $policy ]] && rm -f "$policy"; exit 1; }
+    [[ -n $policy ]] && rm -f "$policy"
     # tftpd-hpa ships a service we never use (tests start their own); keep it off
     if command -v systemctl >/dev/null && systemctl is-active --quiet tftpd-hpa 2>/dev/null; then
       systemctl disable --now tftpd-hpa || true
