@@ -833,6 +833,72 @@
     load(false);
   }
 
+  // ---- webhooks (admins) ------------------------------------------------------------------
+  const WEBHOOK_EVENTS = ["task.state", "node.liveness"];
+  async function renderWebhooksView() {
+    const root = clear(document.getElementById("view-webhooks"));
+    if (!can("admin")) { root.append(el("p", { class: "alert", text: t("err.forbidden") })); return; }
+    let hooks = [];
+    try { hooks = (await api("GET", "/api/v1/webhooks")).items; } catch (err) { showError(err); }
+    const log = el("div", { id: "webhook-log" });
+    const showLog = async (hook) => {
+      clear(log);
+      let items = [];
+      try { items = (await api("GET", `/api/v1/webhooks/${encodeURIComponent(hook.id)}/deliveries`)).items; } catch (err) { showError(err); return; }
+      const rows = items.length ? items.map((d) => el("tr", { "data-outcome": d.outcome },
+        el("td", { class: "muted", text: fmtTime(d.at) }), el("td", { class: "mono", text: d.event }),
+        el("td", { class: "mono", text: d.delivery }), el("td", { text: String(d.attempt) }),
+        el("td", { text: d.status === null || d.status === undefined ? "—" : String(d.status) }),
+        el("td", { text: `${Math.round((d.duration || 0) * 1000)} ms` }),
+        el("td", { class: `outcome o-${d.outcome}`, text: t(`webhooks.outcome.${d.outcome}`) }),
+        el("td", { text: d.error || "" })))
+        : [el("tr", {}, el("td", { colspan: "8", class: "empty", text: t("webhooks.no_deliveries") }))];
+      log.append(el("div", { class: "panel" },
+        el("div", { class: "toolbar" }, el("h3", { text: t("webhooks.deliveries", { url: hook.url }) }),
+          el("button", { class: "btn btn-sm", type: "button", id: "webhook-log-refresh", text: t("common.refresh"), onclick: () => showLog(hook) })),
+        el("table", { id: "webhook-deliveries" }, el("thead", {}, el("tr", {},
+          ["col.time", "webhooks.event", "webhooks.delivery", "webhooks.attempt", "col.status", "webhooks.duration", "webhooks.outcome", "col.error"].map((k) => el("th", { text: t(k) })))),
+        el("tbody", {}, rows))));
+    };
+    const tbody = el("tbody", {}, hooks.length ? hooks.map((h) => el("tr", { "data-webhook": h.id },
+      el("td", { class: "mono", text: h.url }), el("td", { class: "mono", text: (h.events || []).join(", ") }),
+      el("td", { text: h.enabled ? t("common.yes") : t("common.no") }), el("td", { text: h.description || "" }),
+      el("td", { class: "muted", text: h.updated_by || h.created_by || "" }),
+      el("td", {},
+        el("button", { class: "btn btn-sm", type: "button", text: t("webhooks.log"), onclick: () => showLog(h) }), " ",
+        el("button", { class: "btn btn-sm", type: "button", text: h.enabled ? t("webhooks.disable") : t("webhooks.enable"), onclick: async () => {
+          try { await api("PUT", `/api/v1/webhooks/${encodeURIComponent(h.id)}`, { enabled: !h.enabled, revision: h.revision }); renderWebhooksView(); } catch (err) { showError(err); }
+        } }), " ",
+        el("button", { class: "btn btn-sm btn-danger", type: "button", text: t("common.delete"), onclick: async () => {
+          try { await api("DELETE", `/api/v1/webhooks/${encodeURIComponent(h.id)}`); renderWebhooksView(); } catch (err) { showError(err); }
+        } }))))
+      : el("tr", {}, el("td", { colspan: "6", class: "empty", text: t("common.none") })));
+    root.append(el("div", { class: "panel" }, el("h2", { text: t("webhooks.title") }), el("p", { class: "muted", text: t("webhooks.help") }),
+      el("table", { id: "webhooks-table" }, el("thead", {}, el("tr", {},
+        ["webhooks.url", "webhooks.events", "webhooks.enabled", "col.description", "col.actor", "col.actions"].map((k) => el("th", { text: t(k) })))), tbody)));
+    const url = el("input", { id: "webhook-url", maxlength: "2048", placeholder: "https://hooks.example.net/lpmos" });
+    const desc = el("input", { id: "webhook-desc", maxlength: "200" });
+    const boxes = WEBHOOK_EVENTS.map((ev) => el("input", { type: "checkbox", value: ev, checked: true, id: `webhook-ev-${ev.replace(".", "-")}` }));
+    const secretOut = el("div", { id: "webhook-secret" });
+    const form = el("form", { class: "form-grid", id: "webhook-form" },
+      el("label", { class: "wide" }, t("webhooks.url"), url), el("label", { class: "wide" }, t("col.description"), desc),
+      el("fieldset", { class: "wide" }, el("legend", { text: t("webhooks.events") }),
+        boxes.map((b) => el("label", { class: "inline" }, b, ` ${b.value}`))),
+      el("div", {}, el("button", { class: "btn btn-primary", type: "submit", id: "webhook-create", text: t("webhooks.create") })));
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      clear(secretOut);
+      const events = boxes.filter((b) => b.checked).map((b) => b.value);
+      try {
+        const res = await api("POST", "/api/v1/webhooks", { url: url.value.trim(), events, description: desc.value.trim() });
+        await renderWebhooksView();
+        const out = document.getElementById("webhook-secret");
+        out.append(el("p", { class: "toast ok", text: t("webhooks.secret_once") }), el("code", { class: "mono", id: "webhook-secret-value", text: res.secret }));
+      } catch (err) { showError(err); }
+    });
+    root.append(el("div", { class: "panel" }, el("h3", { text: t("webhooks.new") }), form, secretOut), log);
+  }
+
   // ---- IDC strip -------------------------------------------------------------------------------
   async function loadIdcs() {
     try { state.idcs = (await api("GET", "/api/v1/idcs")).items; } catch (err) { state.idcs = []; }
@@ -859,6 +925,7 @@
     if (view === "batch") renderBatchView();
     if (view === "templates") renderTemplatesView();
     if (view === "audit") renderAuditView();
+    if (view === "webhooks") renderWebhooksView();
     history.replaceState(null, "", `#${view}`);
   }
   function reloadView() {
@@ -926,7 +993,8 @@
     for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => switchView(tab.dataset.view));
     await Promise.all([loadIdcs(), loadCatalog(), loadTemplates()]);
     const initial = (location.hash || "#tasks").slice(1);
-    switchView(["tasks", "servers", "stats", "batch", "templates", "audit"].includes(initial) ? initial : "tasks");
+    const views = ["tasks", "servers", "stats", "batch", "templates", "audit"].concat(can("admin") ? ["webhooks"] : []);
+    switchView(views.includes(initial) ? initial : "tasks");
     setLive("connecting");
     connect();
   });
