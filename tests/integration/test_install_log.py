@@ -7,7 +7,10 @@ the attempt."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,14 +22,16 @@ import requests
 from test_boot_http_support import IDC, Node, eventually, start_node, write_catalog
 
 from bootsvc.node import NodeRegistration
+from lpmos.client import EXIT_NOT_FOUND, EXIT_UNAVAILABLE
 from lpmos.models import LOG_LINES_KEPT, Task
 from lpmos.nodeapi import SharedKey, sign
 from lpmos.store.embedded import free_port
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.tasks import TaskService
-from web.testing import WebEnv
+from web.testing import LiveServer, WebEnv
 
+REPO = Path(__file__).resolve().parents[2]
 NODE = "node-log"
 MAX_BYTES = 256 * 1024
 SEQ = iter(range(1, 10**9))        # the agent's sequence numbers, increasing across attempts
@@ -177,6 +182,49 @@ def test_attempts_are_kept_apart_and_selected(lab: Lab) -> None:
                and e.task.attempt == 1)
     r = lab.cp_log("LOG-UNCLAIMED")
     assert r.status_code == 404 and r.get_json()["error"] == "no_log"
+
+
+def test_the_cli_prints_each_attempts_log_from_the_node(lab: Lab, tmp_path: Path) -> None:
+    """``lpmos task log`` as an operator runs it, in a subprocess against the
+    control plane over HTTP, which fetches the log from the node that served
+    the attempt."""
+    token = installing(lab, "LOG-CLI", "52:54:00:10:00:0c")
+    post(lab, "LOG-CLI", token, log_events(["partitioning /dev/vda", "writing image 40 %"]))
+    post(lab, "LOG-CLI", token, [{"source": "agent", "seq": next(SEQ), "kind": "state",
+                                  "status": "failed", "message": "checksum mismatch"}])
+    eventually(lambda: (e := lab.env.context.index.task(IDC, "LOG-CLI")) is not None
+               and e.task.status == "failed")
+    r = lab.env.app.test_client().post(f"/api/v1/tasks/{IDC}/LOG-CLI/retry", json={},
+                                       headers=lab.env.headers("approver"))
+    assert r.status_code == 200, r.get_json()
+    claim(lab, "LOG-CLI", token)
+    post(lab, "LOG-CLI", token, log_events(["second attempt: writing image"]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LPMOS_")}
+    env.update(PYTHONPATH=str(REPO), HOME=str(tmp_path), LPMOS_CLIENT_CONFIG=str(tmp_path / "p"))
+    with LiveServer(lab.env.app) as url:
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "lpmos", "task", "log", *args,
+                                   "--url", url, "--token", lab.env.tokens["viewer"]],
+                                  cwd=REPO, env=env, capture_output=True, text=True,
+                                  timeout=60)
+        current = cli(f"{IDC}/LOG-CLI")
+        assert current.returncode == 0, current.stderr
+        assert current.stdout == "[agent] second attempt: writing image\n"
+        assert f"attempt 2 of 2, from node {NODE}" in current.stderr
+        first = cli(f"{IDC}/LOG-CLI", "--attempt", "1")
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.splitlines() == ["[agent] partitioning /dev/vda",
+                                             "[agent] writing image 40 %",
+                                             "[agent] checksum mismatch"]
+        as_json = cli(f"{IDC}/LOG-CLI", "--attempt", "1", "--output", "json")
+        assert json.loads(as_json.stdout)["lines"] == first.stdout.splitlines()
+        missing = cli(f"{IDC}/LOG-CLI", "--attempt", "3")
+        assert missing.returncode == EXIT_NOT_FOUND and "attempt" in missing.stderr
+        lab.registration.stop()                         # the node that has the log is gone
+        eventually(lambda: lab.env.context.index.node(IDC, NODE) is None)
+        gone = cli(f"{IDC}/LOG-CLI")
+        assert gone.returncode == EXIT_UNAVAILABLE, (gone.returncode, gone.stderr)
+        assert NODE in gone.stderr
 
 
 def test_the_bound_per_attempt_holds_and_says_what_it_dropped(lab: Lab) -> None:
