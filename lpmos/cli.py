@@ -52,6 +52,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("lpmos.cli_client", "API client: list the regional nodes alive"),
     "audit": ("lpmos.cli_client", "API client: list audit records"),
     "template": ("lpmos.cli_client", "API client: list and show task templates"),
+    "webhook": ("lpmos.cli_client", "API client: manage outbound webhooks (admins)"),
     "completion": ("lpmos.cli_client", "print a shell completion script (bash)"),
 }
 

@@ -70,6 +70,9 @@ DESCRIPTIONS = {
     "node": "Regional boot nodes through the REST API: list those alive, per IDC.",
     "audit": "The audit log through the REST API: who did what, when, before and after.",
     "template": "Task templates through the REST API: list and show.",
+    "webhook": "Outbound webhooks through the REST API (admins only): list, show, create, "
+               "update, delete, and each webhook's delivery log. A new webhook's secret is "
+               "printed once, when it is created; give your own with --secret-file.",
     "completion": "Print a shell completion script. Bash: "
                   "'source <(lpmos completion bash)', or save it as "
                   "/etc/bash_completion.d/lpmos.",
@@ -83,6 +86,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "node": ("list",),
     "audit": ("list",),
     "template": ("list", "show"),
+    "webhook": ("list", "show", "create", "update", "delete", "deliveries"),
 }
 
 #: the client reads no etcd, state dir or catalog: only its own flags
@@ -116,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True,
                                 help=", ".join(ACTIONS[noun]))
     builders = {"task": _add_task, "server": _add_server, "node": _add_node,
-                "audit": _add_audit, "template": _add_template}
+                "audit": _add_audit, "template": _add_template, "webhook": _add_webhook}
     builders[noun](sub)
 
 
@@ -275,7 +279,44 @@ def _add_template(sub: Any) -> None:
     p.add_argument("name", help="the template's name")
 
 
-# -- running ----------------------------------------------------------------------
+#: the events a webhook may subscribe to (web.webhooks.EVENTS; the client
+#: imports nothing of the server, and the API refuses any other)
+WEBHOOK_EVENTS = ("task.state", "node.liveness")
+
+
+def _add_webhook(sub: Any) -> None:
+    _action(sub, "list", "list webhooks", webhook_list)
+    p = _action(sub, "show", "show one webhook", webhook_show)
+    p.add_argument("id", help="the webhook's id")
+    p = _action(sub, "create", "create a webhook; prints its secret once", webhook_create)
+    p.add_argument("receiver", metavar="RECEIVER_URL", help="where to POST (http or https)")
+    _add_webhook_fields(p)
+    p = _action(sub, "update", "change a webhook", webhook_update)
+    p.add_argument("id", help="the webhook's id")
+    p.add_argument("--receiver", default=None, metavar="URL",
+                   help="a new receiver URL")
+    _add_webhook_fields(p)
+    p.add_argument("--enable", dest="enabled", action="store_const", const=True,
+                   default=None, help="deliver again")
+    p.add_argument("--revision", type=int, default=None, metavar="N",
+                   help="apply only if the webhook is still at this revision (else exit 5)")
+    p = _action(sub, "delete", "delete a webhook", webhook_delete)
+    p.add_argument("id", help="the webhook's id")
+    p = _action(sub, "deliveries", "a webhook's last delivery attempts, newest first (each "
+                                   "control plane process keeps its own)", webhook_deliveries)
+    p.add_argument("id", help="the webhook's id")
+
+
+def _add_webhook_fields(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--event", dest="events", action="append", default=None,
+                   choices=WEBHOOK_EVENTS,
+                   help="an event to send (repeatable; create's default: all of them)")
+    p.add_argument("--description", default=None, help="what the webhook is for")
+    p.add_argument("--secret-file", default=None, metavar="PATH",
+                   help="read the HMAC secret from this file (16-256 characters; "
+                        "never on the command line, where ps shows it)")
+    p.add_argument("--disable", dest="enabled", action="store_const", const=False,
+                   default=None, help="keep the webhook but send nothing")
 
 
 class UsageError(ClientError):
@@ -792,6 +833,84 @@ def template_show(client: ApiClient, args: argparse.Namespace) -> Shown:
         if item.get("name") == args.name:
             return Shown(item, render_record(item))
     raise ApiRefused(404, "not_found", f"no template named {args.name}")
+
+
+WEBHOOK_COLUMNS: list[tuple[str, str | Callable[[dict[str, Any]], Any]]] = [
+    ("ID", "id"), ("ENABLED", "enabled"), ("EVENTS", "events"), ("URL", "url"),
+    ("UPDATED BY", "updated_by"), ("DESCRIPTION", "description"),
+]
+DELIVERY_COLUMNS: list[tuple[str, str | Callable[[dict[str, Any]], Any]]] = [
+    ("TIME (UTC)", "at"), ("EVENT", "event"), ("ATTEMPT", "attempt"), ("OUTCOME", "outcome"),
+    ("STATUS", "status"), ("SECONDS", "duration"), ("DELIVERY", "delivery"),
+    ("ERROR", "error"),
+]
+
+
+def _webhook_path(ident: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{16}", ident):
+        raise UsageError(f"{ident!r} is not a webhook id (16 hex digits, from "
+                         "'lpmos webhook list')")
+    return f"/webhooks/{ident}"
+
+
+def _webhook_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if args.receiver is not None:          # not "url": that is the control plane's (--url)
+        body["url"] = args.receiver
+    for field in ("events", "description", "enabled"):
+        if getattr(args, field, None) is not None:
+            body[field] = getattr(args, field)
+    if args.secret_file:
+        try:
+            body["secret"] = Path(args.secret_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--secret-file: {exc.strerror}: {args.secret_file}") from None
+    return body
+
+
+def webhook_list(client: ApiClient, args: argparse.Namespace) -> Shown:
+    items = [w for w in client.call("GET", "/webhooks").get("items") or []
+             if isinstance(w, dict)]
+    return Shown(items, render_table(items, WEBHOOK_COLUMNS))
+
+
+def webhook_show(client: ApiClient, args: argparse.Namespace) -> Shown:
+    answer = client.call("GET", _webhook_path(args.id))
+    return Shown(answer, render_record(answer.get("webhook") or {}, first=("id", "url")))
+
+
+def webhook_create(client: ApiClient, args: argparse.Namespace) -> Shown:
+    body = _webhook_body(args)
+    body.setdefault("events", list(WEBHOOK_EVENTS))
+    answer = client.call("POST", "/webhooks", body)
+    hook = answer.get("webhook") or {}
+    text = render_record(hook, first=("id", "url"))
+    if "secret" not in body:
+        text += (f"secret: {answer.get('secret')}\n"
+                 "  (shown this once: the receiver checks X-LPMOS-Signature with it)\n")
+    return Shown(answer, text)
+
+
+def webhook_update(client: ApiClient, args: argparse.Namespace) -> Shown:
+    body = _webhook_body(args)
+    if not body:
+        raise UsageError("nothing to change: give --receiver, --event, --description, "
+                         "--secret-file, --enable or --disable")
+    if args.revision is not None:
+        body["revision"] = args.revision
+    answer = client.call("PUT", _webhook_path(args.id), body)
+    return Shown(answer, render_record(answer.get("webhook") or {}, first=("id", "url")))
+
+
+def webhook_delete(client: ApiClient, args: argparse.Namespace) -> Shown:
+    answer = client.call("DELETE", _webhook_path(args.id))
+    return Shown(answer, f"deleted webhook {args.id}")
+
+
+def webhook_deliveries(client: ApiClient, args: argparse.Namespace) -> Shown:
+    items = [d for d in client.call("GET", _webhook_path(args.id) + "/deliveries")
+             .get("items") or [] if isinstance(d, dict)]
+    return Shown(items, render_table(items, DELIVERY_COLUMNS))
 
 
 # -- shell completion --------------------------------------------------------------

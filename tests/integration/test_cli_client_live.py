@@ -272,9 +272,9 @@ def test_profiles_choose_the_control_plane(plane: Plane, tmp_path: Path) -> None
 
 def test_help_and_completion(plane: Plane, tmp_path: Path) -> None:
     cli = plane.cli
-    for args in (["task"], ["task", "create"], ["task", "log"], ["server", "show"],
-                 ["node", "list"], ["audit", "list"], ["template", "show"], ["login"],
-                 ["completion"]):
+    for args in (["task"], ["task", "create"], ["task", "log"], ["webhook", "create"],
+                 ["server", "show"], ["node", "list"], ["audit", "list"], ["template", "show"],
+                 ["login"], ["completion"]):
         r = cli(*args, "--help")
         assert r.returncode == 0, (args, r.stderr)
         assert "exit codes:" in r.stdout and "5  conflict" in r.stdout
@@ -292,7 +292,8 @@ def test_help_and_completion(plane: Plane, tmp_path: Path) -> None:
                              env=cli.env, timeout=30, check=True)
         return out.stdout.split()
 
-    assert {"task", "server", "node", "audit", "template", "login"} <= set(complete("lpmos "))
+    assert {"task", "server", "node", "audit", "template", "webhook", "login"} <= \
+        set(complete("lpmos "))
     assert complete("lpmos task ap") == ["approve"]
     assert "--revision" in complete("lpmos task approve dc1/x --")
     assert complete("lpmos task list --output y") == ["yaml"]
@@ -337,3 +338,83 @@ def test_client_on_5xx_a_stranger_and_a_server_that_does_not_answer() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_webhooks_from_the_cli_reach_a_real_receiver(plane: Plane, tmp_path: Path) -> None:
+    """``lpmos webhook``: create (the secret printed once), a signed delivery
+    to a real receiver, the delivery log, update, delete; admins only."""
+    from test_webhooks_live import Receiver
+
+    from web.webhooks import EVENTS
+
+    assert EVENTS == __import__("lpmos.cli_client").cli_client.WEBHOOK_EVENTS
+    cli = plane.cli
+    login(plane, "admin", "root")
+    login(plane, "operator", "ops")
+    receiver = Receiver()
+    try:
+        r = cli("webhook", "create", receiver.url, "--event", "task.state",
+                "--description", "chat ops", "--profile", "root")
+        assert r.returncode == 0, r.stderr
+        secret = re.search(r"^secret: (\S+)$", r.stdout, re.M)
+        assert secret is not None and "shown this once" in r.stdout
+        receiver.secret = secret[1]
+        ident = re.search(r"^id: +([0-9a-f]{16})$", r.stdout, re.M)
+        assert ident is not None, r.stdout
+        hook = ident[1]
+        listed = cli.json("webhook", "list", "--profile", "root")
+        assert [(w["id"], w["events"], w["enabled"]) for w in listed] == \
+            [(hook, ["task.state"], True)]
+        assert all("secret" not in w for w in listed)
+        table = cli("webhook", "list", "--profile", "root")
+        assert table.stdout.startswith("ID") and receiver.url in table.stdout
+
+        r = cli("task", "create", "--idc", "dc1", "--sn", "sn-hook", "--mac", MAC,
+                "--os-type", "Ubuntu", "--os-version", "22.04", "--profile", "ops")
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 10
+        while not receiver.got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert receiver.got and receiver.got[0]["verified"]
+        assert receiver.got[0]["body"]["sn"] == "sn-hook"
+        log = cli.json("webhook", "deliveries", hook, "--profile", "root")
+        assert log and log[0]["outcome"] == "delivered" and log[0]["event"] == "task.state"
+        shown = cli("webhook", "deliveries", hook, "--profile", "root")
+        assert "delivered" in shown.stdout and shown.stdout.startswith("TIME (UTC)")
+
+        # own secret from a file; disable; a stale revision is a conflict
+        secret_file = tmp_path / "secret"
+        secret_file.write_text("a-secret-of-the-operators-own\n")
+        revision = cli.json("webhook", "show", hook, "--profile", "root")["webhook"]["revision"]
+        updated = cli.json("webhook", "update", hook, "--disable", "--secret-file",
+                           str(secret_file), "--revision", str(revision), "--profile", "root")
+        assert updated["webhook"]["enabled"] is False and "secret" not in updated["webhook"]
+        r = cli("webhook", "update", hook, "--enable", "--revision", str(revision),
+                "--profile", "root")
+        assert r.returncode == EXIT_CONFLICT, r.stderr
+
+        # bad input: an event the API does not know, no change, a malformed id,
+        # a secret too short, a file that is not there; and the roles
+        r = cli("webhook", "create", receiver.url, "--event", "task.nope",
+                "--profile", "root")
+        assert r.returncode == EXIT_USAGE and "task.nope" in r.stderr
+        r = cli("webhook", "update", hook, "--profile", "root")
+        assert r.returncode == EXIT_USAGE and "nothing to change" in r.stderr
+        r = cli("webhook", "show", "not-an-id", "--profile", "root")
+        assert r.returncode == EXIT_USAGE and "16 hex digits" in r.stderr
+        secret_file.write_text("short")
+        r = cli("webhook", "create", receiver.url, "--secret-file", str(secret_file),
+                "--profile", "root")
+        assert r.returncode == EXIT_INVALID and "secret" in r.stderr
+        r = cli("webhook", "create", receiver.url, "--secret-file",
+                str(tmp_path / "missing"), "--profile", "root")
+        assert r.returncode == EXIT_USAGE and "missing" in r.stderr
+        r = cli("webhook", "list", "--profile", "ops")
+        assert r.returncode == EXIT_AUTH, r.stderr
+
+        r = cli("webhook", "delete", hook, "--profile", "root")
+        assert r.returncode == 0 and f"deleted webhook {hook}" in r.stdout
+        r = cli("webhook", "show", hook, "--profile", "root")
+        assert r.returncode == EXIT_NOT_FOUND and hook in r.stderr
+    finally:
+        receiver.close()
