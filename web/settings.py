@@ -71,6 +71,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("web.node_timeout", "--node-timeout", 3.0, float_range(0.2, 60),
             "seconds the control plane waits for a regional node's answer (a task's full "
             "install log) before it answers 504", metavar="SECONDS"),
+    Setting("web.webhook_timeout", "--webhook-timeout", 5.0, float_range(0.1, 120),
+            "seconds one webhook delivery attempt may take, connecting to the last byte of "
+            "the answer", metavar="SECONDS"),
+    Setting("web.webhook_deadline", "--webhook-deadline", 600.0, float_range(1, 86400),
+            "seconds from a change to its last delivery retry; then it is dropped and "
+            "counted as webhook_dropped_total{reason=\"deadline\"}", metavar="SECONDS"),
+    Setting("web.webhook_queue", "--webhook-queue", 1000, int_range(1, 100000),
+            "deliveries waiting, new and retrying; more are dropped and counted "
+            "(webhook_dropped_total{reason=\"queue_full\"})", metavar="N"),
+    Setting("web.webhook_log", "--webhook-log", 50, int_range(1, 10000),
+            "delivery attempts kept per webhook for the API and the console (in memory, per "
+            "control plane process)", metavar="N"),
+    Setting("web.webhook_workers", "--webhook-workers", 2, int_range(1, 64),
+            "threads delivering webhooks", metavar="N"),
+    Setting("web.webhook_backoff", "--webhook-backoff", 1.0, float_range(0.01, 3600),
+            "first retry delay in seconds; it doubles per attempt, jittered", metavar="SECONDS"),
+    Setting("web.webhook_backoff_max", "--webhook-backoff-max", 60.0, float_range(0.01, 3600),
+            "longest retry delay in seconds", metavar="SECONDS"),
 )
 
 #: Each setting's default as a resolved config holds it (parsed: ``web.listen``

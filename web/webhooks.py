@@ -64,6 +64,7 @@ from lpmos.models import ValidationError, validate_text
 from lpmos.store import KeyValue
 from lpmos.store.cache import WatchCache
 from lpmos.store.keys import Keys
+from web.settings import DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -245,25 +246,27 @@ def should_retry(status: int | None) -> bool:
 
 @dataclass(frozen=True)
 class WebhookSettings:
-    timeout: float = 5.0          # seconds per attempt, all of it
-    deadline: float = 600.0       # seconds from the change to the last retry
-    queue: int = 1000             # deliveries waiting, new and retrying
-    log_size: int = 50            # attempts kept per webhook
-    workers: int = 2
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
+    """The ``web.webhook_*`` settings (their one home is :mod:`web.settings`,
+    with their flags and help)."""
+
+    timeout: float = DEFAULTS["web.webhook_timeout"]            # seconds per attempt, all of it
+    deadline: float = DEFAULTS["web.webhook_deadline"]          # from the change to the last retry
+    queue: int = DEFAULTS["web.webhook_queue"]                  # deliveries waiting
+    log_size: int = DEFAULTS["web.webhook_log"]                 # attempts kept per webhook
+    workers: int = DEFAULTS["web.webhook_workers"]
+    backoff_base: float = DEFAULTS["web.webhook_backoff"]
+    backoff_max: float = DEFAULTS["web.webhook_backoff_max"]
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> WebhookSettings:
-        """From ``web.webhook_*`` values (tests pass them as ``settings``)."""
-        d = cls()
-        return cls(timeout=float(values.get("web.webhook_timeout", d.timeout)),
-                   deadline=float(values.get("web.webhook_deadline", d.deadline)),
-                   queue=max(1, int(values.get("web.webhook_queue", d.queue))),
-                   log_size=max(1, int(values.get("web.webhook_log", d.log_size))),
-                   workers=max(1, int(values.get("web.webhook_workers", d.workers))),
-                   backoff_base=float(values.get("web.webhook_backoff", d.backoff_base)),
-                   backoff_max=float(values.get("web.webhook_backoff_max", d.backoff_max)))
+        """From resolved ``web.webhook_*`` values; missing ones take their default."""
+        v = {**DEFAULTS, **values}
+        return cls(timeout=float(v["web.webhook_timeout"]),
+                   deadline=float(v["web.webhook_deadline"]),
+                   queue=int(v["web.webhook_queue"]), log_size=int(v["web.webhook_log"]),
+                   workers=int(v["web.webhook_workers"]),
+                   backoff_base=float(v["web.webhook_backoff"]),
+                   backoff_max=float(v["web.webhook_backoff_max"]))
 
 
 @dataclass

@@ -276,3 +276,17 @@ def test_no_webhooks_no_threads(world: Any) -> None:
                                           if t.name.startswith("webhook-") and t.is_alive()
                                           and t in d._threads]
     d.stop()
+
+
+def test_settings_come_from_the_settings_table_and_its_flags() -> None:
+    """The dispatcher's defaults are the control plane's settings (one home),
+    and ``--webhook-*`` flags reach it."""
+    from lpmos.config import resolve
+    from web.settings import DEFAULTS, SETTINGS
+
+    assert WebhookSettings() == WebhookSettings.from_values({})
+    assert WebhookSettings().deadline == DEFAULTS["web.webhook_deadline"] == 600.0
+    config = resolve(list(SETTINGS), {"web__webhook_deadline": "30", "web__webhook_queue": "7"},
+                     environ={"LPMOS_WEB_WEBHOOK_TIMEOUT": "1.5"}, config_file=None)
+    got = WebhookSettings.from_values(dict(config.values))
+    assert (got.deadline, got.queue, got.timeout) == (30.0, 7, 1.5)
