@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 
 
 class MachineIndex:
+    """Lookups by MAC, UUID and SN over the IDC's tasks and servers.
+
+    A change costs O(the changed record's MACs), not O(the IDC): a boot
+    storm of thousands of machines changes records thousands of times a
+    second.  A MAC named by a task maps to that task's SN over any server
+    that lists it; among servers (or tasks) that share a MAC or UUID, the
+    one stored last wins, and removing it hands the MAC back to the others.
+    :attr:`generation` grows with every change (readers that keep
+    unresolved work re-check it only when it moved).
+    """
+
     def __init__(self, cache: WatchCache, keys: Keys, idc: str) -> None:
         self.cache = cache
         self.keys = keys
@@ -28,8 +39,11 @@ class MachineIndex:
         self._lock = threading.Lock()
         self._tasks: dict[str, tuple[Task, int]] = {}
         self._servers: dict[str, Server] = {}
-        self._by_mac: dict[str, str] = {}      # mac -> sn (tasks win over servers)
-        self._by_uuid: dict[str, str] = {}
+        # key -> the SNs naming it, oldest first (dict as an ordered set)
+        self._task_macs: dict[str, dict[str, None]] = {}
+        self._server_macs: dict[str, dict[str, None]] = {}
+        self._uuids: dict[str, dict[str, None]] = {}
+        self.generation = 0
         cache.add_listener(self._on_change, on_reset=self.rebuild)
         self.rebuild()
 
@@ -40,8 +54,13 @@ class MachineIndex:
         for kv in self.cache.items(self.keys.idc(self.idc)):
             self._load(kv, tasks, servers)
         with self._lock:
-            self._tasks, self._servers = tasks, servers
-            self._reindex()
+            self._tasks, self._servers = {}, {}
+            self._task_macs, self._server_macs, self._uuids = {}, {}, {}
+            for sn, server in servers.items():
+                self._put_server(sn, server)
+            for sn, entry in tasks.items():
+                self._put_task(sn, entry)
+            self.generation += 1
 
     def _load(self, kv: KeyValue, tasks: dict[str, tuple[Task, int]],
               servers: dict[str, Server]) -> None:
@@ -56,43 +75,66 @@ class MachineIndex:
         except ValidationError as exc:
             log.warning("ignoring malformed %s: %s", kv.key, exc)
 
-    def _reindex(self) -> None:
-        by_mac: dict[str, str] = {}
-        by_uuid: dict[str, str] = {}
-        for sn, server in self._servers.items():
-            for mac in server.macs:
-                by_mac[mac] = sn
-            if server.uuid:
-                by_uuid[server.uuid] = sn
-        for sn, (task, _rev) in self._tasks.items():
-            by_mac[task.mac] = sn
-        self._by_mac, self._by_uuid = by_mac, by_uuid
+    # the four below run under self._lock
+    def _put_task(self, sn: str, entry: tuple[Task, int]) -> None:
+        self._drop_task(sn)
+        self._tasks[sn] = entry
+        _link(self._task_macs, entry[0].mac, sn)
+
+    def _drop_task(self, sn: str) -> None:
+        old = self._tasks.pop(sn, None)
+        if old is not None:
+            _unlink(self._task_macs, old[0].mac, sn)
+
+    def _put_server(self, sn: str, server: Server) -> None:
+        self._drop_server(sn)
+        self._servers[sn] = server
+        for mac in server.macs:
+            _link(self._server_macs, mac, sn)
+        if server.uuid:
+            _link(self._uuids, server.uuid, sn)
+
+    def _drop_server(self, sn: str) -> None:
+        old = self._servers.pop(sn, None)
+        if old is None:
+            return
+        for mac in old.macs:
+            _unlink(self._server_macs, mac, sn)
+        if old.uuid:
+            _unlink(self._uuids, old.uuid, sn)
 
     def _on_change(self, key: str, old: KeyValue | None, new: KeyValue | None,
                    revision: int) -> None:
         parsed = self.keys.parse(key)
         if parsed is None or parsed.idc != self.idc or parsed.kind not in ("task", "server"):
             return
+        tasks: dict[str, tuple[Task, int]] = {}
+        servers: dict[str, Server] = {}
+        if new is not None:
+            self._load(new, tasks, servers)     # parsed outside the lock
         with self._lock:
-            tasks, servers = dict(self._tasks), dict(self._servers)
             if parsed.kind == "task":
-                tasks.pop(parsed.name, None)
+                if parsed.name in tasks:
+                    self._put_task(parsed.name, tasks[parsed.name])
+                else:                           # deleted, or malformed now
+                    self._drop_task(parsed.name)
+            elif parsed.name in servers:
+                self._put_server(parsed.name, servers[parsed.name])
             else:
-                servers.pop(parsed.name, None)
-            if new is not None:
-                self._load(new, tasks, servers)
-            self._tasks, self._servers = tasks, servers
-            self._reindex()
+                self._drop_server(parsed.name)
+            self.generation += 1
 
     # -- lookups (any thread)
     def sn_for(self, mac: str | None = None, uuid: str | None = None,
                serial: str | None = None) -> str | None:
         """The SN of a machine by MAC, then UUID, then serial."""
         with self._lock:
-            if mac and mac in self._by_mac:
-                return self._by_mac[mac]
-            if uuid and uuid in self._by_uuid:
-                return self._by_uuid[uuid]
+            if mac:
+                sns = self._task_macs.get(mac) or self._server_macs.get(mac)
+                if sns:
+                    return next(reversed(sns))
+            if uuid and uuid in self._uuids:
+                return next(reversed(self._uuids[uuid]))
             if serial and (serial in self._tasks or serial in self._servers):
                 return serial
         return None
@@ -110,8 +152,23 @@ class MachineIndex:
 
     def known_mac(self, mac: str) -> bool:
         with self._lock:
-            return mac in self._by_mac
+            return mac in self._task_macs or mac in self._server_macs
 
     def tasks(self) -> list[tuple[Task, int]]:
         with self._lock:
             return list(self._tasks.values())
+
+
+def _link(index: dict[str, dict[str, None]], key: str, sn: str) -> None:
+    """``sn`` names ``key``, as the newest of those that do."""
+    sns = index.setdefault(key, {})
+    sns.pop(sn, None)
+    sns[sn] = None
+
+
+def _unlink(index: dict[str, dict[str, None]], key: str, sn: str) -> None:
+    sns = index.get(key)
+    if sns is not None:
+        sns.pop(sn, None)
+        if not sns:
+            del index[key]
