@@ -10,6 +10,13 @@
 * Every write takes an optional ``audit`` builder whose record is committed
   in the same transaction (:mod:`lpmos.audit`); it is given public views
   only (no password hash, no token).
+* A user's ``source`` says who vouches for them: ``local`` (a password hash
+  here, or a token only) or ``ldap`` (the directory, :mod:`web.ldap`).  A
+  directory user's record holds no password; it is written by
+  :meth:`Auth.put_directory_user` at each sign-in and role re-check, and
+  carries when the directory last answered (``checked_at``) and, when it
+  refused, why (``refused``).  One name has one source: a directory sign-in
+  never takes over a local user's name.
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ import json
 import re
 import secrets
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from lpmos.models import ValidationError, now
 from lpmos.store import Compare, Conflict, Delete, KeyValue, Op, Put, Store, range_all
@@ -88,14 +95,28 @@ class User:
     password_hash: str = ""
     created_at: float = 0.0
     disabled: bool = False
+    source: str = "local"       # "local" or "ldap"
+    directory_dn: str = ""      # ldap: the entry the directory matched
+    checked_at: float = 0.0     # ldap: when the directory last answered for this user
+    refused: str = ""           # ldap: why the directory's last answer refused access
 
     @property
     def level(self) -> Role:
         return Role.parse(self.role)
 
     def public(self) -> dict[str, object]:
-        return {"name": self.name, "role": self.role, "created_at": self.created_at,
-                "disabled": self.disabled}
+        view: dict[str, object] = {"name": self.name, "role": self.role,
+                                   "created_at": self.created_at, "disabled": self.disabled,
+                                   "source": self.source}
+        if self.source != "local":
+            view.update(directory_dn=self.directory_dn, checked_at=self.checked_at,
+                        refused=self.refused)
+        return view
+
+
+def _user(data: dict[str, Any]) -> User:
+    """A stored user record (fields this version does not know are ignored)."""
+    return User(**{k: v for k, v in data.items() if k in User.__dataclass_fields__})
 
 
 @dataclass
@@ -142,14 +163,14 @@ class Auth:
         kv = self._read(self.keys.user(name))
         if kv is None:
             return None
-        data = json.loads(kv.value)
-        return User(**{k: v for k, v in data.items() if k in User.__dataclass_fields__})
+        return _user(json.loads(kv.value))
 
     def put_user(self, name: str, role: str, password: str | None = None, *,
                  audit: Callable[[User | None, User], Op] | None = None) -> User:
         """Create or update a user (role, and password when given).
         ``audit(before, after)`` gets the user the commit replaces (``None``
-        for a new one) and the one it writes."""
+        for a new one) and the one it writes.  A directory user's role and
+        password are the directory's: changing them here is refused."""
         validate_username(name)
         Role.parse(role)
         key = self.keys.user(name)
@@ -157,9 +178,12 @@ class Auth:
             kv = self.store.get(key)
             before: User | None = None
             if kv is not None:
-                before = User(**json.loads(kv.value))
-                user = User(**json.loads(kv.value))
-                user.role = role
+                before = _user(json.loads(kv.value))
+                if before.source != "local":
+                    raise ValidationError("user", f"{name} is a directory ({before.source}) "
+                                                  "user: the directory's groups give the role "
+                                                  "and it checks the password")
+                user = replace(before, role=role)
             else:
                 user = User(name=name, role=role, created_at=now())
             if password is not None:
@@ -175,8 +199,48 @@ class Auth:
         raise Conflict(key, 0)
 
     def users(self) -> list[User]:
-        return [User(**json.loads(kv.value)) for kv in range_all(self.store,
-                                                                   self.keys.users()).items]
+        return [_user(json.loads(kv.value)) for kv in range_all(self.store,
+                                                                  self.keys.users()).items]
+
+    def put_directory_user(self, name: str, *, role: str | None, dn: str, checked_at: float,
+                           refused: str = "",
+                           audit: Callable[[User | None, User], Op | None] | None = None
+                           ) -> User:
+        """Record the directory's answer for ``name``: its role (``None``:
+        keep the stored one, for a refusal), the entry's DN, when it answered
+        and, when it refused access, why.  Creates the record (``source``
+        ``ldap``) when there is none and ``role`` is given; refuses (a
+        :class:`ValidationError`) to touch a local user's record, or to
+        create one for a refusal.  ``audit(before, after)`` may return
+        ``None``: no record (nothing changed but the time of the check)."""
+        validate_username(name)
+        if role is not None:
+            Role.parse(role)
+        key = self.keys.user(name)
+        for _ in range(10):
+            kv = self.store.get(key)
+            before = _user(json.loads(kv.value)) if kv is not None else None
+            if before is not None and before.source != "ldap":
+                raise ValidationError("user", f"{name} is a {before.source} user, not a "
+                                              "directory user")
+            if before is None:
+                if role is None:
+                    raise ValidationError("role", f"no record of {name} to refuse")
+                user = User(name=name, role=role, created_at=now(), source="ldap")
+            else:
+                user = replace(before, role=role or before.role)
+            user.directory_dn, user.checked_at, user.refused = dn, checked_at, refused
+            user.password_hash = ""
+            ops: list[Op] = [Put(key, json.dumps(asdict(user)).encode())]
+            record = audit(before, user) if audit is not None else None
+            if record is not None:
+                ops.append(record)
+            try:
+                self.store.commit([Compare(key, kv.mod_revision if kv else 0)], ops)
+                return user
+            except Conflict:
+                continue
+        raise Conflict(key, 0)
 
     def check_password(self, name: str, password: str) -> User | None:
         user = self.get_user(name)

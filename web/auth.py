@@ -10,6 +10,16 @@ Two ways in:
   session's CSRF token in ``X-CSRF-Token`` (or the ``csrf_token`` form
   field) and, when the browser sends an ``Origin``, come from an allowed one.
 
+Users are local (a password hash in etcd) or, when ``web.ldap_url`` is set,
+directory users (:mod:`web.ldap`): sign-in tries the local user first and
+the directory only for a name no local user has.  A directory user's role
+comes from their groups and is re-checked against the directory at most
+every ``web.ldap_recheck`` seconds, for sessions and API tokens alike; a
+user the directory no longer admits is refused with the reason, and while
+the directory cannot be reached their last role serves reads only (changes
+get 503).  A signed-in user may mint API tokens for themselves
+(``POST /api/v1/session/tokens``), the way a directory user gets one.
+
 Roles are ordered viewer < operator < approver < admin and re-read from etcd
 on every request, so demoting a user takes effect at once.  Each view states
 its minimum role with :func:`requires`; the decorator also marks the view
@@ -34,6 +44,7 @@ from urllib.parse import urlsplit
 from flask import (
     Blueprint,
     Response,
+    current_app,
     g,
     jsonify,
     redirect,
@@ -41,13 +52,24 @@ from flask import (
     request,
     session,
 )
+from flask.blueprints import BlueprintSetupState
 
-from lpmos.auth import Role, User, validate_username
-from lpmos.models import ValidationError
-from lpmos.store import StoreError
-from web.context import ctx
+from lpmos.audit import Auditor
+from lpmos.auth import Role, TokenRecord, User, token_digest, validate_username
+from lpmos.models import ValidationError, validate_text
+from lpmos.store import Op, StoreError
+from web.context import WebContext, ctx
 from web.http import ApiError, parse_json_body
 from web.language import page_language
+from web.ldap import (
+    Directory,
+    DirectoryAccess,
+    DirectoryUnavailable,
+    InvalidCredentials,
+    LdapSettings,
+    Refused,
+    RoleCheck,
+)
 
 bp = Blueprint("auth", __name__)
 
@@ -58,12 +80,18 @@ MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the user, their role now, and how they came in."""
+    """Who is calling: the user, their role now, and how they came in.
+    ``user_source`` is the user's (``local`` or ``ldap``); ``stale`` says
+    the role is a directory user's last confirmed one, kept for reads while
+    the directory cannot be reached (``stale_detail`` says why)."""
 
     user: str
     role: Role
     via: str            # "token" or "session"
     token_id: str = ""
+    user_source: str = "local"
+    stale: bool = False
+    stale_detail: str = ""
 
     @property
     def source(self) -> str:
@@ -93,6 +121,11 @@ def requires(role: Role, *, mutating: bool | None = None) -> Callable[[F], F]:
                                f"this needs the {role.label} role; {principal.user} is "
                                f"{principal.role.label}", reason="role")
             if is_mutating:
+                if principal.stale:
+                    raise ApiError(503, "directory_unavailable",
+                                   f"changes are refused until the directory confirms "
+                                   f"{principal.user}'s groups: {principal.stale_detail}",
+                                   reason="directory_stale")
                 if principal.via == "session":
                     check_csrf()
                 limiter = ctx().mutate_limiter
@@ -135,9 +168,10 @@ def _authenticate() -> Principal | None:
         if user is None:
             raise ApiError(401, "unauthorized", "the API token is unknown or revoked",
                            reason="bad_token")
-        from lpmos.auth import token_digest
-
-        return Principal(user.name, user.level, "token", token_digest(token)[:12])
+        token_id = token_digest(token)[:12]
+        if user.source != "local":
+            return _directory_principal(user, "token", token_id)
+        return Principal(user.name, user.level, "token", token_id)
     name = session.get("user")
     if not isinstance(name, str):
         return None
@@ -153,7 +187,60 @@ def _authenticate() -> Principal | None:
     if user is None or user.disabled:
         session.clear()
         return None
+    if user.source != "local":
+        return _directory_principal(user, "session")
     return Principal(user.name, user.level, "session")
+
+
+def directory_access() -> DirectoryAccess | None:
+    """This app's LDAP sign-in, ``None`` when ``web.ldap_url`` is empty."""
+    access: DirectoryAccess | None = current_app.extensions.get("lpmos_ldap")
+    return access
+
+
+@bp.record_once
+def _set_up_directory(state: BlueprintSetupState) -> None:
+    """Build the app's directory client from its settings when the
+    blueprint is registered (``create_app`` registers it after making the
+    WebContext); a bad combination of ``web.ldap_*`` settings fails here."""
+    context: WebContext = state.app.extensions["lpmos"]
+    settings = LdapSettings.from_values(context.settings)
+    state.app.extensions["lpmos_ldap"] = None if settings is None else DirectoryAccess(
+        Directory(settings), settings, context.auth, context.keys)
+
+
+def _directory_principal(user: User, via: str, token_id: str = "") -> Principal:
+    """A directory user's principal: their role re-checked when due
+    (:meth:`DirectoryAccess.role_of`); a refusal is 401 with the reason."""
+    access = directory_access()
+    if access is None:
+        raise ApiError(401, "unauthorized", f"{user.name} is a directory ({user.source}) user "
+                                            "and LDAP sign-in is not configured here",
+                       reason="directory_off")
+    try:
+        check: RoleCheck = access.role_of(user)
+    except Refused as exc:
+        if via == "session":
+            session.clear()
+        raise ApiError(401, "unauthorized", f"the directory refused access: {exc}",
+                       reason="directory_refused") from None
+    except DirectoryUnavailable as exc:
+        raise ApiError(503, "directory_unavailable", str(exc),
+                       reason="directory_unavailable") from None
+    except StoreError as exc:
+        raise ApiError(503, "unavailable", f"cannot store the directory's answer: {exc}") \
+            from None
+    detail = ""
+    if check.stale:
+        detail = (f"the directory cannot be reached ({check.why}); {user.name}'s role was "
+                  f"last confirmed at {_clock(check.checked_at)} and serves reads until "
+                  f"{_clock(check.grace_until)}")
+    return Principal(user.name, check.role, via, token_id, user_source=user.source,
+                     stale=check.stale, stale_detail=detail)
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def csrf_token() -> str:
@@ -212,13 +299,34 @@ def login_user(name: str, password: str) -> User:
                        reason="login_failed") from None
     if not isinstance(password, str) or len(password) > 1024:
         raise ApiError(401, "unauthorized", "wrong user name or password")
+    auth = ctx().auth
     try:
-        user = ctx().auth.check_password(name, password)
+        user = auth.check_password(name, password)
+        local = user or auth.get_user(name)
     except StoreError as exc:
         raise ApiError(503, "unavailable", f"cannot check the password: {exc}") from None
-    if user is None:
+    if user is not None:
+        return user
+    access = directory_access()
+    # the directory is asked only for a name that no local user holds
+    if access is None or (local is not None and local.source == "local"):
         raise ApiError(401, "unauthorized", "wrong user name or password", reason="login_failed")
-    return user
+    if local is not None and local.disabled:
+        raise ApiError(401, "unauthorized", "wrong user name or password", reason="login_failed")
+    try:
+        return access.sign_in(name, password, source=f"from {client_address()}")
+    except InvalidCredentials:
+        raise ApiError(401, "unauthorized", "wrong user name or password",
+                       reason="login_failed") from None
+    except Refused as exc:
+        raise ApiError(403, "no_role", f"{exc}; ask an administrator to add you to one",
+                       reason="no_role") from None
+    except DirectoryUnavailable as exc:
+        raise ApiError(503, "directory_unavailable", f"cannot sign in with the directory: "
+                                                     f"{exc}",
+                       reason="directory_unavailable") from None
+    except StoreError as exc:
+        raise ApiError(503, "unavailable", f"cannot record the sign-in: {exc}") from None
 
 
 def _start_session(user: User) -> None:
@@ -227,7 +335,8 @@ def _start_session(user: User) -> None:
     session["user"] = user.name
     session["t"] = time.time()
     session["csrf"] = secrets.token_urlsafe(32)
-    g.principal = Principal(user.name, user.level, "session")
+    session["source"] = user.source
+    g.principal = Principal(user.name, user.level, "session", user_source=user.source)
 
 
 @bp.get("/login")
@@ -284,8 +393,43 @@ def whoami() -> Any:
     if principal is None:
         raise ApiError(401, "unauthorized", "not logged in")
     body: dict[str, Any] = {"user": principal.user, "role": principal.role.label,
-                            "via": principal.via,
+                            "via": principal.via, "source": principal.user_source,
                             "four_eyes": bool(ctx().setting("web.four_eyes", False))}
     if principal.via == "session":
         body["csrf"] = csrf_token()
+    if principal.stale:
+        body["stale"] = principal.stale_detail
     return jsonify(body)
+
+
+@bp.post("/api/v1/session/tokens")
+@requires(Role.VIEWER)
+def create_own_token() -> Any:
+    """A new API token for the signed-in user (``{"label"?}``), shown once.
+    Only a console session may ask (a token does not mint tokens); the
+    token carries the user's role at each use, re-checked against the
+    directory for a directory user."""
+    principal = current_principal()
+    assert principal is not None
+    if principal.via != "session":
+        raise ApiError(403, "forbidden", "sign in to the console (a session) to create your "
+                                         "own API token; a token cannot create tokens",
+                       reason="token_mints_token")
+    raw = request.get_data(cache=True)
+    body = parse_json_body(raw) if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    label = validate_text(body.get("label", ""), "label", 100)
+    # web.audit.request_auditor's record (it imports this module, so not from there)
+    auditor = Auditor(ctx().keys, principal.user, f"{principal.source} from "
+                                                  f"{request.remote_addr}")
+
+    def audit(created: TokenRecord) -> Op:
+        return auditor.op("token.create", created.id,
+                          after={"user": created.user, "label": created.label,
+                                 "self_service": True})
+
+    token, record = ctx().auth.create_token(principal.user, label=label, audit=audit)
+    resp = jsonify({"token": token, "id": record.id, "user": record.user})
+    resp.status_code = 201
+    return resp

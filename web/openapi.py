@@ -140,6 +140,10 @@ DOCS: dict[str, dict[str, Any]] = {
     "GET /api/v1/idcs/{idc}/nodes": {"summary": "Regional nodes of one IDC", "response": "Page"},
     "GET /api/v1/catalog": {"summary": "Installable images", "response": "Page"},
     "GET /api/v1/session": {"summary": "The caller, role and CSRF token", "response": "Object"},
+    "POST /api/v1/session/tokens": {"summary": "Create an API token for the signed-in user "
+                                              "(console session only; shown once)",
+                                   "body": {"type": "object", "properties": {"label": _S}},
+                                   "response": "Object", "status": 201},
     "GET /api/v1/openapi.json": {"summary": "This document", "response": "Object",
                                  "public": True},
 }

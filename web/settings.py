@@ -14,9 +14,11 @@ from lpmos.config import (
     parse_bool,
     parse_hostport,
     parse_optional_path,
+    parse_str,
     parsed_defaults,
     str_list,
 )
+from web.ldap import filter_template, parse_dn_list, parse_ldap_url, parse_optional_dn
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("web.listen", "--listen", "127.0.0.1:8080", parse_hostport,
@@ -89,6 +91,66 @@ SETTINGS: tuple[Setting, ...] = (
             "first retry delay in seconds; it doubles per attempt, jittered", metavar="SECONDS"),
     Setting("web.webhook_backoff_max", "--webhook-backoff-max", 60.0, float_range(0.01, 3600),
             "longest retry delay in seconds", metavar="SECONDS"),
+    # -- LDAP sign-in (web/ldap.py, docs/ldap.md); off while web.ldap_url is empty
+    Setting("web.ldap_url", "--ldap-url", "", parse_ldap_url,
+            "LDAP directory for console sign-in and API tokens of directory users: "
+            "ldap://HOST[:PORT] (StartTLS) or ldaps://HOST[:PORT]; empty: local users only. "
+            "Local users are checked first", metavar="URL"),
+    Setting("web.ldap_start_tls", "--ldap-start-tls", True, parse_bool,
+            "StartTLS on ldap:// connections before any bind or search", metavar="BOOL"),
+    Setting("web.ldap_insecure_plaintext", "--ldap-insecure-plaintext", False, parse_bool,
+            "allow ldap:// without StartTLS: passwords cross the network in clear text "
+            "(a lab on loopback only, never in production)", metavar="BOOL"),
+    Setting("web.ldap_ca_file", "--ldap-ca-file", None, parse_optional_path,
+            "CA certificates (PEM) that verify the directory's certificate (default: the "
+            "system's CAs); the certificate is always verified and must name the host",
+            metavar="FILE"),
+    Setting("web.ldap_bind_dn", "--ldap-bind-dn", "", parse_optional_dn,
+            "service account DN that searches the directory (empty: anonymous searches)",
+            metavar="DN"),
+    Setting("web.ldap_bind_password_file", "--ldap-bind-password-file", None,
+            parse_optional_path,
+            "file holding the service account's password (read once at start; there is no "
+            "password flag)", metavar="FILE"),
+    Setting("web.ldap_user_base", "--ldap-user-base", "", parse_optional_dn,
+            "DN of the subtree searched for the signing-in user", metavar="DN"),
+    Setting("web.ldap_user_filter", "--ldap-user-filter", "(uid={user})",
+            filter_template("user", required=("user",)),
+            "filter that finds the user; {user} is the login name, escaped (RFC 4515). "
+            "Active Directory: (&(objectClass=user)(sAMAccountName={user}))",
+            metavar="FILTER"),
+    Setting("web.ldap_group_base", "--ldap-group-base", "", parse_optional_dn,
+            "DN of the subtree searched for the user's groups (empty: no group search; "
+            "then web.ldap_member_of_attribute)", metavar="DN"),
+    Setting("web.ldap_group_filter", "--ldap-group-filter", "(member={dn})",
+            filter_template("dn", "user", required=("dn", "user")),
+            "filter that finds the user's groups; {dn} is the user's DN and {user} the login "
+            "name, both escaped: (member={dn}), (uniqueMember={dn}), (memberUid={user})",
+            metavar="FILTER"),
+    Setting("web.ldap_member_of_attribute", "--ldap-member-of-attribute", "", parse_str,
+            "attribute of the user's entry that lists their groups (Active Directory and "
+            "the OpenLDAP memberof overlay: memberOf); empty: not read", metavar="ATTR"),
+    Setting("web.ldap_viewer_groups", "--ldap-viewer-groups", [], parse_dn_list,
+            "group DNs whose members get the viewer role, separated by ';'", metavar="DNS"),
+    Setting("web.ldap_operator_groups", "--ldap-operator-groups", [], parse_dn_list,
+            "group DNs whose members get the operator role", metavar="DNS"),
+    Setting("web.ldap_approver_groups", "--ldap-approver-groups", [], parse_dn_list,
+            "group DNs whose members get the approver role", metavar="DNS"),
+    Setting("web.ldap_admin_groups", "--ldap-admin-groups", [], parse_dn_list,
+            "group DNs whose members get the admin role; a user in several mapped groups "
+            "gets the highest role, a user in none is refused", metavar="DNS"),
+    Setting("web.ldap_timeout", "--ldap-timeout", 5.0, float_range(0.2, 60),
+            "seconds each directory call (connect, StartTLS, bind, search) may take; a "
+            "directory that does not answer makes sign-in fail with 503, not hang",
+            metavar="SECONDS"),
+    Setting("web.ldap_recheck", "--ldap-recheck", 300.0, float_range(1, 86400),
+            "seconds a directory user's role is trusted before the directory is asked again "
+            "(on their next request, session or API token); removed users lose access then",
+            metavar="SECONDS"),
+    Setting("web.ldap_offline_grace", "--ldap-offline-grace", 3600.0, float_range(0, 7 * 86400),
+            "while the directory cannot be reached, seconds past the re-check deadline that "
+            "a directory user keeps their last role for reads; changes are refused (503) "
+            "until the directory answers", metavar="SECONDS"),
 )
 
 #: Each setting's default as a resolved config holds it (parsed: ``web.listen``
