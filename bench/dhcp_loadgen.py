@@ -279,13 +279,22 @@ class LoadGen:
 
     def __init__(self, sock: socket.socket, templates: list[bytes],
                  dest: tuple[str, int] = ("255.255.255.255", 67),
-                 loss_timeout: float = 0.5) -> None:
+                 loss_timeout: float = 0.5, *, unique_macs: bool = False,
+                 giaddr: str | None = None) -> None:
+        """``unique_macs``: every request from a MAC never used before (a
+        storm of unknown machines), else the templates' MACs in turn.
+        ``giaddr``: requests arrive as a relay forwards them (giaddr set,
+        hops 1; ``sock`` bound to port 67 at that address, ``dest`` the
+        server's unicast address)."""
         self.sock = sock
         self.sock.setblocking(False)
         self.templates = templates
         self.dest = dest
         self.loss_timeout = loss_timeout
         self._xid = random.randrange(1 << 20, 1 << 30)
+        self.unique_macs = unique_macs
+        self._mac = random.randrange(1 << 38)      # 5 bytes after the 02 prefix, from here on
+        self._relay = socket.inet_aton(giaddr) if giaddr else None
 
     def _drain(self) -> None:
         while True:
@@ -295,9 +304,18 @@ class LoadGen:
                 return
 
     def _next(self) -> tuple[int, bytes]:
-        self._xid = (self._xid + 1) & 0xFFFFFFFF
-        tpl = self.templates[self._xid % len(self.templates)]
-        return self._xid, tpl[:4] + self._xid.to_bytes(4, "big") + tpl[8:]
+        self._xid = xid = (self._xid + 1) & 0xFFFFFFFF
+        tpl = self.templates[xid % len(self.templates)]
+        if not self.unique_macs and self._relay is None:
+            return xid, tpl[:4] + xid.to_bytes(4, "big") + tpl[8:]
+        head = tpl[:3] + b"\x01" if self._relay is not None else tpl[:4]
+        giaddr = self._relay if self._relay is not None else tpl[24:28]
+        if self.unique_macs:
+            self._mac = (self._mac + 1) & ((1 << 40) - 1)
+            mac = b"\x02" + self._mac.to_bytes(5, "big")
+        else:
+            mac = tpl[28:34]
+        return xid, head + xid.to_bytes(4, "big") + tpl[8:24] + giaddr + mac + tpl[34:]
 
     def _receive(self, outstanding: dict[int, float], result: LoadResult) -> int:
         got = 0

@@ -28,6 +28,7 @@ from bootsvc.dhcp.sockets import (
     needs_pktinfo,
     open_socket,
     parse_pktinfo,
+    parse_received,
     send_datagram,
     send_drop_reason,
 )
@@ -120,7 +121,8 @@ class DhcpService:
         m.describe("dhcp_packets_in_total", "DHCP requests received, by message type and port")
         m.describe("dhcp_packets_out_total", "DHCP replies sent, by message type and port")
         m.describe("dhcp_dropped_total", "DHCP datagrams not answered, by reason")
-        m.describe("dhcp_answer_seconds", "time from receiving a request to sending the reply")
+        m.describe("dhcp_answer_seconds", "time from the kernel's receipt of a request (so "
+                   "with its wait in the socket buffer) to its reply being sent")
         pool, writer = self.pool, self.writer
         if pool is not None:
             m.gauge("dhcp_leases_active", lambda: float(pool.active()),
@@ -206,24 +208,32 @@ class DhcpService:
 
     # -- the hot path
     def _on_readable(self, sock: socket.socket, kind: PortKind) -> None:
+        """Read up to a batch of datagrams and answer each at once; the
+        bookkeeping of the batch (timeline, latencies, counters) comes after
+        its answers.  A request that waited in the socket buffer longer than
+        ``dhcp.max_age`` (its kernel receipt time, SO_TIMESTAMPNS) is dropped
+        unread: under overload the loop catches up on what is fresh instead
+        of answering clients that have given up."""
         responder = self.responder
         counters = responder.counters
-        perf = time.perf_counter
+        clock = time.time
         pktinfo = self._pktinfo
+        max_age = self.settings.max_age
         ifindex, local_ip = 0, None
+        answered: list[tuple[Reply, float]] = []
         for _ in range(_BATCH):
             try:
-                if pktinfo:
-                    data, ancdata, _flags, src = sock.recvmsg(RECV_SIZE, CMSG_SPACE)
-                else:
-                    data, src = sock.recvfrom(RECV_SIZE)
+                data, ancdata, _flags, src = sock.recvmsg(RECV_SIZE, CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 counters.drop("recv_error")
                 log.debug("dhcp recv: %s", exc)
                 break
-            t0 = perf()
+            received = parse_received(ancdata) or clock()
+            if clock() - received > max_age:
+                counters.drop("stale")
+                continue
             if len(data) >= RECV_SIZE:          # longer than MAX_PACKET (truncated)
                 counters.drop("oversized")
                 continue
@@ -235,10 +245,12 @@ class DhcpService:
                 log.exception("dhcp: failed to handle a packet from %s", src)
                 counters.drop("internal_error")
                 continue
-            if reply is None:
-                continue
-            if self._send(sock, reply, ifindex, local_ip):
-                self._latencies.append(perf() - t0)
+            if reply is not None and self._send(sock, reply, ifindex, local_ip):
+                answered.append((reply, received))
+        if answered:
+            sent = clock()
+            for reply, received in answered:
+                self._latencies.append(max(0.0, sent - received))
                 counters.count_packet("dhcp_packets_out_total", reply.msg_type, kind)
                 self._record(reply, kind)
         self._flush()

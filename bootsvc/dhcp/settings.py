@@ -22,6 +22,7 @@ from lpmos.config import (
     ConfigError,
     Setting,
     choice,
+    float_range,
     int_range,
     parse_bool,
     parse_ip,
@@ -105,6 +106,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dhcp.rcvbuf", "--dhcp-rcvbuf", 4 * 1024 * 1024, int_range(65536, 256 * 1024 * 1024),
             "socket receive buffer in bytes (a burst of simultaneous DISCOVERs must fit)",
             metavar="BYTES"),
+    Setting("dhcp.max_age", "--dhcp-max-age", 2.0, float_range(0.05, 30.0),
+            "seconds a request may have waited in the socket buffer and still be answered; "
+            "older ones are dropped unread and counted (dhcp_dropped_total{reason=\"stale\"}): "
+            "iPXE waits about 2 s for ProxyDHCP offers and retransmits, a PXE ROM after 4 s, "
+            "so a later answer is work for a client that has moved on", metavar="SECONDS"),
 )
 
 
@@ -127,6 +133,7 @@ class DhcpSettings:
     relays: frozenset[str]
     bootfiles: Mapping[str, str | None]
     rcvbuf: int
+    max_age: float = 2.0
 
     @classmethod
     def from_config(cls, config: Config) -> DhcpSettings:
@@ -146,6 +153,7 @@ class DhcpSettings:
             relays=frozenset(config["dhcp.relays"]),
             bootfiles={family: config[f"dhcp.bootfile_{family}"] for family in BOOT_FAMILIES},
             rcvbuf=config["dhcp.rcvbuf"],
+            max_age=config["dhcp.max_age"],
         )
 
     def lab_range(self) -> tuple[str, str]:

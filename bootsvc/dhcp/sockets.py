@@ -29,8 +29,12 @@ _PKTINFO = struct.Struct("=i4s4s")
 _inet_ntoa = socket.inet_ntoa
 _IPPROTO_IP = int(socket.IPPROTO_IP)        # a plain int: enum operators are slow
 
-#: ancillary buffer size for one IP_PKTINFO message
-CMSG_SPACE = socket.CMSG_SPACE(_PKTINFO.size)
+#: SO_TIMESTAMPNS: the kernel's receipt time of each datagram (Linux; the
+#: socket module does not name it)
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("=qq")
+#: ancillary buffer size for one IP_PKTINFO and one SCM_TIMESTAMPNS message
+CMSG_SPACE = socket.CMSG_SPACE(_PKTINFO.size) + socket.CMSG_SPACE(_TIMESPEC.size)
 #: receive buffer: one byte more than the largest datagram accepted, so a
 #: longer (truncated) one is recognised by its length
 RECV_SIZE = dhcp.MAX_PACKET + 1
@@ -105,6 +109,17 @@ def parse_pktinfo(ancdata: Iterable[tuple[int, int, bytes]]) -> tuple[int, str |
     return ifindex, local_ip
 
 
+def parse_received(ancdata: Iterable[tuple[int, int, bytes]]) -> float | None:
+    """The kernel's receipt time (``time.time()`` scale) from a datagram's
+    ancillary data, or ``None`` when it carries no SCM_TIMESTAMPNS."""
+    for level, ctype, cdata in ancdata:
+        if ctype == _SO_TIMESTAMPNS and level == socket.SOL_SOCKET and \
+                len(cdata) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(cdata)
+            return float(sec + nsec * 1e-9)
+    return None
+
+
 def send_drop_reason(err: int | None) -> str:
     """The drop reason a failed send counts as: a full send buffer (load)
     is told apart from every other failure."""
@@ -127,8 +142,10 @@ def send_datagram(sock: socket.socket, data: bytes, dest: tuple[str, int], ifind
 def open_socket(listen: str, port: int, *, interface: str | None, rcvbuf: int,
                 pktinfo: bool = True) -> socket.socket:
     """A non-blocking UDP socket for DHCP: broadcast allowed, a large receive
-    buffer (forced past rmem_max when we may), optionally IP_PKTINFO (to learn
-    the arrival interface and local address) and bound to one interface."""
+    buffer (forced past rmem_max when we may), each datagram stamped with
+    its receipt time (SO_TIMESTAMPNS: how long it waited), optionally
+    IP_PKTINFO (to learn the arrival interface and local address) and bound
+    to one interface."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -141,6 +158,7 @@ def open_socket(listen: str, port: int, *, interface: str | None, rcvbuf: int,
             sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
         if pktinfo:
             sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
         sock.setblocking(False)
         sock.bind((listen, port))
     except BaseException:

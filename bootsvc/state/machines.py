@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 
 from bootsvc.policy.machine import MachineView
 from lpmos.models import Server, Task, ValidationError
@@ -18,6 +19,9 @@ from lpmos.store.cache import WatchCache
 from lpmos.store.keys import Keys
 
 log = logging.getLogger(__name__)
+
+#: MAC links remembered for :meth:`MachineIndex.linked_since`
+LINKED_KEPT = 4096
 
 
 class MachineIndex:
@@ -44,6 +48,10 @@ class MachineIndex:
         self._server_macs: dict[str, dict[str, None]] = {}
         self._uuids: dict[str, dict[str, None]] = {}
         self.generation = 0
+        # MACs linked to an SN, with the generation that linked them (bounded;
+        # :meth:`linked_since` says when a reader fell further behind)
+        self._linked: deque[tuple[int, str]] = deque(maxlen=LINKED_KEPT)
+        self._linked_floor = 0
         cache.add_listener(self._on_change, on_reset=self.rebuild)
         self.rebuild()
 
@@ -54,13 +62,15 @@ class MachineIndex:
         for kv in self.cache.items(self.keys.idc(self.idc)):
             self._load(kv, tasks, servers)
         with self._lock:
+            self.generation += 1
             self._tasks, self._servers = {}, {}
             self._task_macs, self._server_macs, self._uuids = {}, {}, {}
             for sn, server in servers.items():
                 self._put_server(sn, server)
             for sn, entry in tasks.items():
                 self._put_task(sn, entry)
-            self.generation += 1
+            self._linked.clear()
+            self._linked_floor = self.generation
 
     def _load(self, kv: KeyValue, tasks: dict[str, tuple[Task, int]],
               servers: dict[str, Server]) -> None:
@@ -80,6 +90,7 @@ class MachineIndex:
         self._drop_task(sn)
         self._tasks[sn] = entry
         _link(self._task_macs, entry[0].mac, sn)
+        self._linked.append((self.generation, entry[0].mac))
 
     def _drop_task(self, sn: str) -> None:
         old = self._tasks.pop(sn, None)
@@ -91,6 +102,7 @@ class MachineIndex:
         self._servers[sn] = server
         for mac in server.macs:
             _link(self._server_macs, mac, sn)
+            self._linked.append((self.generation, mac))
         if server.uuid:
             _link(self._uuids, server.uuid, sn)
 
@@ -113,6 +125,7 @@ class MachineIndex:
         if new is not None:
             self._load(new, tasks, servers)     # parsed outside the lock
         with self._lock:
+            self.generation += 1
             if parsed.kind == "task":
                 if parsed.name in tasks:
                     self._put_task(parsed.name, tasks[parsed.name])
@@ -122,7 +135,20 @@ class MachineIndex:
                 self._put_server(parsed.name, servers[parsed.name])
             else:
                 self._drop_server(parsed.name)
-            self.generation += 1
+
+    def linked_since(self, generation: int) -> list[str] | None:
+        """MACs linked to an SN after ``generation`` (some may since have
+        been unlinked again), or ``None`` when the index cannot say (a
+        rebuild since, or more links than it keeps): then look everything
+        up again."""
+        with self._lock:
+            if generation >= self.generation:
+                return []
+            if generation < self._linked_floor or (
+                    len(self._linked) == self._linked.maxlen
+                    and self._linked[0][0] > generation):
+                return None
+            return [mac for gen, mac in self._linked if gen > generation]
 
     # -- lookups (any thread)
     def sn_for(self, mac: str | None = None, uuid: str | None = None,

@@ -19,6 +19,17 @@ SN is known wait in memory (bounded, for at most ``hold`` seconds) and are
 attached once the MAC resolves to an SN in the machine index (after the
 agent registers, or a task names the MAC); an address resolves through a
 MAC seen with it in an earlier entry (``detail`` with ``mac`` and ``ip``).
+
+What a storm of unknown machines costs: recording is O(1) under a lock;
+a flush looks only at the machines recorded since the last one, and
+entries that cannot be attached yet are *parked*; parked machines are
+looked at again only for the MACs the machine index newly links to an SN
+(:meth:`bootsvc.state.machines.MachineIndex.linked_since`), not on every
+flush.  Unknown machines write nothing to etcd.  At most ``max_pending``
+machines wait in memory: past that the one heard from least recently is
+dropped (``timeline_dropped_total{reason="too_many_machines"}``), and a
+machine still unknown after ``hold`` seconds is dropped too
+(``reason="expired"``).
 """
 
 from __future__ import annotations
@@ -77,12 +88,26 @@ class EtcdTimeline:
         self.hold = hold
         self.max_pending = max_pending
         self._lock = threading.Lock()
+        # recorded since the last flush; then parked (by MAC, or other whos
+        # such as ip:ADDRESS), least recently heard from first
         self._pending: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self._parked: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
+        self._parked_other: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
         self._ip_mac: OrderedDict[str, str] = OrderedDict()
+        self._generation = getattr(machines, "generation", 0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        metrics.gauge("timeline_pending_machines", lambda: float(len(self._pending)),
+        metrics.gauge("timeline_pending_machines", self.waiting,
                       "machines with boot timeline entries not yet written to etcd")
+        metrics.describe("timeline_writes_total", "boot timeline writes to etcd")
+        metrics.describe("timeline_write_failed_total",
+                         "boot timeline writes that failed (kept for the next try)")
+        metrics.describe("timeline_dropped_total", "boot timeline entries dropped, by reason")
+
+    def waiting(self) -> float:
+        """Machines whose entries wait in memory (new or parked)."""
+        with self._lock:
+            return float(len(self._pending) + len(self._parked) + len(self._parked_other))
 
     # -- recording (hot path: no I/O) -------------------------------------------------
 
@@ -101,12 +126,21 @@ class EtcdTimeline:
                 entries = self._pending.get(entry["who"])
                 if entries is None:
                     entries = self._pending[entry["who"]] = deque(maxlen=self.per_machine)
-                    while len(self._pending) > self.max_pending:
-                        self._pending.popitem(last=False)
-                        self.metrics.inc("timeline_dropped_total", reason="too_many_machines")
+                    self._cap()
                 entries.append(entry)
         except Exception:  # a timeline must never break a boot
             log.exception("timeline record failed")
+
+    def _cap(self) -> None:
+        """At most ``max_pending`` machines wait: drop the least recently
+        heard from, parked ones first (under the lock)."""
+        while len(self._pending) + len(self._parked) + len(self._parked_other) > \
+                self.max_pending:
+            for queue in (self._parked, self._parked_other, self._pending):
+                if queue:
+                    queue.popitem(last=False)
+                    break
+            self.metrics.inc("timeline_dropped_total", reason="too_many_machines")
 
     # -- resolving and writing -----------------------------------------------------------
 
@@ -123,40 +157,87 @@ class EtcdTimeline:
 
     def flush(self) -> int:
         """Write what can be attached to an SN; returns the number of
-        machines written.  Entries that cannot be written stay queued."""
+        machines written.  Entries that cannot be written stay queued
+        (parked when their machine is not known yet)."""
         with self._lock:
             pending, self._pending = self._pending, OrderedDict()
-            ip_mac = dict(self._ip_mac)
+            revived = self._revive()
+            work = [*revived, *pending.items()]
+            # the address -> MAC links these whos need (not the whole map)
+            ip_mac = {key: mac for who, _ in work if who.count(":") != 5
+                      and not who.startswith("sn:")
+                      for key in (who[3:] if who.startswith("ip:") else who,)
+                      if (mac := self._ip_mac.get(key)) is not None}
         outgoing: dict[str, list[dict[str, Any]]] = {}
-        keep: OrderedDict[str, deque[dict[str, Any]]] = OrderedDict()
-        cutoff = time.time() - self.hold
-        for who, entries in pending.items():
+        unresolved: list[tuple[str, deque[dict[str, Any]]]] = []
+        for who, entries in work:
             sn = self._resolve_with(who, ip_mac)
             if sn is None:
-                fresh = deque((e for e in entries if e["at"] >= cutoff), maxlen=self.per_machine)
-                if fresh:
-                    keep[who] = fresh
-                continue
-            outgoing.setdefault(sn, []).extend(entries)
+                unresolved.append((who, entries))
+            else:
+                outgoing.setdefault(sn, []).extend(entries)
+        failed: list[tuple[str, list[dict[str, Any]]]] = []
         written = 0
         for sn, batch in outgoing.items():
+            batch.sort(key=lambda e: float(e["at"]))
             try:
                 self._write(sn, batch)
                 written += 1
             except StoreError as exc:
                 self.metrics.inc("timeline_write_failed_total")
                 log.debug("timeline of %s not written: %s", sn, exc)
-                keep.setdefault("sn:" + sn, deque(maxlen=self.per_machine)).extend(batch)
-        if keep:
-            with self._lock:
-                for who, entries in keep.items():
-                    merged = self._pending.get(who)
-                    if merged is None:
-                        self._pending[who] = entries
-                    else:
-                        entries.extend(merged)
-                        self._pending[who] = entries
+                failed.append(("sn:" + sn, batch))
+        with self._lock:
+            for who, batch in failed:            # the next flush tries again
+                newer = self._pending.get(who, ())
+                self._pending[who] = deque([*batch, *newer], maxlen=self.per_machine)
+            for who, entries in unresolved:
+                self._park(who, entries)
+            self._expire(time.time() - self.hold)
+            self._cap()
         return written
+
+    def _park(self, who: str, entries: deque[dict[str, Any]]) -> None:
+        """Keep ``entries`` of a machine not known yet (under the lock)."""
+        parked = self._parked if who.count(":") == 5 else self._parked_other
+        held = parked.pop(who, None)
+        if held is not None:
+            held.extend(entries)
+            entries = held
+        parked[who] = entries                   # now the most recently heard from
+
+    def _revive(self) -> list[tuple[str, deque[dict[str, Any]]]]:
+        """Parked machines whose MAC the index has linked to an SN since the
+        last flush, taken out of the parking (under the lock).  Cost: the
+        new links, plus the few non-MAC whos; all parked machines only when
+        the index cannot say what changed."""
+        generation = getattr(self.machines, "generation", None)
+        if generation is None or generation == self._generation:
+            return []
+        linked = self.machines.linked_since(self._generation)
+        self._generation = generation
+        out: list[tuple[str, deque[dict[str, Any]]]] = []
+        if linked is None:
+            out.extend(self._parked.items())
+            self._parked = OrderedDict()
+        else:
+            for mac in linked:
+                entries = self._parked.pop(mac, None)
+                if entries is not None:
+                    out.append((mac, entries))
+        out.extend(self._parked_other.items())
+        self._parked_other = OrderedDict()
+        return out
+
+    def _expire(self, cutoff: float) -> None:
+        """Drop parked machines not heard from since ``cutoff`` (under the lock)."""
+        for parked in (self._parked, self._parked_other):
+            while parked:
+                _who, entries = next(iter(parked.items()))
+                if entries and float(entries[-1]["at"]) >= cutoff:
+                    break
+                parked.popitem(last=False)
+                self.metrics.inc("timeline_dropped_total", reason="expired")
 
     def _resolve_with(self, who: str, ip_mac: dict[str, str]) -> str | None:
         if who.startswith("ip:") or (who.count(":") != 5 and not who.startswith("sn:")):

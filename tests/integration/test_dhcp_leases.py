@@ -5,6 +5,7 @@ high ports with a real etcd: known-machines filter, metrics, timeline."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -292,6 +293,50 @@ def test_service_known_only_metrics_and_timeline(etcd_store: EtcdStore, keys: Ke
     entries = timeline.entries(known)
     assert entries and entries[0]["stage"] == "dhcp"
     assert entries[0]["detail"]["file"] == "ipxe.efi"
+
+
+def test_requests_that_waited_past_max_age_are_dropped_unanswered(
+        keys: Keys, loop: asyncio.AbstractEventLoop) -> None:
+    """The loop is busy for 0.5 s while requests queue in the socket buffer:
+    with --dhcp-max-age 0.2 they are dropped and counted when it gets to
+    them (kernel receipt time, SO_TIMESTAMPNS), and a fresh one is answered."""
+    import socket as socketlib
+    import time
+
+    ctx, cache = _ctx(MemoryStore(), keys, dhcp__max_age="0.2")
+    service = DhcpService(ctx)
+    client = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.settimeout(0.1)
+
+    async def scenario() -> tuple[list[bytes], bytes | None]:
+        await service.start()
+        try:
+            port = service.ports["dhcp"]
+            for i in range(5):
+                client.sendto(dhcp.build_request(f"52:54:00:bb:00:{i:02x}", xid=100 + i, arch=7),
+                              ("127.0.0.1", port))
+            time.sleep(0.5)                   # the loop is busy: nothing is read
+            await asyncio.sleep(0.2)          # now it reads them
+            late: list[bytes] = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    late.append(client.recv(2048))
+            fresh = await _exchange(port, dhcp.build_request("52:54:00:bb:00:99", xid=7,
+                                                             arch=7))
+            return late, fresh
+        finally:
+            await service.stop()
+
+    try:
+        late, fresh = loop.run_until_complete(scenario())
+    finally:
+        client.close()
+        cache.stop()
+    assert late == []
+    assert ctx.metrics.get("dhcp_dropped_total", reason="stale") == 5
+    assert fresh is not None and dhcp.parse_packet(fresh).xid == 7
+    assert ctx.metrics.get("dhcp_packets_out_total", type="offer", port="dhcp") == 1
 
 
 def test_full_mode_needs_a_range(keys: Keys) -> None:

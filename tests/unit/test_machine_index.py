@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from bootsvc.state.machines import MachineIndex
+from bootsvc.state.machines import LINKED_KEPT, MachineIndex
 from lpmos.models import Server, Task
 from lpmos.store import KeyValue
 from lpmos.store.cache import WatchCache
@@ -89,6 +89,25 @@ def test_a_task_wins_a_mac_and_the_newest_server_wins_among_servers(env: Env) ->
     # a full reload (after a compaction gap) gives the same answers
     env.index.rebuild()
     assert env.index.sn_for(mac=A) == "sn-old" and env.index.sn_for(mac=B) is None
+
+
+def test_linked_since_names_the_new_macs_or_says_it_cannot(env: Env) -> None:
+    g = env.index.generation
+    assert env.index.linked_since(g) == []
+    env.server("sn-1", A, B)
+    env.task("sn-2", C)
+    assert sorted(env.index.linked_since(g) or []) == [A, B, C]
+    g2 = env.index.generation
+    assert env.index.linked_since(g2) == []
+    env.index.rebuild()                      # a reload: everything may have changed
+    assert env.index.linked_since(g2) is None
+    g3 = env.index.generation
+    for i in range(LINKED_KEPT + 1):         # more links than it keeps
+        env.index._on_change(env.keys.server(IDC, f"x-{i}"), None,
+                             _kv(env, f"x-{i}", f"52:54:01:00:{i >> 8 & 255:02x}:{i & 255:02x}"),
+                             0)
+    assert env.index.linked_since(g3) is None
+    assert env.index.linked_since(env.index.generation - 1) == ["52:54:01:00:10:00"]
 
 
 def test_a_malformed_record_drops_the_old_one(env: Env) -> None:
