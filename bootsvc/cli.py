@@ -39,10 +39,13 @@ SETTINGS: tuple[Setting, ...] = tuple(_service_settings())
 
 def run(config: Config, args: argparse.Namespace) -> int:
     from bootsvc.node import RegionalNode, ensure_state_dir
+    from lpmos.sdnotify import Notifier
 
     setup_logging(config["log_level"], name=f"regional[{config['regional.idc']}]")
+    # before the embedded etcd starts: it must not inherit $NOTIFY_SOCKET
+    notifier = Notifier.from_environ()
     ensure_state_dir(config)
     with open_store(config) as handle:
         node = RegionalNode(config, handle.store, handle.keys,
-                            maintenance=handle.maintenance())
+                            maintenance=handle.maintenance(), notifier=notifier)
         return node.run_forever()

@@ -35,6 +35,7 @@ from bootsvc.state.reaper import Reaper
 from lpmos import __version__
 from lpmos.config import Config
 from lpmos.metrics import Registry
+from lpmos.sdnotify import Notifier, run_watchdog
 from lpmos.store import Store, StoreError
 from lpmos.store.cache import WatchCache
 from lpmos.store.keys import Keys
@@ -153,10 +154,14 @@ def grub_warnings(config: Config) -> list[str]:
 
 class RegionalNode:
     def __init__(self, config: Config, store: Store, keys: Keys, *,
-                 maintenance: EtcdMaintenance | None = None) -> None:
+                 maintenance: EtcdMaintenance | None = None,
+                 notifier: Notifier | None = None) -> None:
         """``maintenance`` (:meth:`lpmos.runtime.StoreHandle.maintenance`)
-        runs while the node does; etcd's alarms make /healthz degraded."""
+        runs while the node does; etcd's alarms make /healthz degraded.
+        ``notifier`` tells systemd (``Type=notify``) when the node serves,
+        how it fares, and pings its watchdog from the event loop."""
         self.config = config
+        self._notifier = notifier or Notifier(None)
         idc = str(config["regional.idc"])
         cache = WatchCache(store, keys.idc(idc), name=f"idc-{idc}")
         machines = MachineIndex(cache, keys, idc)
@@ -275,6 +280,7 @@ class RegionalNode:
     async def serve(self, stop: asyncio.Event) -> None:
         """Start everything, run until ``stop`` is set, stop everything."""
         self._start_core()
+        watchdog: asyncio.Task[None] | None = None
         try:
             await self._start_async()
             await self._start_http()
@@ -286,12 +292,36 @@ class RegionalNode:
             log.info("regional node %s for IDC %s up: services %s, machines reach it at %s "
                      "(boot HTTP %s)", self.ctx.node_name, self.ctx.idc,
                      ",".join(self.services), self.ctx.server_ip, self.ctx.advertise_url)
+            # READY once every socket is bound; with etcd unreachable the node
+            # still serves from its cache (RELIABILITY: degraded, not down), so
+            # readiness does not wait for etcd: STATUS= says degraded instead
+            self._notifier.ready(self.systemd_status())
+            watchdog = asyncio.create_task(run_watchdog(self._notifier, self.systemd_status))
             await stop.wait()
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._notifier.stopping(f"stopping node {self.ctx.node_name}")
             log.info("regional node %s stopping", self.ctx.node_name)
             await self._stop_async()
             self._stop_sync()
             log.info("regional node %s stopped", self.ctx.node_name)
+
+    def systemd_status(self) -> str:
+        """One line for ``systemctl status``, from memory only (it runs on
+        the event loop): the services and whether the IDC cache is current."""
+        cache = self.ctx.cache
+        staleness = cache.staleness()
+        if not cache.loaded:
+            health = "degraded: the IDC cache has not loaded from etcd yet"
+        elif staleness > 10.0:
+            # in tens of seconds, so the line changes (and is sent) rarely
+            health = ("degraded: etcd has not confirmed the IDC cache for "
+                      f"{staleness // 10 * 10:.0f}+ s")
+        else:
+            health = "cache current"
+        return (f"node {self.ctx.node_name}, IDC {self.ctx.idc}: {','.join(self.services)} at "
+                f"{self.ctx.server_ip}; {health}")
 
     def run_forever(self) -> int:
         """Run until SIGINT or SIGTERM."""

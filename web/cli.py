@@ -35,6 +35,7 @@ from typing import Any
 
 from lpmos.config import Config, ConfigError
 from lpmos.runtime import open_store, setup_logging
+from lpmos.sdnotify import Notifier
 from web.settings import DEFAULTS, SETTINGS
 
 __all__ = ["SETTINGS", "add_arguments", "run"]
@@ -85,6 +86,8 @@ def check_settings(config: Config) -> None:
 def run(config: Config, args: argparse.Namespace) -> int:
     """Serve until interrupted; exit code 0 on a clean stop."""
     check_settings(config)
+    # before the embedded etcd and gunicorn start: neither may speak for us
+    notifier = Notifier.from_environ()
     debug = bool(config["web.debug"])
     setup_logging("debug" if debug else config["log_level"], name="lpmos-web")
     secret = load_secret_key(secret_key_path(config))
@@ -101,11 +104,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
             finally:
                 app.extensions["lpmos"].close()
         return 0
-    return _serve_gunicorn(config, host, port, secret)
+    return _serve_gunicorn(config, host, port, secret, notifier)
 
 
-def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes) -> int:
+def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes,
+                    notifier: Notifier) -> int:
     from gunicorn.app.base import BaseApplication
+
+    from web.readiness import ReadyPipe, run_arbiter
 
     local = None
     if not config["etcd.endpoints"]:
@@ -124,6 +130,7 @@ def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes) -> int:
     from web.worker import buffered_worker
 
     worker_class = buffered_worker(header_timeout=float(config["web.header_timeout"]))
+    ready = ReadyPipe()      # the worker tells the master it loaded the app (systemd READY=1)
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -153,6 +160,7 @@ def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes) -> int:
                 # state directory
                 "control_socket_disable": True,
                 "worker_exit": lambda _arbiter, _worker: self._stack.close(),
+                "post_worker_init": ready.worker_ready,
             }
             for key, value in options.items():
                 if key in self.cfg.settings:   # control_socket_disable: gunicorn >= 25
@@ -168,6 +176,9 @@ def _serve_gunicorn(config: Config, host: str, port: int, secret: bytes) -> int:
                              secret_key=secret, maintenance=handle.maintenance())
             self._stack.callback(app.extensions["lpmos"].close)
             return app
+
+        def run(self) -> None:
+            run_arbiter(self, notifier, ready, f"control plane on {bind}")
 
     try:
         _Gunicorn().run()
