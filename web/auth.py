@@ -209,9 +209,10 @@ def _set_up_directory(state: BlueprintSetupState) -> None:
         Directory(settings), settings, context.auth, context.keys)
 
 
-def _directory_principal(user: User, via: str, token_id: str = "") -> Principal:
+def _directory_principal(user: User, via: str, token_id: str = "") -> Principal | None:
     """A directory user's principal: their role re-checked when due
-    (:meth:`DirectoryAccess.role_of`); a refusal is 401 with the reason."""
+    (:meth:`DirectoryAccess.role_of`).  A refusal is 401 with the reason for
+    a token, and ends a session (``None``)."""
     access = directory_access()
     if access is None:
         raise ApiError(401, "unauthorized", f"{user.name} is a directory ({user.source}) user "
@@ -220,8 +221,9 @@ def _directory_principal(user: User, via: str, token_id: str = "") -> Principal:
     try:
         check: RoleCheck = access.role_of(user)
     except Refused as exc:
-        if via == "session":
-            session.clear()
+        if via == "session":    # signed out: the console shows the sign-in page again,
+            session.clear()     # where signing in says why
+            return None
         raise ApiError(401, "unauthorized", f"the directory refused access: {exc}",
                        reason="directory_refused") from None
     except DirectoryUnavailable as exc:

@@ -78,9 +78,15 @@ def secret_key_path(config: Config) -> Path:
 
 
 def check_settings(config: Config) -> None:
+    """Refuse settings that cannot work together, before anything starts
+    (exit code 2 with one line): the thread budget, and the ``web.ldap_*``
+    settings (which also reads the LDAP bind password file)."""
     if int(config["web.threads"]) - int(config["web.ws_max_clients"]) < 8:
         raise ConfigError("web.threads must exceed web.ws_max_clients by at least 8 "
                           "(each live console holds one thread)")
+    from web.ldap import LdapSettings
+
+    LdapSettings.from_values(config.values)
 
 
 def run(config: Config, args: argparse.Namespace) -> int:

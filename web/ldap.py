@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import ssl
 import threading
@@ -482,7 +483,9 @@ class Directory:
         conn = Connection(self._server(), user=user, password=password,
                           authentication=SIMPLE if user else None, auto_bind=False,
                           client_strategy=SYNC, auto_referrals=False, read_only=True,
-                          raise_exceptions=False, receive_timeout=self.settings.timeout,
+                          raise_exceptions=False,
+                          # whole seconds: ldap3 packs it into SO_RCVTIMEO as an integer
+                          receive_timeout=math.ceil(self.settings.timeout),
                           check_names=False)
         try:
             conn.open()
@@ -530,7 +533,7 @@ class Directory:
         try:
             conn.search(base, flt, search_scope=SUBTREE, attributes=attributes or None,
                         size_limit=size_limit,
-                        time_limit=max(1, int(self.settings.timeout + 0.999)))
+                        time_limit=math.ceil(self.settings.timeout))
         except (LDAPException, OSError) as exc:
             raise self._unavailable(exc) from None
         code = int(conn.result.get("result", -1)) if conn.result else -1
@@ -599,10 +602,14 @@ def _result(conn: Connection) -> str:
 
 def _describe(exc: BaseException | None, s: LdapSettings) -> str:
     """One line for an ldap3 or socket failure, naming the directory."""
-    detail = " ".join(str(exc).split())[:200] if exc is not None else "no answer"
-    low = detail.lower()
+    full = " ".join(str(exc).split()) if exc is not None else "no answer"
+    low = full.lower()
+    detail = full[:200]
     if "timed out" in low or "timeout" in low:
         return f"the directory {s.url} did not answer within {s.timeout:g} s"
+    if "doesn't match any name" in low:     # ldap3's host name check; it prints the cert
+        return (f"TLS with the directory {s.url} failed: its certificate is not issued for "
+                f"{s.host}")
     if "certificate" in low or "ssl" in low or "tls" in low:
         return f"TLS with the directory {s.url} failed: {detail}"
     if "refused" in low:

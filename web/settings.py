@@ -139,7 +139,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("web.ldap_admin_groups", "--ldap-admin-groups", [], parse_dn_list,
             "group DNs whose members get the admin role; a user in several mapped groups "
             "gets the highest role, a user in none is refused", metavar="DNS"),
-    Setting("web.ldap_timeout", "--ldap-timeout", 5.0, float_range(0.2, 60),
+    Setting("web.ldap_timeout", "--ldap-timeout", 5.0, float_range(1, 60),
             "seconds each directory call (connect, StartTLS, bind, search) may take; a "
             "directory that does not answer makes sign-in fail with 503, not hang",
             metavar="SECONDS"),
