@@ -248,6 +248,7 @@ class LoadResult:
     answered: int = 0
     with_bootfile: int = 0
     duration: float = 0.0
+    send_seconds: float = 0.0       # first send to last send (open loop: the rate achieved)
     latencies: list[float] = field(default_factory=list)   # seconds, answered requests
 
     @property
@@ -401,6 +402,7 @@ class LoadGen:
                 if wait > 0:
                     poller.poll(wait)
                     self._receive(outstanding, result)
+            result.send_seconds = perf() - start
             end = perf() + self.loss_timeout
             while outstanding and perf() < end:
                 poller.poll(0.01)

@@ -138,6 +138,9 @@ def summarize(result: LoadResult, cpu: float) -> dict[str, float]:
     lat = result.latencies
     return {
         "offered": result.sent,
+        # what the generator really sent per second (below the nominal rate
+        # when it cannot keep up: then both servers see the same lower rate)
+        "sent_per_s": round(result.sent / max(result.send_seconds, 1e-9)),
         "answered": result.answered,
         "answered_pct": round(100.0 * result.answered / max(result.sent, 1), 1),
         "mean_ms": round(1000 * statistics.fmean(lat), 3) if lat else float("nan"),
@@ -244,15 +247,16 @@ def flood(net: NetnsPair, workdir: Path, etcd_url: str, plan: dict[str, Any],
 
 
 def render_table(medians: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = [f"{'traffic':<16} {'answered % ours':>15} {'dnsmasq':>8} {'ratio':>6}  "
+    lines = [f"{'traffic':<16} {'sent/s':>7} {'answered % ours':>15} {'dnsmasq':>8} {'ratio':>6}  "
              f"{'mean ms ours':>12} {'dnsmasq':>8}  {'max ms ours':>11} {'dnsmasq':>8}  "
-             f"{'stale drops':>11}", "-" * 108]
+             f"{'stale drops':>11}", "-" * 116]
     for scenario, ours in medians["ours"].items():
         ref = medians["dnsmasq"].get(scenario, {})
         a, b = ours.get("answered", 0.0), ref.get("answered", 0.0)
         ratio = f"{a / b:6.2f}" if b else "     -"
         lines.append(
-            f"{scenario:<16} {ours.get('answered_pct', 0):>15.1f} "
+            f"{scenario:<16} {ours.get('sent_per_s', 0):>7.0f} "
+            f"{ours.get('answered_pct', 0):>15.1f} "
             f"{ref.get('answered_pct', float('nan')):>8.1f} {ratio}  "
             f"{ours.get('mean_ms', float('nan')):>12.2f} {ref.get('mean_ms', float('nan')):>8.2f}  "
             f"{ours.get('max_ms', float('nan')):>11.1f} {ref.get('max_ms', float('nan')):>8.1f}  "
