@@ -46,7 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from lpmos.audit import Auditor
@@ -649,15 +649,21 @@ class _Answer:
     dn: str
 
 
+class DirectoryClient(Protocol):
+    """What :class:`DirectoryAccess` asks of a directory (:class:`Directory`,
+    or a test's double)."""
+
+    def authenticate(self, name: str, password: str) -> DirectoryUser: ...
+
+    def lookup(self, name: str) -> DirectoryUser | None: ...
+
+
 class DirectoryAccess:
     """Sign-in and role re-checks of directory users, over the user
     records of :class:`Auth` (see the module docstring for the policy).
+    ``clock`` is wall time: records are compared across replicas."""
 
-    ``directory`` is anything with :class:`Directory`'s ``authenticate``
-    and ``lookup``; ``clock`` is wall time (records are compared across
-    replicas)."""
-
-    def __init__(self, directory: Directory, settings: LdapSettings, auth: Auth, keys: Keys, *,
+    def __init__(self, directory: DirectoryClient, settings: LdapSettings, auth: Auth, keys: Keys, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.directory = directory
         self.settings = settings
