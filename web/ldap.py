@@ -663,8 +663,8 @@ class DirectoryAccess:
     records of :class:`Auth` (see the module docstring for the policy).
     ``clock`` is wall time: records are compared across replicas."""
 
-    def __init__(self, directory: DirectoryClient, settings: LdapSettings, auth: Auth, keys: Keys, *,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, directory: DirectoryClient, settings: LdapSettings, auth: Auth,
+                 keys: Keys, *, clock: Callable[[], float] = time.time) -> None:
         self.directory = directory
         self.settings = settings
         self.auth = auth
