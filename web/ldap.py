@@ -477,22 +477,23 @@ class Directory:
                  password: str | None = None) -> Connection:
         """An open connection, StartTLS done when configured, not bound."""
         from ldap3 import SIMPLE, SYNC, Connection
-        from ldap3.core.exceptions import LDAPException
 
         self._check_deadline(deadline)
-        conn = Connection(self._server(), user=user, password=password,
-                          authentication=SIMPLE if user else None, auto_bind=False,
-                          client_strategy=SYNC, auto_referrals=False, read_only=True,
-                          raise_exceptions=False,
-                          # whole seconds: ldap3 packs it into SO_RCVTIMEO as an integer
-                          receive_timeout=math.ceil(self.settings.timeout),
-                          check_names=False)
+        conn: Connection | None = None
         try:
+            conn = Connection(self._server(), user=user, password=password,
+                              authentication=SIMPLE if user else None, auto_bind=False,
+                              client_strategy=SYNC, auto_referrals=False, read_only=True,
+                              raise_exceptions=False,
+                              # whole seconds: ldap3 packs it into SO_RCVTIMEO as an integer
+                              receive_timeout=math.ceil(self.settings.timeout),
+                              check_names=False)
             conn.open()
             if self.settings.start_tls:
                 conn.start_tls()
-        except (LDAPException, OSError) as exc:
-            _unbind(conn)
+        except Exception as exc:   # ldap3 also raises struct.error, ValueError ...
+            if conn is not None:
+                _unbind(conn)
             raise self._unavailable(exc) from None
         return conn
 
@@ -508,11 +509,9 @@ class Directory:
     def _bind(self, conn: Connection, dn: str) -> bool:
         """Bind ``conn`` (as ``dn``, its user); ``False`` when the directory
         said invalidCredentials."""
-        from ldap3.core.exceptions import LDAPException
-
         try:
             ok = bool(conn.bind())
-        except (LDAPException, OSError) as exc:
+        except Exception as exc:   # ldap3 also raises struct.error, ValueError ...
             raise self._unavailable(exc) from None
         if ok:
             return True
@@ -528,13 +527,11 @@ class Directory:
     def _search(self, conn: Connection, base: str, flt: str, attributes: list[str],
                 size_limit: int) -> list[dict[str, Any]]:
         from ldap3 import SUBTREE
-        from ldap3.core.exceptions import LDAPException
-
         try:
             conn.search(base, flt, search_scope=SUBTREE, attributes=attributes or None,
                         size_limit=size_limit,
                         time_limit=math.ceil(self.settings.timeout))
-        except (LDAPException, OSError) as exc:
+        except Exception as exc:   # ldap3 also raises struct.error, ValueError ...
             raise self._unavailable(exc) from None
         code = int(conn.result.get("result", -1)) if conn.result else -1
         if code not in (0, 4):                  # success, sizeLimitExceeded
@@ -830,7 +827,7 @@ class DirectoryAccess:
         try:
             flight.answer = fn()
             return flight.answer
-        except DirectoryUnavailable as exc:
+        except Exception as exc:
             flight.error = exc
             raise
         finally:
@@ -843,7 +840,7 @@ class DirectoryAccess:
 class _Flight:
     done: threading.Event = field(default_factory=threading.Event)
     answer: _Answer | None = None
-    error: DirectoryUnavailable | None = None
+    error: Exception | None = None
 
 
 def _level(user: User) -> Role | None:
