@@ -420,3 +420,21 @@ def test_directory_down_keeps_the_role_for_reads_in_the_grace_then_refuses(
     directory.down = False                   # back: the role is confirmed again
     check = access.role_of(user)
     assert not check.stale and check.checked_at == clock.t
+
+
+@pytest.mark.parametrize(("template", "placeholders"), [
+    ("(&(objectCategory=person)(objectClass=user)(sAMAccountName={user})"
+     "(!(userAccountControl:1.2.840.113556.1.4.803:=2)))", ("user",)),
+    ("(member:1.2.840.113556.1.4.1941:={dn})", ("dn", "user")),
+    ("(&(objectClass=posixGroup)(memberUid={user}))", ("dn", "user")),
+])
+def test_the_documented_filters_parse_as_ldap3_sends_them(template: str,
+                                                          placeholders: tuple[str, ...]) -> None:
+    from ldap3.operation.search import parse_filter
+
+    assert filter_template(*placeholders, required=placeholders)(template) == template
+    built = build_filter(template, user="j.smith", dn="CN=J. Smith (IT),OU=Staff,DC=corp")
+    assert "{" not in built and "(IT)" not in built
+    if "{dn}" in template:
+        assert "\\28IT\\29" in built
+    parse_filter(built, None, True, True, None, False)     # raises on a malformed filter
