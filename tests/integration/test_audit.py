@@ -18,7 +18,7 @@ from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.tasks import Stored, TaskService
 from web.openapi import api_routes
-from web.testing import WebEnv
+from web.testing import TEST_PASSWORD, WebEnv
 
 
 class InjectingStore(EtcdStore):
@@ -144,9 +144,17 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
     assert r.status_code == 200
     r = c.delete(f"/api/v1/webhooks/{webhook_id}", headers=env.headers("admin"))
     assert r.status_code == 200
+    # one's own token needs a console session (and its CSRF token)
+    session = env.app.test_client()
+    r = session.post("/login", json={"user": "viewer1", "password": TEST_PASSWORD})
+    assert r.status_code == 200
+    r = session.post("/api/v1/session/tokens", json={"label": "mine"},
+                     headers={"X-CSRF-Token": r.get_json()["csrf"]})
+    assert r.status_code == 201, r.get_json()
     exercised = {f"{m} {p}" for m, p, _, _ in calls if m not in ("FAIL", "SUCCEED")} | {
         f"DELETE /api/v1/tokens/{token_id}", "POST /api/v1/webhooks",
-        f"PUT /api/v1/webhooks/{webhook_id}", f"DELETE /api/v1/webhooks/{webhook_id}"}
+        f"PUT /api/v1/webhooks/{webhook_id}", f"DELETE /api/v1/webhooks/{webhook_id}",
+        "POST /api/v1/session/tokens"}
 
     records = audit_kvs(store, keys, start)
     where = {"task": keys.idc("dc1") + "machines/", "user": keys.user("auditee"),
@@ -165,7 +173,8 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
     assert actions == sorted([
         "task.create", "task.create", "task.reject", "task.approve", "task.retry",
         "task.redeploy", "task.cancel", "task.delete", "task.batch_create", "user.put",
-        "token.create", "token.revoke", "template.put", "template.delete", "server.clear_conflict",
+        "token.create", "token.create", "token.revoke", "template.put", "template.delete",
+        "server.clear_conflict",
         "webhook.create", "webhook.update", "webhook.delete"])
     # the API reports a record's revision (the change's); no record went
     # through a put of its own
