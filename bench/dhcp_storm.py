@@ -44,7 +44,7 @@ from bench.dhcp_loadgen import (
     entered,
     make_templates,
 )
-from bench.http_bench import parse_prometheus, proc_status, write_catalog
+from bench.http_bench import metric_sum, parse_prometheus, proc_status, write_catalog
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "/bench"
@@ -55,16 +55,9 @@ ANSWER_WINDOW = 3.0
 
 
 def metric(values: dict[str, float], name: str, **labels: str) -> float:
-    """The sum of ``name`` (with or without the ``lpmos_`` prefix) over the
-    series that carry ``labels``."""
-    total = 0.0
-    for key, value in values.items():
-        base = key.split("{", 1)[0]
-        if base not in (name, "lpmos_" + name):
-            continue
-        if all(f'{k}="{v}"' in key for k, v in labels.items()):
-            total += value
-    return total
+    """:func:`bench.http_bench.metric_sum` of ``name``, with or without the
+    ``lpmos_`` prefix (the node's names before and after it gained one)."""
+    return metric_sum(values, name, **labels) + metric_sum(values, "lpmos_" + name, **labels)
 
 
 class NodeInNetns:
