@@ -6,7 +6,7 @@ LPMOS := $(VENV)/bin/lpmos
 STATE ?= /tmp/lpmos-run
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast lint typecheck demo lab bench run run-regional run-agent clean
+.PHONY: help setup test test-fast lint typecheck demo lab bench run run-regional run-agent deb clean
 
 help:
 	@echo "make demo        - everything on this machine: etcd, control plane, regional node, QEMU lab"
@@ -17,6 +17,7 @@ help:
 	@echo "make run         - control plane on 127.0.0.1:8080 (state in $(STATE))"
 	@echo "make run-regional- regional node for IDC dc1 on loopback high ports"
 	@echo "make run-agent   - agent against the local regional node"
+	@echo "make deb         - the Debian package, in build/deb (docs/packaging.md)"
 
 setup:
 	@scripts/setup.sh all
@@ -49,6 +50,10 @@ run-regional: setup
 
 run-agent: setup
 	$(LPMOS) agent --server http://127.0.0.1:8081 --state-dir $(STATE)/agent --no-reboot
+
+deb:
+	@scripts/setup.sh system
+	packaging/build-deb.sh build/deb
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -28,6 +28,7 @@ SYSTEM_PACKAGES=(
   prometheus                     # promtool: the tests check every /metrics exposition with 'promtool check metrics'
   slapd ldap-utils               # LDAP sign-in tests: a real slapd the test starts (StartTLS, certificates made in the test)
   debhelper dh-virtualenv dpkg-dev  # the Debian package of LPMOS (packaging/debian, built and installed by a test)
+  systemd adduser                # that test: 'systemd-analyze verify' of the units (no systemd need run); the package's postinst
   python3-venv python3-dev gcc   # the virtualenv
 )
 

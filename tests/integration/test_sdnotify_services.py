@@ -8,21 +8,16 @@ checks against the installed package."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 
 from lpmos.store.embedded import free_port
-from tests.notify_socket import NotifySocket
+from tests.notify_socket import check_notify_lifecycle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,58 +52,11 @@ def control_plane_args(state: Path) -> tuple[list[str], str]:
             "--threads", "16", "--ws-max-clients", "4"], f"http://127.0.0.1:{port}"
 
 
-def check_notify_lifecycle(command: Sequence[str], base: str, tmp: Path, *,
-                           env: dict[str, str] | None = None,
-                           watchdog_usec: int = 1_000_000,
-                           ready_within: float = 60.0) -> NotifySocket:
-    """Run ``command`` with $NOTIFY_SOCKET and $WATCHDOG_USEC, and check:
-    READY=1 from the main PID, /healthz answering when it comes, WATCHDOG=1
-    at the asked pace, STOPPING=1 on SIGTERM, exit 0, and no message from
-    any other process."""
-    notify = NotifySocket(tmp / "notify.sock")
-    log_path = tmp / "service.log"
-    run_env = dict(env if env is not None else os.environ)
-    run_env.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC=str(watchdog_usec))
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(list(command), cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
-                                env=run_env)
-    try:
-        try:
-            ready = notify.wait_for("READY", ready_within, "1")
-        except AssertionError:
-            raise AssertionError(log_path.read_text()[-4000:]) from None
-        assert ready.pid == proc.pid
-        assert ready.fields.get("STATUS"), ready.fields
-        # ready means it answers: no retry loop here
-        status, body = _get(base + "/healthz")
-        assert status in (200, 503) and body["status"] in ("ok", "degraded"), body
-        pings_from = time.monotonic()
-        while notify.count("WATCHDOG") < 4 and time.monotonic() - pings_from < 10:
-            notify.poll(0.5)
-        pings = [m for m in notify.messages if "WATCHDOG" in m.fields]
-        assert len(pings) >= 4, notify.messages
-        # the pace: about every half of WATCHDOG_USEC, never slower than the timeout
-        gaps = [b.at - a.at for a, b in itertools.pairwise(pings)]
-        assert max(gaps) < watchdog_usec / 1e6, gaps
-        proc.send_signal(signal.SIGTERM)
-        notify.wait_for("STOPPING", 15, "1")
-        assert proc.wait(timeout=30) == 0, log_path.read_text()[-4000:]
-        while notify.poll(0.2) is not None:
-            pass
-        others = [m for m in notify.messages if m.pid != proc.pid]
-        assert others == [], others
-        assert notify.count("READY") == 1
-        return notify
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        notify.close()
-
-
 def test_regional_node_ready_watchdog_stopping(tmp_path: Path) -> None:
     args, base = regional_args(tmp_path / "state")
-    notify = check_notify_lifecycle([sys.executable, "-m", "lpmos", *args], base, tmp_path,
+    notify = check_notify_lifecycle([sys.executable, "-m", "lpmos", *args],
+                                    lambda _pid: _get(base + "/healthz"), tmp_path / "notify.sock",
+                                    tmp_path / "service.log",
                                     env={**os.environ, "PYTHONPATH": str(REPO)})
     ready = notify.wait_for("READY", 0)
     assert "node notify-t, IDC dc1: dhcp,tftp,http" in ready.fields["STATUS"]
@@ -118,7 +66,9 @@ def test_regional_node_ready_watchdog_stopping(tmp_path: Path) -> None:
 def test_control_plane_ready_after_the_worker_loaded(tmp_path: Path) -> None:
     args, base = control_plane_args(tmp_path / "state")
     # gunicorn's master loop wakes every second: a 3 s watchdog is the tightest it keeps
-    notify = check_notify_lifecycle([sys.executable, "-m", "lpmos", *args], base, tmp_path,
+    notify = check_notify_lifecycle([sys.executable, "-m", "lpmos", *args],
+                                    lambda _pid: _get(base + "/healthz"), tmp_path / "notify.sock",
+                                    tmp_path / "service.log",
                                     env={**os.environ, "PYTHONPATH": str(REPO)},
                                     watchdog_usec=3_000_000)
     assert notify.wait_for("READY", 0).fields["STATUS"].endswith(": serving")
