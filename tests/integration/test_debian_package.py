@@ -300,6 +300,27 @@ def test_control_plane_runs_from_the_installed_files_without_capabilities(
         "control plane on 127.0.0.1:8080: serving"
 
 
+def test_upgrade_keeps_an_edited_config_the_state_and_the_user(installed: Path) -> None:
+    """Installing over the installed package (the upgrade path: preinst
+    upgrade, postinst configure OLD-VERSION) keeps the operator's edit of a
+    conffile (dpkg's --force-confold, what a non-interactive upgrade does),
+    the state directory and the user."""
+    config = Path("/etc/lpmos/regional.toml")
+    edited = config.read_text() + "\n# edited by the operator\n"
+    config.write_text(edited)
+    marker = Path("/var/lib/lpmos/kept")
+    marker.write_text("state")
+    uid = pwd.getpwnam("lpmos").pw_uid
+    done = _run("dpkg", "-i", "--force-confold", str(installed), timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert config.read_text() == edited
+    assert marker.read_text() == "state"
+    assert pwd.getpwnam("lpmos").pw_uid == uid
+    st = config.stat()
+    assert grp.getgrgid(st.st_gid).gr_name == "lpmos" and stat.S_IMODE(st.st_mode) == 0o640
+    assert "control-plane" in _run("/usr/bin/lpmos", "--help").stdout
+
+
 def test_purge_removes_the_files_the_state_and_the_user(installed: Path) -> None:
     done = _run("dpkg", "--purge", "lpmos", timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
