@@ -64,12 +64,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("web.header_timeout", "--header-timeout", 5.0, float_range(0.5, 300),
             "seconds a client has to send a request's complete headers, from connecting (or "
             "from the first byte of a kept-alive connection's next request); slower clients "
-            "get 408 and are closed, counted as web_refused_total{reason=\"header_timeout\"}",
+            "get 408 and are closed, counted as lpmos_web_refused_total{reason=\"header_timeout\"}",
             metavar="SECONDS"),
     Setting("web.body_timeout", "--body-timeout", 30.0, float_range(0.5, 3600),
             "seconds a client has to send a request's whole body once its headers are in; "
             "slower clients get 408 and are closed, counted as "
-            "web_refused_total{reason=\"body_timeout\"}", metavar="SECONDS"),
+            "lpmos_web_refused_total{reason=\"body_timeout\"}", metavar="SECONDS"),
     Setting("web.node_timeout", "--node-timeout", 3.0, float_range(0.2, 60),
             "seconds the control plane waits for a regional node's answer (a task's full "
             "install log) before it answers 504", metavar="SECONDS"),
@@ -78,10 +78,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the answer", metavar="SECONDS"),
     Setting("web.webhook_deadline", "--webhook-deadline", 600.0, float_range(1, 86400),
             "seconds from a change to its last delivery retry; then it is dropped and "
-            "counted as webhook_dropped_total{reason=\"deadline\"}", metavar="SECONDS"),
+            "counted as lpmos_webhook_dropped_total{reason=\"deadline\"}", metavar="SECONDS"),
     Setting("web.webhook_queue", "--webhook-queue", 1000, int_range(1, 100000),
             "deliveries waiting, new and retrying; more are dropped and counted "
-            "(webhook_dropped_total{reason=\"queue_full\"})", metavar="N"),
+            "(lpmos_webhook_dropped_total{reason=\"queue_full\"})", metavar="N"),
     Setting("web.webhook_log", "--webhook-log", 50, int_range(1, 10000),
             "delivery attempts kept per webhook for the API and the console (in memory, per "
             "control plane process)", metavar="N"),
