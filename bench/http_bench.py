@@ -20,7 +20,7 @@ closed loop, keep-alive, ``--connections`` connections):
 | kickstart       | ``GET /config/<sn>/t/<token>/ks.cfg`` (rendered)      |
 
 Also counted: etcd requests made while answering a script (the node's own
-``http_boot_script_etcd_requests_total``; must be 0 for these
+``lpmos_http_boot_script_etcd_requests_total``; must be 0 for these
 non-destructive answers), etcd writes during the run per request (etcd's
 ``etcd_mvcc_put_total`` + ``delete_total``: the asynchronous boot timeline),
 server and client CPU.  The generator's ceiling against a canned-answer
@@ -426,13 +426,13 @@ def run_scenario(url: str, paths: list[str], server_pids: list[int], plan: dict[
     out["server_cpu_us_per_req"] = round(cpu / max(res.ok, 1) * 1e6, 1)
     if node is not None:
         after = node.metrics()
-        scripts = metric_sum(after, "http_boot_scripts_total") - \
-            metric_sum(before, "http_boot_scripts_total")
-        calls = metric_sum(after, "http_boot_script_etcd_requests_total") - \
-            metric_sum(before, "http_boot_script_etcd_requests_total")
+        scripts = metric_sum(after, "lpmos_http_boot_scripts_total") - \
+            metric_sum(before, "lpmos_http_boot_scripts_total")
+        calls = metric_sum(after, "lpmos_http_boot_script_etcd_requests_total") - \
+            metric_sum(before, "lpmos_http_boot_script_etcd_requests_total")
         out["etcd_requests_per_script"] = round(calls / scripts, 4) if scripts else 0.0
-        renders = metric_sum(after, "http_boot_script_renders_total", cached="no") - \
-            metric_sum(before, "http_boot_script_renders_total", cached="no")
+        renders = metric_sum(after, "lpmos_http_boot_script_renders_total", cached="no") - \
+            metric_sum(before, "lpmos_http_boot_script_renders_total", cached="no")
         out["renders_per_script"] = round(renders / scripts, 4) if scripts else 0.0
         writes = (etcd1["put"] - etcd0["put"]) + (etcd1["delete"] - etcd0["delete"])
         out["etcd_writes_per_req"] = round(writes / max(res.ok, 1), 4)

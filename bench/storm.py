@@ -696,8 +696,8 @@ def render(summary: dict[str, Any], plan: Plan) -> str:
     row("event posts / heartbeats", f"{cs.get('event_posts', 0)} / {cs.get('heartbeats', 0)}")
     node = s["node"]
     row("node: TFTP retransmits / DHCP packets out",
-        f"{node.get('tftp_retransmits_total', 0):.0f} / "
-        f"{node.get('dhcp_packets_out_total', 0):.0f}")
+        f"{node.get('lpmos_tftp_retransmits_total', 0):.0f} / "
+        f"{node.get('lpmos_dhcp_packets_out_total', 0):.0f}")
     if s["errors"]:
         row("failures", json.dumps(s["errors"])[:60])
     return "\n".join(lines)
@@ -790,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
             node_metrics: dict[str, float] = {}
             for key, value in metrics.items():
                 base = key.split("{", 1)[0]
-                if base.startswith(("dhcp_", "tftp_", "http_", "timeline_", "token")) and \
+                if base.startswith(("lpmos_dhcp_", "lpmos_tftp_", "lpmos_http_",
+                                    "lpmos_timeline_")) and \
                         not base.endswith(("_bucket", "_sum", "_count")):
                     node_metrics[base] = node_metrics.get(base, 0.0) + value
             succeeded_in_etcd = _count_succeeded(etcd.url, machines)

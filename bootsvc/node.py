@@ -88,7 +88,7 @@ class NodeRegistration:
         info["cache_staleness"] = round(min(self.ctx.cache.staleness(), 1e9), 3)
         info["counters"] = {
             name: self.ctx.metrics.total(name)
-            for name in ("dhcp_replies_total", "tftp_transfers_total", "http_requests_total")
+            for name in ("dhcp_packets_out_total", "tftp_sessions_total", "http_requests_total")
         }
         return json.dumps(info, separators=(",", ":")).encode()
 
@@ -181,10 +181,10 @@ class RegionalNode:
         self._timeline: Any = None
         self._registration: NodeRegistration | None = None
         self._reaper: Reaper | None = None
-        self.ctx.metrics.gauge("lpmos_cache_staleness_seconds",
+        self.ctx.metrics.gauge("node_cache_staleness_seconds",
                                lambda: min(cache.staleness(), 1e9),
                                "seconds since etcd last confirmed the IDC cache is current")
-        self.ctx.metrics.gauge("lpmos_cache_keys", lambda: float(len(cache)),
+        self.ctx.metrics.gauge("node_cache_keys", lambda: float(len(cache)),
                                "keys in the IDC cache")
         self._maintenance = maintenance
         if maintenance is not None:

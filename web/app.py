@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from lpmos.auth import Auth
@@ -92,6 +93,12 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
         catalog = load_configured_catalog(config)
     metrics = Registry()
     metrics.describe("web_refused_total", "requests refused, by reason")
+    metrics.describe("web_node_calls_total",
+                     "calls to a regional node's API (install logs), by result")
+    metrics.describe("web_requests_total", "HTTP requests answered, by method and status")
+    metrics.describe("web_request_duration_seconds",
+                     "time to answer an HTTP request (not WebSocket sessions), by method and "
+                     "route", kind="histogram")
     owns_cache = cache is None
     if cache is None:
         cache = ConsoleCache(store, keys)
@@ -174,9 +181,19 @@ def _register_blueprints(app: Flask) -> None:
         app.register_blueprint(module.bp)
 
 
+#: the method label of the request metrics; any other method counts as "other"
+#: (a client picks the method: the label must stay a small set)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def _install_hooks(app: Flask, context: WebContext) -> None:
     limit = int(context.settings["web.max_body"])
     body_timeout = float(context.settings["web.body_timeout"])
+
+    @app.before_request
+    def start_clock() -> None:
+        """First of the hooks: the request's duration includes reading its body."""
+        g.lpmos_started = time.perf_counter()
 
     @app.before_request
     def read_bodies_within_limits() -> Any:
@@ -194,6 +211,21 @@ def _install_hooks(app: Flask, context: WebContext) -> None:
             return ApiError(408, "request_timeout", f"the request body did not arrive in full "
                                                     f"within {body_timeout:g} s").response()
         return None
+
+    @app.after_request
+    def count_request(resp: Response) -> Response:
+        """``web_requests_total`` and ``web_request_duration_seconds``,
+        labelled by the route's pattern (``/api/v1/tasks/<idc>/<sn>``,
+        ``unmatched`` for a 404 of no route): bounded, whatever the path."""
+        method = request.method if request.method in METHODS else "other"
+        context.metrics.inc("web_requests_total", method=method, status=resp.status_code)
+        rule = request.url_rule
+        started = g.get("lpmos_started")
+        if started is not None and (rule is None or rule.rule != "/ws"):
+            context.metrics.observe("web_request_duration_seconds",
+                                    time.perf_counter() - started, method=method,
+                                    route=rule.rule if rule is not None else "unmatched")
+        return resp
 
     @app.after_request
     def security_headers(resp: Response) -> Response:

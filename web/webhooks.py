@@ -365,7 +365,8 @@ class WebhookDispatcher:
         self._stopping = False
         metrics.describe("webhook_deliveries_total", "webhook delivery attempts, by result")
         metrics.describe("webhook_dropped_total", "webhook deliveries given up, by reason")
-        metrics.describe("webhook_delivery_seconds", "webhook delivery attempt durations")
+        metrics.describe("webhook_delivery_seconds", "webhook delivery attempt durations",
+                         kind="histogram")
         metrics.gauge("webhook_queue_length", self.queue_length,
                       "webhook deliveries waiting (new and retrying)")
 

@@ -93,6 +93,10 @@ class Hub:
         self._closed = False
         metrics.gauge("web_ws_clients", lambda: float(len(self._clients)),
                       "open WebSocket clients")
+        metrics.describe("web_ws_connections_total", "WebSocket connections accepted")
+        metrics.describe("web_ws_messages_total",
+                         "WebSocket messages published to clients, by kind")
+        metrics.describe("web_ws_dropped_total", "WebSocket clients dropped, by reason")
         index.subscribe(self.publish)
 
     def client_count(self) -> int:

@@ -122,7 +122,8 @@ class DhcpService:
         m.describe("dhcp_packets_out_total", "DHCP replies sent, by message type and port")
         m.describe("dhcp_dropped_total", "DHCP datagrams not answered, by reason")
         m.describe("dhcp_answer_seconds", "time from the kernel's receipt of a request (so "
-                   "with its wait in the socket buffer) to its reply being sent")
+                   "with its wait in the socket buffer) to its reply being sent",
+                   kind="histogram")
         pool, writer = self.pool, self.writer
         if pool is not None:
             m.gauge("dhcp_leases_active", lambda: float(pool.active()),

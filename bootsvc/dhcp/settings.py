@@ -108,7 +108,8 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="BYTES"),
     Setting("dhcp.max_age", "--dhcp-max-age", 2.0, float_range(0.05, 30.0),
             "seconds a request may have waited in the socket buffer and still be answered; "
-            "older ones are dropped unread and counted (dhcp_dropped_total{reason=\"stale\"}): "
+            "older ones are dropped unread and counted "
+            "(lpmos_dhcp_dropped_total{reason=\"stale\"}): "
             "iPXE waits about 2 s for ProxyDHCP offers and retransmits, a PXE ROM after 4 s, "
             "so a later answer is work for a client that has moved on", metavar="SECONDS"),
 )

@@ -132,6 +132,20 @@ class BootBackend:
         m.describe("http_requests_total", "HTTP requests answered by the boot HTTP server")
         m.describe("http_boot_script_renders_total",
                    "per-machine boot scripts rendered (cached=no) or reused (cached=yes)")
+        m.describe("http_boot_script_seconds",
+                   "time to decide and render a per-machine boot script", kind="histogram")
+        m.describe("http_boot_constant_total",
+                   "constant boot scripts served (/boot.ipxe, GRUB's grub.cfg)")
+        m.describe("http_errors_total", "HTTP requests answered with an error, by error")
+        m.describe("http_render_errors_total",
+                   "boot scripts and install configs that failed to render, by template")
+        m.describe("http_install_claims_total",
+                   "install claims (approved -> booting by CAS), by result")
+        m.describe("http_callbacks_total", "installer callbacks received, by shape")
+        m.describe("http_configs_total", "rendered install configs served, by config name")
+        m.describe("http_files_total", "images and iPXE files served over HTTP, by kind and "
+                   "status")
+        m.describe("http_heartbeats_total", "agent heartbeats received")
 
     @property
     def live(self) -> Image | None:

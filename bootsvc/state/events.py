@@ -111,6 +111,20 @@ class EventPipeline:
             self._spooled.add(record["sn"])
         metrics.gauge("http_events_spooled_tasks", lambda: float(len(self._spooled)),
                       "tasks with progress events waiting in the on-disk spool")
+        for name, text in (
+                ("http_events_batches_total", "batches of progress events written to etcd"),
+                ("http_events_received_total", "progress events received from agents and "
+                 "installers"),
+                ("http_events_applied_total", "progress events stored in their task (not "
+                 "duplicates)"),
+                ("http_events_etcd_writes_total", "etcd writes of progress events"),
+                ("http_events_refused_total", "progress events refused, by reason"),
+                ("http_events_spooled_total", "progress events spooled to disk while etcd "
+                 "could not take them"),
+                ("http_events_replayed_total", "spooled progress events replayed into etcd"),
+                ("http_events_spool_bad_lines_total", "unreadable lines skipped in the "
+                 "event spool")):
+            metrics.describe(name, text)
 
     # -- submitting ------------------------------------------------------------------
 

@@ -64,6 +64,8 @@ class Reaper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         ctx.cache.add_listener(self._on_change)
+        ctx.metrics.describe("tasks_expired_total",
+                             "tasks failed because their agent stayed gone, by reason")
 
     def _on_change(self, key: str, old: KeyValue | None, new: KeyValue | None,
                    revision: int) -> None:

@@ -245,6 +245,13 @@ class Registrar:
         self.cache = cache
         self.metrics = metrics
         self.node = node
+        metrics.describe("http_registrations_total",
+                         "agent registrations stored, by token (issued or kept)")
+        metrics.describe("http_register_conflicts_total",
+                         "registrations flagged as a conflict (duplicate MAC, cloned machine)")
+        metrics.describe("http_register_reissued_total",
+                         "registrations that were issued a new machine token")
+        metrics.describe("http_register_refused_total", "registrations refused, by reason")
         self.heartbeat_interval = heartbeat_interval
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.Lock()

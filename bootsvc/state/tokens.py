@@ -107,6 +107,14 @@ class MachineTokens:
         self.cache = cache
         self.metrics = metrics
         self.node = node
+        metrics.describe("http_token_refused_total", "machine tokens refused, by reason")
+        metrics.describe("http_token_fresh_reads_total",
+                         "etcd reads of a token the cache did not know")
+        metrics.describe("http_token_dropped_total", "machine tokens dropped, by why")
+        metrics.describe("http_token_drop_failed_total",
+                         "machine tokens that could not be dropped (etcd unavailable)")
+        metrics.describe("http_token_drop_queue_full_total",
+                         "token drops not queued because the queue was full")
         self._lock = threading.Lock()
         self._by_sn: dict[str, _Stored] = {}
         self._by_digest: dict[str, str] = {}

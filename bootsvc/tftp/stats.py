@@ -26,7 +26,7 @@ def describe_metrics(m: Registry, active_sessions: Callable[[], float],
     m.describe("tftp_errors_sent_total", "ERROR packets sent, by code")
     m.describe("tftp_client_errors_total", "ERROR packets received from clients, by code")
     m.describe("tftp_transfer_seconds", "time from request to last ACK of finished "
-                                        "transfers")
+                                        "transfers", kind="histogram")
     m.gauge("tftp_sessions_active", active_sessions, "transfers in progress")
     m.gauge("tftp_cache_bytes", cached_bytes, "bytes of files held in the TFTP cache")
 

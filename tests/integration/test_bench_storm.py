@@ -52,4 +52,4 @@ def test_storm_quick_boots_every_machine_and_prints_its_table(tmp_path: Path) ->
     assert summary["etcd"]["revisions"] > 0
     assert summary["etcd_writes_by_kind"]["key_writes"]["task"] >= 5 * 3   # claim, state, end
     assert all(v > 0 for v in summary["vmhwm_mib"].values())
-    assert summary["node"]["tftp_bytes_total"] > 0
+    assert summary["node"]["lpmos_tftp_bytes_total"] > 0

@@ -20,6 +20,7 @@ from lpmos.models import Task
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.tasks import Stored, TaskService
+from tests.prometheus_text import value
 
 MAC = "52:54:00:c1:00:01"
 UUID = "4c4c4544-0042-3010-8053-b7c04f4b4d31"
@@ -244,7 +245,7 @@ def test_a_bad_body_is_refused_counted_and_changes_nothing(
     assert r.json()["error"] == "bad_event" and r.json()["detail"].startswith(field)
     assert stored(tasks, sn).revision == revision
     metrics = requests.get(f"{node.url}/metrics", timeout=5).text
-    assert 'http_requests_refused_total{reason="bad_callback"} 1' in metrics
+    assert value(metrics, "lpmos_http_requests_refused_total", reason="bad_callback") == 1
 
 
 def test_the_webhooks_tokened_url_needs_the_machines_own_token(

@@ -26,6 +26,7 @@ from lpmos.store.cache import WatchCache
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.store.memory import MemoryStore
+from tests.prometheus_text import value as metric_value
 
 
 class Clock:
@@ -289,7 +290,7 @@ def test_service_known_only_metrics_and_timeline(etcd_store: EtcdStore, keys: Ke
     assert m.get("dhcp_dropped_total", reason="unknown_machine") == 1
     assert m.get("dhcp_dropped_total", reason="truncated") == 1
     assert m.get("dhcp_packets_out_total", type="offer", port="dhcp") == 1
-    assert "dhcp_answer_seconds_count 1" in m.render()
+    assert metric_value(m.render(), "lpmos_dhcp_answer_seconds_count") == 1
     entries = timeline.entries(known)
     assert entries and entries[0]["stage"] == "dhcp"
     assert entries[0]["detail"]["file"] == "ipxe.efi"

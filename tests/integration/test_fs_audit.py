@@ -633,7 +633,7 @@ def _traffic(node: TracedRegional) -> None:
     finally:
         store.close()
     # ops
-    assert node.metric("http_boot_constant_total") == 1
+    assert node.metric("lpmos_http_boot_constant_total") == 1
     assert requests.get(node.url + "/healthz", timeout=10).json()["status"] == "ok"
 
 

@@ -21,6 +21,7 @@ import pytest
 from bootsvc.wire import dhcp
 from lpmos.store.embedded import free_port
 from lpmos.store.etcd import EtcdStore
+from tests.prometheus_text import has_sample, value
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,8 +103,8 @@ def test_node_metrics_count_what_it_served(node) -> None:
     urllib.request.urlopen(base + "/boot.ipxe", timeout=5).read()
     with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
         text = r.read().decode()
-    assert "lpmos_cache_staleness_seconds" in text
-    assert "http_boot_constant_total 1" in text
+    assert has_sample(text, "lpmos_node_cache_staleness_seconds")
+    assert value(text, "lpmos_http_boot_constant_total") == 1
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(20) == 0
 
@@ -158,7 +159,7 @@ def test_two_nodes_under_one_name_are_told_on_both(node, etcd_server, keys) -> N
             assert time.monotonic() < deadline, (_healthz(base), _healthz(base2))
             time.sleep(0.3)
         with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-            assert "node_name_conflict 1" in r.read().decode()
+            assert value(r.read().decode(), "lpmos_node_name_conflict") == 1
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(30)

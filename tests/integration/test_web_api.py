@@ -19,6 +19,7 @@ from lpmos.store.keys import Keys
 from lpmos.store.memory import MemoryStore
 from lpmos.store.testing import CountingStore
 from lpmos.tasks import TaskService
+from tests.prometheus_text import value
 from web.http import ApiError, json_depth, parse_json_body
 from web.index import ConsoleCache, ConsoleIndex
 from web.openapi import DOCS, api_routes
@@ -677,7 +678,7 @@ def test_health_and_metrics(env: WebEnv) -> None:
     assert health.status_code == 200 and health.get_json()["status"] == "ok"
     c.get("/api/v1/tasks")   # refused: counted
     text = c.get("/metrics").get_data(as_text=True)
-    assert 'web_refused_total{reason="unauthenticated"}' in text
+    assert value(text, "lpmos_web_refused_total", reason="unauthenticated") == 1
 
 
 def test_demo_users_can_log_in_with_their_roles(env: WebEnv) -> None:

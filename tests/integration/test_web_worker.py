@@ -85,7 +85,7 @@ def cp(etcd_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
 
 def metric(cp: ControlPlane, reason: str) -> float:
     text = requests.get(cp.url + "/metrics", timeout=10).text
-    line = f'web_refused_total{{reason="{reason}"}} '
+    line = f'lpmos_web_refused_total{{reason="{reason}"}} '
     return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line))
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from lpmos.store.keys import Keys
+from tests.prometheus_text import has_sample, value
 from web.testing import WebEnv
 from web.webhooks import post
 
@@ -298,7 +299,8 @@ def test_task_changes_reach_real_receivers(env: WebEnv) -> None:
         assert metrics.get("webhook_dropped_total", reason="deadline") == 4
         assert metrics.get("webhook_deliveries_total", result="ok") == 4
         text = env.app.test_client().get("/metrics").get_data(as_text=True)
-        assert "webhook_deliveries_total" in text and "webhook_queue_length" in text
+        assert value(text, "lpmos_webhook_deliveries_total", result="ok") == 4
+        assert has_sample(text, "lpmos_webhook_queue_length")
     finally:
         for receiver in (ok, flaky, slow):
             receiver.close()

@@ -145,7 +145,7 @@ def test_secure_boot_and_uefi_http_boot_install_debian(
 
         # --- UEFI HTTP boot: the loader over HTTP, and not one TFTP packet
         assert http_facts["hostname"] == "httpboot-os", http_facts
-        assert _metric(http_lab, "tftp_requests_total") == 0
+        assert _metric(http_lab, "lpmos_tftp_requests_total") == 0
         entries = _timeline(http)
         loaders = [e for e in entries if e["stage"] == "loader ipxe"]
         assert loaders and loaders[0]["detail"].get("via") == "http", entries

@@ -91,8 +91,8 @@ def test_clone_that_boots_and_registers_gets_no_install_nor_does_the_original(
             assert "lpmos.mode=install" not in r.text
         stored = tasks.get(IDC, "VM-A")
         assert stored is not None and stored.task.status == "approved"
-        assert node.metric('http_boot_scripts_total{decision="wait"}') >= 3
-        assert node.metric("http_register_conflicts_total") >= 1
+        assert node.metric('lpmos_http_boot_scripts_total{decision="wait"}') >= 3
+        assert node.metric("lpmos_http_register_conflicts_total") >= 1
     finally:
         node.stop()
         store.close()

@@ -21,6 +21,8 @@ from lpmos.store.embedded import EtcdOptions, start_etcd
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.tasks import TaskService
+from tests.prometheus_text import has_sample
+from tests.prometheus_text import value as metric_value
 from tests.reliability.support import IDC, ControlPlane, Regional, auth, decision_of, eventually
 
 QUOTA = 1 << 20
@@ -72,7 +74,7 @@ def test_a_full_etcd_shows_in_healthz_and_metrics_and_the_node_boots_from_its_ca
     cp = control_plane_factory(small_etcd, keys.prefix, flags=FLAGS).start()
     try:
         assert requests.get(f"{cp.url}/healthz", timeout=5).json()["reasons"] == []
-        assert node.metric('etcd_alarm{alarm="nospace"}') == 0
+        assert node.metric('lpmos_etcd_alarm{alarm="nospace"}') == 0
         before = {mac: boot(node, mac)[0] for mac in (MAC_P, MAC_S)}
         assert before == {MAC_P: "discovery", MAC_S: "localboot"}
 
@@ -82,11 +84,12 @@ def test_a_full_etcd_shows_in_healthz_and_metrics_and_the_node_boots_from_its_ca
 
         reasons = eventually(lambda: nospace_reasons(node.url), 10, what="node NOSPACE")
         assert any("refuses every write" in why for why in reasons), reasons
-        assert node.metric('etcd_alarm{alarm="nospace"}') == 1
+        assert node.metric('lpmos_etcd_alarm{alarm="nospace"}') == 1
         reasons = eventually(lambda: nospace_reasons(cp.url), 10, what="control plane NOSPACE")
         metrics = requests.get(f"{cp.url}/metrics", timeout=5).text
-        assert 'etcd_alarm{alarm="nospace"} 1' in metrics
-        assert 'etcd_alarm{alarm="corrupt"} 0' in metrics
+        assert metric_value(metrics, "lpmos_etcd_alarm", alarm="nospace") == 1
+        assert has_sample(metrics, "lpmos_etcd_alarm", alarm="corrupt")
+        assert metric_value(metrics, "lpmos_etcd_alarm", alarm="corrupt") == 0
 
         # non-destructive answers come from the node's cache, as before, fast
         for mac, decision in before.items():

@@ -171,7 +171,7 @@ def test_node_rides_out_etcd_stopped_then_killed(private_etcd: Any, keys: Keys,
             assert health["cache"]["staleness_seconds"] > 8
             assert health["events_spooled_tasks"] == 2
             assert health["installs"].startswith("refused")
-            assert node.metric("lpmos_cache_staleness_seconds") > 8
+            assert node.metric("lpmos_node_cache_staleness_seconds") > 8
             assert events(node, "OUT-A", tok_a, progress(7, 8)).status_code == 200
 
             # ... then SIGKILL: connections refused
@@ -184,7 +184,7 @@ def test_node_rides_out_etcd_stopped_then_killed(private_etcd: Any, keys: Keys,
             assert cb(3, "progress", "bootloader").status_code == 200
             assert poll(node, "OUT-B", tok_b)["action"] == "wait"
             assert decision_of(boot(node, MAC_B, timeout=30).text) == "wait"
-            assert node.metric("http_events_spooled_total") >= 12
+            assert node.metric("lpmos_http_events_spooled_total") >= 12
         finally:
             if stopped:
                 private_etcd.cont()
@@ -210,8 +210,8 @@ def test_node_rides_out_etcd_stopped_then_killed(private_etcd: Any, keys: Keys,
         b = tasks.get(IDC, "OUT-B")
         assert b is not None and b.task.status == "approved"     # nothing served it an install
         assert b.revision < revision_before
-        assert node.metric("http_events_replayed_total") >= 12
-        assert node.metric('http_install_claims_total{result="refused"}') >= 4
+        assert node.metric("lpmos_http_events_replayed_total") >= 12
+        assert node.metric('lpmos_http_install_claims_total{result="refused"}') >= 4
 
         # --- and the node works as before: B is claimed now, A and D finish
         assert eventually(lambda: poll(node, "OUT-B", tok_b)["action"] == "install",

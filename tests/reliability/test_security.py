@@ -135,7 +135,7 @@ def test_boot_node_token_matrix_on_every_protected_route(node: Regional, etcd_se
             return [kv.mod_revision if (kv := store.get(k)) else 0 for k in watched]
 
         before = revisions()
-        refused_before = node.metric("http_token_refused_total")
+        refused_before = node.metric("lpmos_http_token_refused_total")
         refusals = 0
         wrong = "w" * 43
         for method, path, body in PROTECTED:
@@ -152,7 +152,7 @@ def test_boot_node_token_matrix_on_every_protected_route(node: Regional, etcd_se
                 assert r.json()["error"].startswith("token_"), r.text
                 refusals += 1
         assert revisions() == before                    # nothing changed
-        assert node.metric("http_token_refused_total") - refused_before >= refusals
+        assert node.metric("lpmos_http_token_refused_total") - refused_before >= refusals
         # the right token passes every check (whatever the route then answers)
         for method, path, body in PROTECTED:
             url = node.url + fill(path, "SEC-A", tok_a)
@@ -247,7 +247,7 @@ def test_nested_json_bombs_refused_by_both_servers(node: Regional, cp: ControlPl
             assert r.json()["error"]
     assert requests.get(node.url + "/healthz", timeout=10).status_code == 200
     assert requests.get(cp.url + "/healthz", timeout=10).status_code == 200
-    assert node.metric('http_errors_total{error="bad_json"}') >= 8
+    assert node.metric('lpmos_http_errors_total{error="bad_json"}') >= 8
 
 
 # --- slow clients ------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_slow_clients_cut_at_the_timeout_while_the_boot_node_keeps_its_latency(
     assert len(closed) == SLOW_CLIENTS, f"only {len(closed)} slow clients were cut"
     assert max(closed.values()) < 3 + 3, closed           # --http-timeout 3, + slack
     assert len(lat) >= 20 and p99(lat) < 1.0, (len(lat), p99(lat))
-    assert node.metric('http_requests_refused_total{reason="request_timeout"}') >= \
+    assert node.metric('lpmos_http_requests_refused_total{reason="request_timeout"}') >= \
         SLOW_CLIENTS
 
 
@@ -394,4 +394,4 @@ def test_ipxe_route_never_follows_a_symlink_out_of_the_tftp_root(node: Regional)
                  "/ipxe/..%5Coutside%5Csecret.txt"):
         r = requests.get(node.url + path, timeout=10)
         assert r.status_code == 404 and b"SECRET" not in r.content, path
-    eventually(lambda: node.metric("http_requests_refused_total") >= 1)
+    eventually(lambda: node.metric("lpmos_http_requests_refused_total") >= 1)

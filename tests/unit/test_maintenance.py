@@ -12,6 +12,7 @@ from lpmos.store import StoreUnavailable
 from lpmos.store.embedded import EtcdOptions
 from lpmos.store.etcd import Alarm, MemberStatus
 from lpmos.store.maintenance import DefragPolicy, EtcdMaintenance, decide_defragment
+from tests.prometheus_text import has_sample, value
 
 MiB = 2**20
 
@@ -74,16 +75,18 @@ def test_reasons_and_metrics_name_the_alarm_and_survive_a_failed_check() -> None
     metrics = Registry()
     m = EtcdMaintenance(fake, metrics)
     assert m.reasons() == []
-    assert 'etcd_alarm{alarm="nospace"} 0' in metrics.render()
-    assert "etcd_db_size_bytes" not in metrics.render()      # not checked: no sample
+    assert value(metrics.render(), "lpmos_etcd_alarm", alarm="nospace") == 0
+    assert not has_sample(metrics.render(), "lpmos_etcd_db_size_bytes")  # not checked yet
     m.check()
     assert m.reasons() == ["etcd alarm NOSPACE on member 2a (database 3.0 MiB): the backend "
                            "quota is full and etcd refuses every write (no installs, progress "
                            "spooled); compact, defragment, then disarm the alarm"]
     text = metrics.render()
-    assert 'etcd_alarm{alarm="nospace"} 1' in text and 'etcd_alarm{alarm="corrupt"} 0' in text
-    assert text.count("# TYPE etcd_alarm gauge") == 1
-    assert f"etcd_db_size_bytes {3 * MiB}" in text
+    assert value(text, "lpmos_etcd_alarm", alarm="nospace") == 1
+    assert has_sample(text, "lpmos_etcd_alarm", alarm="corrupt")
+    assert value(text, "lpmos_etcd_alarm", alarm="corrupt") == 0
+    assert text.count("# TYPE lpmos_etcd_alarm gauge") == 1
+    assert value(text, "lpmos_etcd_db_size_bytes") == 3 * MiB
     # etcd stops answering: the alarm is not taken as cleared
     fake.broken = True
     health = m.check()
