@@ -127,10 +127,10 @@ class DhcpService:
         pool, writer = self.pool, self.writer
         if pool is not None:
             m.gauge("dhcp_leases_active", lambda: float(pool.active()),
-                    "lab-mode leases currently held")
+                    "lab mode: leases currently held")
             assert writer is not None
             m.gauge("dhcp_lease_writes_pending", lambda: float(writer.pending()),
-                    "lease changes not yet written to etcd")
+                    "lab mode: lease changes not yet written to etcd")
 
     @property
     def ports(self) -> dict[str, int]:

@@ -67,8 +67,8 @@ class HttpService:
         metrics.gauge("http_connections_open", lambda: float(len(server.conns)),
                       "client connections open on the boot HTTP server")
         metrics.gauge("http_requests_in_app", lambda: float(server.in_app),
-                      f"requests queued for or running on the {server.threads} app threads "
-                      "(claims, agent API, configs, files); boot scripts are answered inline")
+                      "requests queued for or running on the app threads (--http-threads: "
+                      "claims, agent API, configs, files); boot scripts are answered inline")
         self.port = server.port
         if not self.ctx.advertise_url:
             host = self.ctx.server_ip or cfg.get("regional.listen", "127.0.0.1")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_ONLY = {"flask", "flask_sock", "grpc", "pyetcd", "google", "scapy", "jinja2", "yaml",
-               "httptools", "gunicorn", "werkzeug"}
+               "httptools", "gunicorn", "werkzeug", "prometheus_client"}
 
 
 def test_agent_extra_is_psutil_pyudev_and_zstandard_only() -> None:
