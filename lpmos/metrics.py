@@ -25,10 +25,12 @@ registration read values back by name (:meth:`get`, :meth:`total`,
 created and has no read-back API.  So the values live here, in plain dicts
 under one lock (an increment is a dict update: cheap on the DHCP and TFTP
 hot paths, and safe from any thread or the event loop), and
-:class:`_Collector` turns a consistent copy of them into
-``CounterMetricFamily`` / ``GaugeMetricFamily`` / ``HistogramMetricFamily``
-at scrape time; ``prometheus_client.exposition.generate_latest`` writes the
-text (floats in ``repr`` form, exact: ``1234567.0``, ``3.145728123e+09``).
+the collector of :func:`_private_registry` turns a consistent copy of them
+into ``CounterMetricFamily`` / ``GaugeMetricFamily`` /
+``HistogramMetricFamily`` at scrape time;
+``prometheus_client.exposition.generate_latest`` writes the text, every
+float printed exactly (``repr``'s digits, Go's exponent form past 1e6:
+``1.234567e+06``, ``3.145728123e+09``), never rounded as ``%g`` did.
 
 Each :class:`Registry` has its own private ``CollectorRegistry`` (never the
 global ``REGISTRY``), made on the first :meth:`render`.  ``prometheus_client``
