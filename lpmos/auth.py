@@ -173,12 +173,9 @@ class Auth:
         password are the directory's: changing them here is refused."""
         validate_username(name)
         Role.parse(role)
-        key = self.keys.user(name)
-        for _ in range(10):
-            kv = self.store.get(key)
-            before: User | None = None
-            if kv is not None:
-                before = _user(json.loads(kv.value))
+
+        def build(before: User | None) -> User:
+            if before is not None:
                 if before.source != "local":
                     raise ValidationError("user", f"{name} is a directory ({before.source}) "
                                                   "user: the directory's groups give the role "
@@ -188,9 +185,23 @@ class Auth:
                 user = User(name=name, role=role, created_at=now())
             if password is not None:
                 user.password_hash = hash_password(password)
+            return user
+
+        return self._commit_user(self.keys.user(name), build, audit)
+
+    def _commit_user(self, key: str, build: Callable[[User | None], User],
+                     audit: Callable[[User | None, User], Op | None] | None) -> User:
+        """Write ``build(the stored user or None)`` to ``key`` with its audit
+        record (``None``: none) in one transaction, if the record is still
+        the one read; read and build again on a conflict (10 tries)."""
+        for _ in range(10):
+            kv = self.store.get(key)
+            before = _user(json.loads(kv.value)) if kv is not None else None
+            user = build(before)
             ops: list[Op] = [Put(key, json.dumps(asdict(user)).encode())]
-            if audit is not None:
-                ops.append(audit(before, user))
+            record = audit(before, user) if audit is not None else None
+            if record is not None:
+                ops.append(record)
             try:
                 self.store.commit([Compare(key, kv.mod_revision if kv else 0)], ops)
                 return user
@@ -216,10 +227,8 @@ class Auth:
         validate_username(name)
         if role is not None:
             Role.parse(role)
-        key = self.keys.user(name)
-        for _ in range(10):
-            kv = self.store.get(key)
-            before = _user(json.loads(kv.value)) if kv is not None else None
+
+        def build(before: User | None) -> User:
             if before is not None and before.source != "ldap":
                 raise ValidationError("user", f"{name} is a {before.source} user, not a "
                                               "directory user")
@@ -231,16 +240,9 @@ class Auth:
                 user = replace(before, role=role or before.role)
             user.directory_dn, user.checked_at, user.refused = dn, checked_at, refused
             user.password_hash = ""
-            ops: list[Op] = [Put(key, json.dumps(asdict(user)).encode())]
-            record = audit(before, user) if audit is not None else None
-            if record is not None:
-                ops.append(record)
-            try:
-                self.store.commit([Compare(key, kv.mod_revision if kv else 0)], ops)
-                return user
-            except Conflict:
-                continue
-        raise Conflict(key, 0)
+            return user
+
+        return self._commit_user(self.keys.user(name), build, audit)
 
     def check_password(self, name: str, password: str) -> User | None:
         user = self.get_user(name)
