@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -74,6 +75,9 @@ class Image:
     role: str = "install"
     format: str = ""
     disk_size: int = 0
+    #: an image an operator added through the API (:mod:`lpmos.images`),
+    #: not the seed file; its files are absolute paths in a node's cache
+    managed: bool = False
 
     @property
     def installable(self) -> bool:
@@ -118,6 +122,15 @@ class Catalog:
                     not os_version or os_version == img.version):
                 return img
         return None
+
+    def with_images(self, extra: Iterable[Image]) -> Catalog:
+        """This catalog plus ``extra`` (managed images), as a new catalog; a
+        seed entry wins a name both have (the control plane refuses to add
+        an image under a seed name, so this only guards a race)."""
+        images = dict(self.images)
+        for img in extra:
+            images.setdefault(img.name, img)
+        return Catalog(images, self.path)
 
     def installable(self) -> list[Image]:
         """The entries a task may ask for, by name: what the API and the
@@ -179,7 +192,7 @@ def parse_catalog(data: dict[str, object], path: Path | None = None) -> Catalog:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise CatalogError(f"catalog: image #{i + 1} is not a table")
-        unknown = set(entry) - set(Image.__dataclass_fields__)
+        unknown = set(entry) - set(Image.__dataclass_fields__) | ({"managed"} & set(entry))
         if unknown:
             raise CatalogError(f"catalog: image #{i + 1} has unknown fields {sorted(unknown)}")
         try:

@@ -21,6 +21,11 @@ start with ``_`` so they can never collide with an IDC.
 | {p}/_templates/{name}                 | task template (preset)              |
 | {p}/_webhooks/{id}                    | outbound webhook (URL, events, key) |
 | {p}/_secrets/node_api                 | control plane → node API HMAC key   |
+| {p}/images/{name}                     | managed image record (lpmos.images) |
+| {p}/{idc}/nodes/{node}/images/{name}  | a node's copy of it (node's lease)  |
+
+``images`` is reserved as an IDC name, as ``audit`` is: both are LPMOS-wide
+keys directly under the prefix (the design brief's names, kept).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-RESERVED_IDC_NAMES = frozenset({"audit"})
+RESERVED_IDC_NAMES = frozenset({"audit", "images"})
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,9 @@ class Keys:
         self._machine_re = re.compile(
             re.escape(prefix)
             + r"/([a-z0-9][a-z0-9_-]*)/machines/([^/]+)/(task|lease|token|timeline)"
+        )
+        self._node_image_re = re.compile(
+            re.escape(prefix) + r"/([a-z0-9][a-z0-9_-]*)/nodes/([^/]+)/images/([^/]+)"
         )
         self._idc_re = re.compile(
             re.escape(prefix) + r"/([a-z0-9][a-z0-9_-]*)/(servers|macs|nodes|dhcp)/([^/]+)"
@@ -129,16 +137,36 @@ class Keys:
         with (:mod:`lpmos.nodeapi`); readable by services only."""
         return f"{self.prefix}/_secrets/node_api"
 
+    def image(self, name: str) -> str:
+        """A managed image's catalog record (:mod:`lpmos.images`)."""
+        return f"{self.prefix}/images/{name}"
+
+    def images(self) -> str:
+        return f"{self.prefix}/images/"
+
+    def node_image(self, idc: str, node: str, name: str) -> str:
+        """A regional node's copy of a managed image (fetching, ready,
+        failed), under the node's registration lease."""
+        return f"{self.prefix}/{idc}/nodes/{node}/images/{name}"
+
+    def node_images(self, idc: str, node: str) -> str:
+        return f"{self.prefix}/{idc}/nodes/{node}/images/"
+
     # -- parser
     def parse(self, key: str) -> ParsedKey | None:
         """What a key is, or ``None`` for a key outside the schema."""
         m = self._machine_re.fullmatch(key)
         if m:
             return ParsedKey(m.group(3), m.group(1), m.group(2))
+        m = self._node_image_re.fullmatch(key)
+        if m:
+            return ParsedKey("node_image", m.group(1), f"{m.group(2)}/{m.group(3)}")
         m = self._idc_re.fullmatch(key)
         if m:
             kind = {"servers": "server", "macs": "mac", "nodes": "node", "dhcp": "dhcp"}[m.group(2)]
             return ParsedKey(kind, m.group(1), m.group(3))
+        if key.startswith(self.images()) and "/" not in key[len(self.images()):]:
+            return ParsedKey("image", "", key[len(self.images()):])
         if key.startswith(self.audit_prefix()):
             return ParsedKey("audit", "", key[len(self.audit_prefix()):])
         return None
