@@ -25,6 +25,7 @@ SYSTEM_PACKAGES=(
   e2fsprogs qemu-utils           # the real Debian image: mkfs.ext4 -d (no loop device), qemu-img (qcow2)
   cloud-init                     # 'cloud-init schema': the operator's cloud-config is checked with cloud-init's own validator
   openssh-client                 # the lab logs in to installed systems over SSH
+  nginx-light                    # reference server of bench/image_bench.py: the same disk image with sendfile
   prometheus                     # promtool: the tests check every /metrics exposition with 'promtool check metrics'
   slapd ldap-utils               # LDAP sign-in tests: a real slapd the test starts (StartTLS, certificates made in the test)
   debhelper dh-virtualenv dpkg-dev  # the Debian package of LPMOS (packaging/debian, built and installed by a test)
