@@ -384,6 +384,6 @@ def catalog() -> Any:
     cat = ctx().catalog
     items = [] if cat is None else [
         {"name": i.name, "os_type": i.os_type, "os_family": i.os_family, "version": i.version,
-         "arch": i.arch, "mode": i.mode, "description": i.description}
+         "arch": i.arch, "mode": i.mode, "description": i.description, "managed": i.managed}
         for i in cat.installable()]
     return jsonify({"items": items, "configured": cat is not None})

@@ -123,7 +123,7 @@ def create_app(config: Config, store: Store, keys: Keys, *, secret_key: bytes | 
     mutate_rate = float(values["web.mutate_rate"])
     context = WebContext(
         config=config, store=store, keys=keys, cache=cache, index=index,
-        tasks=TaskService(store, keys), auth=Auth(store, keys, cache=cache), catalog=catalog,
+        tasks=TaskService(store, keys), auth=Auth(store, keys, cache=cache), seed_catalog=catalog,
         metrics=metrics,
         login_limiter=RateLimiter(float(values["web.login_rate"]),
                                   burst=max(3.0, float(values["web.login_rate"]) / 2)),
@@ -165,6 +165,7 @@ def _register_blueprints(app: Flask) -> None:
     """One blueprint per concern, in the order of the module docstring's table."""
     from web import (
         api_admin,
+        api_images,
         api_logs,
         api_servers,
         api_stats,
@@ -177,7 +178,7 @@ def _register_blueprints(app: Flask) -> None:
     )
 
     for module in (auth, api_tasks, api_logs, api_servers, api_stats, api_admin, api_webhooks,
-                   ws, openapi, console):
+                   api_images, ws, openapi, console):
         app.register_blueprint(module.bp)
 
 
@@ -198,7 +199,13 @@ def _install_hooks(app: Flask, context: WebContext) -> None:
     @app.before_request
     def read_bodies_within_limits() -> Any:
         """413 from the announced length; then the whole body within
-        ``--body-timeout`` (408), read before any view runs."""
+        ``--body-timeout`` (408), read before any view runs.  An image
+        upload is the one body streamed by its view instead (after
+        authentication, with its own bounds: :mod:`web.api_images`)."""
+        from web.api_images import UPLOAD_ENDPOINT
+
+        if request.endpoint == UPLOAD_ENDPOINT:
+            return None
         length = request.content_length
         if length is not None and length > limit:
             context.metrics.inc("web_refused_total", reason="body_too_large")

@@ -42,7 +42,8 @@ class WebContext:
     index: ConsoleIndex
     tasks: TaskService
     auth: Auth
-    catalog: Catalog | None
+    #: the seed catalog file (``None``: none configured, any OS name goes)
+    seed_catalog: Catalog | None
     metrics: Registry
     login_limiter: RateLimiter
     mutate_limiter: RateLimiter
@@ -53,6 +54,26 @@ class WebContext:
     maintenance: EtcdMaintenance | None = None
     #: background workers stopped with the app (the webhook dispatcher)
     workers: list[Any] = field(default_factory=list)
+
+    _catalog_memo: tuple[int, Catalog | None] | None = field(default=None, repr=False)
+
+    @property
+    def catalog(self) -> Catalog | None:
+        """What tasks are checked against: the seed catalog plus the managed
+        images that are available (every file in; :mod:`lpmos.images`),
+        rebuilt when an image record changes.  ``None`` while no
+        seed catalog is configured."""
+        seed = self.seed_catalog
+        if seed is None:
+            return None
+        revision = self.index.images_generation
+        memo = self._catalog_memo
+        if memo is not None and memo[0] == revision:
+            return memo[1]
+        managed = [img.catalog_entry() for img, _rev in self.index.images() if img.offered]
+        merged = seed.with_images(managed) if managed else seed
+        self._catalog_memo = (revision, merged)
+        return merged
 
     def setting(self, key: str, default: Any = None) -> Any:
         """A ``web.*`` value: the resolved config's, else the default here."""

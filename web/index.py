@@ -31,7 +31,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from lpmos.images import ManagedImage, NodeImageState
 from lpmos.models import Server, Task, ValidationError
+from lpmos.states import ACTIVE
 from lpmos.store import KeyValue
 from lpmos.store.cache import WatchCache
 from lpmos.store.keys import Keys, ParsedKey
@@ -78,6 +80,11 @@ class ConsoleIndex:
         self._online: set[tuple[str, str]] = set()
         self._nodes: dict[tuple[str, str], tuple[dict[str, Any], int]] = {}
         self._templates: dict[str, tuple[dict[str, Any], int]] = {}
+        #: managed images (``/os/images/{name}``) and the nodes' copies of them
+        self._images: dict[str, tuple[ManagedImage, int]] = {}
+        self._node_images: dict[tuple[str, str, str], NodeImageState] = {}
+        #: moves whenever a managed image record changes (catalog memos key on it)
+        self.images_generation = 0
         self._subscribers: list[Listener] = []
         self._stats_memo: tuple[float, dict[str, Any]] | None = None
         self.malformed = 0
@@ -97,8 +104,11 @@ class ConsoleIndex:
             self._online.clear()
             self._nodes.clear()
             self._templates.clear()
+            self._images.clear()
+            self._node_images.clear()
             for kv in self.cache.items():
                 self._load(kv, incremental=False)
+            self.images_generation += 1
             self._order = sorted(e.sort for e in self._tasks.values())
             self._by_status = {}
             self._by_idc = {}
@@ -128,6 +138,11 @@ class ConsoleIndex:
                 data = json.loads(kv.value)
                 self._nodes[(parsed.idc, parsed.name)] = (data if isinstance(data, dict)
                                                           else {}, kv.mod_revision)
+            elif parsed is not None and parsed.kind == "image":
+                self._images[parsed.name] = (ManagedImage.from_json(kv.value), kv.mod_revision)
+            elif parsed is not None and parsed.kind == "node_image":
+                node, _, name = parsed.name.partition("/")
+                self._node_images[(name, parsed.idc, node)] = NodeImageState.from_json(kv.value)
             elif kv.key.startswith(self.keys.templates()):
                 data = json.loads(kv.value)
                 if isinstance(data, dict):
@@ -196,6 +211,19 @@ class ConsoleIndex:
                 self._load(new, incremental=False)
             return "node", {"op": "del" if new is None else "put", "idc": parsed.idc,
                             "name": parsed.name}
+        if parsed is not None and parsed.kind in ("image", "node_image"):
+            name = parsed.name
+            if parsed.kind == "node_image":
+                node, _, name = parsed.name.partition("/")
+                if new is None:
+                    self._node_images.pop((name, parsed.idc, node), None)
+            elif new is None:
+                self._images.pop(name, None)
+            if new is not None:
+                self._load(new, incremental=False)
+            if parsed.kind == "image":
+                self.images_generation += 1     # last: a reader that sees it sees the change
+            return "image", {"op": "del" if new is None else "put", "name": name}
         if key.startswith(self.keys.templates()):
             name = key[len(self.keys.templates()):]
             if new is None:
@@ -353,6 +381,27 @@ class ConsoleIndex:
         with self._lock:
             found = self._nodes.get((idc, name))
         return dict(found[0]) if found is not None else None
+
+    def images(self) -> list[tuple[ManagedImage, int]]:
+        """The managed images with their revisions, by name."""
+        with self._lock:
+            return [self._images[name] for name in sorted(self._images)]
+
+    def image(self, name: str) -> tuple[ManagedImage, int] | None:
+        with self._lock:
+            return self._images.get(name)
+
+    def image_copies(self, name: str) -> list[tuple[str, str, NodeImageState]]:
+        """``(idc, node, state)`` of every live node's copy of image ``name``."""
+        with self._lock:
+            return [(idc, node, st) for (n, idc, node), st in sorted(self._node_images.items())
+                    if n == name]
+
+    def tasks_using(self, name: str) -> list[Task]:
+        """Active tasks (pending to installing) that install image ``name``."""
+        with self._lock:
+            return [e.task for e in self._tasks.values()
+                    if e.task.image == name and e.task.status in ACTIVE]
 
     def templates(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -138,7 +138,30 @@ DOCS: dict[str, dict[str, Any]] = {
     "GET /api/v1/idcs": {"summary": "IDCs and their regional nodes with liveness",
                          "response": "Page"},
     "GET /api/v1/idcs/{idc}/nodes": {"summary": "Regional nodes of one IDC", "response": "Page"},
-    "GET /api/v1/catalog": {"summary": "Installable images", "response": "Page"},
+    "GET /api/v1/catalog": {"summary": "Installable images (the seed file's and the managed "
+                                       "ones that are available)", "response": "Page"},
+    "GET /api/v1/images": {"summary": "Managed images, with each IDC's and node's copy",
+                           "response": "Page"},
+    "POST /api/v1/images": {
+        "summary": "Add a managed image: from an http(s) URL with its sha256, or by upload "
+                   "(then PUT each file)",
+        "body": {"type": "object", "properties": {
+            "name": _S, "os_type": _S, "os_family": _S, "version": _S, "format": _S,
+            "source": _S, "architectures": {"type": "array", "items": _S},
+            "idcs": {"type": "array", "items": _S}, "files": {"type": "object"},
+            "disk_size": _I, "kernel_args": _S, "description": _S}},
+        "response": "Object", "status": 201},
+    "GET /api/v1/images/{name}": {"summary": "One managed image, per IDC and node",
+                                  "response": "Object"},
+    "DELETE /api/v1/images/{name}": {"summary": "Remove a managed image (refused while an "
+                                               "active task needs it)", "response": "Object"},
+    "PUT /api/v1/images/{name}/files/{role}": {
+        "summary": "Upload one file of an image (application/octet-stream, Content-Length "
+                   "required; streamed, checked against the announced sha256 and size)",
+        "response": "Object"},
+    "GET /api/v1/images/{name}/files/{role}": {
+        "summary": "An uploaded file (Range, ETag); operators, or regional nodes with a "
+                   "signed request", "response": "Object"},
     "GET /api/v1/session": {"summary": "The caller, role and CSRF token", "response": "Object"},
     "POST /api/v1/session/tokens": {"summary": "Create an API token for the signed-in user "
                                               "(console session only; shown once)",

@@ -14,6 +14,7 @@ from lpmos.config import (
     parse_bool,
     parse_hostport,
     parse_optional_path,
+    parse_optional_url,
     parse_str,
     parsed_defaults,
     str_list,
@@ -151,6 +152,14 @@ SETTINGS: tuple[Setting, ...] = (
             "while the directory cannot be reached, seconds past the re-check deadline that "
             "a directory user keeps their last role for reads; changes are refused (503) "
             "until the directory answers", metavar="SECONDS"),
+    Setting("web.image_store", "--image-store", None, parse_optional_path,
+            "directory holding the images operators upload (default: STATE_DIR/images); "
+            "regional nodes fetch them from here, so it needs room for every uploaded image",
+            metavar="DIR"),
+    Setting("web.public_url", "--public-url", None, parse_optional_url,
+            "the URL regional nodes reach this control plane at (scheme://host[:port]), "
+            "written into uploaded images' records; default: the URL the upload came to",
+            metavar="URL"),
 )
 
 #: Each setting's default as a resolved config holds it (parsed: ``web.listen``

@@ -131,6 +131,9 @@ MUTATING: list[tuple[str, str, str]] = [
     ("PUT", "/api/v1/webhooks/0123456789abcdef", "admin"),
     ("DELETE", "/api/v1/webhooks/0123456789abcdef", "admin"),
     ("POST", "/api/v1/session/tokens", "viewer"),
+    ("POST", "/api/v1/images", "admin"),
+    ("PUT", "/api/v1/images/someone/files/disk_image", "admin"),
+    ("DELETE", "/api/v1/images/someone", "admin"),
 ]
 BELOW = {"viewer": None, "operator": "viewer", "approver": "operator", "admin": "approver"}
 
@@ -138,7 +141,8 @@ BELOW = {"viewer": None, "operator": "viewer", "approver": "operator", "admin": 
 def _rule_of(path: str) -> str:
     parts = path.split("/")
     mapping = {"dc1": "{idc}", "sn-x": "{sn}", "someone": "{name}", "abcdef12": "{token_id}",
-               "tpl1": "{name}", "0123456789abcdef": "{webhook_id}"}
+               "tpl1": "{name}", "0123456789abcdef": "{webhook_id}",
+               "disk_image": "{role}"}
     return "/".join(mapping.get(p, p) for p in parts)
 
 
