@@ -19,6 +19,7 @@ DESCRIPTION = (
     "Binding ports below 1024 needs root or CAP_NET_BIND_SERVICE.")
 
 _SERVICE_MODULES = ("bootsvc.dhcp.settings", "bootsvc.tftp.settings", "bootsvc.http.settings",
+                    "bootsvc.images.settings",
                     "bootsvc.state.install_log")
 
 

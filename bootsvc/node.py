@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,12 +66,22 @@ class NodeRegistration:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="node-registration", daemon=True)
         self._lease = 0
+        #: ``fn(lease)`` after a new lease is granted (keys put under the
+        #: old one went with it: the image sync puts its states again)
+        self.lease_listeners: list[Callable[[int], None]] = []
         self.registered = False
         self.conflict: str | None = None
         self._conflict_logged = 0.0
         ctx.metrics.gauge("node_name_conflict", lambda: float(self.conflict is not None),
                           "1 while another live node registers under this node's name and "
                           "IDC (each overwrites the other's record)")
+
+    @property
+    def lease(self) -> int:
+        """The registration's lease while it is registered (0: none now).
+        Other keys of this node (its image copies) are put under it, so they
+        vanish with the node."""
+        return self._lease if self.registered else 0
 
     def start(self) -> None:
         self._thread.start()
@@ -125,12 +136,20 @@ class NodeRegistration:
         key = self.ctx.keys.node(self.ctx.idc, self.ctx.node_name)
         while not self._stop.is_set():
             try:
+                fresh = False
                 if not self._lease or self.ctx.store.keepalive(self._lease) <= 0:
                     self._lease = self.ctx.store.grant(NODE_LEASE_TTL)
+                    fresh = True
                 current = self.ctx.store.get(key)
                 self._check_name(current.value if current is not None else None)
                 self.ctx.store.put(key, self._value(), lease=self._lease)
                 self.registered = True
+                if fresh:
+                    for fn in self.lease_listeners:
+                        try:
+                            fn(self._lease)
+                        except Exception:
+                            log.exception("node registration: lease listener failed")
             except StoreError as exc:
                 self.registered = False
                 log.warning("node registration: etcd unavailable (%s); will retry", exc)
@@ -181,6 +200,7 @@ class RegionalNode:
         self._timeline: Any = None
         self._registration: NodeRegistration | None = None
         self._reaper: Reaper | None = None
+        self._images: Any = None
         self.ctx.metrics.gauge("node_cache_staleness_seconds",
                                lambda: min(cache.staleness(), 1e9),
                                "seconds since etcd last confirmed the IDC cache is current")
@@ -237,6 +257,23 @@ class RegionalNode:
             "services": self.services, "started_at": time.time(),
         })
         self._registration.start()
+        if self._http is not None:
+            self._start_images(self._registration)
+
+    def _start_images(self, registration: NodeRegistration) -> None:
+        """The managed image sync (issue #25): it feeds the boot HTTP's
+        catalog and its boot decision; without boot HTTP nothing would serve
+        the images, so it runs only with it."""
+        from bootsvc.images.settings import ImageSettings
+        from bootsvc.images.sync import ImageSync
+
+        boot = self._http.boot
+        sync = ImageSync(self.ctx, ImageSettings.from_config(self.config),
+                         on_catalog=boot.set_managed_images, lease=lambda: registration.lease)
+        boot.image_waits = sync.wait_reason
+        registration.lease_listeners.append(lambda _lease: sync.wake())
+        sync.start()
+        self._images = sync
 
     async def _start_async(self) -> None:
         if "tftp" in self.services:
@@ -267,6 +304,8 @@ class RegionalNode:
         self._async.clear()
 
     def _stop_sync(self) -> None:
+        if self._images is not None:
+            self._images.stop()
         if self._reaper is not None:
             self._reaper.stop()
         if self._registration is not None:

@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ from bootsvc.state.registration import Registrar
 from bootsvc.state.tokens import MachineTokens, TokenError
 from bootsvc.tftp.chain import render_grub_config
 from lpmos.catalog import Catalog, Image
-from lpmos.models import ProgressEvent
+from lpmos.models import ProgressEvent, Task
 from lpmos.store import StoreError
 from lpmos.tasks import TaskService
 
@@ -95,7 +95,13 @@ class BootBackend:
         self.live_name: str = settings.live_image
         self.live_kernel_args: str = settings.live_kernel_args
         self.heartbeat_interval = settings.heartbeat_interval
-        self.catalog = catalog if catalog is not None else open_catalog(cfg.get("catalog"))
+        #: the seed (TOML) catalog; :attr:`catalog` is it plus the managed
+        #: images verified on this node (:meth:`set_managed_images`)
+        self.seed_catalog = catalog if catalog is not None else open_catalog(cfg.get("catalog"))
+        self.catalog = self.seed_catalog
+        #: why a task's managed image is not ready here (the image sync's
+        #: :meth:`~bootsvc.images.sync.ImageSync.wait_reason`); None: no sync
+        self.image_waits: Callable[[Task], str] | None = None
         self.renderer = Renderer(templates_dir or settings.templates)
         state_dir = Path(cfg.get("state_dir", "/var/lib/lpmos"))
         self.tftp_root = Path(cfg.get("tftp.root") or state_dir / "tftp")
@@ -173,6 +179,20 @@ class BootBackend:
         if task is None:
             return None
         return self.catalog.find(task.os_type, task.os_version, task.image)
+
+    def image_wait(self, view: MachineView | None) -> str:
+        """Why the task of ``view`` waits for its managed image on this node
+        ("" when it does not: no task, no managed image, or ready)."""
+        task = view.task if view is not None else None
+        if task is None or self.image_waits is None:
+            return ""
+        return self.image_waits(task)
+
+    def set_managed_images(self, images: Iterable[Image]) -> None:
+        """Serve the seed catalog plus ``images`` (managed images whose
+        files are verified in this node's cache), from now on: one
+        assignment, so a request sees the old catalog or the new one."""
+        self.catalog = self.seed_catalog.with_images(images)
 
     def context(self, **kw: Any) -> dict[str, Any]:
         return build_context(node_url=self.ctx.advertise_url, idc=self.ctx.idc,
@@ -314,7 +334,8 @@ class BootBackend:
         view, mac = self._find_machine(query)
         image = self.image_for(view)
         decision = decide_script(view, discovery=self.discovery, image=image,
-                                 live_available=self.live is not None)
+                                 live_available=self.live is not None,
+                                 image_wait=self.image_wait(view) if image is None else "")
         answer = _ScriptAnswer(decision, view.task if view is not None else None,
                                view.server if view is not None else None)
         if decision.destructive and view is not None and image is not None:

@@ -94,12 +94,13 @@ def decide_expiry(task: Task, *, lease_present: bool, lease_gone_since: float | 
 
 
 def why_unservable(view: MachineView, *, node: str, image: Image | None,
-                 live_available: bool) -> str:
+                 live_available: bool, image_wait: str = "") -> str:
     """Why ``node`` would not install ``view``'s task if its machine booted
     now ("" when it would claim or continue it): the boot decision's own
     reason (:func:`bootsvc.policy.script.decide_script`: the image is not in this
     node's catalog, is not installable, the machine is flagged ...)."""
-    decision = decide_script(view, discovery=True, image=image, live_available=live_available)
+    decision = decide_script(view, discovery=True, image=image, live_available=live_available,
+                             image_wait=image_wait)
     if decision.action in (CLAIM, CONTINUE):
         return ""
     return f"node {node} would not install it: {decision.reason}"

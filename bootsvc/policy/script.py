@@ -24,6 +24,10 @@ the catalog image the task asks for and two switches, and returns a
 | ``succeeded``                                        | localboot   | local disk         |
 | ``failed`` / ``cancelled`` / ``rejected``            | localboot   | local disk         |
 | approved/booting/installing, server flagged conflict | wait        | wait (no install)  |
+| approved/booting/installing, managed image not ready | wait        | wait (no install): |
+| on this node (fetching, failed, not for this IDC)    |             | "image golden-1    |
+|                                                      |             | fetching on node   |
+|                                                      |             | n1, 42 %"          |
 | approved/booting/installing, image not in catalog    | wait        | wait (no install)  |
 | approved/booting/installing, image not installable   | wait        | wait (no install)  |
 | (the catalog's live image: ``Image.installable``)    |             |                    |
@@ -127,13 +131,17 @@ def decide_script(
     discovery: bool,
     image: Image | None,
     live_available: bool,
+    image_wait: str = "",
 ) -> ScriptDecision:
     """The boot script for a machine (see the module table).
 
     ``view`` is the machine as the cache knows it (``None``: unknown);
     ``image`` is the catalog entry its task asks for (``None`` when there
     is no task or the catalog lacks it); ``discovery`` is ``--discovery``;
-    ``live_available`` says whether the catalog has the live agent image.
+    ``live_available`` says whether the catalog has the live agent image;
+    ``image_wait`` (with no ``image``) is why the task's managed image is not
+    in this node's catalog yet (:func:`bootsvc.policy.images.wait_reason`):
+    a copy not verified here is never installed.
     """
     sn = view.sn if view is not None else ""
     task = view.task if view is not None else None
@@ -165,6 +173,8 @@ def decide_script(
             and task.progress.step == REBOOT_STEP:
         return ScriptDecision(LOCALBOOT, TEMPLATES[LOCALBOOT],
                         "image written: booting the installed system", sn)
+    if image is None and image_wait:
+        return ScriptDecision(WAIT, TEMPLATES[WAIT], image_wait, sn)
     if image is None:
         return ScriptDecision(WAIT, TEMPLATES[WAIT],
                         f"task image {task.image or task.os_type} is not in the catalog", sn)

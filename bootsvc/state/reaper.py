@@ -41,6 +41,8 @@ class InstallImages(Protocol):
 
     def image_for(self, view: MachineView | None) -> Image | None: ...
 
+    def image_wait(self, view: MachineView | None) -> str: ...
+
     @property
     def live(self) -> Image | None: ...
 
@@ -116,9 +118,10 @@ class Reaper:
         if self.images is None or task.status != TaskStatus.APPROVED.value:
             return ""
         view = MachineView(task.sn, task, revision, self.ctx.machines.view(task.sn).server)
-        return why_unservable(view, node=self.ctx.node_name,
-                              image=self.images.image_for(view),
-                              live_available=self.images.live is not None)
+        image = self.images.image_for(view)
+        return why_unservable(view, node=self.ctx.node_name, image=image,
+                              live_available=self.images.live is not None,
+                              image_wait=self.images.image_wait(view) if image is None else "")
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
