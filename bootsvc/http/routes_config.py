@@ -10,6 +10,13 @@ for the machine's task.
 The second form is for cloud-init's ``seedfrom``, which can send no
 header.  A config is served only while the machine's task installs
 (``booting`` or ``installing``): 409 otherwise.
+
+A successful render is remembered in the app's
+:class:`~bootsvc.http.config_cache.ConfigFastPath` (handed over in the
+WSGI environ by :class:`~bootsvc.http.fastpath.BootFastPath`), which
+answers repeats of it from memory, on the event loop, until the task,
+the server record, the catalog, the renderer or the token change; every
+refusal stays this route's.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from flask import Blueprint, Response, request
 
 from bootsvc.http.backend import current_boot
 from bootsvc.http.common import HttpError, checked_sn, text_response
+from bootsvc.http.config_cache import ENVIRON_KEY, ConfigFastPath
 from bootsvc.policy.script import CONFIG_TEMPLATES, install_kind
 from bootsvc.render import RenderError
 from lpmos.states import TaskStatus
@@ -61,16 +69,23 @@ def _config(sn: str, name: str, path_token: str | None) -> Response:
         raise HttpError(404, "not_found",
                         f"{install_kind(image)} installs have: {', '.join(sorted(templates))}")
     template = templates[name]
+    # what the render reads besides the view, read before it (see ConfigFastPath.remember)
+    live, renderer, node_url = boot.live, boot.renderer, boot.ctx.advertise_url
     text = ""
     if template:
         try:
-            text = boot.renderer.render(template, boot.context(
+            text = renderer.render(template, boot.context(
                 decision="config", sn=sn, mac=task.mac, task=task, server=view.server,
                 image=image, token=token))
         except RenderError as exc:
             log.error("config %s of %s: %s", name, sn, exc)
             boot.metrics.inc("http_render_errors_total", template=template)
             raise HttpError(500, "render_error", str(exc)) from None
+    configs = request.environ.get(ENVIRON_KEY)
+    if isinstance(configs, ConfigFastPath):
+        configs.remember(sn=sn, name=name, task_revision=view.task_revision, task=task,
+                         server=view.server, image=image, live=live, renderer=renderer,
+                         node_url=node_url, token=token, text=text)
     boot.ctx.timeline.record(f"sn:{sn}", "config fetched",
                              {"name": name, "ip": request.remote_addr or ""})
     boot.metrics.inc("http_configs_total", config=name)

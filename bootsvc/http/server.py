@@ -14,7 +14,8 @@ event loop instead:
   an idle keep-alive timeout, and a connection limit (503);
 * the boot scripts that need no etcd request (everything but an install
   claim) are answered *inline* by a ``fast`` handler, without a thread hop
-  or WSGI, in one ``write``;
+  or WSGI, in one ``write``; so are the install configs the app holds
+  rendered (its ``answer_inline``: token checked, from the render cache);
 * everything else runs the WSGI app on a bounded thread pool; small answers
   go back to the loop in one piece, large ones (images) are streamed with
   flow control (the app's thread waits while the socket's buffer is full);
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 FastAnswer = tuple[int, str, bytes]
 #: ``fast(path, query, remote_addr)`` for a GET: an answer, or ``None`` to run the app
 FastHandler = Callable[[str, str, str], FastAnswer | None]
+#: ``app.answer_inline(request, remote_addr)`` for a GET that ``fast`` did not
+#: answer (it sees the headers: the cached install configs check a token)
+InlineHandler = Callable[[ParsedRequest, str], FastAnswer | None]
 
 STREAM_BUFFER = 256 * 1024      # a WSGI body up to this size goes out in one write
 MAX_PIPELINED = 8               # reading pauses while this many requests wait
@@ -245,6 +249,12 @@ class _Conn(asyncio.Protocol):
                 if answer is not None:
                     self.write_answer(req, *answer)
                     continue
+            inline = self.server.inline
+            if inline is not None and req.method == b"GET":
+                answer = inline(req, self.peer[0])
+                if answer is not None:
+                    self.write_answer(req, *answer)
+                    continue
             self.busy = True
             fut = self.server.run_app(self, req)
             fut.add_done_callback(functools.partial(self.app_done, req))
@@ -358,6 +368,9 @@ class AsyncHttpServer:
         self.max_header = max_header
         self.fast = fast
         self.on_refused = on_refused
+        # an app that answers some GETs on the loop itself offers answer_inline
+        # (bootsvc.http.fastpath.BootFastPath: install configs from its render cache)
+        self.inline: InlineHandler | None = getattr(app, "answer_inline", None)
         self.conns: set[_Conn] = set()
         self.in_app = 0             # requests queued for or running on the pool
         self.stopping = False
