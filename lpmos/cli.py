@@ -53,6 +53,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("lpmos.cli_client", "API client: list audit records"),
     "template": ("lpmos.cli_client", "API client: list and show task templates"),
     "webhook": ("lpmos.cli_client", "API client: manage outbound webhooks (admins)"),
+    "image": ("lpmos.cli_client", "API client: add, list, show and remove managed OS images"),
     "completion": ("lpmos.cli_client", "print a shell completion script (bash)"),
 }
 

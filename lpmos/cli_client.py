@@ -73,6 +73,12 @@ DESCRIPTIONS = {
     "webhook": "Outbound webhooks through the REST API (admins only): list, show, create, "
                "update, delete, and each webhook's delivery log. A new webhook's secret is "
                "printed once, when it is created; give your own with --secret-file.",
+    "image": "Managed OS images through the REST API: list, show (per IDC and regional node: "
+             "fetching with progress, ready, failed with the reason), add (an upload from this "
+             "machine, streamed, or an http(s) URL with its sha256, which the nodes fetch) and "
+             "remove (refused while an active task needs the image). Adding and removing need "
+             "the admin role. 'add --wait' follows the image until every wanted IDC's nodes "
+             "have it.",
     "completion": "Print a shell completion script. Bash: "
                   "'source <(lpmos completion bash)', or save it as "
                   "/etc/bash_completion.d/lpmos.",
@@ -87,6 +93,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "audit": ("list",),
     "template": ("list", "show"),
     "webhook": ("list", "show", "create", "update", "delete", "deliveries"),
+    "image": ("list", "show", "add", "remove"),
 }
 
 #: the client reads no etcd, state dir or catalog: only its own flags
@@ -120,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True,
                                 help=", ".join(ACTIONS[noun]))
     builders = {"task": _add_task, "server": _add_server, "node": _add_node,
-                "audit": _add_audit, "template": _add_template, "webhook": _add_webhook}
+                "audit": _add_audit, "template": _add_template, "webhook": _add_webhook,
+                "image": _add_image}
     builders[noun](sub)
 
 
@@ -305,6 +313,47 @@ def _add_webhook(sub: Any) -> None:
     p = _action(sub, "deliveries", "a webhook's last delivery attempts, newest first (each "
                                    "control plane process keeps its own)", webhook_deliveries)
     p.add_argument("id", help="the webhook's id")
+
+
+def _add_image(sub: Any) -> None:
+    _action(sub, "list", "list managed images and how many nodes of each IDC have them",
+            image_list)
+    p = _action(sub, "show", "show one managed image, per IDC and regional node", image_show)
+    p.add_argument("name", help="the image's name")
+    p = _action(sub, "add", "add a managed image: --file to upload from here, or --from-url with "
+                            "--sha256 for the nodes to fetch", image_add)
+    p.add_argument("name", help="its name: 1-64 of a-z, 0-9, '.', '_', '-'")
+    p.add_argument("--os-type", required=True, help="what tasks ask for, e.g. 'Debian 12'")
+    p.add_argument("--os-family", required=True, choices=("ubuntu", "debian", "rhel", "lab"),
+                   help="picks the install templates")
+    p.add_argument("--version", default="", help="e.g. 12")
+    p.add_argument("--format", default="", help="raw, qcow2, raw.zst, raw.xz, raw.gz or "
+                   "installer (default: by the file name's suffix, else raw)")
+    p.add_argument("--arch", dest="architectures", action="append", default=None,
+                   metavar="ARCH", help="x86_64 (default) or arm64; repeat for several")
+    p.add_argument("--idc", dest="idcs", action="append", default=None, metavar="IDC",
+                   help="an IDC whose nodes should hold it; repeat; default: every IDC")
+    p.add_argument("--file", action="append", default=[], metavar="[ROLE=]PATH",
+                   help="upload this file (ROLE disk_image by default; kernel= and initrd= "
+                        "for an installer); its sha256 is computed here and checked by the "
+                        "control plane")
+    p.add_argument("--from-url", dest="from_url", action="append", default=[],
+                   metavar="[ROLE=]URL",
+                   help="the nodes fetch the file from this http(s) URL (needs --sha256)")
+    p.add_argument("--sha256", action="append", default=[], metavar="[ROLE=]HEX",
+                   help="the file's sha256 (required with --from-url)")
+    p.add_argument("--description", default="", help="what the image is")
+    p.add_argument("--kernel-args", default="", help="default kernel arguments (installer)")
+    p.add_argument("--disk-size", type=int, default=0, metavar="BYTES",
+                   help="the virtual disk's size, for compressed images")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the image until every wanted IDC's nodes have it ready "
+                        "(exit 1 when one fails it)")
+    p.add_argument("--wait-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="how long --wait waits (default 3600)")
+    p = _action(sub, "remove", "remove a managed image; every node frees its copy",
+                image_remove)
+    p.add_argument("name", help="the image's name")
 
 
 def _add_webhook_fields(p: argparse.ArgumentParser) -> None:
@@ -911,6 +960,200 @@ def webhook_deliveries(client: ApiClient, args: argparse.Namespace) -> Shown:
     items = [d for d in client.call("GET", _webhook_path(args.id) + "/deliveries")
              .get("items") or [] if isinstance(d, dict)]
     return Shown(items, render_table(items, DELIVERY_COLUMNS))
+
+
+IMAGE_COLUMNS: list[tuple[str, str | Callable[[dict[str, Any]], Any]]] = [
+    ("NAME", "name"), ("OS", "os_type"), ("FORMAT", "format"), ("SOURCE", "source"),
+    ("STATE", "state"), ("SIZE", lambda r: human_bytes(int(r.get("size") or 0))),
+    ("IN USE", "in_use_by"), ("READY", lambda r: image_readiness(r)),
+]
+COPY_COLUMNS: list[tuple[str, str | Callable[[dict[str, Any]], Any]]] = [
+    ("IDC", "idc"), ("NODE", "node"), ("STATE", "state"),
+    ("PROGRESS", lambda r: f"{float(r.get('progress') or 0) * 100:.0f} %"),
+    ("REASON", "reason"),
+]
+_ROLE_RE = re.compile(r"(disk_image|kernel|initrd)=(.*)", re.DOTALL)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def image_readiness(row: dict[str, Any]) -> str:
+    """``dc1 2/2, dc2 0/1`` — per wanted IDC, nodes ready of nodes alive."""
+    parts = []
+    for idc in row.get("copies") or []:
+        alive = [n for n in idc.get("nodes") or [] if n.get("alive")]
+        parts.append(f"{idc.get('idc')} {idc.get('ready', 0)}/{len(alive)}")
+    return ", ".join(parts) or "-"
+
+
+def _image_path(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
+        raise UsageError(f"{name!r} is not an image name (1-64 of a-z, 0-9, '.', '_', '-')")
+    return f"/images/{name}"
+
+
+def _by_role(values: Sequence[str], flag: str, default_role: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        m = _ROLE_RE.fullmatch(value)
+        role, text = (m.group(1), m.group(2)) if m else (default_role, value)
+        if role in out:
+            raise UsageError(f"{flag} given twice for {role}")
+        out[role] = text
+    return out
+
+
+def _copies(image: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"idc": idc.get("idc"), **node} for idc in image.get("copies") or []
+            for node in idc.get("nodes") or []]
+
+
+def image_list(client: ApiClient, args: argparse.Namespace) -> Shown:
+    items = [i for i in client.call("GET", "/images").get("items") or [] if isinstance(i, dict)]
+    return Shown(items, render_table(items, IMAGE_COLUMNS))
+
+
+def _render_image(image: dict[str, Any]) -> str:
+    text = render_record({k: v for k, v in image.items() if k != "copies"},
+                         first=("name", "os_type", "format", "source", "state", "sha256"))
+    copies = _copies(image)
+    if copies:
+        text += "\ncopies:\n" + "".join(f"  {line}\n" for line in
+                                         render_table(copies, COPY_COLUMNS).splitlines())
+    else:
+        text += "\ncopies: no regional node of a wanted IDC is alive\n"
+    return text
+
+
+def image_show(client: ApiClient, args: argparse.Namespace) -> Shown:
+    image = client.call("GET", _image_path(args.name)).get("image") or {}
+    return Shown(image, _render_image(image))
+
+
+def image_add(client: ApiClient, args: argparse.Namespace) -> Shown:
+    default_role = "kernel" if args.format == "installer" else "disk_image"
+    files = _by_role(args.file, "--file", default_role)
+    urls = _by_role(args.from_url, "--from-url", default_role)
+    sums = _by_role(args.sha256, "--sha256", default_role)
+    if files and urls:
+        raise UsageError("give --file (upload) or --from-url (the nodes fetch it), not both")
+    if not files and not urls:
+        raise UsageError("give --file PATH to upload, or --from-url URL with --sha256 HEX")
+    fmt = args.format or _format_of(next(iter({**files, **urls}.values())))
+    body: dict[str, Any] = {
+        "name": args.name, "os_type": args.os_type, "os_family": args.os_family,
+        "version": args.version, "format": fmt, "description": args.description,
+        "kernel_args": args.kernel_args, "disk_size": args.disk_size,
+        "source": "upload" if files else "url"}
+    if args.architectures:
+        body["architectures"] = args.architectures
+    if args.idcs:
+        body["idcs"] = args.idcs
+    paths: dict[str, Path] = {}
+    if files:
+        entries = {}
+        for role, name in files.items():
+            path = Path(name)
+            if not path.is_file():
+                raise UsageError(f"--file: no such file: {name}")
+            paths[role] = path
+            digest = _sha256_of(path, role)
+            if role in sums and sums[role].lower() != digest:
+                raise UsageError(f"--sha256 of {role} says {sums[role]}, the file has {digest}")
+            entries[role] = {"sha256": digest, "size": path.stat().st_size}
+        body["files"] = entries
+    else:
+        missing = [r for r in urls if r not in sums]
+        if missing:
+            raise UsageError(f"--from-url needs --sha256 for {', '.join(missing)}: the nodes "
+                             "verify the bytes against it")
+        body["files"] = {r: {"url": u, "sha256": sums[r].lower()} for r, u in urls.items()}
+    answer = client.call("POST", "/images", body)
+    for role, path in paths.items():
+        answer = client.upload(f"{_image_path(args.name)}/files/{role}", path,
+                               progress=_progress_printer(f"uploading {role}"))
+    image = answer.get("image") or {}
+    if args.wait:
+        image = _wait_ready(client, args.name, args.wait_timeout)
+    return Shown(image, _render_image(image) if "copies" in image else
+                 render_record(image, first=("name", "os_type", "format", "source", "state")))
+
+
+def _format_of(name: str) -> str:
+    from lpmos.catalog import infer_disk_format
+    return infer_disk_format(name)
+
+
+def _sha256_of(path: Path, role: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    show = _progress_printer(f"checksumming {role}")
+    total = path.stat().st_size
+    done = 0
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            done += len(chunk)
+            show(done, total)
+    return digest.hexdigest()
+
+
+def _progress_printer(label: str) -> Callable[[int, int], None]:
+    """A progress bar on stderr when it is a terminal (else nothing: logs
+    and scripts get the final answer)."""
+    tty = sys.stderr.isatty()
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        if not tty or total <= 0:
+            return
+        pct = int(done * 100 / total)
+        if pct == last[0]:
+            return
+        last[0] = pct
+        bar = "#" * (pct // 4)
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r{label}: [{bar:<25}] {pct:3d} % {human_bytes(done)}{end}")
+        sys.stderr.flush()
+
+    return show
+
+
+def _wait_ready(client: ApiClient, name: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    tty = sys.stderr.isatty()
+    while True:
+        image = client.call("GET", _image_path(name)).get("image") or {}
+        copies = [c for c in _copies(image) if c.get("alive")]
+        failed = [c for c in copies if c.get("state") == "failed"]
+        if failed:
+            raise ClientError(f"{name}: " + "; ".join(
+                f"{c['idc']}/{c['node']}: {c.get('reason')}" for c in failed))
+        if copies and all(c.get("state") == "ready" for c in copies):
+            if tty:
+                sys.stderr.write("\n")
+            return image
+        if tty:
+            sys.stderr.write("\r" + "; ".join(f"{c['idc']}/{c['node']} {c.get('describe')}"
+                                               for c in copies)[:200])
+            sys.stderr.flush()
+        if time.monotonic() > deadline:
+            raise ClientError(f"{name} is not ready on every node within {timeout:g} s: "
+                              f"{image_readiness(image)}")
+        time.sleep(1.0)
+
+
+def image_remove(client: ApiClient, args: argparse.Namespace) -> Shown:
+    answer = client.call("DELETE", _image_path(args.name))
+    return Shown(answer, f"removed image {args.name}; the regional nodes free their copies")
 
 
 # -- shell completion --------------------------------------------------------------

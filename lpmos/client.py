@@ -23,7 +23,7 @@ import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,64 @@ class ApiClient:
                 from None
         except (OSError, http.client.HTTPException) as exc:
             raise Unavailable(f"cannot reach {self.base_url}: {_reason(exc)}") from None
+
+    def upload(self, path: str, file: Path, *,
+               progress: Callable[[int, int], None] | None = None,
+               timeout: float = 120.0) -> Any:
+        """PUT ``file``'s bytes to API ``path``, streamed in 1 MiB blocks
+        (never read whole), ``progress(sent, total)`` after each; the
+        decoded JSON answer, or the errors of :meth:`call`.  ``timeout``
+        bounds each socket operation, not the whole upload."""
+        url = urllib.parse.urlsplit(self.url(path))
+        total = file.stat().st_size
+        conn: http.client.HTTPConnection
+        if url.scheme == "https":
+            conn = http.client.HTTPSConnection(url.netloc, timeout=timeout,
+                                               context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(url.netloc, timeout=timeout)
+        target = url.path + (f"?{url.query}" if url.query else "")
+        try:
+            conn.putrequest("PUT", target)
+            conn.putheader("Content-Type", "application/octet-stream")
+            conn.putheader("Content-Length", str(total))
+            conn.putheader("Accept", "application/json")
+            if self.token:
+                conn.putheader("Authorization", f"Bearer {self.token}")
+            conn.endheaders()
+            sent = 0
+            with file.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    conn.send(chunk)
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent, total)
+            resp = conn.getresponse()
+            raw = resp.read(MAX_ANSWER_BYTES + 1)
+        except (BrokenPipeError, ConnectionResetError):
+            # the server answered early (a refusal) and closed: read it if we can
+            try:
+                resp = conn.getresponse()
+                raw = resp.read(MAX_ANSWER_BYTES + 1)
+            except (OSError, http.client.HTTPException) as exc:
+                raise Unavailable(f"{self.base_url} closed the upload: {_reason(exc)}") \
+                    from None
+        except TimeoutError:
+            raise Unavailable(f"{self.base_url} did not answer within {timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unavailable(f"cannot reach {self.base_url}: {_reason(exc)}") from None
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            try:
+                answer = json.loads(raw)
+            except ValueError:
+                answer = raw.decode(errors="replace").strip()
+            if isinstance(answer, dict):
+                raise ApiRefused(resp.status, str(answer.get("error", resp.reason)),
+                                 str(answer.get("detail", "")), answer)
+            raise ApiRefused(resp.status, str(resp.reason), str(answer)[:200], answer)
+        return _decode(raw, resp.status)
 
 
 def _decode(raw: bytes, status: int) -> Any:

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, send_file
+from flask import Blueprint, Response, current_app, jsonify, request, send_file
+from werkzeug.exceptions import ClientDisconnected
 
 from lpmos.auth import Role
 from lpmos.images import MAX_SIZE, NAME_RE, ImageFile, ManagedImage, parse_add_request
@@ -228,7 +229,7 @@ def _receive(out: Any, length: int) -> str:
             digest.update(chunk)
             out.write(chunk)
             got += len(chunk)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ClientDisconnected) as exc:
         raise ApiError(400, "upload_cut_off", f"the upload stopped after {got} of {length} "
                                               f"bytes ({exc}); nothing was kept") from None
     if got < length:
@@ -263,13 +264,19 @@ def download_image_file(name: str, role: str) -> Any:
     c = ctx()
     header = request.headers.get("Authorization", "")
     if header.startswith(SCHEME + " "):
-        target = request.full_path.rstrip("?") if request.query_string else request.path
-        shared = SharedKey(c.store, c.keys)
-        ok = verify(shared.get(), request.method, target, header, time.time())
-        if not ok and shared.refresh():
-            ok = verify(shared.get(), request.method, target, header, time.time())
-        if not ok:
-            raise ApiError(401, "unauthorized", "the node signature does not check")
+        query = request.query_string.decode("latin-1")
+        target = request.path + (f"?{query}" if query else "")
+        shared = current_app.extensions.get("lpmos_image_node_key")
+        if shared is None:
+            shared = current_app.extensions.setdefault("lpmos_image_node_key",
+                                                       SharedKey(c.store, c.keys))
+        why = verify(shared.get(), request.method, target, header, time.time())
+        if why == "bad_signature" and shared.refresh():
+            why = verify(shared.get(), request.method, target, header, time.time())
+        if why:
+            c.metrics.inc("web_refused_total", reason="node_signature")
+            raise ApiError(401, "unauthorized", f"the node signature does not check ({why})",
+                           reason="node_signature")
         return _send(name, role)
     return _operator_download(name, role)
 
