@@ -4,7 +4,9 @@ range (``Range``, ``If-Range``: 206 or 416), streamed in 256 KiB blocks.
 Installers fetch kernels, initrds and disk images of several GiB and
 resume a broken download with a range; a multi-range or malformed
 ``Range`` is ignored and the whole file is sent (RFC 9110 allows it).  The
-header decisions (:func:`parse_range`, :func:`etag_matches`) are pure.
+header decisions (:func:`plan_file`, :func:`parse_range`,
+:func:`etag_matches`) are pure; the node's own server sends these files
+itself with sendfile (:mod:`bootsvc.http.file_fastpath`), from the same plan.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -59,59 +62,85 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]
 
 
-def _etag(path: Path, st: os.stat_result, hint: str | None) -> str:
+def file_etag(path: Path, st: os.stat_result, hint: str | None) -> str:
+    """The ETag of ``path``: ``hint`` (an image's sha256) when given, else
+    a digest of the path, size and mtime."""
     return '"' + (hint or hashlib.sha256(
         f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:32]) + '"'
 
 
+@dataclass(frozen=True, slots=True)
+class FilePlan:
+    """What to answer for a file: ``status`` (200, 206, 304 or 416), the
+    headers (without ``Content-Length`` for 304/416, which carry no body),
+    and the byte span ``start`` / ``length`` of the file to send."""
+
+    status: int
+    headers: dict[str, str]
+    start: int = 0
+    length: int = 0
+
+
+def plan_file(path: Path, st: os.stat_result, *, etag_hint: str | None = None,
+              if_none_match: str | None = None, range_header: str | None = None,
+              if_range: str | None = None) -> FilePlan:
+    """The answer to a GET of ``path`` (stat ``st``) with these request
+    headers: 304 when ``If-None-Match`` names the ETag; 416 for a range
+    past the end; 206 for one satisfiable range (unless ``If-Range`` names
+    another ETag: then the whole file, 200); else 200.  Pure: both the
+    Flask route (:func:`serve_file`) and the node's inline file path
+    (:mod:`bootsvc.http.file_fastpath`) answer from it."""
+    size = st.st_size
+    etag = file_etag(path, st, etag_hint)
+    headers = {"ETag": etag, "Accept-Ranges": "bytes",
+               "Last-Modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT",
+                                              time.gmtime(st.st_mtime)),
+               "Cache-Control": "no-cache"}
+    if etag_matches(if_none_match, etag):
+        return FilePlan(304, headers)
+    if range_header and (not if_range or if_range.strip() == etag):
+        try:
+            chosen = parse_range(range_header, size)
+        except UnsatisfiableRange:
+            headers["Content-Range"] = f"bytes */{size}"
+            return FilePlan(416, headers)
+        if chosen is not None:
+            first, last = chosen
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+            headers["Content-Length"] = str(last - first + 1)
+            return FilePlan(206, headers, first, last - first + 1)
+    headers["Content-Length"] = str(size)
+    return FilePlan(200, headers, 0, size)
+
+
 def serve_file(path: Path, *, etag_hint: str | None = None, metric: str = "file") -> Response:
-    """``path`` as the answer, with the headers above; 404 when it is no
-    file.  ``etag_hint`` (an image's sha256) replaces the ETag made of the
-    path, size and mtime; ``metric`` labels ``http_files_total``.  The
-    body goes through the server's ``wsgi.file_wrapper`` when it has one."""
+    """``path`` as the answer, with the headers of :func:`plan_file`; 404
+    when it is no file.  ``etag_hint`` (an image's sha256) replaces the
+    ETag made of the path, size and mtime; ``metric`` labels
+    ``http_files_total``.  The body goes through the server's
+    ``wsgi.file_wrapper`` when it has one."""
     boot = current_boot()
     try:
         fh = path.open("rb")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise HttpError(404, "not_found", "no such file") from None
     try:
-        st = os.fstat(fh.fileno())
-        size = st.st_size
-        etag = _etag(path, st, etag_hint)
-        headers = {"ETag": etag, "Accept-Ranges": "bytes",
-                   "Last-Modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT",
-                                                  time.gmtime(st.st_mtime)),
-                   "Cache-Control": "no-cache"}
-        if etag_matches(request.headers.get("If-None-Match"), etag):
+        plan = plan_file(path, os.fstat(fh.fileno()), etag_hint=etag_hint,
+                         if_none_match=request.headers.get("If-None-Match"),
+                         range_header=request.headers.get("Range"),
+                         if_range=request.headers.get("If-Range"))
+        boot.metrics.inc("http_files_total", kind=metric, status=str(plan.status))
+        if plan.status in (304, 416):
             fh.close()
-            boot.metrics.inc("http_files_total", kind=metric, status="304")
-            return Response(status=304, headers=headers)
-        start, length, status = 0, size, 200
-        rng = request.headers.get("Range")
-        if_range = request.headers.get("If-Range")
-        if rng and (not if_range or if_range.strip() == etag):
-            try:
-                chosen = parse_range(rng, size)
-            except UnsatisfiableRange:
-                fh.close()
-                boot.metrics.inc("http_files_total", kind=metric, status="416")
-                headers["Content-Range"] = f"bytes */{size}"
-                return Response(status=416, headers=headers)
-            if chosen is not None:
-                first, last = chosen
-                start, length, status = first, last - first + 1, 206
-                headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-        fh.seek(start)
-        headers["Content-Length"] = str(length)
-        wrapper = request.environ.get("wsgi.file_wrapper")
-        body: Iterable[bytes] = wrapper(fh, BLOCK) if wrapper else _read_blocks(fh, length)
-        boot.metrics.inc("http_files_total", kind=metric, status=str(status))
-        resp = Response(body, status=status, headers=headers,
+            return Response(status=plan.status, headers=plan.headers)
+        fh.seek(plan.start)
+        # a file_wrapper sends to the end of the file: only for the whole file
+        wrapper = request.environ.get("wsgi.file_wrapper") if plan.status == 200 else None
+        body: Iterable[bytes] = wrapper(fh, BLOCK) if wrapper else _read_blocks(fh, plan.length)
+        resp = Response(body, status=plan.status, headers=plan.headers,
                         mimetype="application/octet-stream", direct_passthrough=True)
         resp.call_on_close(fh.close)
         return resp
-    except HttpError:
-        raise
     except Exception:
         fh.close()
         raise

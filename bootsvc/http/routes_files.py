@@ -12,6 +12,11 @@ Each kernel, initrd and loader sent is a boot timeline entry of the
 machine's address (``kernel fetched``, ``initrd fetched``, ``loader shim``
 ...), so a machine stuck between its loader and its kernel shows where.
 
+On the node's own server, ``GET``/``HEAD /images/...`` that will be
+served is answered before Flask by :mod:`bootsvc.http.file_fastpath`
+(sendfile, the same rules and records); this route answers the rest (its
+refusals) and any other WSGI server.
+
 Only a file the catalog names for that image, or a plain file directly in
 the TFTP root, is served; a name outside ``[A-Za-z0-9][A-Za-z0-9._+-]``
 (at most 128 characters) is 404 before the disk is touched.
@@ -28,14 +33,15 @@ from bootsvc.http.common import HttpError
 from bootsvc.http.files import serve_file
 from bootsvc.tftp.chain import transfer_stage
 
-_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+#: the names a file may have (else 404 before the disk is touched)
+FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 files_bp = Blueprint("files", __name__)
 
 @files_bp.get("/images/<name>/<file>")
 def image_file(name: str, file: str) -> Response:
     boot = current_boot()
-    found = boot.boot_file(name, file, disk=True) if _FILE_RE.fullmatch(file) else None
+    found = boot.boot_file(name, file, disk=True) if FILE_RE.fullmatch(file) else None
     if found is None:
         raise HttpError(404, "not_found", "no such image file")
     which, path = found
@@ -59,7 +65,7 @@ def _record(stage: str, detail: dict[str, object]) -> None:
 @files_bp.get("/ipxe/<file>")
 def ipxe_file(file: str) -> Response:
     boot = current_boot()
-    if not _FILE_RE.fullmatch(file):
+    if not FILE_RE.fullmatch(file):
         boot.metrics.inc("http_requests_refused_total", reason="bad_path")
         raise HttpError(404, "not_found", "no such file")
     root = boot.tftp_root.resolve()

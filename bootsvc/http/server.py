@@ -16,6 +16,11 @@ event loop instead:
   claim) are answered *inline* by a ``fast`` handler, without a thread hop
   or WSGI, in one ``write``; so are the install configs the app holds
   rendered (its ``answer_inline``: token checked, from the render cache);
+* the catalog's files (kernel, initrd, disk images) are answered inline by
+  a ``files`` handler whose body the loop sends with ``sendfile(2)`` in
+  chunks paced by the client (:mod:`bootsvc.http.sendfile`): no thread, no
+  byte read into memory; a client that stops reading for the timeout is
+  dropped, one that goes away frees its file at once;
 * everything else runs the WSGI app on a bounded thread pool; small answers
   go back to the loop in one piece, large ones (images) are streamed with
   flow control (the app's thread waits while the socket's buffer is full);
@@ -23,7 +28,8 @@ event loop instead:
 
 Refusals are counted as ``http_requests_refused_total{reason=...}`` with
 reasons ``bad_request``, ``header_too_large``, ``too_large``,
-``request_timeout``, ``connection_limit`` and ``upgrade``.
+``request_timeout``, ``connection_limit``, ``upgrade`` and ``send_timeout`` (a
+client that stopped reading a file body).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from bootsvc.http.sendfile import FileAnswer, send_span
 from bootsvc.http.wsgi import ParsedRequest, build_environ, build_head
 from lpmos.httpwire import build_refusal, phrase
 
@@ -52,6 +59,10 @@ FastHandler = Callable[[str, str, str], FastAnswer | None]
 #: ``app.answer_inline(request, remote_addr)`` for a GET that ``fast`` did not
 #: answer (it sees the headers: the cached install configs check a token)
 InlineHandler = Callable[[ParsedRequest, str], FastAnswer | None]
+#: ``files(method, path, query, headers, remote_addr)`` for a GET or HEAD, raw
+#: bytes as sent: a file answer, or ``None`` to go on (fast handler, then the app)
+FileHandler = Callable[[bytes, bytes, bytes, list[tuple[bytes, bytes]], str],
+                       FileAnswer | None]
 
 STREAM_BUFFER = 256 * 1024      # a WSGI body up to this size goes out in one write
 MAX_PIPELINED = 8               # reading pauses while this many requests wait
@@ -61,6 +72,7 @@ LINGER = 2.0                    # seconds a refused connection is drained before
 
 _monotonic = time.monotonic
 _NO_BODY = (b"HEAD",)
+_FILE_METHODS = (b"GET", b"HEAD")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -92,6 +104,7 @@ class _Conn(asyncio.Protocol):
         self.lingering = False      # refused: reading and dropping until closed
         self.deferred: tuple[int, str, str] | None = None   # a refusal due after earlier answers
         self._drained: asyncio.Future[None] | None = None
+        self.sending: asyncio.Task[None] | None = None     # a file body going out
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -238,9 +251,15 @@ class _Conn(asyncio.Protocol):
     # -- answering
     def next(self) -> None:
         """Answer queued requests in order until one needs the app."""
-        fast = self.server.fast
+        fast, files = self.server.fast, self.server.files
         while self.queue and not self.closed:
             req = self.queue.popleft()
+            if files is not None and req.method in _FILE_METHODS:
+                file_answer = files(req.method, req.path, req.query, req.headers, self.peer[0])
+                if file_answer is not None:
+                    if self.start_file(req, file_answer):
+                        continue
+                    return
             if fast is not None and req.method == b"GET":
                 path = req.path
                 if b"%" in path:        # iPXE sends ${net0/mac} as 52%3A54%3A...
@@ -280,6 +299,61 @@ class _Conn(asyncio.Protocol):
         transport.write(head + body if req.method not in _NO_BODY else head)
         if not keep:
             self.close()
+
+    def start_file(self, req: ParsedRequest, answer: FileAnswer) -> bool:
+        """Write the head of ``answer``; start sending its body (then
+        ``False``: the next request waits for it) or finish (``True``)."""
+        keep = req.keep_alive and not self.server.stopping
+        lines = [f"HTTP/1.1 {answer.status} {phrase(answer.status)}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in answer.headers]
+        if not keep:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        transport = self.transport
+        assert transport is not None
+        transport.write("".join(lines).encode("latin-1"))
+        if answer.file is None or req.method in _NO_BODY:
+            answer.finish(0, "complete")
+            if not keep:
+                self.close()
+            return True
+        self.busy = True
+        self.last_active = _monotonic()
+        self.sending = asyncio.ensure_future(self._send_file(answer, keep))
+        return False
+
+    async def _send_file(self, answer: FileAnswer, keep: bool) -> None:
+        assert self.transport is not None and answer.file is not None
+        sent = 0
+
+        def progress(done: int) -> None:
+            nonlocal sent
+            sent = done
+            self.last_active = _monotonic()
+
+        outcome = "complete"
+        try:
+            await send_span(asyncio.get_running_loop(), self.transport, answer.file,
+                            answer.start, answer.length, progress)
+        except asyncio.CancelledError:      # timed out (the sweep) or closed (stop)
+            outcome = "timeout" if not self.server.stopping else "shutdown"
+        except (ConnectionError, OSError) as exc:
+            log.debug("boot HTTP: file transfer to %s cut off: %r", self.peer[0], exc)
+            outcome = "disconnect"
+        finally:
+            self.sending = None
+            answer.finish(sent, outcome)
+        self.busy = False
+        if outcome != "complete":
+            if self.transport is not None:
+                self.transport.abort()      # what was promised can no longer be sent
+            self.close()
+            return
+        if not keep or self.closed:
+            self.close()
+            return
+        self.last_active = _monotonic()
+        self.next()
 
     def app_done(self, req: ParsedRequest, fut: asyncio.Future[tuple[bytes, bool]]) -> None:
         self.busy = False
@@ -339,6 +413,11 @@ class _Conn(asyncio.Protocol):
         asyncio.get_running_loop().call_later(LINGER, self.close)
 
     def close(self) -> None:
+        if self.sending is not None:    # its end closes the transport
+            self.sending.cancel()
+            self.closed = True
+            self.server.conns.discard(self)
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self.closed = True
@@ -358,6 +437,7 @@ class AsyncHttpServer:
                  threads: int = 32, connection_limit: int = 2000, timeout: float = 30.0,
                  max_body: int = 1 << 20, max_header: int = 16384,
                  fast: FastHandler | None = None,
+                 files: FileHandler | None = None,
                  on_refused: Callable[[str], None] | None = None) -> None:
         self.app = app
         self.host, self.port = host, port
@@ -367,6 +447,7 @@ class AsyncHttpServer:
         self.max_body = max_body
         self.max_header = max_header
         self.fast = fast
+        self.files = files
         self.on_refused = on_refused
         # an app that answers some GETs on the loop itself offers answer_inline
         # (bootsvc.http.fastpath.BootFastPath: install configs from its render cache)
@@ -417,6 +498,9 @@ class AsyncHttpServer:
         timeout = self.timeout
         for conn in list(self.conns):
             if conn.busy:
+                if conn.sending is not None and now - conn.last_active > timeout:
+                    self.count_refused("send_timeout")
+                    conn.sending.cancel()   # the client stopped reading
                 continue
             if conn.started and now - conn.started > timeout:
                 conn.refuse(408, "request_timeout",

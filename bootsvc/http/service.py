@@ -5,7 +5,9 @@ an idle timeout, header and body size limits and a connection limit (the
 ``http.*`` settings).
 
 The boot scripts that need no etcd request are answered inline on the
-event loop; the rest of the app runs on a bounded thread pool.
+event loop, the catalog's files are sent from it with sendfile
+(:mod:`bootsvc.http.file_fastpath`); the rest of the app runs on a
+bounded thread pool.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from flask import Flask
 from bootsvc.context import NodeContext
 from bootsvc.http.app import create_app
 from bootsvc.http.backend import BootBackend
+from bootsvc.http.file_fastpath import CatalogFiles
 from bootsvc.http.server import AsyncHttpServer
 from bootsvc.http.settings import HttpSettings
 from bootsvc.threaded_loop import ThreadedLoop
@@ -58,6 +61,7 @@ class HttpService:
             max_body=settings.max_body,
             max_header=settings.max_header,
             fast=self.boot.fast_answer,
+            files=CatalogFiles(self.boot).answer,
             on_refused=lambda reason: metrics.inc("http_requests_refused_total", reason=reason),
         )
         await server.start()
