@@ -17,15 +17,17 @@ closed loop, keep-alive, ``--connections`` connections):
 | --------------- | ----------------------------------------------------- |
 | first script    | ``GET /boot.ipxe`` (constant chain script)            |
 | machine script  | ``GET /boot/<mac>.ipxe?uuid=…`` over every task's MAC |
-| kickstart       | ``GET /config/<sn>/t/<token>/ks.cfg`` (rendered)      |
+| kickstart       | ``GET /config/<sn>/t/<token>/ks.cfg`` (rendered once  |
+|                 | per task revision, then from the node's render cache) |
 
 Also counted: etcd requests made while answering a script (the node's own
 ``lpmos_http_boot_script_etcd_requests_total``; must be 0 for these
 non-destructive answers), etcd writes during the run per request (etcd's
 ``etcd_mvcc_put_total`` + ``delete_total``: the asynchronous boot timeline),
-server and client CPU.  The generator's ceiling against a canned-answer
-asyncio server is measured in the same run, to show the generator is not
-what limits the numbers.
+the share of kickstarts served from the render cache and rendered
+(``lpmos_http_config_cache_total{result}``), server and client CPU.  The
+generator's ceiling against a canned-answer asyncio server is measured in
+the same run, to show the generator is not what limits the numbers.
 
     python -m bench.http_bench            # 10,000 tasks, 3 repetitions
     python -m bench.http_bench --quick    # 200 tasks, 1 short repetition
@@ -434,6 +436,14 @@ def run_scenario(url: str, paths: list[str], server_pids: list[int], plan: dict[
         renders = metric_sum(after, "lpmos_http_boot_script_renders_total", cached="no") - \
             metric_sum(before, "lpmos_http_boot_script_renders_total", cached="no")
         out["renders_per_script"] = round(renders / scripts, 4) if scripts else 0.0
+        hits = metric_sum(after, "lpmos_http_config_cache_total", result="hit") - \
+            metric_sum(before, "lpmos_http_config_cache_total", result="hit")
+        misses = metric_sum(after, "lpmos_http_config_cache_total", result="miss") - \
+            metric_sum(before, "lpmos_http_config_cache_total", result="miss")
+        configs = hits + misses
+        if configs:
+            out["config_hits_per_config"] = round(hits / configs, 4)
+            out["config_renders_per_config"] = round(misses / configs, 4)
         writes = (etcd1["put"] - etcd0["put"]) + (etcd1["delete"] - etcd0["delete"])
         out["etcd_writes_per_req"] = round(writes / max(res.ok, 1), 4)
     return out
@@ -474,7 +484,12 @@ ROWS = [("rate_per_s", "requests/s", 1), ("p50_ms", "p50 ms", 2), ("p99_ms", "p9
         ("client_cpu_pct", "client CPU %", 0)]
 OURS_ONLY = [("etcd_requests_per_script", "etcd requests/script", 3),
              ("renders_per_script", "renders/script (rest reused)", 3),
+             ("config_hits_per_config", "config cache hits/config", 3),
+             ("config_renders_per_config", "renders/config (rest cached)", 3),
              ("etcd_writes_per_req", "etcd writes/req (async)", 3)]
+#: the rows of OURS_ONLY that mean something for each scenario
+_SCRIPT_ONLY = ("etcd_requests_per_script", "renders_per_script")
+_CONFIG_ONLY = ("config_hits_per_config", "config_renders_per_config")
 
 
 def _fmt(v: float, digits: int) -> str:
@@ -494,7 +509,7 @@ def render_table(medians: dict[str, dict[str, dict[str, float]]], ref_name: str)
             lines.append(f"{scenario:<16} {label:<26} {_fmt(a, digits):>10} "
                          f"{_fmt(b, digits):>14} {_fmt(ratio, 2):>7}")
         for metric, label, digits in OURS_ONLY:
-            if scenario == "kickstart" and metric == "etcd_requests_per_script":
+            if metric in (_SCRIPT_ONLY if scenario == "kickstart" else _CONFIG_ONLY):
                 continue
             a = ours.get(metric, float("nan"))
             lines.append(f"{scenario:<16} {label:<26} {_fmt(a, digits):>10} {'-':>14} {'-':>7}")
