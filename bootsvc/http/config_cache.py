@@ -43,6 +43,7 @@ import hashlib
 import hmac
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -112,32 +113,52 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
+class _Same:
+    """Identity of an object without keeping it alive: a weak reference
+    (``None`` for ``None``).  A record that was replaced and freed is never
+    "the same" again, even when a new object reuses its address."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, obj: Any) -> None:
+        self._ref = None if obj is None else weakref.ref(obj)
+
+    def matches(self, obj: Any) -> bool:
+        if self._ref is None:
+            return obj is None
+        return obj is not None and self._ref() is obj
+
+
 class ConfigEntry:
     """One rendered config and everything it was rendered from.
 
-    ``task``, ``server``, ``image``, ``live`` and ``renderer`` are the
-    objects themselves (compared by identity, see :meth:`current`);
-    ``token_sha256`` is the digest of the token it embeds."""
+    ``task``, ``server``, ``image``, ``live`` and ``renderer`` are held by
+    identity, weakly (see :meth:`current`): an entry made stale by a change
+    does not keep the old records in memory, only its body counts;
+    ``token_sha256`` is the digest of the token the body embeds."""
 
-    sn: str
-    name: str
-    task_revision: int
-    task: Any
-    server: Any
-    image: Any
-    live: Any
-    renderer: Any
-    node_url: str
-    token_sha256: str
-    body: bytes
+    __slots__ = ("_image", "_live", "_renderer", "_server", "_task", "body", "name",
+                 "node_url", "sn", "task_revision", "token_sha256")
+
+    def __init__(self, *, sn: str, name: str, task_revision: int, task: Any, server: Any,
+                 image: Any, live: Any, renderer: Any, node_url: str, token_sha256: str,
+                 body: bytes) -> None:
+        self.sn, self.name, self.body = sn, name, body
+        self.task_revision = task_revision
+        self.node_url = node_url
+        self.token_sha256 = token_sha256
+        self._task, self._server, self._image = _Same(task), _Same(server), _Same(image)
+        self._live, self._renderer = _Same(live), _Same(renderer)
 
     def current(self, *, task_revision: int, task: Any, server: Any, image: Any, live: Any,
                 renderer: Any, node_url: str, token_sha256: str) -> bool:
-        """Whether this entry is what a render from these inputs would give."""
-        return (task_revision == self.task_revision and task is self.task
-                and server is self.server and image is self.image and live is self.live
-                and renderer is self.renderer and node_url == self.node_url
+        """Whether this entry is what a render from these inputs would give:
+        the task at the same revision, the very same objects, the same node
+        URL and token."""
+        return (task_revision == self.task_revision and self._task.matches(task)
+                and self._server.matches(server) and self._image.matches(image)
+                and self._live.matches(live) and self._renderer.matches(renderer)
+                and node_url == self.node_url
                 and hmac.compare_digest(token_sha256, self.token_sha256))
 
 

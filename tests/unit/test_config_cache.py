@@ -4,7 +4,9 @@ when an entry is current (issue #23 item 4)."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import weakref
 from typing import Any
 
 import pytest
@@ -16,6 +18,15 @@ from bootsvc.http.config_cache import (
     parse_config_request,
 )
 
+
+class Rec:
+    """A record (task, server, image ...): any object a weak reference can name."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+KEPT = [Rec(kind=k) for k in ("task", "image", "live", "renderer")]
 TOKEN = "Zm9vYmFyYmF6cXV4LXRva2VuX2Zvcl90ZXN0c19vbmx5XzEy"
 
 
@@ -62,8 +73,8 @@ def test_parse_config_request_leaves_anything_unusual_to_the_route(
 def entry(sn: str = "SN1", name: str = "ks.cfg", body: bytes = b"x" * 10, **kw: Any
           ) -> ConfigEntry:
     fields: dict[str, Any] = {
-        "task_revision": 7, "task": object(), "server": None, "image": object(),
-        "live": object(), "renderer": object(), "node_url": "http://10.0.0.1:8081",
+        "task_revision": 7, "task": KEPT[0], "server": None, "image": KEPT[1],
+        "live": KEPT[2], "renderer": KEPT[3], "node_url": "http://10.0.0.1:8081",
         "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
     fields.update(kw)
     return ConfigEntry(sn=sn, name=name, body=body, **fields)
@@ -112,12 +123,12 @@ def test_an_entry_over_the_per_entry_limit_is_not_kept_and_empties_its_slot() ->
 
 def test_entry_is_current_only_for_the_very_inputs_it_was_rendered_from() -> None:
     e = entry()
-    same = {"task_revision": e.task_revision, "task": e.task, "server": e.server,
-            "image": e.image, "live": e.live, "renderer": e.renderer,
-            "node_url": e.node_url, "token_sha256": e.token_sha256}
+    same: dict[str, Any] = {"task_revision": 7, "task": KEPT[0], "server": None, "image": KEPT[1],
+            "live": KEPT[2], "renderer": KEPT[3], "node_url": e.node_url,
+            "token_sha256": e.token_sha256}
     assert e.current(**same)
-    changed = {"task_revision": 8, "task": object(), "server": object(), "image": object(),
-               "live": None, "renderer": object(), "node_url": "http://10.0.0.2:8081",
+    changed: dict[str, Any] = {"task_revision": 8, "task": Rec(), "server": Rec(), "image": Rec(),
+               "live": None, "renderer": Rec(), "node_url": "http://10.0.0.2:8081",
                "token_sha256": hashlib.sha256(b"another token").hexdigest()}
     for field, value in changed.items():
         assert not e.current(**{**same, field: value}), field
@@ -126,8 +137,27 @@ def test_entry_is_current_only_for_the_very_inputs_it_was_rendered_from() -> Non
 def test_equal_but_distinct_records_are_not_the_same_render() -> None:
     """Identity, not equality: the machine index makes a new task object
     for every stored revision, so an equal copy is never the current one."""
-    task = {"sn": "SN1", "params": {"hostname": "a"}}
+    task = Rec(sn="SN1", params={"hostname": "a"})
     e = entry(task=task)
-    assert not e.current(task_revision=e.task_revision, task=dict(task), server=e.server,
-                         image=e.image, live=e.live, renderer=e.renderer,
-                         node_url=e.node_url, token_sha256=e.token_sha256)
+    same: dict[str, Any] = {"task_revision": 7, "server": None, "image": KEPT[1], "live": KEPT[2],
+            "renderer": KEPT[3], "node_url": e.node_url, "token_sha256": e.token_sha256}
+    assert e.current(task=task, **same)
+    assert not e.current(task=Rec(**task.__dict__), **same)
+
+
+def test_an_entry_keeps_no_record_alive_and_a_freed_one_never_matches() -> None:
+    """A stale entry holds its body only: the records it was rendered from
+    are freed when the index drops them, and nothing (not a new object at
+    the same address, not None) is then the same as them."""
+    task, server = Rec(rev=7), Rec(macs=["52:54:00:00:00:01"])
+    watch = weakref.ref(server)
+    e = entry(task=task, server=server)
+    same: dict[str, Any] = {"task_revision": 7, "image": KEPT[1], "live": KEPT[2],
+                            "renderer": KEPT[3], "node_url": e.node_url,
+                            "token_sha256": e.token_sha256}
+    assert e.current(task=task, server=server, **same)
+    del server
+    gc.collect()
+    assert watch() is None
+    assert not e.current(task=task, server=None, **same)
+    assert not any(e.current(task=task, server=Rec(), **same) for _ in range(100))
