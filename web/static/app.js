@@ -899,6 +899,105 @@
     root.append(el("div", { class: "panel" }, el("h3", { text: t("webhooks.new") }), form, secretOut), log);
   }
 
+  // ---- managed images --------------------------------------------------------------------
+  function readiness(img) {
+    return (img.copies || []).map((c) => `${c.idc} ${c.ready}/${c.nodes.filter((n) => n.alive).length}`).join(", ") || "-";
+  }
+  let imagesTimer = null;
+  function renderImagesView() {
+    // the list refreshes on live changes; the form is built once, so typing is never wiped
+    const view = clear(document.getElementById("view-images"));
+    view.append(el("div", { id: "images-list" }));
+    if (can("admin")) view.append(imageForm());
+    refreshImages();
+  }
+  async function refreshImages() {
+    let items = [];
+    try { items = (await api("GET", "/api/v1/images")).items; } catch (err) { showError(err); }
+    const root = document.getElementById("images-list");
+    if (!root) return;
+    clear(root);
+    const tbody = el("tbody", {}, items.length ? items.map((img) => el("tr", { "data-image": img.name },
+      el("td", { class: "mono", text: img.name }), el("td", { text: img.os_type }), el("td", { text: img.format }),
+      el("td", { text: img.source }), el("td", { text: img.state }), el("td", { text: fmtBytes(img.size) }),
+      el("td", { class: "ready", text: readiness(img) }), el("td", { text: String(img.in_use_by) }),
+      el("td", {}, can("admin") ? el("button", { class: "btn btn-sm btn-danger", type: "button", text: t("images.remove"), onclick: async () => {
+        try { await api("DELETE", `/api/v1/images/${encodeURIComponent(img.name)}`); toast(t("images.removed", { name: img.name }), "ok"); refreshImages(); } catch (err) { showError(err); }
+      } }) : ""))) : [el("tr", {}, el("td", { colspan: "9", class: "empty", text: t("images.none") }))]);
+    root.append(el("div", { class: "panel" }, el("h2", { text: t("images.title") }), el("p", { class: "muted", text: t("images.help") }),
+      el("table", { id: "images-table" }, el("thead", {}, el("tr", {},
+        ["images.name", "col.os", "images.format", "images.source", "images.state", "images.size", "images.ready", "images.in_use", "col.actions"].map((k) => el("th", { text: t(k) })))), tbody)));
+    for (const img of items) {
+      const rows = (img.copies || []).flatMap((c) => c.nodes.map((n) => el("tr", { "data-copy": `${c.idc}/${n.node}`, "data-state": n.state },
+        el("td", { text: c.idc }), el("td", { text: n.node }), el("td", { text: n.state }),
+        el("td", {}, el("progress", { max: "100", value: String(Math.round((n.progress || 0) * 100)) }), ` ${Math.round((n.progress || 0) * 100)} %`),
+        el("td", { text: n.reason || "" }))));
+      root.append(el("div", { class: "panel" }, el("h3", { text: t("images.copies", { name: img.name }) }),
+        rows.length ? el("table", { class: "copies", "data-copies": img.name }, el("thead", {}, el("tr", {},
+          ["col.idc", "images.node", "images.state", "images.progress", "images.reason"].map((k) => el("th", { text: t(k) })))), el("tbody", {}, rows))
+          : el("p", { class: "muted", text: t("images.no_nodes") })));
+    }
+  }
+  function imageForm() {
+    const f = (id, attrs) => el("input", Object.assign({ id }, attrs || {}));
+    const name = f("image-name", { maxlength: "64", placeholder: "golden-debian-12" });
+    const osType = f("image-os-type", { maxlength: "200", placeholder: "Debian 12" });
+    const family = el("select", { id: "image-os-family" }, ["debian", "ubuntu", "rhel", "lab"].map((v) => el("option", { value: v, text: v })));
+    const version = f("image-version", { maxlength: "32" });
+    const format = el("select", { id: "image-format" }, ["raw", "qcow2", "raw.zst", "raw.xz", "raw.gz"].map((v) => el("option", { value: v, text: v })));
+    const arch = el("select", { id: "image-arch" }, ["x86_64", "arm64"].map((v) => el("option", { value: v, text: v })));
+    const idcs = f("image-idcs", { maxlength: "500", placeholder: "dc1, dc2" });
+    const file = f("image-file", { type: "file" });
+    const url = f("image-url", { maxlength: "2048", placeholder: "https://images.example.net/golden.raw.zst" });
+    const sha = f("image-sha256", { maxlength: "64", class: "mono" });
+    const bar = el("progress", { id: "image-upload-progress", max: "100", value: "0", class: "hidden" });
+    const status = el("span", { id: "image-upload-status", class: "muted" });
+    const form = el("form", { class: "form-grid", id: "image-form" },
+      el("label", {}, t("images.name"), name), el("label", {}, t("images.os_type"), osType),
+      el("label", {}, t("images.os_family"), family), el("label", {}, t("images.version"), version),
+      el("label", {}, t("images.format"), format), el("label", {}, t("images.arch"), arch),
+      el("label", { class: "wide" }, t("images.idcs"), idcs),
+      el("label", { class: "wide" }, t("images.file"), file),
+      el("label", { class: "wide" }, t("images.url"), url), el("label", { class: "wide" }, t("images.sha256"), sha),
+      el("div", { class: "wide" }, el("button", { class: "btn btn-primary", type: "submit", id: "image-add", text: t("images.add") }), " ", bar, " ", status));
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const chosen = file.files && file.files[0];
+      if (!chosen && !(url.value.trim() && sha.value.trim())) { toast(t("images.need_source"), "error"); return; }
+      const body = { name: name.value.trim(), os_type: osType.value.trim(), os_family: family.value, version: version.value.trim(),
+        format: format.value, architectures: [arch.value], source: chosen ? "upload" : "url",
+        idcs: idcs.value.split(",").map((s) => s.trim()).filter(Boolean) };
+      body.files = { disk_image: chosen ? { size: chosen.size } : { url: url.value.trim(), sha256: sha.value.trim().toLowerCase() } };
+      try {
+        await api("POST", "/api/v1/images", body);
+        if (chosen) await uploadFile(`/api/v1/images/${encodeURIComponent(body.name)}/files/disk_image`, chosen, (pct) => {
+          bar.classList.remove("hidden"); bar.value = pct; status.textContent = t("images.uploading", { name: body.name, pct });
+        });
+        toast(t("images.added", { name: body.name }), "ok");
+        form.reset(); bar.classList.add("hidden"); status.textContent = "";
+        refreshImages();
+      } catch (err) { showError(err); }
+    });
+    return el("div", { class: "panel" }, el("h3", { text: t("images.new") }), form);
+  }
+  function uploadFile(path, file, onProgress) {
+    // XMLHttpRequest, not fetch: it reports upload progress; the body is the File, streamed by the browser
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("PUT", path);
+      xhr.setRequestHeader("X-CSRF-Token", CSRF);
+      xhr.setRequestHeader("Content-Type", "application/octet-stream");
+      xhr.setRequestHeader("Accept", "application/json");
+      xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(Math.floor((e.loaded * 100) / e.total)); });
+      xhr.addEventListener("load", () => {
+        let data = null; try { data = JSON.parse(xhr.responseText); } catch (e) { data = null; }
+        if (xhr.status >= 200 && xhr.status < 300) { onProgress(100); resolve(data); } else reject(new ApiFailure(xhr.status, data));
+      });
+      xhr.addEventListener("error", () => reject(new ApiFailure(0, { detail: t("err.network") })));
+      xhr.send(file);
+    });
+  }
+
   // ---- IDC strip -------------------------------------------------------------------------------
   async function loadIdcs() {
     try { state.idcs = (await api("GET", "/api/v1/idcs")).items; } catch (err) { state.idcs = []; }
@@ -926,6 +1025,7 @@
     if (view === "templates") renderTemplatesView();
     if (view === "audit") renderAuditView();
     if (view === "webhooks") renderWebhooksView();
+    if (view === "images") renderImagesView();
     history.replaceState(null, "", `#${view}`);
   }
   function reloadView() {
@@ -970,6 +1070,10 @@
       case "server": case "online": keepDelta("servers", msg); applyServerDelta(msg.t, msg); break;
       case "node": clearTimeout(idcTimer); idcTimer = setTimeout(loadIdcs, 500); break;
       case "template": loadTemplates(); break;
+      case "image":
+        loadCatalog();
+        if (state.view === "images") { clearTimeout(imagesTimer); imagesTimer = setTimeout(refreshImages, 500); }
+        break;
       case "timeline":
         if (state.drawer && state.drawer.kind === "server" && state.drawer.idc === msg.idc && state.drawer.sn === msg.sn) openServer(msg.idc, msg.sn);
         break;
@@ -993,7 +1097,7 @@
     for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => switchView(tab.dataset.view));
     await Promise.all([loadIdcs(), loadCatalog(), loadTemplates()]);
     const initial = (location.hash || "#tasks").slice(1);
-    const views = ["tasks", "servers", "stats", "batch", "templates", "audit"].concat(can("admin") ? ["webhooks"] : []);
+    const views = ["tasks", "servers", "stats", "batch", "templates", "audit", "images"].concat(can("admin") ? ["webhooks"] : []);
     switchView(views.includes(initial) ? initial : "tasks");
     setLive("connecting");
     connect();
