@@ -162,7 +162,8 @@ def test_which_image_a_task_needs_by_name_or_os_type() -> None:
 
 @pytest.mark.parametrize(("record", "state", "idc", "words"), [
     (None, None, "dc1", ""),
-    (rec("g", state="uploading"), None, "dc1", "image g is still being uploaded to the control plane"),
+    (rec("g", state="uploading"), None, "dc1",
+     "image g is still being uploaded to the control plane"),
     (rec("g", idcs=("dc2",)), None, "dc1", "image g is not offered in IDC dc1 (it is for dc2)"),
     (rec("g"), None, "dc1", "image g is queued for fetching on node n1"),
     (rec("g"), NodeImageState("g", "", "fetching", 42, 100), "dc1",
