@@ -115,12 +115,15 @@ def _redact(url: str) -> str:
 def fetch_file(url: str, part: Path, *, sha256: str, size: int, settings: FetchSettings,
                headers: HeaderSource | None = None, progress: Progress | None = None,
                cancelled: Callable[[], bool] = lambda: False, limit: int = 0,
+               unauthorized: Callable[[], object] | None = None,
                sleep: Callable[[float], None] = time.sleep) -> int:
     """Download ``url`` into ``part`` (resuming what it holds) and check it:
     on return ``part`` holds exactly the bytes whose sha256 is ``sha256``
     (and whose length is ``size`` when non-zero); the byte count.  Raises
     :class:`FetchError`; on a checksum or size mismatch ``part`` is deleted.
-    ``limit`` (non-zero): the most bytes the file may take in the cache."""
+    ``limit`` (non-zero): the most bytes the file may take in the cache;
+    ``unauthorized()`` is called on a 401 (a signed request is then tried
+    again, as after a 5xx: the signing key may have just been rotated)."""
     digest = hashlib.sha256()
     done = _rehash(part, digest, size, cancelled)
     failures = 0
@@ -131,7 +134,7 @@ def fetch_file(url: str, part: Path, *, sha256: str, size: int, settings: FetchS
             done, digest, complete = _attempt(url, part, done, digest, size=size,
                                               settings=settings, headers=headers,
                                               progress=progress, cancelled=cancelled,
-                                              limit=limit)
+                                              limit=limit, unauthorized=unauthorized)
             if complete:
                 break
             failures = 0
@@ -185,7 +188,7 @@ def _rehash(part: Path, digest: Any, size: int, cancelled: Callable[[], bool]) -
 def _attempt(url: str, part: Path, done: int, digest: Any, *, size: int,
              settings: FetchSettings, headers: HeaderSource | None,
              progress: Progress | None, cancelled: Callable[[], bool],
-             limit: int) -> tuple[int, Any, bool]:
+             limit: int, unauthorized: Callable[[], object] | None) -> tuple[int, Any, bool]:
     """One connection (following redirects): ``(done, digest, complete)``."""
     start_done = done
     current = url
@@ -221,8 +224,11 @@ def _attempt(url: str, part: Path, done: int, digest: Any, *, size: int,
                 return done, digest, True
             if status >= 400:
                 reason = f"HTTP {status} {resp.reason} from {_redact(current)}"
-                raise _Attempt(FetchError("http_status", reason, permanent=status < 500),
-                               False)
+                # a signed request refused: the key may have been rotated (read again)
+                retry = status >= 500 or (status == 401 and headers is not None)
+                if status == 401 and unauthorized is not None:
+                    unauthorized()
+                raise _Attempt(FetchError("http_status", reason, permanent=not retry), False)
             if status not in (200, 206):
                 raise _Attempt(FetchError("protocol", f"unexpected HTTP {status} from "
                                           f"{_redact(current)}", permanent=True), False)

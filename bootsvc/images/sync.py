@@ -393,7 +393,8 @@ class ImageSync:
                 fetch_file(f.url, part, sha256=f.sha256, size=f.size,
                            settings=self.fetch_settings,
                            headers=self._signer() if rec.source == "upload" else None,
-                           progress=progress, cancelled=cancelled, limit=limit)
+                           progress=progress, cancelled=cancelled, limit=limit,
+                           unauthorized=self._refresh_key if rec.source == "upload" else None)
                 done_before += self.disk.commit(rec, role, part).stat().st_size
         except FetchError as exc:
             if exc.code == "cancelled":
@@ -439,6 +440,13 @@ class ImageSync:
         self._states[state.name] = state
         self._dirty.add(state.name)
         self._gone.discard(state.name)
+
+    def _refresh_key(self) -> None:
+        """Read the node API key again (rate-limited): a 401 may mean it was rotated."""
+        try:
+            self._node_key.refresh()
+        except (StoreError, ValueError) as exc:
+            log.warning("node API key: cannot read it again (%s)", exc)
 
     def _signer(self) -> Callable[[str], dict[str, str]]:
         """Headers that sign a request to the control plane's image files."""

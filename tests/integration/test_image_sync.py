@@ -25,6 +25,7 @@ import requests
 
 from lpmos.images import ImageFile, ManagedImage, NodeImageState
 from lpmos.models import Task
+from lpmos.nodeapi import SharedKey, verify
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.tasks import TaskService
@@ -44,6 +45,9 @@ class ImageSource:
         self.files: dict[str, bytes] = {}
         self.rate: dict[str, int] = {}
         self.hang: set[str] = set()
+        #: path -> the node API key its requests must be signed with
+        self.signed: dict[str, bytes] = {}
+        self.refused: list[str] = []
         self.seen: list[tuple[str, str]] = []
         self.stopping = threading.Event()
         source = self
@@ -58,7 +62,15 @@ class ImageSource:
                 if self.path in source.hang:
                     source.stopping.wait(120)
                     return
-                data = source.files.get(self.path)
+                key = source.signed.get(self.path.split("?", 1)[0])
+                if key is not None:
+                    why = verify(key, "GET", self.path, self.headers.get("Authorization"),
+                                 time.time())
+                    if why:
+                        source.refused.append(why)
+                        self.send_error(401, "Unauthorized")
+                        return
+                data = source.files.get(self.path.split("?", 1)[0])
                 if data is None:
                     self.send_error(404, "Not Found")
                     return
@@ -276,3 +288,62 @@ def test_a_node_killed_mid_fetch_resumes_with_a_range(
     assert not list(folder.glob("*.part"))
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["verified"]["disk_image"]["sha256"] == rec.sha256
+
+
+def test_an_uploaded_image_is_fetched_with_a_node_signature(
+        etcd_server: Any, source: ImageSource, etcd_store: EtcdStore, keys: Keys,
+        tmp_path: Path) -> None:
+    """source "upload": the control plane's file URL answers only a request
+    signed with the node API key from etcd (lpmos.nodeapi)."""
+    data = os.urandom(MiB)
+    path = "/api/v1/images/golden-up/files/disk_image"
+    source.files[path] = data
+    source.signed[path] = SharedKey(etcd_store, keys).get()
+    unsigned = requests.get(source.url(path), timeout=5)
+    assert unsigned.status_code == 401 and source.refused == ["missing"]
+    rec = record("golden-up", source.url(path) + "?v=1", data)
+    rec = ManagedImage(**{**rec.__dict__, "source": "upload"})
+    node = start(etcd_server.url, keys, tmp_path / "a", "node-a", "dc1")
+    try:
+        etcd_store.put(keys.image(rec.name), rec.to_json())
+        wait_state(etcd_store, keys, "dc1", "node-a", "golden-up", "ready")
+    finally:
+        node.stop()
+    assert source.refused == ["missing"]          # every request of the node was signed
+    assert (path + "?v=1", "") in source.seen
+
+
+def test_the_cache_bound_holds_and_a_task_image_evicts_a_spare_one(
+        etcd_server: Any, source: ImageSource, etcd_store: EtcdStore, keys: Keys,
+        tmp_path: Path) -> None:
+    """--image-cache-bytes 3 MiB: two wanted 2 MiB images do not fit; the
+    second reports "cache full" until a task needs it, then it evicts the
+    first (which no task needs), and an image a task needs is never evicted."""
+    first, second = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    source.files.update({"/first.raw": first, "/second.raw": second})
+    node = start(etcd_server.url, keys, tmp_path / "a", "node-a", "dc1",
+                 "--image-cache-bytes", str(3 * MiB))
+    try:
+        one = record("img-first", source.url("/first.raw"), first)
+        etcd_store.put(keys.image(one.name), one.to_json())
+        wait_state(etcd_store, keys, "dc1", "node-a", "img-first", "ready")
+        two = record("img-second", source.url("/second.raw"), second)
+        etcd_store.put(keys.image(two.name), two.to_json())
+        full = wait_state(etcd_store, keys, "dc1", "node-a", "img-second", "failed")
+        assert full.reason == "cache full: needs 2.0 MiB, 1.0 MiB free"
+        assert node.metric("lpmos_image_cache_bytes") == 2 * MiB
+        tasks = TaskService(etcd_store, keys)
+        tasks.create(Task(idc="dc1", sn="IMG-2", mac="52:54:00:25:00:02",
+                          os_type="Golden img-second", image="img-second"), by="alice")
+        tasks.transition("dc1", "IMG-2", "approved", by="bob")
+        wait_state(etcd_store, keys, "dc1", "node-a", "img-second", "ready")
+        gone = node_state(etcd_store, keys, "dc1", "node-a", "img-first")
+        assert gone is not None and gone.state == "failed" and \
+            gone.reason.startswith("cache full: needs 2.0 MiB")
+        assert node.metric('lpmos_image_evictions_total{why="evicted"}') == 1
+        # the task's image stays, however long the other one waits for room
+        time.sleep(2.5)
+        assert node_state(etcd_store, keys, "dc1", "node-a", "img-second").state == "ready"
+        assert (node.workdir / "state" / "images" / "img-second" / "disk.raw").exists()
+    finally:
+        node.stop()
