@@ -6,7 +6,8 @@
     {cache}/{name}/{role}.{sha:16}.part      a download in progress (resumed
                                              by Range after a restart)
     {cache}/{name}/meta.json                 {"verified": {role: {"sha256",
-                                             "file", "size"}}, "last_used"}
+                                             "file", "size"}}, "last_used",
+                                             "record": the record verified}
 
 A file is moved into place (``os.replace``) only after its sha256 (and
 size) checked, and ``meta.json`` is rewritten atomically after that, so a
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bootsvc.policy.images import LocalCopy
-from lpmos.images import NAME_RE, ManagedImage
+from lpmos.images import NAME_RE, ImageRecordError, ManagedImage
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,25 @@ class ImageCache:
                         out[path.name] = found
         return out
 
+    def records(self) -> dict[str, ManagedImage]:
+        """The records of the copies, as they were when last verified (what
+        a node serves until etcd answers: the records are etcd's)."""
+        out: dict[str, ManagedImage] = {}
+        with contextlib.suppress(OSError):
+            for path in sorted(self.root.iterdir()):
+                if not (path.is_dir() and NAME_RE.fullmatch(path.name)):
+                    continue
+                raw = self._meta(path.name).get("record")
+                if not isinstance(raw, dict):
+                    continue
+                try:
+                    rec = ManagedImage.from_json(json.dumps(raw).encode())
+                except ImageRecordError:
+                    continue
+                if rec.name == path.name:
+                    out[rec.name] = rec
+        return out
+
     def paths(self, record: ManagedImage) -> dict[str, str]:
         """Each role's verified file (absolute path), for the catalog."""
         return {role: str(self.final_path(record, role).resolve()) for role in record.file_roles}
@@ -144,13 +164,15 @@ class ImageCache:
         return part
 
     def commit(self, record: ManagedImage, role: str, part: Path) -> Path:
-        """Move a verified part into place and list it in ``meta.json``."""
+        """Move a verified part into place and list it in ``meta.json``
+        (with the record, so a node started while etcd is down serves it)."""
         final = self.final_path(record, role)
         os.replace(part, final)
         with self._lock:
             meta = self._meta(record.name)
             meta["verified"][role] = {"sha256": record.files[role].sha256,
                                       "file": final.name, "size": final.stat().st_size}
+            meta["record"] = record.to_dict()
             self._write_meta(record.name, meta)
         with contextlib.suppress(OSError):
             fd = os.open(self.dir(record.name), os.O_RDONLY)

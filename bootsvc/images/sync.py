@@ -112,6 +112,12 @@ class ImageSync:
 
     # -- lifecycle
     def start(self) -> None:
+        """Serve the verified copies at once (their records as kept in the
+        cache: with etcd down at start the node still serves an install in
+        progress), then follow etcd."""
+        kept = self.disk.records()
+        if kept:
+            self._update_catalog(kept, self.disk.scan())
         self.records.start()
         for target, name in ((self._control, "image-sync"), (self._worker, "image-fetch")):
             thread = threading.Thread(target=target, name=name, daemon=True)

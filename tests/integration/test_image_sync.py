@@ -347,3 +347,29 @@ def test_the_cache_bound_holds_and_a_task_image_evicts_a_spare_one(
         assert (node.workdir / "state" / "images" / "img-second" / "disk.raw").exists()
     finally:
         node.stop()
+
+
+def test_a_node_started_while_etcd_is_down_serves_its_verified_copies(
+        private_etcd: Any, source: ImageSource, keys: Keys, tmp_path: Path) -> None:
+    """The records are etcd's, but a verified copy keeps the record it was
+    verified against: a node restarted during an etcd outage still offers
+    it (an agent may be mid-install), and nothing it had not verified."""
+    data = os.urandom(MiB)
+    source.files["/kept.raw"] = data
+    store = EtcdStore([private_etcd.url], timeout=2.0)
+    rec = record("golden-kept", source.url("/kept.raw"), data)
+    node = start(private_etcd.url, keys, tmp_path / "a", "node-a", "dc1")
+    try:
+        store.put(keys.image(rec.name), rec.to_json())
+        wait_state(store, keys, "dc1", "node-a", rec.name, "ready")
+        node.stop()
+        store.close()
+        private_etcd.kill()
+        node.start()
+        assert requests.get(node.url + "/healthz", timeout=5).json()["status"] == "degraded"
+        assert requests.get(node.url + "/images/golden-kept/disk.raw",
+                            timeout=5).status_code == 401          # offered (token needed)
+        assert requests.get(node.url + "/images/golden-other/disk.raw",
+                            timeout=5).status_code == 404
+    finally:
+        node.stop()
