@@ -13,6 +13,7 @@ process (``python -m bench.<name> [--quick]``), with a time limit each:
 | ``ws_fanout_bench``  | console WebSocket fan-out, 200 clients   | the target       |
 | ``image_write_bench``| the agent's image write, raw/qcow2/zst   | dd, qemu-img, zstd |
 | ``image_sync_bench`` | a managed image ready on 1 and 4 nodes   | parallel curl    |
+| ``image_bench``      | N machines pull one 1 GiB image (Range)  | nginx, sendfile  |
 
 Each bench prints its own table (passed through as it runs) and writes its
 own JSON; this collects every table, exit status, duration and JSON into
@@ -41,11 +42,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 ORDER = ("dhcp_bench", "dhcp_storm", "tftp_bench", "http_bench", "storm", "ws_fanout_bench",
-         "image_write_bench", "image_sync_bench")
+         "image_write_bench", "image_sync_bench", "image_bench")
 #: seconds each bench may take (full, quick)
 LIMITS = {"dhcp_bench": (1800, 300), "dhcp_storm": (900, 300), "tftp_bench": (2400, 300),
           "http_bench": (1800, 300), "storm": (900, 300), "ws_fanout_bench": (900, 300),
-          "image_write_bench": (1800, 300), "image_sync_bench": (1200, 300)}
+          "image_write_bench": (1800, 300), "image_sync_bench": (1200, 300),
+          "image_bench": (3600, 300)}
 MAX_OUTPUT = 1 << 20
 
 
