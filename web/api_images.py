@@ -291,7 +291,9 @@ def _operator_download(name: str, role: str) -> Any:
 
 
 def _send(name: str, role: str) -> Response:
-    img, _rev = _found(name)
+    # etcd's record, not the watch cache's: a node that saw the upload
+    # complete must never get a 404 from a cache a moment behind
+    img, _rev = _stored(name)
     file = img.files.get(role)
     if img.source != "upload" or file is None or not file.url:
         raise ApiError(404, "not_found", f"{name} has no uploaded {role}")
