@@ -373,3 +373,46 @@ def test_a_node_started_while_etcd_is_down_serves_its_verified_copies(
                             timeout=5).status_code == 404
     finally:
         node.stop()
+
+
+def test_an_installer_image_is_served_over_http_and_tftp_and_states_follow_the_lease(
+        etcd_server: Any, source: ImageSource, etcd_store: EtcdStore, keys: Keys,
+        tmp_path: Path) -> None:
+    """An installer's kernel and initrd, both verified, through the file
+    routes the seed catalog uses (HTTP, and TFTP for GRUB).  Then the
+    registration's lease is revoked under the node: the node takes a new
+    one and writes its image states again under it."""
+    kernel, initrd = os.urandom(300_000), os.urandom(500_000)
+    source.files.update({"/vmlinuz": kernel, "/initrd.img": initrd})
+    rec = ManagedImage(
+        name="inst-1", os_type="Debian 12 installer", os_family="debian", version="12",
+        format="installer",
+        files={"kernel": ImageFile(source.url("/vmlinuz"), hashlib.sha256(kernel).hexdigest(),
+                                   len(kernel)),
+               "initrd": ImageFile(source.url("/initrd.img"),
+                                   hashlib.sha256(initrd).hexdigest(), 0)},
+        source="url", state="available", created_at=time.time())
+    node = start(etcd_server.url, keys, tmp_path / "a", "node-a", "dc1",
+                 "--services", "tftp,http")
+    try:
+        etcd_store.put(keys.image(rec.name), rec.to_json())
+        state = wait_state(etcd_store, keys, "dc1", "node-a", "inst-1", "ready")
+        assert state.sha256 == hashlib.sha256(kernel).hexdigest()
+        assert requests.get(node.url + "/images/inst-1/kernel", timeout=5).content == kernel
+        assert requests.get(node.url + "/images/inst-1/initrd", timeout=5).content == initrd
+        assert node.tftp("images/inst-1/initrd", tmp_path / "initrd") == initrd
+
+        old = etcd_store.get(keys.node_image("dc1", "node-a", "inst-1"))
+        assert old is not None and old.lease
+        etcd_store.revoke(old.lease)
+        assert etcd_store.get(keys.node_image("dc1", "node-a", "inst-1")) is None
+
+        def again() -> bool:
+            kv = etcd_store.get(keys.node_image("dc1", "node-a", "inst-1"))
+            reg = etcd_store.get(keys.node("dc1", "node-a"))
+            return kv is not None and reg is not None and kv.lease == reg.lease != old.lease
+        eventually(again, 15, 0.2, what="the state under the new lease")
+        assert NodeImageState.from_json(
+            etcd_store.get(keys.node_image("dc1", "node-a", "inst-1")).value).state == "ready"
+    finally:
+        node.stop()
