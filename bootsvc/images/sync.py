@@ -88,6 +88,7 @@ class ImageSync:
         self._failures: dict[str, Failure] = {}
         self._queue: tuple[str, ...] = ()
         self._busy = ""
+        self._busy_revision = 0
         self._cancel: set[str] = set()
         self._local: dict[str, LocalCopy] = {}
         self._published_lease = 0
@@ -235,8 +236,8 @@ class ImageSync:
             copy = local.get(name)
             if copy is not None and now - copy.last_used >= TOUCH_EVERY:
                 self.disk.touch(name, now)
-        if busy and busy not in plan.fetch and busy not in records:
-            self._cancel_fetch(busy)
+        if busy and (busy not in records or revisions[busy] != self._busy_revision):
+            self._cancel_fetch(busy)       # removed, or changed under the fetch
         with self._lock:
             self._local = local
             self._cache_bytes = sum(c.bytes for c in local.values())
@@ -349,10 +350,13 @@ class ImageSync:
                     self._work.wait(PASS_INTERVAL)
                 if self._stop.is_set():
                     return
+                entry = self._by_name.get(name)
                 self._busy = name
+                self._busy_revision = entry[1] if entry is not None else 0
                 self._cancel.discard(name)
             try:
-                self._fetch(name)
+                if entry is not None:
+                    self._fetch(name, entry)
             except Exception:
                 log.exception("image %s: fetch crashed", name)
             finally:
@@ -362,10 +366,7 @@ class ImageSync:
                     self._queue = tuple(n for n in self._queue if n != name)
                 self._wake.set()
 
-    def _fetch(self, name: str) -> None:
-        parsed = self._parsed().get(name)
-        if parsed is None:
-            return
+    def _fetch(self, name: str, parsed: tuple[ManagedImage, int]) -> None:
         rec, revision = parsed
         copy = self.disk.copy(name)
         done_before = 0
