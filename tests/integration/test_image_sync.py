@@ -2,8 +2,8 @@
 
 Two ``lpmos regional`` processes in two IDCs on the session's real etcd,
 and an HTTP image source this test runs on loopback (``ImageSource``:
-Range, a rate limit, a corrupted copy, a 404, a source that never
-answers).  Image records are written straight to etcd, as the control
+``tests/image_source.py``: Range, a rate limit, a corrupted copy, a 404,
+a source that never answers).  Image records are written straight to etcd, as the control
 plane writes them; the nodes' copy states are read back from etcd.
 """
 
@@ -13,10 +13,8 @@ import hashlib
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,93 +23,16 @@ import requests
 
 from lpmos.images import ImageFile, ManagedImage, NodeImageState
 from lpmos.models import Task
-from lpmos.nodeapi import SharedKey, verify
+from lpmos.nodeapi import SharedKey
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.tasks import TaskService
+from tests.image_source import ImageSource
 from tests.reliability.support import Regional, decision_of, eventually
 
 MiB = 1 << 20
 FAST = ["--services", "http", "--image-read-timeout", "1", "--image-connect-timeout", "1",
         "--image-fetch-retries", "1"]
-
-
-class ImageSource:
-    """A small HTTP file server: ``files`` by path, one ``Range`` honoured,
-    ``rate`` bytes/s per path, ``hang`` paths that never answer; every
-    request's path and Range header is kept in ``seen``."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.rate: dict[str, int] = {}
-        self.hang: set[str] = set()
-        #: path -> the node API key its requests must be signed with
-        self.signed: dict[str, bytes] = {}
-        self.refused: list[str] = []
-        self.seen: list[tuple[str, str]] = []
-        self.stopping = threading.Event()
-        source = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                rng = self.headers.get("Range", "")
-                source.seen.append((self.path, rng))
-                if self.path in source.hang:
-                    source.stopping.wait(120)
-                    return
-                key = source.signed.get(self.path.split("?", 1)[0])
-                if key is not None:
-                    why = verify(key, "GET", self.path, self.headers.get("Authorization"),
-                                 time.time())
-                    if why:
-                        source.refused.append(why)
-                        self.send_error(401, "Unauthorized")
-                        return
-                data = source.files.get(self.path.split("?", 1)[0])
-                if data is None:
-                    self.send_error(404, "Not Found")
-                    return
-                start = 0
-                if rng.startswith("bytes=") and rng.endswith("-"):
-                    start = int(rng[6:-1])
-                if start >= len(data) > 0:
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.end_headers()
-                    return
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range",
-                                     f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                rate = source.rate.get(self.path, 0)
-                block = 256 * 1024
-                try:
-                    for offset in range(start, len(data), block):
-                        if source.stopping.is_set():
-                            return
-                        self.wfile.write(data[offset:offset + block])
-                        if rate:
-                            time.sleep(block / rate)
-                except (BrokenPipeError, ConnectionResetError):
-                    return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
