@@ -19,6 +19,7 @@ The cache policy (:func:`decide_sync`):
 | ... that does not fit the bound                     | ``evict`` others (below), or    |
 |                                                     | ``full``: failed "cache full"   |
 | a ready record no longer wanted here                | kept, evicted first (LRU)       |
+| a partial copy of a record no longer wanted here    | ``remove``                      |
 
 To make room, evict in this order, least recently used first: ready copies
 of records no longer wanted in this IDC (or no longer available); then,
@@ -140,14 +141,15 @@ def decide_sync(records: Mapping[str, ManagedImage], local: Mapping[str, LocalCo
     """The plan for one pass (see the module table).  ``revisions``: each
     record's mod_revision (a failure of an older revision is forgotten);
     ``capacity``: the cache bound in bytes."""
-    remove = sorted(name for name, copy in local.items()
-                    if name not in records or copy.stale_for(records[name]))
-    kept = {name: copy for name, copy in local.items() if name not in remove}
-    used = sum(copy.bytes for copy in kept.values())
-
     def wanted(name: str) -> bool:
         rec = records.get(name)
         return rec is not None and rec.offered and rec.wanted_in(idc)
+
+    remove = sorted(name for name, copy in local.items()
+                    if name not in records or copy.stale_for(records[name]) or
+                    (not wanted(name) and not copy.ready_for(records[name])))
+    kept = {name: copy for name, copy in local.items() if name not in remove}
+    used = sum(copy.bytes for copy in kept.values())
 
     todo = []
     for name, rec in records.items():
