@@ -266,6 +266,59 @@ class RssSampler:
         return after
 
 
+class Probe:
+    """A ``HEAD`` of the image every 0.1 s on one keep-alive connection
+    while a round runs: how long the server takes to answer a small
+    request in the middle of the storm (ours answers it on the same event
+    loop that sends the bodies, and that answers DHCP and TFTP)."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port, self.token = port, token
+        self.latencies: list[float] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import socket
+
+        request = (f"HEAD {URL_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"Authorization: Bearer {self.token}\r\n\r\n").encode()
+        sock: socket.socket | None = None
+        while not self._stop.wait(0.1):
+            try:
+                if sock is None:
+                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                began = time.perf_counter()
+                sock.sendall(request)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    head += chunk
+                self.latencies.append(time.perf_counter() - began)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    self.errors += 1
+            except OSError:
+                self.errors += 1
+                if sock is not None:
+                    sock.close()
+                sock = None
+        if sock is not None:
+            sock.close()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(15)
+        ms = [x * 1000 for x in self.latencies]
+        return {"probe_n": len(ms), "probe_errors": self.errors,
+                "probe_p50_ms": round(percentile(ms, 0.5), 2) if ms else None,
+                "probe_p99_ms": round(percentile(ms, 0.99), 2) if ms else None,
+                "probe_max_ms": round(max(ms), 2) if ms else None}
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear interpolation between the closest ranks (numpy's default)."""
     if not values:
@@ -303,6 +356,7 @@ def run_round(name: str, port: int, pids: list[int], *, n: int, size: int, sha25
     procs = []
     sampler = RssSampler(pids)
     cpu_before = cpu_seconds(pids)
+    probe = Probe(port, token)
     for w in range(workers):
         spec = {"port": port, "path": URL_PATH, "token": token,
                 "size": size, "sha256": sha256, "file": str(image), "verify": verify,
@@ -325,6 +379,7 @@ def run_round(name: str, port: int, pids: list[int], *, n: int, size: int, sha25
             records.append({"id": -1, "error": f"client worker failed: {exc!r}", "bytes": 0,
                             "finish": None, "resumed": False})
     rss_after = sampler.stop()
+    probed = probe.stop()
     cpu = cpu_seconds(pids) - cpu_before
     errors = [r["error"] for r in records if r.get("error")]
     finishes = [r["finish"] for r in records if not r.get("error") and r["finish"] is not None]
@@ -340,7 +395,7 @@ def run_round(name: str, port: int, pids: list[int], *, n: int, size: int, sha25
             "errors": len(errors), "error_samples": errors[:5],
             "server_cpu_seconds": round(cpu, 2), "client_cpu_seconds": round(client_cpu, 2),
             "rss_before_kib": sampler.before, "rss_peak_kib": sampler.peak,
-            "rss_after_kib": rss_after}
+            "rss_after_kib": rss_after, **probed}
 
 
 # --- the client (one worker process) -------------------------------------------------------
@@ -578,17 +633,18 @@ def summarize(rounds: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]
 def print_header() -> None:
     print(f"{'round':>5} {'server':<6} {'N':>4} {'GiB/s':>7} {'p50 s':>7} {'p99 s':>7} "
           f"{'p99/p50':>7} {'resumed':>7} {'errors':>6} {'cpu s':>6} "
-          f"{'RSS before/peak/after MiB':>26}", flush=True)
+          f"{'RSS before/peak/after MiB':>26} {'HEAD p50/max ms':>16}", flush=True)
 
 
 def print_row(r: dict[str, Any]) -> None:
+    probe = f"{r['probe_p50_ms']}/{r['probe_max_ms']}" if r.get("probe_n") else "-"
     rss = f"{r['rss_before_kib'] / 1024:.0f}/{r['rss_peak_kib'] / 1024:.0f}/" \
           f"{r['rss_after_kib'] / 1024:.0f}"
     print(f"{r['round']:>5} {r['server']:<6} {r['clients']:>4} "
           f"{r['throughput_gib_s']:>7.2f} {r['finish_p50_s']:>7.2f} "
           f"{r['finish_p99_s']:>7.2f} {r['spread_p99_p50'] or float('nan'):>7.3f} "
-          f"{r['resumed']:>7} {r['errors']:>6} {r['server_cpu_seconds']:>6.1f} {rss:>26}",
-          flush=True)
+          f"{r['resumed']:>7} {r['errors']:>6} {r['server_cpu_seconds']:>6.1f} {rss:>26} "
+          f"{probe:>16}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
