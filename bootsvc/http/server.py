@@ -481,8 +481,11 @@ class AsyncHttpServer:
         deadline = _monotonic() + 2.0
         while any(c.busy for c in self.conns) and _monotonic() < deadline:
             await asyncio.sleep(0.05)
+        sending = [c.sending for c in self.conns if c.sending is not None]
         for conn in list(self.conns):
             conn.close()
+        if sending:     # cancelled by close(): let them close their files
+            await asyncio.wait(sending, timeout=2.0)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -6,6 +6,7 @@ stops reading leaves no open file behind)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -298,3 +299,40 @@ def test_client_that_stops_reading_is_dropped(etcd_server: Any, keys: Keys, tmp_
         s.close()
     finally:
         n.stop()
+
+
+def test_stopping_the_node_mid_transfer_closes_its_files(etcd_server: Any, keys: Keys,
+                                                         tmp_path: Path,
+                                                         catalog: tuple[Path, dict[str, bytes]]
+                                                         ) -> None:
+    n = _node(etcd_server, keys, tmp_path, catalog)
+    stopped = False
+    try:
+        body = {"sn": "FILES-3", "uuid": UUID, "macs": [MAC], "boot_mac": MAC,
+                "arch": "x86_64", "inventory": {}, "agent_version": "test"}
+        tok = requests.post(f"{n.url}/agent/v1/register", json=body, timeout=10).json()["token"]
+        image = catalog[0].parent / "lab-os" / "disk.img"
+
+        def image_open() -> int:
+            fds = Path("/proc/self/fd")
+            count = 0
+            for fd in fds.iterdir():
+                with contextlib.suppress(OSError):
+                    count += os.readlink(fd) == str(image.resolve())
+            return count
+
+        assert image_open() == 0
+        s = socket.create_connection(("127.0.0.1", n.service.port), timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(f"GET /images/lab-os/disk.img HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: Bearer {tok}\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        assert image_open() == 1            # the transfer holds the file
+        n.stop()
+        stopped = True
+        assert transfers(n, "shutdown") == 1
+        assert image_open() == 0
+        s.close()
+    finally:
+        if not stopped:
+            n.stop()
