@@ -196,3 +196,105 @@ def test_fuzz_parse_gives_a_message_or_malformed(raw: bytes) -> None:
     inner = msg.client_message if isinstance(msg, RelayMessage) else msg
     decision = decide_bootfile6(inner, POLICY)     # the decision never raises either
     assert isinstance(decision, Boot6Answer | BootRefusal)
+
+
+# -- the answers (bootsvc.policy.dhcp6_answer) ---------------------------------------------
+
+from bootsvc.policy.dhcp6_answer import (  # noqa: E402
+    PROXY_PORT,
+    Answer6,
+    Lease6,
+    NoAnswer,
+    answer_full,
+    answer_proxy,
+)
+
+SERVER = dhcp6.duid_ll(bytes.fromhex("02aabbccddee"))
+
+
+def _reply_options(payload: bytes) -> dict[int, bytes]:
+    return dict(dhcp6._options(payload, 4))
+
+
+def _msg(raw: bytes) -> dhcp6.Dhcp6Message:
+    msg = parse_message(raw)
+    assert isinstance(msg, dhcp6.Dhcp6Message)
+    return msg
+
+
+def test_proxy_advertise_is_an_edk2_proxy_binl_offer() -> None:
+    answer = answer_proxy(_msg(solicit()), POLICY, SERVER)
+    assert isinstance(answer, Answer6) and answer.msg_type == dhcp6.ADVERTISE
+    assert answer.payload[1:4] == XID
+    opts = _reply_options(answer.payload)
+    assert opts[dhcp6.OPT_SERVERID] == SERVER and opts[dhcp6.OPT_CLIENTID] == DUID
+    assert opts[OPT_BOOTFILE_URL] == b"tftp://[fd00::1]/ipxe.efi"
+    # EDK2: enterprise 343, data at offset 6 starts with PXEClient, length >= 13
+    vc = opts[OPT_VENDOR_CLASS]
+    assert vc[:4] == struct.pack("!I", 343) and vc[6:15] == b"PXEClient" and len(vc) >= 13
+    # an IA_NA with a non-success status: no address, it stays a proxy offer
+    ia = opts[OPT_IA_NA]
+    status = dict(dhcp6._options(ia, 12))[dhcp6.OPT_STATUS_CODE]
+    assert struct.unpack("!H", status[:2])[0] == dhcp6.STATUS_NO_ADDRS_AVAIL
+
+
+def test_proxy_reply_on_the_boot_service_port() -> None:
+    raw = build_message(dhcp6.REQUEST, XID, [(dhcp6.OPT_SERVERID, SERVER),
+                                             (OPT_CLIENTID, DUID),
+                                             (OPT_CLIENT_ARCH_TYPE, b"\x00\x07"),
+                                             (OPT_VENDOR_CLASS, vendor(PXE))])
+    answer = answer_proxy(_msg(raw), POLICY, SERVER, port=PROXY_PORT)
+    assert isinstance(answer, Answer6) and answer.msg_type == dhcp6.REPLY
+    opts = _reply_options(answer.payload)
+    assert opts[OPT_BOOTFILE_URL] == b"tftp://[fd00::1]/ipxe.efi"
+    assert OPT_IA_NA not in opts
+    other = dhcp6.duid_ll(bytes.fromhex("021111111111"))
+    raw_other = build_message(dhcp6.REQUEST, XID, [(dhcp6.OPT_SERVERID, other),
+                                                   (OPT_CLIENTID, DUID),
+                                                   (OPT_CLIENT_ARCH_TYPE, b"\x00\x07"),
+                                                   (OPT_VENDOR_CLASS, vendor(PXE))])
+    refused = answer_proxy(_msg(raw_other), POLICY, SERVER)
+    assert isinstance(refused, NoAnswer) and refused.reason == "not_for_us"
+
+
+@pytest.mark.parametrize(("raw", "port", "reason"), [
+    (solicit(vc=b"MSFT 5.0"), 547, "not_boot_client"),
+    (solicit(), PROXY_PORT, "unexpected_type"),
+    (build_message(dhcp6.RENEW, XID, [(OPT_CLIENTID, DUID)]), 547, "unexpected_type"),
+    (build_message(dhcp6.REQUEST, XID, [(OPT_CLIENTID, DUID)]), 547, "not_for_us"),
+    (solicit(arch=4242), 547, "unsupported_arch"),
+])
+def test_proxy_stays_silent_with_a_reason(raw: bytes, port: int, reason: str) -> None:
+    answer = answer_proxy(_msg(raw), POLICY, SERVER, port=port)
+    assert isinstance(answer, NoAnswer) and answer.reason == reason
+
+
+def test_full_mode_offers_and_binds_the_lease_with_the_boot_options() -> None:
+    lease = Lease6("fd00::1:10", preferred=600, valid=1200)
+    advertise = answer_full(_msg(solicit(arch=16, vc=HTTP)), POLICY, SERVER, lease)
+    assert isinstance(advertise, Answer6) and advertise.msg_type == dhcp6.ADVERTISE
+    opts = _reply_options(advertise.payload)
+    assert opts[OPT_BOOTFILE_URL] == b"http://[fd00::1]:8080/ipxe/ipxe.efi"
+    assert opts[OPT_VENDOR_CLASS][6:16] == b"HTTPClient"
+    ia = opts[OPT_IA_NA]
+    assert ia[:4] == b"\x00\x00\x00\x01" and struct.unpack("!II", ia[4:12]) == (300, 480)
+    addr = dict(dhcp6._options(ia, 12))[dhcp6.OPT_IAADDR]
+    assert addr[:16] == bytes.fromhex("fd000000000000000000000000010010")
+    assert struct.unpack("!II", addr[16:24]) == (600, 1200)
+    request = build_message(dhcp6.REQUEST, XID, [
+        (dhcp6.OPT_SERVERID, SERVER), (OPT_CLIENTID, DUID), (OPT_IA_NA, bytes(12)),
+        (OPT_CLIENT_ARCH_TYPE, b"\x00\x07"), (OPT_VENDOR_CLASS, vendor(PXE))])
+    reply = answer_full(_msg(request), POLICY, SERVER, lease)
+    assert isinstance(reply, Answer6) and reply.msg_type == dhcp6.REPLY and reply.lease == lease
+    full = answer_full(_msg(solicit()), POLICY, SERVER, None)
+    assert isinstance(full, Answer6)
+    status = dict(dhcp6._options(_reply_options(full.payload)[OPT_IA_NA], 12))
+    assert struct.unpack("!H", status[dhcp6.OPT_STATUS_CODE][:2])[0] == \
+        dhcp6.STATUS_NO_ADDRS_AVAIL
+    release = answer_full(_msg(build_message(dhcp6.RELEASE, XID, [
+        (dhcp6.OPT_SERVERID, SERVER), (OPT_CLIENTID, DUID)])), POLICY, SERVER, lease)
+    assert isinstance(release, Answer6) and release.boot is None
+    no_ia = answer_full(_msg(build_message(dhcp6.SOLICIT, XID, [
+        (OPT_CLIENTID, DUID), (OPT_CLIENT_ARCH_TYPE, b"\x00\x07"),
+        (OPT_VENDOR_CLASS, vendor(PXE))])), POLICY, SERVER, lease)
+    assert isinstance(no_ia, NoAnswer) and no_ia.reason == "no_ia_na"
