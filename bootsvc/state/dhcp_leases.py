@@ -54,24 +54,31 @@ class Lease:
         data = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("lease is not an object")
-        return cls(str(data["mac"]), str(ipaddress.IPv4Address(data["ip"])),
+        return cls(str(data["mac"]), str(ipaddress.ip_address(data["ip"])),
                    float(data["expires"]), "bound", str(data.get("hostname", ""))[:64])
 
 
-def parse_range(raw: object) -> tuple[str, str] | None:
-    """Setting parser: ``A-B`` (IPv4, A <= B, at most 65536 addresses) or empty."""
+def parse_range(raw: object, *, family: int = 4) -> tuple[str, str] | None:
+    """Setting parser: ``A-B`` (IPv4, or IPv6 with ``family=6``; A <= B, at
+    most 65536 addresses) or empty."""
     if raw in (None, ""):
         return None
     text = str(raw).strip()
     first, sep, last = text.partition("-")
+    kind = ipaddress.IPv6Address if family == 6 else ipaddress.IPv4Address
+    example = "fd00::1:100-fd00::1:1ff" if family == 6 else "10.0.0.100-10.0.0.200"
     try:
-        a = ipaddress.IPv4Address(first.strip())
-        b = ipaddress.IPv4Address(last.strip())
+        a = kind(first.strip())
+        b = kind(last.strip())
     except ValueError:
-        raise ValueError("an address range such as 10.0.0.100-10.0.0.200") from None
+        raise ValueError(f"an address range such as {example}") from None
     if not sep or int(b) < int(a) or int(b) - int(a) >= MAX_POOL:
         raise ValueError(f"an address range A-B with A <= B and at most {MAX_POOL} addresses")
     return str(a), str(b)
+
+
+def parse_range6(raw: object) -> tuple[str, str] | None:
+    return parse_range(raw, family=6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +95,22 @@ LeaseSink = Callable[[str, "Lease | None"], None]
 
 
 class LeasePool:
-    """Addresses ``first``..``last``; all methods are O(1) except finding a
+    """Addresses ``first``..``last`` (IPv4, or IPv6 for DHCPv6 full mode,
+    whose clients are keyed by DUID and IAID where DHCPv4's are by MAC: the
+    ``mac`` fields hold that key); all methods are O(1) except finding a
     free address when the pool is nearly full (a scan, bounded by its size).
     Not thread-safe: the DHCP loop owns it."""
 
     def __init__(self, first: str, last: str, lease_time: int, *, offer_time: float = 30.0,
                  quarantine: float = 600.0, sink: LeaseSink | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.first = int(ipaddress.IPv4Address(first))
-        self.last = int(ipaddress.IPv4Address(last))
+        a, b = ipaddress.ip_address(first), ipaddress.ip_address(last)
+        if a.version != b.version:
+            raise ValueError("bad address range")
+        self._addr: Callable[[int | str], ipaddress.IPv4Address | ipaddress.IPv6Address] = \
+            ipaddress.IPv6Address if a.version == 6 else ipaddress.IPv4Address
+        self.first = int(a)
+        self.last = int(b)
         if self.last < self.first or self.last - self.first >= MAX_POOL:
             raise ValueError("bad address range")
         self.lease_time = lease_time
@@ -115,7 +129,7 @@ class LeasePool:
 
     def in_range(self, ip: str) -> bool:
         try:
-            n = int(ipaddress.IPv4Address(ip))
+            n = int(self._addr(ip))
         except ValueError:
             return False
         return self.first <= n <= self.last
@@ -144,13 +158,13 @@ class LeasePool:
             if holder.state == "bound" and self.sink:
                 self.sink(holder.mac, None)
         old = self.by_mac.get(mac)
-        if old is not None and old.ip != str(ipaddress.IPv4Address(n)):
-            if self.by_ip.get(int(ipaddress.IPv4Address(old.ip))) is old:
-                del self.by_ip[int(ipaddress.IPv4Address(old.ip))]
+        if old is not None and old.ip != str(self._addr(n)):
+            if self.by_ip.get(int(self._addr(old.ip))) is old:
+                del self.by_ip[int(self._addr(old.ip))]
         if state == "offered" and old is not None and old.state == "bound" \
-                and old.expires > now and int(ipaddress.IPv4Address(old.ip)) == n:
+                and old.expires > now and int(self._addr(old.ip)) == n:
             return old    # a DISCOVER from a bound client: offer its lease as it is
-        lease = Lease(mac, str(ipaddress.IPv4Address(n)), now + ttl, state,
+        lease = Lease(mac, str(self._addr(n)), now + ttl, state,
                       hostname or (old.hostname if old else ""))
         self.by_mac[mac] = lease
         self.by_ip[n] = lease
@@ -159,7 +173,7 @@ class LeasePool:
         return lease
 
     def _drop(self, lease: Lease) -> None:
-        n = int(ipaddress.IPv4Address(lease.ip))
+        n = int(self._addr(lease.ip))
         if self.by_ip.get(n) is lease:
             del self.by_ip[n]
         if self.by_mac.get(lease.mac) is lease:
@@ -176,9 +190,9 @@ class LeasePool:
         old = self.by_mac.get(mac)
         candidates: list[int] = []
         if old is not None:
-            candidates.append(int(ipaddress.IPv4Address(old.ip)))
+            candidates.append(int(self._addr(old.ip)))
         if requested and self.in_range(requested):
-            candidates.append(int(ipaddress.IPv4Address(requested)))
+            candidates.append(int(self._addr(requested)))
         for n in candidates:
             if self.first <= n <= self.last and self._free(n, mac, now):
                 return self._take(n, mac, "offered", self.offer_time)
@@ -207,7 +221,7 @@ class LeasePool:
             return Grant("ignore", reason="no_address")
         if not self.in_range(ip):
             return Grant("nak", reason="wrong_address")
-        n = int(ipaddress.IPv4Address(ip))
+        n = int(self._addr(ip))
         if server_id is not None:
             if current is None or current.ip != ip:
                 return Grant("nak", reason="not_offered")
@@ -222,7 +236,7 @@ class LeasePool:
         current = self.by_mac.get(mac)
         if current is None or ip is None or current.ip != ip:
             return False
-        self.declined[int(ipaddress.IPv4Address(ip))] = self.clock() + self.quarantine
+        self.declined[int(self._addr(ip))] = self.clock() + self.quarantine
         self._drop(current)
         return True
 
@@ -247,7 +261,7 @@ class LeasePool:
         for lease in sorted(leases, key=lambda x: -x.expires):
             if lease.expires <= now or not self.in_range(lease.ip):
                 continue
-            n = int(ipaddress.IPv4Address(lease.ip))
+            n = int(self._addr(lease.ip))
             if lease.mac in self.by_mac or n in self.by_ip:
                 continue
             self.by_mac[lease.mac] = lease
@@ -266,10 +280,11 @@ class LeaseWriter:
 
     def __init__(self, store: Store, keys: Keys, idc: str,
                  on_loaded: Callable[[list[Lease]], None] | None = None,
-                 backoff_max: float = 5.0) -> None:
+                 backoff_max: float = 5.0, *, family: int = 4) -> None:
         self.store = store
         self.keys = keys
         self.idc = idc
+        self.family = family
         self.on_loaded = on_loaded
         self.backoff_max = backoff_max
         self._pending: dict[str, Lease | None] = {}
@@ -308,7 +323,9 @@ class LeaseWriter:
             self._thread.join(timeout=flush_timeout + 1)
 
     def load(self) -> list[Lease]:
-        page = range_all(self.store, self.keys.dhcp_leases(self.idc))
+        prefix = self.keys.dhcp6_leases(self.idc) if self.family == 6 else \
+            self.keys.dhcp_leases(self.idc)
+        page = range_all(self.store, prefix)
         leases = []
         for kv in page.items:
             try:
@@ -344,7 +361,8 @@ class LeaseWriter:
                 mac, lease = next(iter(self._pending.items()))
                 del self._pending[mac]
             try:
-                key = self.keys.dhcp_lease(self.idc, mac)
+                key = self.keys.dhcp6_lease(self.idc, mac) if self.family == 6 else \
+                    self.keys.dhcp_lease(self.idc, mac)
                 if lease is None:
                     self.store.delete(key)
                 else:

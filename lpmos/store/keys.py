@@ -15,6 +15,7 @@ start with ``_`` so they can never collide with an IDC.
 | {p}/{idc}/macs/{mac}                  | SN owning the MAC                   |
 | {p}/{idc}/nodes/{node}                | regional node registration (lease)  |
 | {p}/{idc}/dhcp/{mac}                  | lab-mode DHCP lease                 |
+| {p}/{idc}/dhcp6/{duid-iaid}           | lab-mode DHCPv6 lease               |
 | {p}/audit/{time}-{id}                 | audit record                        |
 | {p}/_auth/users/{name}                | user (role, password hash)          |
 | {p}/_auth/tokens/{sha256}             | API token record                    |
@@ -99,6 +100,13 @@ class Keys:
 
     def dhcp_leases(self, idc: str) -> str:
         return f"{self.prefix}/{idc}/dhcp/"
+
+    def dhcp6_lease(self, idc: str, client: str) -> str:
+        """A DHCPv6 full-mode lease; ``client`` is the DUID and IAID in hex."""
+        return f"{self.prefix}/{idc}/dhcp6/{client}"
+
+    def dhcp6_leases(self, idc: str) -> str:
+        return f"{self.prefix}/{idc}/dhcp6/"
 
     def audit(self, stamp: str, ident: str) -> str:
         return f"{self.prefix}/audit/{stamp}-{ident}"
