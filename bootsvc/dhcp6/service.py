@@ -68,6 +68,35 @@ def requested_address(msg: dhcp6.Dhcp6Message) -> str | None:
     return None
 
 
+OPT_CLIENT_LINKLAYER_ADDR = 79       # RFC 6939, added by relays
+
+
+def client_mac(msg: dhcp6.Dhcp6Message, relay: dhcp6.RelayMessage | None,
+               source: str) -> str:
+    """The client's MAC, for the boot timeline: from a DUID-LLT/-LL of
+    Ethernet, else the relay's client link-layer address option (RFC
+    6939), else an EUI-64 link-local source address; "" when none says."""
+    duid = msg.client_id or b""
+    if len(duid) >= 4 and duid[2:4] == b"\x00\x01":
+        kind = struct.unpack("!H", duid[:2])[0]
+        raw = duid[8:14] if kind == 1 else duid[4:10] if kind == 3 else b""
+        if len(raw) == 6:
+            return ":".join(f"{b:02x}" for b in raw)
+    if relay is not None:
+        for code, value in relay.options:
+            if code == OPT_CLIENT_LINKLAYER_ADDR and len(value) == 8 and value[:2] == b"\x00\x01":
+                return ":".join(f"{b:02x}" for b in value[2:])
+    try:
+        addr = ipaddress.IPv6Address(source.split("%")[0])
+    except ValueError:
+        return ""
+    iid = addr.packed[8:]
+    if addr.is_link_local and iid[3:5] == b"\xff\xfe":
+        mac = bytes([iid[0] ^ 0x02]) + iid[1:3] + iid[5:8]
+        return ":".join(f"{b:02x}" for b in mac)
+    return ""
+
+
 class _Protocol(asyncio.DatagramProtocol):
     def __init__(self, service: Dhcp6Service, port: int) -> None:
         self.service = service
@@ -88,8 +117,9 @@ class _Protocol(asyncio.DatagramProtocol):
 class Dhcp6Service:
     def __init__(self, settings: Dhcp6Settings, *, store: Store | None = None,
                  keys: Keys | None = None, idc: str = "", metrics: Registry | None = None,
-                 server_duid: bytes | None = None) -> None:
+                 server_duid: bytes | None = None, timeline: Any = None) -> None:
         self.settings = settings
+        self.timeline = timeline
         self.metrics = metrics or Registry()
         self.server_duid = server_duid or interface_duid(settings.interface)
         self.pool: LeasePool | None = None
@@ -184,8 +214,19 @@ class Dhcp6Service:
             dest = (addr[0], self.settings.client_port, 0, addr[3] if len(addr) > 3 else 0)
         assert proto.transport is not None
         proto.transport.sendto(payload, dest)
-        self.metrics.inc("dhcp6_answers_total",
-                         type=dhcp6.MESSAGE_NAMES.get(decision.msg_type, "?"))
+        kind = dhcp6.MESSAGE_NAMES.get(decision.msg_type, "?")
+        self.metrics.inc("dhcp6_answers_total", type=kind)
+        if self.timeline is not None and decision.boot is not None:
+            mac = client_mac(client, relay, str(addr[0]))
+            detail: dict[str, Any] = {"type": kind, "url": decision.boot.url, "ipv6": True,
+                                      "arch": decision.boot.answer.arch,
+                                      "relayed": relay is not None}
+            if decision.lease is not None:
+                detail["address"] = decision.lease.address
+            try:
+                self.timeline.record(mac or client_key(client), "dhcp6", detail)
+            except Exception:     # the sink must never break the loop
+                log.exception("dhcp6: timeline sink failed")
 
     def decide(self, msg: dhcp6.Dhcp6Message, port: int) -> Any:
         policy = self.settings.policy
@@ -217,3 +258,44 @@ class Dhcp6Service:
                 else:
                     self.pool.decline(key, addr)
         return answer_full(msg, policy, self.server_duid, lease)
+
+
+def first_global_address(interface: str) -> str:
+    """The interface's first global IPv6 address ("" when it has none)."""
+    try:
+        lines = open("/proc/net/if_inet6").read().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[5] == interface and parts[3] == "00":   # scope global
+            return ipaddress.IPv6Address(bytes.fromhex(parts[0])).compressed
+    return ""
+
+
+def node_service(ctx: Any) -> Dhcp6Service:
+    """The service of ``lpmos regional`` (``--dhcp6-mode proxy|full``): the
+    node's boot files and URLs, its metrics, timeline and etcd."""
+    from bootsvc.policy.bootfile import BootPolicy
+
+    config = ctx.config
+    interface = config.get("dhcp6.interface") or config.get("regional.interface")
+    if not interface:
+        raise ValueError("DHCPv6 needs --dhcp6-interface (or --interface)")
+    address = config.get("dhcp6.address") or first_global_address(interface)
+    url = (config.get("dhcp6.advertise_url") or
+           (f"http://[{address}]:{config.get('http.port', 8081)}" if address else "")).rstrip("/")
+    boot = BootPolicy(bootfiles={"bios": config.get("dhcp.bootfile_bios"),
+                                 "efi32": config.get("dhcp.bootfile_efi32"),
+                                 "efi64": config.get("dhcp.bootfile_efi64"),
+                                 "arm64": config.get("dhcp.bootfile_arm64")},
+                      script_url=f"{url}/boot.ipxe" if url else "",
+                      http_base=f"{url}/ipxe" if url else "")
+    settings = Dhcp6Settings(
+        interface=interface, policy=Boot6Policy(boot, address or ""),
+        mode=config["dhcp6.mode"], range=config.get("dhcp6.range"),
+        lease_time=int(config["dhcp6.lease_time"]), listen_port=int(config["dhcp6.port"]),
+        client_port=int(config["dhcp6.client_port"]),
+        proxy_port=int(config["dhcp6.proxy_port"]))
+    return Dhcp6Service(settings, store=ctx.store, keys=ctx.keys, idc=ctx.idc,
+                        metrics=ctx.metrics, timeline=ctx.timeline)

@@ -263,3 +263,46 @@ def test_proxy_mode_offers_boot_only_and_answers_on_4011(segment: Segment) -> No
     assert counter(stats, "dhcp6_answers_total", type="advertise") == 2
     assert counter(stats, "dhcp6_answers_total", type="reply") == 1
     assert counter(stats, "dhcp6_dropped_total", reason="not_boot_client") == 1
+
+
+def test_lpmos_regional_serves_dhcp6_and_the_timeline_records_it(
+        segment: Segment, etcd_server: Any, keys: Keys) -> None:
+    """``lpmos regional --dhcp6-mode full`` on the segment: dhclient -6 gets its
+    address and boot file URL, and the machine's boot timeline in etcd has
+    the DHCPv6 answer, as it has DHCPv4 ones."""
+    from lpmos.models import Task
+    from lpmos.tasks import TaskService
+    from tests.reliability.support import Regional
+
+    mac = sh("ip", "netns", "exec", segment.ns, "cat",
+             f"/sys/class/net/{segment.client_if}/address").stdout.strip()
+    store = EtcdStore([etcd_server.url], timeout=5.0)
+    node = Regional(etcd_server.url, keys.prefix, segment.tmp / "node", name="node-v6",
+                    flags=["--idc", "v6lab", "--services", "dhcp,http", "--dhcp-mode", "off",
+                           "--dhcp6-mode", "full", "--dhcp6-interface", segment.server_if,
+                           "--dhcp6-range", "fd00:77::200-fd00:77::2ff"])
+    try:
+        TaskService(store, keys).create(Task(idc="v6lab", sn="SN-V6-1", mac=mac,
+                                             os_type="Lab"), by="test")
+        node.start()
+        lease = dhclient(segment)
+        assert "iaaddr fd00:77::2" in lease, lease + node.log()
+        # the URL names the interface's own global address
+        assert 'option dhcp6.bootfile-url "tftp://[fd00:77::1]/ipxe.efi"' in lease, lease
+        deadline = time.monotonic() + 20
+        entries: list[Any] = []
+        while time.monotonic() < deadline:
+            kv = store.get(keys.timeline("v6lab", "SN-V6-1"))
+            if kv is not None:
+                data = json.loads(kv.value)
+                entries = [e for e in (data.get("entries") if isinstance(data, dict) else data)
+                           or [] if e.get("stage") == "dhcp6"]
+                if entries:
+                    break
+            time.sleep(0.3)
+        assert entries, node.log()
+        assert entries[0]["detail"]["url"] == "tftp://[fd00:77::1]/ipxe.efi"
+        assert entries[0]["detail"]["ipv6"] is True
+    finally:
+        node.stop()
+        store.close()
