@@ -142,15 +142,7 @@ class ApiClient:
                                         context=self._ssl) as resp:
                 return _decode(resp.read(MAX_ANSWER_BYTES + 1), resp.status)
         except urllib.error.HTTPError as exc:
-            raw = exc.read(MAX_ANSWER_BYTES)
-            try:
-                answer = json.loads(raw)
-            except ValueError:
-                answer = raw.decode(errors="replace").strip()
-            if isinstance(answer, dict):
-                raise ApiRefused(exc.code, str(answer.get("error", exc.reason)),
-                                 str(answer.get("detail", "")), answer) from None
-            raise ApiRefused(exc.code, str(exc.reason), str(answer)[:200], answer) from None
+            raise _refused(exc.code, str(exc.reason), exc.read(MAX_ANSWER_BYTES)) from None
         except urllib.error.URLError as exc:
             raise Unavailable(f"cannot reach {self.base_url}: {_reason(exc.reason)}") from None
         except TimeoutError:
@@ -207,15 +199,21 @@ class ApiClient:
         finally:
             conn.close()
         if resp.status >= 400:
-            try:
-                answer = json.loads(raw)
-            except ValueError:
-                answer = raw.decode(errors="replace").strip()
-            if isinstance(answer, dict):
-                raise ApiRefused(resp.status, str(answer.get("error", resp.reason)),
-                                 str(answer.get("detail", "")), answer)
-            raise ApiRefused(resp.status, str(resp.reason), str(answer)[:200], answer)
+            raise _refused(resp.status, str(resp.reason), raw[:MAX_ANSWER_BYTES])
         return _decode(raw, resp.status)
+
+
+def _refused(status: int, reason: str, raw: bytes) -> ApiRefused:
+    """The error of an answer with an error ``status``: its JSON
+    ``{"error", "detail"}`` when it has one, else its text."""
+    try:
+        answer: Any = json.loads(raw)
+    except ValueError:
+        answer = raw.decode(errors="replace").strip()
+    if isinstance(answer, dict):
+        return ApiRefused(status, str(answer.get("error", reason)),
+                          str(answer.get("detail", "")), answer)
+    return ApiRefused(status, reason, str(answer)[:200], answer)
 
 
 def _decode(raw: bytes, status: int) -> Any:

@@ -21,7 +21,8 @@ import json
 import logging
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from bootsvc.context import NodeContext
 from bootsvc.dhcp.service import DhcpService
@@ -76,12 +77,18 @@ def _node_context(config: Config, store: Any) -> NodeContext:
                        server_ip=server_ip or "")
 
 
-async def _serve(ctx: NodeContext) -> None:
-    """Run the service until SIGTERM or SIGINT."""
-    service = DhcpService(ctx)
+class _Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve_until_signalled(service: _Service, ready: Callable[[], str]) -> None:
+    """Start ``service``, print ``ready()`` (the READY line), run until
+    SIGTERM or SIGINT, stop it."""
     await service.start()
     gc.freeze()     # start-up objects out of the collector's way (fewer long pauses)
-    print("READY " + json.dumps(service.ports), flush=True)
+    print(ready(), flush=True)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -112,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     store = _open_store(config)
     ctx = _node_context(config, store)
     try:
-        asyncio.run(_serve(ctx))
+        service = DhcpService(ctx)
+        asyncio.run(serve_until_signalled(service,
+                                          lambda: "READY " + json.dumps(service.ports)))
     finally:
         ctx.cache.stop()
         if args.stats_file:

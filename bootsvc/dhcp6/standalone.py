@@ -11,10 +11,10 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 from typing import Any
 
+from bootsvc.dhcp.standalone import serve_until_signalled
 from bootsvc.dhcp6.service import Dhcp6Service, Dhcp6Settings
 from bootsvc.policy.bootfile import BootPolicy, parse_bootfile
 from bootsvc.policy.bootfile6 import Boot6Policy
@@ -67,16 +67,6 @@ def settings_from(args: argparse.Namespace) -> Dhcp6Settings:
                          proxy_port=args.proxy_port)
 
 
-async def _serve(service: Dhcp6Service) -> None:
-    await service.start()
-    print("READY", flush=True)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    await done.wait()
-    await service.stop()
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -93,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         store = EtcdStore(args.etcd_endpoints.split(","), timeout=5.0)
     service = Dhcp6Service(settings, store=store, keys=Keys(args.etcd_prefix), idc=args.idc)
     try:
-        asyncio.run(_serve(service))
+        asyncio.run(serve_until_signalled(service, lambda: "READY"))
     finally:
         if args.stats_file:
             with open(args.stats_file, "w") as fh:
