@@ -201,6 +201,7 @@ class RegionalNode:
         self._registration: NodeRegistration | None = None
         self._reaper: Reaper | None = None
         self._images: Any = None
+        self._power: Any = None
         self.ctx.metrics.gauge("node_cache_staleness_seconds",
                                lambda: min(cache.staleness(), 1e9),
                                "seconds since etcd last confirmed the IDC cache is current")
@@ -259,6 +260,15 @@ class RegionalNode:
         self._registration.start()
         if self._http is not None:
             self._start_images(self._registration)
+        self._start_power()
+
+    def _start_power(self) -> None:
+        """The power worker (issue #21): this IDC's power requests, carried
+        out against the BMCs on its own bounded threads."""
+        from bootsvc.power.worker import PowerSettings, PowerWorker
+
+        self._power = PowerWorker(self.ctx, PowerSettings.from_config(self.config))
+        self._power.start()
 
     def _start_images(self, registration: NodeRegistration) -> None:
         """The managed image sync (issue #25): it feeds the boot HTTP's
@@ -310,6 +320,8 @@ class RegionalNode:
         self._async.clear()
 
     def _stop_sync(self) -> None:
+        if self._power is not None:
+            self._power.stop()
         if self._images is not None:
             self._images.stop()
         if self._reaper is not None:

@@ -173,13 +173,16 @@ class TaskService:
         return [Stored(t, revision) for t in tasks]
 
     def update(self, idc: str, sn: str, fn: Callable[[Task], None], *,
-               expect_revision: int | None = None, audit: AuditFn | None = None) -> Stored:
+               expect_revision: int | None = None, audit: AuditFn | None = None,
+               extra: Callable[[Task], list[Op]] | None = None) -> Stored:
         """Apply ``fn`` (which mutates the task, or raises) under CAS.
 
         With ``expect_revision`` the write happens only if the task is still
         at that revision (no retry: the caller decided on what it saw).
         ``fn`` may raise :class:`lpmos.store.Unchanged` to write nothing
-        (and no audit record).
+        (and no audit record).  ``extra(task)`` adds operations to the same
+        transaction, built from the task about to be written (an approval's
+        power request, :mod:`lpmos.power`); it runs once per attempt.
         """
         key = self.keys.task(idc, sn)
         result: list[Task] = []
@@ -207,15 +210,20 @@ class TaskService:
             ops: list[Op] = [Put(key, new)]
             if audit is not None:
                 ops.append(audit(Stored(Task.from_json(kv.value), kv.mod_revision), result[0]))
+            if extra is not None:
+                ops.extend(extra(result[0]))
             revision = self.store.commit([Compare(key, expect_revision)], ops)
             return Stored(result[0], revision)
 
         def audited(current: KeyValue | None, _new: bytes | None) -> list[Op]:
-            assert audit is not None and current is not None   # apply() refused a missing task
-            return [audit(Stored(Task.from_json(current.value), current.mod_revision), result[0])]
+            assert current is not None   # apply() refused a missing task
+            ops = [audit(Stored(Task.from_json(current.value), current.mod_revision),
+                         result[0])] if audit is not None else []
+            return ops + (extra(result[0]) if extra is not None else [])
 
         raw, revision = atomic_update(self.store, key, apply,
-                                      extra=audited if audit is not None else None)
+                                      extra=audited if audit is not None or extra is not None
+                                      else None)
         if not result:    # Unchanged
             assert raw is not None
             return Stored(Task.from_json(raw), revision)
@@ -233,6 +241,7 @@ class TaskService:
         mutate: Callable[[Task], None] | None = None,
         source: TaskStatus | str | None = None,
         audit: AuditFn | None = None,
+        extra: Callable[[Task], list[Op]] | None = None,
     ) -> Stored:
         """Move a task to ``target``; :class:`IllegalTransition` if the state
         machine forbids it (checked against the state read in the same CAS),
@@ -248,7 +257,8 @@ class TaskService:
             if mutate is not None:
                 mutate(task)
 
-        return self.update(idc, sn, fn, expect_revision=expect_revision, audit=audit)
+        return self.update(idc, sn, fn, expect_revision=expect_revision, audit=audit,
+                           extra=extra)
 
     def apply_events(self, idc: str, sn: str, events: list[ProgressEvent], *,
                      by: str = "") -> tuple[Stored, list[str]]:

@@ -31,6 +31,8 @@ SYSTEM_PACKAGES=(
   debhelper dh-virtualenv dpkg-dev  # the Debian package of LPMOS (packaging/debian, built and installed by a test)
   systemd adduser                # that test: 'systemd-analyze verify' of the units (no systemd need run); the package's postinst
   python3-venv python3-dev gcc   # the virtualenv
+  libvirt-daemon-system libvirt-clients  # power tests: libvirtd (started by the test) runs the TCG domains behind the BMC emulators; virsh
+  libvirt-dev pkg-config         # pip builds libvirt-python (sushy-tools' and virtualbmc's libvirt driver) against them
 )
 
 # Versions the lab and the tests were last run green with. The lab depends on

@@ -43,9 +43,11 @@ from lpmos.cloudconfig import (
     render_cloud_config,
 )
 from lpmos.models import Task, ValidationError, validate_name, validate_sn, validate_text
+from lpmos.power import PowerRequest
 from lpmos.states import IllegalTransition, NotInState, TaskStatus
 from lpmos.store import Op
 from lpmos.tasks import AuditFn, BatchRefused, Stored
+from web.api_power import approval_request, queue_ops
 from web.audit import request_auditor
 from web.auth import Principal, current_principal, requires
 from web.context import WebContext, ctx
@@ -408,7 +410,10 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
     approved; redeploy: succeeded → approved), so that none does another's
     job under its name in the audit log.  ``new_params``: the body's
     ``params`` (an object) are merged into the task's and checked as at
-    creation, in the same CAS as the move."""
+    creation, in the same CAS as the move.  A move to ``approved`` of a
+    machine with a BMC record also queues its power request (PXE next, then
+    a power cycle: :func:`web.api_power.approval_request`) in that CAS,
+    unless the body says ``"power": false``."""
     c = ctx()
     idc, sn = _path_ids(idc, sn)
     body = _object_body()
@@ -426,17 +431,32 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
         raise ApiError(400, "invalid", "params: a JSON object (merged into the task's)",
                        field="params")
 
+    power = body.get("power", True)
+    if not isinstance(power, bool):
+        raise ApiError(400, "invalid", "power: true or false (false: do not power-cycle the "
+                                       "machine through its BMC)", field="power")
+    queued: list[PowerRequest] = []
+
     def check(task: Task) -> None:
         if four_eyes and c.setting("web.four_eyes", False) and task.created_by == user:
             raise ApiError(403, "four_eyes", f"{user} created this task and may not approve "
                                              "it (four-eyes rule)")
         if changes:
             _merge_params(c, task, changes)
+        queued.clear()
+        if target == TaskStatus.APPROVED and power:
+            req = approval_request(c, task, by=user, action=action)
+            if req is not None:
+                queued.append(req)
+
+    def power_ops(_task: Task) -> list[Op]:
+        return queue_ops(c, queued[0], request_auditor(c)) if queued else []
 
     try:
         stored = c.tasks.transition(idc, sn, target, by=user, reason=note,
                                     expect_revision=expect, mutate=check, source=source,
-                                    audit=_audit(c, action, f"{idc}/{sn}", note))
+                                    audit=_audit(c, action, f"{idc}/{sn}", note),
+                                    extra=power_ops)
     except IllegalTransition as exc:
         current = c.tasks.get(idc, sn)
         detail = str(exc)
@@ -447,7 +467,10 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
                        status=current.task.status if current else None,
                        revision=current.revision if current else 0) from None
     _synced(c, stored.revision)
-    return jsonify({"task": task_view(stored.task), "revision": stored.revision})
+    out: dict[str, Any] = {"task": task_view(stored.task), "revision": stored.revision}
+    if queued:
+        out["power_request"] = queued[0].id
+    return jsonify(out)
 
 
 @bp.post("/tasks/<idc>/<sn>/approve")

@@ -14,6 +14,7 @@ registers one blueprint per concern:
 | api_stats     | web.api_stats        | stats, /healthz, /metrics              |
 | api_admin     | web.api_admin        | audit, users, tokens, templates, IDCs  |
 | api_webhooks  | web.api_webhooks     | outbound webhooks and their deliveries |
+| api_power     | web.api_power        | BMC records and power requests         |
 | ws            | web.ws               | /ws live updates                       |
 | openapi       | web.openapi          | /api/v1/openapi.json                   |
 | console       | web.console          | the console pages                      |
@@ -167,6 +168,7 @@ def _register_blueprints(app: Flask) -> None:
         api_admin,
         api_images,
         api_logs,
+        api_power,
         api_servers,
         api_stats,
         api_tasks,
@@ -178,7 +180,7 @@ def _register_blueprints(app: Flask) -> None:
     )
 
     for module in (auth, api_tasks, api_logs, api_servers, api_stats, api_admin, api_webhooks,
-                   api_images, ws, openapi, console):
+                   api_images, api_power, ws, openapi, console):
         app.register_blueprint(module.bp)
 
 

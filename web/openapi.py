@@ -33,9 +33,14 @@ PAGE = [_q("limit", "page size, 1-500", _I), _q("cursor", "next_cursor of the pr
 _REVISION = {"type": "integer", "description": "apply only if the task is still at this "
                                               "revision (else 409)"}
 NOTES_BODY = {"type": "object", "properties": {"notes": _S, "reason": _S, "revision": _REVISION}}
+_POWER = {"type": "boolean", "description": "default true: with a BMC record, queue PXE as the "
+                                            "next boot and a power cycle in the same "
+                                            "transaction; false: power the machine yourself"}
+APPROVE_BODY = {"type": "object", "properties": {"notes": _S, "reason": _S, "revision": _REVISION,
+                                                 "power": _POWER}}
 
 REDEPLOY_BODY = {"type": "object", "properties": {
-    "notes": _S, "reason": _S, "revision": _REVISION,
+    "notes": _S, "reason": _S, "revision": _REVISION, "power": _POWER,
     "params": {"type": "object", "description": "merged into the task's params and checked "
                                                 "as at creation; null removes a key"}}}
 
@@ -66,13 +71,13 @@ DOCS: dict[str, dict[str, Any]] = {
         "summary": "Delete a task that is not booting or installing",
         "params": [_q("revision", "delete only at this revision", _I)], "response": "Object"},
     "POST /api/v1/tasks/{idc}/{sn}/approve": {"summary": "pending → approved",
-                                              "body": NOTES_BODY, "response": "TaskResult"},
+                                              "body": APPROVE_BODY, "response": "TaskResult"},
     "POST /api/v1/tasks/{idc}/{sn}/reject": {"summary": "pending → rejected",
                                              "body": NOTES_BODY, "response": "TaskResult"},
     "POST /api/v1/tasks/{idc}/{sn}/cancel": {"summary": "active → cancelled",
                                              "body": NOTES_BODY, "response": "TaskResult"},
     "POST /api/v1/tasks/{idc}/{sn}/retry": {"summary": "failed → approved",
-                                            "body": NOTES_BODY, "response": "TaskResult"},
+                                            "body": APPROVE_BODY, "response": "TaskResult"},
     "POST /api/v1/tasks/{idc}/{sn}/redeploy": {
         "summary": "succeeded → approved: install again as a new attempt, with params "
                    "merged into the task's (e.g. a new hostname)",
@@ -162,6 +167,41 @@ DOCS: dict[str, dict[str, Any]] = {
     "GET /api/v1/images/{name}/files/{role}": {
         "summary": "An uploaded file (Range, ETag); operators, or regional nodes with a "
                    "signed request", "response": "Object"},
+    "GET /api/v1/servers/{idc}/{sn}/bmc": {
+        "summary": "The machine's BMC record (driver, address, port, user, options; never the "
+                   "password) and the inventory's BMC address", "response": "Object"},
+    "PUT /api/v1/servers/{idc}/{sn}/bmc": {
+        "summary": "Set the machine's BMC (admin); the password goes where only regional "
+                   "nodes read it and is never returned",
+        "body": {"type": "object", "required": ["driver", "user"], "properties": {
+            "driver": {"type": "string", "enum": ["redfish", "ipmi"]},
+            "address": {"type": "string", "description": "IP or host name; absent: the "
+                                                         "inventory's BMC address"},
+            "port": _I, "user": _S,
+            "password": {"type": "string", "description": "absent: keep the stored one"},
+            "options": {"type": "object", "description": "Redfish: scheme (https|http), "
+                                                         "verify_tls, system"}}},
+        "response": "Object"},
+    "DELETE /api/v1/servers/{idc}/{sn}/bmc": {"summary": "Forget the BMC record and its "
+                                                         "password (admin)",
+                                              "response": "Object"},
+    "POST /api/v1/servers/{idc}/{sn}/power": {
+        "summary": "Queue a power action; a regional node of the IDC carries it out (202; "
+                   "409 while another request of the machine is open, or without a BMC)",
+        "body": {"type": "object", "required": ["action"], "properties": {
+            "action": {"type": "string",
+                       "enum": ["on", "off", "reset", "cycle", "pxe-once", "status"]},
+            "reason": _S,
+            "deadline": {"type": "number", "description": "seconds, 5-110 (default 60), "
+                                                          "retries included"}}},
+        "response": "Object", "status": 202},
+    "GET /api/v1/servers/{idc}/{sn}/power": {
+        "summary": "The machine's power requests and their results, newest first",
+        "params": [_q("limit", "at most this many (1-40)", _I)], "response": "Object"},
+    "GET /api/v1/servers/{idc}/{sn}/power/{ident}": {
+        "summary": "One power request: state (queued, claimed, done, failed), steps, the "
+                   "reason of a failure, the power state read back",
+        "params": [_q("fresh", "1: read etcd, not the cache")], "response": "Object"},
     "GET /api/v1/session": {"summary": "The caller, role and CSRF token", "response": "Object"},
     "POST /api/v1/session/tokens": {"summary": "Create an API token for the signed-in user "
                                               "(console session only; shown once)",

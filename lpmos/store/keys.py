@@ -24,9 +24,17 @@ start with ``_`` so they can never collide with an IDC.
 | {p}/_secrets/node_api                 | control plane → node API HMAC key   |
 | {p}/images/{name}                     | managed image record (lpmos.images) |
 | {p}/{idc}/nodes/{node}/images/{name}  | a node's copy of it (node's lease)  |
+| {p}/{idc}/machines/{sn}/bmc           | BMC record, no secret (lpmos.power) |
+| {p}/{idc}/machines/{sn}/power/{id}    | a power request and its result      |
+| {p}-secrets/bmc/{idc}/{sn}            | the BMC password (nodes read it)    |
 
 ``images`` is reserved as an IDC name, as ``audit`` is: both are LPMOS-wide
 keys directly under the prefix (the design brief's names, kept).
+
+The BMC passwords live *beside* the prefix (``/os-secrets/``, which sorts
+before ``/os/``), not under it: the control plane's one watch of the whole
+prefix never holds them, and with etcd auth the control plane's user can be
+given write-only access there and the nodes' users read access.
 """
 
 from __future__ import annotations
@@ -52,10 +60,13 @@ class Keys:
         self.prefix = prefix
         self._machine_re = re.compile(
             re.escape(prefix)
-            + r"/([a-z0-9][a-z0-9_-]*)/machines/([^/]+)/(task|lease|token|timeline)"
+            + r"/([a-z0-9][a-z0-9_-]*)/machines/([^/]+)/(task|lease|token|timeline|bmc)"
         )
         self._node_image_re = re.compile(
             re.escape(prefix) + r"/([a-z0-9][a-z0-9_-]*)/nodes/([^/]+)/images/([^/]+)"
+        )
+        self._power_re = re.compile(
+            re.escape(prefix) + r"/([a-z0-9][a-z0-9_-]*)/machines/([^/]+)/power/([^/]+)"
         )
         self._idc_re = re.compile(
             re.escape(prefix) + r"/([a-z0-9][a-z0-9_-]*)/(servers|macs|nodes|dhcp)/([^/]+)"
@@ -160,12 +171,32 @@ class Keys:
     def node_images(self, idc: str, node: str) -> str:
         return f"{self.prefix}/{idc}/nodes/{node}/images/"
 
+    def bmc(self, idc: str, sn: str) -> str:
+        """A machine's BMC record (driver, address, user; never the
+        password: see :meth:`bmc_secret`)."""
+        return f"{self.prefix}/{idc}/machines/{sn}/bmc"
+
+    def bmc_secret(self, idc: str, sn: str) -> str:
+        """The BMC's password, outside the prefix so that no watch of the
+        prefix (the control plane's, a node's IDC cache) ever holds it."""
+        return f"{self.prefix}-secrets/bmc/{idc}/{sn}"
+
+    def power_request(self, idc: str, sn: str, ident: str) -> str:
+        """A power request for a machine and its result (:mod:`lpmos.power`)."""
+        return f"{self.prefix}/{idc}/machines/{sn}/power/{ident}"
+
+    def power_requests(self, idc: str, sn: str) -> str:
+        return f"{self.prefix}/{idc}/machines/{sn}/power/"
+
     # -- parser
     def parse(self, key: str) -> ParsedKey | None:
         """What a key is, or ``None`` for a key outside the schema."""
         m = self._machine_re.fullmatch(key)
         if m:
             return ParsedKey(m.group(3), m.group(1), m.group(2))
+        m = self._power_re.fullmatch(key)
+        if m:
+            return ParsedKey("power", m.group(1), f"{m.group(2)}/{m.group(3)}")
         m = self._node_image_re.fullmatch(key)
         if m:
             return ParsedKey("node_image", m.group(1), f"{m.group(2)}/{m.group(3)}")

@@ -134,6 +134,9 @@ MUTATING: list[tuple[str, str, str]] = [
     ("POST", "/api/v1/images", "admin"),
     ("PUT", "/api/v1/images/someone/files/disk_image", "admin"),
     ("DELETE", "/api/v1/images/someone", "admin"),
+    ("PUT", "/api/v1/servers/dc1/sn-x/bmc", "admin"),
+    ("DELETE", "/api/v1/servers/dc1/sn-x/bmc", "admin"),
+    ("POST", "/api/v1/servers/dc1/sn-x/power", "operator"),
 ]
 BELOW = {"viewer": None, "operator": "viewer", "approver": "operator", "admin": "approver"}
 
