@@ -57,13 +57,16 @@ class RedfishDriver:
         from sushy import auth
 
         self._sushy = sushy
+        self._endpoint = record.endpoint()
         verify = bool(record.options.get("verify_tls", True))
         self._conn = sushy.Sushy(
             record.endpoint() + "/redfish/v1/",
             auth=auth.BasicAuth(username=record.user, password=password),
             verify=verify, read_timeout=max(1, int(timeout)),
             connect_timeout=max(1, min(5, int(timeout))),
-            server_side_retries=0, server_side_retries_delay=0)
+            # 1, not 0: sushy reads 0 as "3 connection tries 2 s apart"; the
+            # worker does the retrying, with back-off, within its deadline
+            server_side_retries=1, server_side_retries_delay=0)
         system = record.options.get("system")
         if not system:
             members = sorted(self._conn.get_system_collection().members_identities)
@@ -78,10 +81,17 @@ class RedfishDriver:
         self._system.refresh(force=True)
         return self._system
 
+    def _unexpected(self, what: str) -> BmcError:
+        return BmcError("protocol", f"BMC at {self._endpoint} sent an unexpected Redfish "
+                                    f"reply: {what}")
+
     def power_state(self) -> str:
         state = self._refresh().power_state
-        if state is None:
-            raise BmcError("protocol", "the Redfish ComputerSystem has no PowerState")
+        if state is None:      # sushy reads a value outside the schema as None
+            raw = (self._system.json or {}).get("PowerState")
+            raise self._unexpected("the ComputerSystem has no PowerState" if raw is None else
+                                   f"PowerState {str(raw)[:40]!r} is none of On, Off, "
+                                   "PoweringOn, PoweringOff")
         value = str(getattr(state, "value", state)).lower()
         return {"poweringon": "on", "poweringoff": "off"}.get(value, value)
 
@@ -89,7 +99,7 @@ class RedfishDriver:
         allowed = self._system.get_allowed_reset_system_values()
         if allowed and kind not in allowed:
             names = ", ".join(sorted(str(getattr(a, "value", a)) for a in allowed))
-            raise BmcError("unsupported", f"the BMC does not offer ResetType "
+            raise BmcError("unsupported", f"BMC at {self._endpoint} does not offer ResetType "
                                           f"{getattr(kind, 'value', kind)} (it offers {names})")
         self._system.reset_system(kind)
 
@@ -119,10 +129,13 @@ class RedfishDriver:
     def set_boot_device(self, device: str, once: bool) -> None:
         s = self._sushy
         target = {"pxe": s.BOOT_SOURCE_TARGET_PXE, "disk": s.BOOT_SOURCE_TARGET_HDD}[device]
-        self._refresh()
+        if not isinstance((self._refresh().json or {}).get("Boot"), dict):
+            raise self._unexpected("the ComputerSystem has no Boot object, so no boot "
+                                   "override can be set")
         allowed = self._system.get_allowed_system_boot_source_values()
         if allowed and target not in allowed:
-            raise BmcError("unsupported", f"the BMC cannot boot from {device} (it offers "
+            raise BmcError("unsupported", f"BMC at {self._endpoint} cannot boot from {device} "
+                                          "(it offers "
                            + ", ".join(sorted(str(getattr(a, "value", a)) for a in allowed))
                            + ")")
         self._system.set_system_boot_options(
@@ -178,12 +191,29 @@ class IpmiDriver:
         return str(dev.get("bootdev", "")) if isinstance(dev, dict) else ""
 
     def close(self) -> None:
+        """Log out, and make pyghmi forget the session.  pyghmi shares one
+        session per (BMC, user, password) across Commands and leaves a
+        logged-in session in ``Session.initting_sessions``, so the next
+        Command to the same BMC would get this logged-out session back and
+        fail (``'<' not supported between float and NoneType``), or, not
+        logged out, hang; seen with pyghmi 1.6.19 against virtualbmc."""
         session = getattr(self._cmd, "ipmi_session", None)
-        if session is not None:
-            try:
-                session.logout()
-            except Exception:      # noqa: S110 - a session we are dropping anyway
-                pass
+        if session is None:
+            return
+        try:
+            session.logout()
+        except Exception:      # noqa: S110 - a session we are dropping anyway
+            pass
+        from pyghmi.ipmi.private import session as ipmi_session
+
+        cls: Any = ipmi_session.Session
+        for key, value in list(cls.initting_sessions.items()):
+            if value is session:
+                cls.initting_sessions.pop(key, None)
+        for ports in list(cls.bmc_handlers.values()):
+            for port, value in list(ports.items()):
+                if value is session:
+                    ports.pop(port, None)
 
 
 def open_driver(record: BmcRecord, password: str, timeout: float) -> Driver:

@@ -64,6 +64,12 @@ def classify(exc: BaseException, where: Where) -> BmcError:
         return _classify_sushy(exc, name, text, low, where)
     if module.startswith("pyghmi"):
         return _classify_ipmi(text, low, where)
+    if isinstance(exc, ValueError | KeyError | TypeError | AttributeError):
+        # a reply the library could not read (not JSON, a field of the wrong
+        # type); before OSError: requests' JSONDecodeError is both
+        return BmcError("protocol", f"BMC at {where.endpoint} sent a reply that is not valid "
+                                    f"{'Redfish' if where.driver == 'redfish' else 'IPMI'}: "
+                                    f"{name}: {_cut(text)}")
     if isinstance(exc, socket.gaierror):
         return BmcError("unreachable", f"BMC unreachable at {where.endpoint}: the name does "
                                        f"not resolve ({_cut(text)})")
@@ -76,11 +82,6 @@ def classify(exc: BaseException, where: Where) -> BmcError:
     if isinstance(exc, OSError):
         return BmcError("unreachable", f"BMC unreachable at {where.endpoint}: "
                                        f"{_first_line_of(exc)}")
-    if isinstance(exc, ValueError | KeyError | TypeError | AttributeError):
-        # a reply the library could not read (not JSON, a field of the wrong type)
-        return BmcError("protocol", f"BMC at {where.endpoint} sent a reply that is not valid "
-                                    f"{'Redfish' if where.driver == 'redfish' else 'IPMI'}: "
-                                    f"{name}: {_cut(text)}")
     return BmcError("bmc_error", f"BMC at {where.endpoint}: {name}: {_cut(text)}")
 
 
@@ -91,12 +92,12 @@ def _classify_sushy(exc: BaseException, name: str, text: str, low: str,
         return BmcError("auth", f"BMC refused the credentials of user {where.user!r} at "
                                 f"{where.endpoint} (HTTP {status or 401})")
     if name == "ConnectionError":
+        if "refused" in low:         # first: the message may name the connect timeout
+            return BmcError("unreachable", f"BMC unreachable at {where.endpoint}: connection "
+                                           "refused")
         if "timed out" in low or "timeout" in low:
             return BmcError("timeout", f"BMC at {where.endpoint} did not answer within "
                                        f"{where.timeout:g} s")
-        if "refused" in low:
-            return BmcError("unreachable", f"BMC unreachable at {where.endpoint}: connection "
-                                           "refused")
         if "name or service not known" in low or "nodename nor servname" in low or \
                 "failed to resolve" in low:
             return BmcError("unreachable", f"BMC unreachable at {where.endpoint}: the name "

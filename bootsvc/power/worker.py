@@ -307,13 +307,11 @@ class PowerWorker:
 
     def _execute(self, key: str, req: PowerRequest, revision: int, started: float) -> None:
         end = started + req.deadline
-        driver: Driver | None = None
-        record: BmcRecord | None = None
+        holder: list[Driver] = []
         try:
             record, password = self._bmc(req)
             where = Where(record.endpoint(), record.driver, record.user,
                           self.settings.call_timeout)
-            holder: list[Driver] = []
 
             def connected() -> Driver:
                 if not holder:
@@ -326,9 +324,8 @@ class PowerWorker:
                     revision = self._save(key, req, revision)
                 self._with_retries(req, step, where, end, holder, connected)
                 step.state, step.at = "done", time.time()
-            driver = holder[0] if holder else None
-            if driver is not None:
-                self._read_back(req, driver, where, end)
+            if holder:
+                self._read_back(req, holder[0], where, end)
             finish(req, time.time())
         except BmcError as exc:
             finish(req, time.time(), error=exc.reason, error_kind=exc.kind)
@@ -336,8 +333,8 @@ class PowerWorker:
             log.warning("power: %s was taken over by another node; leaving it", key)
             return
         finally:
-            if driver is not None:
-                self._calls.submit(driver.close)
+            if holder:
+                self._close(holder.pop())
         fresh = self.ctx.store.get(key)
         if fresh is None:
             return
@@ -346,6 +343,16 @@ class PowerWorker:
             return
         self._write_result(key, req, fresh.mod_revision)
         log.info("power: %s/%s %s", req.idc, req.sn, req.describe())
+
+    def _close(self, driver: Driver, wait: float = 3.0) -> None:
+        """End the driver's session before the next request may open one:
+        pyghmi hands a new Command the logged-in session of the same BMC and
+        user, so a logout still under way would break the next request."""
+        future = self._calls.submit(driver.close)
+        try:
+            future.result(timeout=wait)
+        except Exception as exc:      # a BMC gone silent: its session times out there
+            log.info("power: closing a BMC session: %s", type(exc).__name__)
 
     def _bmc(self, req: PowerRequest) -> tuple[BmcRecord, str]:
         keys, store = self.ctx.keys, self.ctx.store
@@ -402,8 +409,7 @@ class PowerWorker:
                 log.info("power: %s %s/%s try %d: %s; again in %.1f s", step.name, req.idc,
                          req.sn, attempt, exc.reason, delay)
                 if holder:           # reconnect: the session may be what broke
-                    old = holder.pop()
-                    self._calls.submit(old.close)
+                    self._close(holder.pop())
                 if self._stop.wait(delay):
                     raise BmcError("interrupted", "the node is stopping") from None
 
