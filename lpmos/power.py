@@ -204,8 +204,9 @@ def parse_bmc_put(body: Any, *, idc: str, sn: str, inventory_address: str | None
                   existing: BmcRecord | None, by: str, now: float) -> tuple[BmcRecord, str | None]:
     """The record (and the new password, ``None``: keep the stored one) of a
     ``PUT .../bmc`` body ``{"driver", "address"?, "port"?, "user", "password"?,
-    "options"?}``.  Without ``address`` the inventory's BMC address is used;
-    without ``password`` the one stored before (a first PUT must give one)."""
+    "options"?}``.  A field left out keeps its stored value; a first PUT
+    without ``address`` takes the inventory's BMC address, and must give a
+    ``password``."""
     if not isinstance(body, dict):
         raise ValidationError("bmc", "a JSON object")
     unknown = sorted(set(body) - {"driver", "address", "port", "user", "password", "options"})
@@ -214,7 +215,9 @@ def parse_bmc_put(body: Any, *, idc: str, sn: str, inventory_address: str | None
                                           "password, options)")
     source = "operator"
     address = body.get("address")
-    if address in (None, ""):
+    if address in (None, "") and existing is not None:
+        address, source = existing.address, existing.source
+    elif address in (None, ""):
         if not inventory_address:
             raise ValidationError("address", "is required: the machine's inventory has no "
                                              "BMC address to pre-fill it from")
@@ -228,8 +231,10 @@ def parse_bmc_put(body: Any, *, idc: str, sn: str, inventory_address: str | None
         raise ValidationError("password", "is required (the BMC has none stored yet)")
     record = BmcRecord(idc=idc, sn=sn, driver=driver if isinstance(driver, str) else "",
                        address=address, user=body.get("user", existing.user if existing else ""),
-                       port=body.get("port", 0) if body.get("port") is not None else 0,
-                       options=body.get("options") or {}, source=source,
+                       port=body["port"] if body.get("port") is not None
+                       else (existing.port if existing else 0),
+                       options=body["options"] if body.get("options") is not None
+                       else (dict(existing.options) if existing else {}), source=source,
                        updated_at=now, updated_by=by, has_password=True)
     return record.validate(), password
 

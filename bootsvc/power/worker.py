@@ -110,7 +110,7 @@ class PowerWorker:
                    "and result (done, or the failure kind: auth, unreachable, timeout, "
                    "protocol, unsupported, bmc_error, config, interrupted, expired)")
         m.describe("power_request_seconds", "seconds from this node's claim of a power "
-                   "request to its result, by action")
+                   "request to its result, by action", kind="histogram")
         m.gauge("power_requests_active", lambda: float(len(self._busy)),
                 "power requests this node is carrying out now")
         ctx.busy_checks.append(lambda: bool(self._busy))
