@@ -66,7 +66,11 @@ DESCRIPTIONS = {
              "is the default.",
     "task": "Install tasks through the REST API: create, list, show, approve, reject, cancel, "
             "retry, redeploy, delete, and the full install log. A task is named IDC/SN.",
-    "server": "Discovered machines through the REST API: list and show (with inventory).",
+    "server": "Discovered machines through the REST API: list and show (with inventory); "
+              "their BMC (bmc-set, admins: the password is read from a file or standard "
+              "input, never the command line; bmc-show never shows it) and power actions "
+              "carried out by a regional node of the machine's IDC (power IDC/SN on, off, "
+              "reset, cycle, pxe-once or status; --wait follows it to its result).",
     "node": "Regional boot nodes through the REST API: list those alive, per IDC.",
     "audit": "The audit log through the REST API: who did what, when, before and after.",
     "template": "Task templates through the REST API: list and show.",
@@ -88,7 +92,7 @@ DESCRIPTIONS = {
 ACTIONS: dict[str, tuple[str, ...]] = {
     "task": ("create", "list", "show", "approve", "reject", "cancel", "retry", "redeploy",
              "delete", "log"),
-    "server": ("list", "show"),
+    "server": ("list", "show", "bmc-set", "bmc-show", "power"),
     "node": ("list",),
     "audit": ("list",),
     "template": ("list", "show"),
@@ -260,6 +264,36 @@ def _add_server(sub: Any) -> None:
     _add_paging(p, 50)
     p = _action(sub, "show", "show one machine with its inventory and task", server_show)
     _add_ref(p, "machine")
+    p = _action(sub, "bmc-set", "set a machine's BMC (admin)", server_bmc_set)
+    _add_ref(p, "machine")
+    p.add_argument("--driver", choices=POWER_DRIVERS, default=None,
+                   help="redfish or ipmi (required the first time)")
+    p.add_argument("--address", default=None,
+                   help="the BMC's IP or host name (default: kept, or the inventory's)")
+    p.add_argument("--port", type=int, default=None, help="default: 443 Redfish, 623 IPMI")
+    p.add_argument("--user", default=None, help="the BMC user (required the first time)")
+    p.add_argument("--password-file", default=None, metavar="PATH",
+                   help="read the password from this file ('-': standard input); never on "
+                        "the command line, where ps shows it (default: keep the stored one)")
+    p.add_argument("--scheme", choices=("https", "http"), default=None,
+                   help="Redfish: https (default) or http")
+    p.add_argument("--insecure", action="store_true",
+                   help="Redfish: do not verify the BMC's TLS certificate (self-signed)")
+    p.add_argument("--system", default=None, metavar="PATH",
+                   help="Redfish: /redfish/v1/Systems/ID when the BMC has several")
+    p = _action(sub, "bmc-show", "show a machine's BMC record (never its password)",
+                server_bmc_show)
+    _add_ref(p, "machine")
+    p = _action(sub, "power", "queue a power action; a regional node carries it out",
+                server_power)
+    _add_ref(p, "machine")
+    p.add_argument("power_action", metavar="ACTION", choices=POWER_ACTIONS,
+                   help=", ".join(POWER_ACTIONS))
+    p.add_argument("--reason", default=None, help="why (kept with the request and in the audit)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the result; exit 1 when it failed")
+    p.add_argument("--wait-timeout", type=float, default=150.0, metavar="SECONDS",
+                   help="give up waiting after this long (default 150)")
 
 
 def _add_node(sub: Any) -> None:
@@ -818,6 +852,73 @@ def server_show(client: ApiClient, args: argparse.Namespace) -> Shown:
         text += "\ninventory (--output json or yaml for all of it):\n" + "".join(
             f"  {line}\n" for line in render_record(inventory).splitlines())
     return Shown(answer, text)
+
+
+#: lpmos.power's drivers and API actions (the client imports nothing of the server)
+POWER_DRIVERS = ("redfish", "ipmi")
+POWER_ACTIONS = ("on", "off", "reset", "cycle", "pxe-once", "status")
+
+
+def server_bmc_set(client: ApiClient, args: argparse.Namespace) -> Shown:
+    body: dict[str, Any] = {k: v for k, v in (("driver", args.driver), ("address", args.address),
+                                             ("port", args.port), ("user", args.user))
+                            if v is not None}
+    options: dict[str, Any] = {}
+    if args.scheme:
+        options["scheme"] = args.scheme
+    if args.insecure:
+        options["verify_tls"] = False
+    if args.system:
+        options["system"] = args.system
+    if options:
+        body["options"] = options
+    if args.password_file:
+        try:
+            source = str(args.password_file)
+            raw = sys.stdin.read() if source == "-" else Path(source).read_text()
+        except OSError as exc:
+            raise UsageError(f"--password-file: {exc.strerror}: {args.password_file}") \
+                from None
+        body["password"] = raw.rstrip("\r\n")
+    answer = client.call("PUT", "/servers" + _ref_path(args.ref) + "/bmc", body)
+    return Shown(answer, render_record(answer.get("bmc") or {}, first=BMC_FIRST,
+                                       skip=("schema",)))
+
+
+def server_bmc_show(client: ApiClient, args: argparse.Namespace) -> Shown:
+    answer = client.call("GET", "/servers" + _ref_path(args.ref) + "/bmc")
+    bmc = answer.get("bmc")
+    if not bmc:
+        hint = answer.get("inventory_address")
+        return Shown(answer, f"{args.ref} has no BMC record"
+                     + (f" (its inventory reports a BMC at {hint}; 'lpmos server bmc-set "
+                        f"{args.ref} --driver ipmi --user USER --password-file FILE' uses "
+                        "it)" if hint else "") + "\n")
+    return Shown(answer, render_record(bmc, first=BMC_FIRST, skip=("schema",)))
+
+
+BMC_FIRST = ("driver", "endpoint", "address", "port", "user", "has_password", "source")
+POWER_FIRST = ("id", "action", "state", "describe", "node", "power_state", "error")
+
+
+def server_power(client: ApiClient, args: argparse.Namespace) -> Shown:
+    body: dict[str, Any] = {"action": args.power_action}
+    if args.reason:
+        body["reason"] = args.reason
+    path = "/servers" + _ref_path(args.ref) + "/power"
+    req = client.call("POST", path, body).get("request") or {}
+    if args.wait:
+        deadline = time.monotonic() + args.wait_timeout
+        while req.get("state") not in ("done", "failed"):
+            if time.monotonic() > deadline:
+                raise ClientError(f"{args.ref}: power request {req.get('id')} has no result "
+                                  f"within {args.wait_timeout:g} s: {req.get('describe')}")
+            time.sleep(0.5)
+            req = client.call("GET", f"{path}/{req.get('id')}",
+                              query={"fresh": "1"}).get("request") or {}
+        if req.get("state") == "failed":
+            raise ClientError(f"{args.ref}: {req.get('describe')}")
+    return Shown({"request": req}, render_record(req, first=POWER_FIRST, skip=("schema",)))
 
 
 def node_list(client: ApiClient, args: argparse.Namespace) -> Shown:

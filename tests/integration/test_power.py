@@ -12,7 +12,10 @@ fields outside the schema (the only fake, for that one reply).
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -169,14 +172,33 @@ def test_redfish_on_pxe_once_off_drive_the_libvirt_domain(lab: PowerLab, plane: 
     assert_secret_nowhere(plane, sn, lab.password)
 
 
+def cli(plane: Plane, role: str, *args: str, stdin: str | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LPMOS_")}
+    env["LPMOS_CLIENT_CONFIG"] = "/nonexistent/lpmos-profiles.toml"
+    return subprocess.run([sys.executable, "-m", "lpmos", *args, "--url", plane.url,
+                           "--token", plane.env.tokens[role]], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+
+
 @pytest.mark.slow
 def test_ipmi_on_pxe_once_off_drive_the_libvirt_domain(lab: PowerLab, plane: Plane) -> None:
+    """Through the CLI as an operator types it: bmc-set with the password on
+    standard input, bmc-show, power ... --wait."""
     dom = lab.define(ipmi=True)
     sn = new_sn()
-    plane.set_bmc(sn, driver="ipmi", address="127.0.0.1", port=dom.ipmi_port, user=lab.user,
-                  password=lab.password)
-    done = plane.result(sn, plane.power(sn, "on"))
-    assert (done["state"], done["power_state"]) == ("done", "on"), done
+    r = cli(plane, "admin", "server", "bmc-set", f"{IDC}/{sn}", "--driver", "ipmi",
+            "--address", "127.0.0.1", "--port", str(dom.ipmi_port), "--user", lab.user,
+            "--password-file", "-", stdin=lab.password + "\n")
+    assert r.returncode == 0, r.stderr
+    assert lab.password not in r.stdout and f"127.0.0.1:{dom.ipmi_port}" in r.stdout
+    r = cli(plane, "viewer", "server", "bmc-show", f"{IDC}/{sn}", "--output", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bmc"]["has_password"] is True
+    assert lab.password not in r.stdout
+    r = cli(plane, "operator", "server", "power", f"{IDC}/{sn}", "on", "--wait")
+    assert r.returncode == 0, r.stderr
+    assert "done on node pw1: power on" in r.stdout
     assert lab.state(dom) == "running"
     done = plane.result(sn, plane.power(sn, "pxe-once"))
     assert done["state"] == "done", (done["error"], done["steps"])
@@ -245,6 +267,9 @@ def test_wrong_password_fails_with_refused_credentials_and_changes_nothing(
     started = time.monotonic()
     done = plane.result(sn, plane.power(sn, "on", deadline=20))
     assert done["state"] == "failed"
+    # the CLI exits 1 with the reason
+    r = cli(plane, "operator", "server", "power", f"{IDC}/{sn}", "status", "--wait")
+    assert r.returncode == 1 and "refused the credentials" in r.stderr, (r.stdout, r.stderr)
     assert "refused the credentials" in done["error"] and done["error_kind"] == "auth"
     assert done["tries"] == 1                  # a refusal is not retried
     assert time.monotonic() - started < 15
