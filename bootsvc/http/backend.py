@@ -265,13 +265,14 @@ class BootBackend:
         fetch, as ``(which, path)`` (``which``: kernel, initrd, or with
         ``disk`` disk_image); ``None`` for anything else.  Only a local file
         the catalog names for that image qualifies."""
-        image = self.catalog.images.get(name)
+        catalog = self.catalog          # one snapshot: the sync may swap it meanwhile
+        image = catalog.images.get(name)
         if image is None:
             return None
         for attr in ("kernel", "initrd", "disk_image") if disk else ("kernel", "initrd"):
             value = getattr(image, attr)
             if value and not image.is_url(value) and Path(value).name == file:
-                path = self.catalog.local_path(value)
+                path = catalog.local_path(value)
                 return (attr, path) if path is not None else None
         return None
 

@@ -45,7 +45,11 @@ def image_file(name: str, file: str) -> Response:
     if found is None:
         raise HttpError(404, "not_found", "no such image file")
     which, path = found
-    image = boot.catalog.images[name]
+    # the catalog may have been swapped since (a managed image removed or
+    # evicted): no image then is a 404, never a KeyError's 500
+    image = boot.catalog.images.get(name)
+    if image is None:
+        raise HttpError(404, "not_found", "no such image file")
     if which == "disk_image":
         boot.authenticate(None)        # any machine's token (a disk image is no secret of one)
     etag = image.sha256 if which == "disk_image" and image.sha256 else None
