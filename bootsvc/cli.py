@@ -20,6 +20,7 @@ DESCRIPTION = (
 
 _SERVICE_MODULES = ("bootsvc.dhcp.settings", "bootsvc.tftp.settings", "bootsvc.http.settings",
                     "bootsvc.images.settings",
+                    "bootsvc.power.settings",
                     "bootsvc.dhcp6.settings",
                     "bootsvc.state.install_log")
 

@@ -80,9 +80,15 @@ class PowerSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> PowerSettings:
-        get = getattr(config, "get", lambda _k, d=None: d)
-        return cls(workers=int(get("power.workers", 4) or 4),
-                   call_timeout=float(get("power.call_timeout", 10.0) or 10.0))
+        """From ``lpmos regional``'s config (:mod:`bootsvc.power.settings`)."""
+        from bootsvc.power.settings import SETTINGS
+
+        values = {s.key: s.default for s in SETTINGS}
+        values.update({k: v for k in values if (v := config.get(k)) is not None})
+        return cls(workers=int(values["power.workers"]),
+                   call_timeout=float(values["power.call_timeout"]),
+                   claim_ttl=float(values["power.claim_ttl"]),
+                   queue_ttl=float(values["power.queue_ttl"]))
 
 
 class PowerWorker:
@@ -405,6 +411,7 @@ class PowerWorker:
                 step.detail = exc.reason[:200]
                 delay = retry_delay(attempt, random.random())
                 if not exc.retryable or time.monotonic() + delay >= end - 0.5:
+                    step.state, step.at = "failed", time.time()
                     raise
                 log.info("power: %s %s/%s try %d: %s; again in %.1f s", step.name, req.idc,
                          req.sn, attempt, exc.reason, delay)

@@ -481,3 +481,98 @@ def test_bmc_address_is_prefilled_from_the_inventory(plane: Plane) -> None:
     assert r.status_code == 200
     assert plane.store.get(plane.keys.bmc_secret(IDC, sn)) is None
     assert plane.store.get(plane.keys.bmc(IDC, sn)) is None
+
+
+@pytest.mark.slow
+def test_approval_whose_power_step_fails_keeps_the_task_approved_and_says_why(
+        lab: PowerLab, plane: Plane) -> None:
+    dom = lab.define()
+    sn = new_sn()
+    plane.set_bmc(sn, driver="redfish", address="127.0.0.1", port=lab.sushy_port,
+                  user=lab.user, password="not-" + lab.password,
+                  options={"scheme": "http", "system": lab.system_path(dom)})
+    r = plane.call("POST", "/api/v1/tasks", "operator",
+                   {"idc": IDC, "sn": sn, "mac": "02:00:00:21:00:02", "os_type": "Ubuntu 22.04",
+                    "os_version": "22.04"})
+    assert r.status_code == 201, r.text
+    r = plane.call("POST", f"/api/v1/tasks/{IDC}/{sn}/approve", "approver", {})
+    assert r.status_code == 200, r.text
+    done = plane.result(sn, r.json()["power_request"])
+    assert done["state"] == "failed" and done["error_kind"] == "auth"
+    assert [(s["name"], s["state"]) for s in done["steps"]] == [("pxe-once", "failed"),
+                                                                 ("cycle", "pending")]
+
+    def said() -> dict[str, Any] | None:
+        task = plane.call("GET", f"/api/v1/tasks/{IDC}/{sn}?fresh=1", "viewer").json()["task"]
+        return task if task["progress"].get("step") == "power" else None
+
+    task = eventually(said, 15, what="the power failure on the task")
+    assert task["status"] == "approved"            # someone may still power it by hand
+    assert "refused the credentials" in task["progress"]["message"]
+    assert any("refused the credentials" in line and "lpmos server power" in line
+               for line in task["logs"])
+    assert lab.state(dom) == "shut off"
+    # approving with "power": false queues nothing
+    sn2 = new_sn()
+    plane.set_bmc(sn2, driver="redfish", address="127.0.0.1", port=lab.sushy_port,
+                  user=lab.user, password=lab.password, options={"scheme": "http"})
+    plane.call("POST", "/api/v1/tasks", "operator",
+               {"idc": IDC, "sn": sn2, "mac": "02:00:00:21:00:03", "os_type": "Ubuntu 22.04",
+                "os_version": "22.04"})
+    r = plane.call("POST", f"/api/v1/tasks/{IDC}/{sn2}/approve", "approver", {"power": False})
+    assert r.status_code == 200 and "power_request" not in r.json()
+    assert plane.call("GET", f"/api/v1/servers/{IDC}/{sn2}/power", "viewer").json()["items"] == []
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_cycle_is_taken_over_and_the_cycle_is_not_repeated(
+        etcd_server: Any, plane: Plane, tmp_path: Any) -> None:
+    """Node A claims two requests of its IDC against a BMC that never
+    answers and is SIGKILLed while carrying them out; node B takes over
+    after the claim TTL: the power cycle A had begun fails (it may have
+    happened; never twice), the idempotent power-on is claimed again."""
+    idc = "dc-takeover"
+    silent = SilentServer()
+    nodes: list[Regional] = []
+    try:
+        ids = {}
+        for action in ("cycle", "on"):
+            sn = new_sn()
+            r = plane.call("PUT", f"/api/v1/servers/{idc}/{sn}/bmc", body={
+                "driver": "redfish", "address": "127.0.0.1", "port": silent.port, "user": "u",
+                "password": "pw-unused-5", "options": {"scheme": "http"}})
+            assert r.status_code == 200, r.text
+            r = plane.call("POST", f"/api/v1/servers/{idc}/{sn}/power", "operator",
+                           {"action": action, "deadline": 100})
+            assert r.status_code == 202, r.text
+            ids[action] = (sn, r.json()["request"]["id"])
+        flags = ["--idc", idc, "--power-claim-ttl", "15", "--power-call-timeout", "60"]
+        a = Regional(etcd_server.url, plane.keys.prefix, tmp_path / "a", name="pwa",
+                     flags=flags)
+        nodes.append(a)
+        a.start()
+
+        def request(action: str) -> dict[str, Any]:
+            sn, ident = ids[action]
+            kv = plane.store.get(plane.keys.power_request(idc, sn, ident))
+            assert kv is not None
+            return dict(json.loads(kv.value))
+
+        eventually(lambda: request("cycle")["steps"][0]["state"] == "running"
+                   and request("on")["state"] == "claimed", 20, what="node A carrying out")
+        a.kill()
+        b = Regional(etcd_server.url, plane.keys.prefix, tmp_path / "b", name="pwb",
+                     flags=flags)
+        nodes.append(b)
+        b.start()
+        cycle = eventually(lambda: (r := request("cycle"))["state"] == "failed" and r, 40,
+                           what="the begun cycle failed by node B")
+        assert cycle["error_kind"] == "interrupted" and cycle["claims"] == 1
+        assert "node pwa stopped while carrying out cycle; not repeated" in cycle["error"]
+        on = eventually(lambda: (r := request("on"))["node"] == "pwb" and r, 40,
+                        what="the power-on taken over by node B")
+        assert on["claims"] == 2
+    finally:
+        for node in nodes:
+            node.kill()
+        silent.close()
