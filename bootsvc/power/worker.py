@@ -183,10 +183,18 @@ class PowerWorker:
         now = time.time()
         with self._lock:
             candidates = [(k, r) for k, r in self._open.items() if k not in self._busy]
+            # one request per machine at a time, oldest first: the API refuses a
+            # second while one is open, but two callers may race it
+            acting = {(r.idc, r.sn) for k, r in self._open.items()
+                      if k in self._busy or (r.state == "claimed"
+                                             and now < r.claimed_at + self.settings.claim_ttl)}
         for key, req in sorted(candidates, key=lambda kr: kr[1].created_at):
             decision = decide_claim(req, now, claim_ttl=self.settings.claim_ttl,
                                     queue_ttl=self.settings.queue_ttl)
+            if decision.what == "claim" and (req.idc, req.sn) in acting:
+                continue
             if decision.what == "claim":
+                acting.add((req.idc, req.sn))
                 with self._lock:
                     if len(self._busy) >= self.settings.workers:
                         return               # the rest wait for a free worker
