@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,20 @@ class EtcdServer:
     def stop(self) -> None:   # SIGSTOP: the process hangs, TCP stays open
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)
+        # kill() returns before every thread has stopped: on a loaded machine a
+        # request sent at once could still be answered; wait until all are
+        deadline = time.monotonic() + 5
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        while time.monotonic() < deadline:
+            states = []
+            for t in tasks.iterdir():
+                try:
+                    states.append((t / "stat").read_text().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    continue
+            if states and all(st in ("T", "t") for st in states):
+                return
+            time.sleep(0.01)
 
     def cont(self) -> None:
         assert self.proc is not None
