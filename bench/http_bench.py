@@ -95,6 +95,18 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a gunicorn or nginx master and its
+    workers); empty once it is gone."""
+    import psutil
+
+    try:
+        me = psutil.Process(pid)
+        return [pid] + [c.pid for c in me.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -239,13 +251,7 @@ class GunicornReference:
                 time.sleep(0.2)
 
     def pids(self) -> list[int]:
-        import psutil
-
-        try:
-            me = psutil.Process(self.proc.pid)
-            return [self.proc.pid] + [c.pid for c in me.children(recursive=True)]
-        except psutil.Error:
-            return []
+        return process_tree(self.proc.pid)
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -60,7 +60,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.http_bench import IDC, PREFIX, EtcdProcess, NodeProcess, env, stop_process
+from bench.http_bench import (
+    IDC,
+    PREFIX,
+    EtcdProcess,
+    NodeProcess,
+    env,
+    process_tree,
+    stop_process,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path("/var/tmp/lpmos-bench")
@@ -201,13 +209,7 @@ http {{
                 time.sleep(0.1)
 
     def pids(self) -> list[int]:
-        import psutil
-
-        try:
-            me = psutil.Process(self.proc.pid)
-            return [self.proc.pid] + [c.pid for c in me.children(recursive=True)]
-        except psutil.Error:
-            return []
+        return process_tree(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
