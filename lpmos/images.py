@@ -177,11 +177,7 @@ class ManagedImage:
     def with_file(self, role: str, file: ImageFile) -> ManagedImage:
         files = {**self.files, role: file}
         done = all(r in files and files[r].url and files[r].sha256 for r in self.file_roles)
-        return _replace(self, files=files, state="available" if done else "uploading")
-
-
-def _replace(img: ManagedImage, **changes: Any) -> ManagedImage:
-    return replace(img, **changes)
+        return replace(self, files=files, state="available" if done else "uploading")
 
 
 @dataclass(frozen=True)
@@ -252,7 +248,7 @@ def parse_add_request(body: Any, *, user: str = "", now: float | None = None) ->
     data["created_by"] = user
     img = _build(data, strict_source=True)
     if img.source == "upload":
-        img = _replace(img, files={role: ImageFile(url="", sha256=f.sha256, size=f.size)
+        img = replace(img, files={role: ImageFile(url="", sha256=f.sha256, size=f.size)
                                    for role, f in img.files.items()})
     return img
 

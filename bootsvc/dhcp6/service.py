@@ -62,7 +62,7 @@ def client_key(msg: dhcp6.Dhcp6Message) -> str:
 def requested_address(msg: dhcp6.Dhcp6Message) -> str | None:
     """The first IA Address inside the client's first IA_NA."""
     for value in msg.all(dhcp6.OPT_IA_NA)[:1]:
-        for code, inner in dhcp6._options(value, 12):
+        for code, inner in dhcp6.options_of(value, 12):
             if code == dhcp6.OPT_IAADDR and len(inner) >= 24:
                 return str(ipaddress.IPv6Address(inner[:16]))
     return None

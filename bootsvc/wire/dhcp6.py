@@ -193,7 +193,9 @@ def length_prefixed(raw: bytes) -> list[bytes]:
     return items
 
 
-def _options(raw: bytes, start: int) -> tuple[tuple[int, bytes], ...]:
+def options_of(raw: bytes, start: int) -> tuple[tuple[int, bytes], ...]:
+    """The options of ``raw`` from byte ``start`` on (also those nested in an
+    IA_NA: start 12), checked as :func:`parse_message` checks them."""
     out: list[tuple[int, bytes]] = []
     seen: set[int] = set()
     i = start
@@ -254,7 +256,7 @@ def parse_message(raw: bytes, *, depth: int = 0) -> Dhcp6Message | RelayMessage:
         hops = raw[1]
         if hops > HOP_COUNT_LIMIT or depth >= HOP_COUNT_LIMIT:
             raise MalformedMessage("relay_loop", f"hop count {hops}, nesting {depth + 1}")
-        options = _options(raw, RELAY_HEADER)
+        options = options_of(raw, RELAY_HEADER)
         relayed = next((v for c, v in options if c == OPT_RELAY_MSG), None)
         if relayed is None:
             raise MalformedMessage("relay_without_message", "RELAY-FORW without option 9")
@@ -267,7 +269,7 @@ def parse_message(raw: bytes, *, depth: int = 0) -> Dhcp6Message | RelayMessage:
     if msg_type not in CLIENT_TYPES:
         raise MalformedMessage("bad_type", f"message type {msg_type} "
                                            f"({MESSAGE_NAMES.get(msg_type, 'unassigned')})")
-    options = _options(raw, 4)
+    options = options_of(raw, 4)
     by_code: dict[int, bytes] = {}
     for code, value in options:
         by_code.setdefault(code, value)

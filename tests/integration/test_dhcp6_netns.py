@@ -171,7 +171,7 @@ def edk2_solicit(arch: bytes = b"\x00\x07", extra: tuple[tuple[int, bytes], ...]
 
 
 def options(payload: bytes, start: int = 4) -> dict[int, bytes]:
-    return dict(dhcp6._options(payload, start))
+    return dict(dhcp6.options_of(payload, start))
 
 
 def test_full_mode_with_dhclient_bad_input_and_a_relay(segment: Segment, etcd_server: Any,

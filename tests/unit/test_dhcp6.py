@@ -88,10 +88,10 @@ def test_relayed_messages_nest_and_answer_through_each_relay() -> None:
     reply = build_relay_reply(msg, answer)
     assert reply[0] == dhcp6.RELAY_REPL and reply[1] == 1
     # the inner RELAY-REPL, with the Interface-Id echoed, carries the answer
-    outer_opts = dhcp6._options(reply, dhcp6.RELAY_HEADER)
+    outer_opts = dhcp6.options_of(reply, dhcp6.RELAY_HEADER)
     inner = dict(outer_opts)[OPT_RELAY_MSG]
     assert inner[0] == dhcp6.RELAY_REPL and inner[1] == 0
-    inner_opts = dict(dhcp6._options(inner, dhcp6.RELAY_HEADER))
+    inner_opts = dict(dhcp6.options_of(inner, dhcp6.RELAY_HEADER))
     assert inner_opts[OPT_INTERFACE_ID] == b"port-7" and inner_opts[OPT_RELAY_MSG] == answer
 
 
@@ -213,7 +213,7 @@ SERVER = dhcp6.duid_ll(bytes.fromhex("02aabbccddee"))
 
 
 def _reply_options(payload: bytes) -> dict[int, bytes]:
-    return dict(dhcp6._options(payload, 4))
+    return dict(dhcp6.options_of(payload, 4))
 
 
 def _msg(raw: bytes) -> dhcp6.Dhcp6Message:
@@ -234,7 +234,7 @@ def test_proxy_advertise_is_an_edk2_proxy_binl_offer() -> None:
     assert vc[:4] == struct.pack("!I", 343) and vc[6:15] == b"PXEClient" and len(vc) >= 13
     # an IA_NA with a non-success status: no address, it stays a proxy offer
     ia = opts[OPT_IA_NA]
-    status = dict(dhcp6._options(ia, 12))[dhcp6.OPT_STATUS_CODE]
+    status = dict(dhcp6.options_of(ia, 12))[dhcp6.OPT_STATUS_CODE]
     assert struct.unpack("!H", status[:2])[0] == dhcp6.STATUS_NO_ADDRS_AVAIL
 
 
@@ -278,7 +278,7 @@ def test_full_mode_offers_and_binds_the_lease_with_the_boot_options() -> None:
     assert opts[OPT_VENDOR_CLASS][6:16] == b"HTTPClient"
     ia = opts[OPT_IA_NA]
     assert ia[:4] == b"\x00\x00\x00\x01" and struct.unpack("!II", ia[4:12]) == (300, 480)
-    addr = dict(dhcp6._options(ia, 12))[dhcp6.OPT_IAADDR]
+    addr = dict(dhcp6.options_of(ia, 12))[dhcp6.OPT_IAADDR]
     assert addr[:16] == bytes.fromhex("fd000000000000000000000000010010")
     assert struct.unpack("!II", addr[16:24]) == (600, 1200)
     request = build_message(dhcp6.REQUEST, XID, [
@@ -288,7 +288,7 @@ def test_full_mode_offers_and_binds_the_lease_with_the_boot_options() -> None:
     assert isinstance(reply, Answer6) and reply.msg_type == dhcp6.REPLY and reply.lease == lease
     full = answer_full(_msg(solicit()), POLICY, SERVER, None)
     assert isinstance(full, Answer6)
-    status = dict(dhcp6._options(_reply_options(full.payload)[OPT_IA_NA], 12))
+    status = dict(dhcp6.options_of(_reply_options(full.payload)[OPT_IA_NA], 12))
     assert struct.unpack("!H", status[dhcp6.OPT_STATUS_CODE][:2])[0] == \
         dhcp6.STATUS_NO_ADDRS_AVAIL
     release = answer_full(_msg(build_message(dhcp6.RELEASE, XID, [
