@@ -22,6 +22,7 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bootsvc.policy.bootfile6 import Boot6Policy
@@ -49,7 +50,7 @@ class Dhcp6Settings:
 
 def interface_duid(interface: str) -> bytes:
     """DUID-LL of the interface's MAC: a stable server id."""
-    mac = open(f"/sys/class/net/{interface}/address").read().strip()
+    mac = Path(f"/sys/class/net/{interface}/address").read_text().strip()
     return dhcp6.duid_ll(bytes.fromhex(mac.replace(":", "")))
 
 
@@ -263,7 +264,7 @@ class Dhcp6Service:
 def first_global_address(interface: str) -> str:
     """The interface's first global IPv6 address ("" when it has none)."""
     try:
-        lines = open("/proc/net/if_inet6").read().splitlines()
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
     except OSError:
         return ""
     for line in lines:
