@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from bootsvc.http.catalog import open_catalog
 from bootsvc.http.settings import SETTINGS as HTTP_SETTINGS
@@ -83,7 +84,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     if template == "boot":
         view = MachineView(sn, task, task_kv.mod_revision, server)
         d = decide_script(view, discovery=http.discovery, image=image,
-                        live_available=live is not None)
+                        live_available=live is not None, now=time.time())
         template, decision, reason = d.template, d.action, d.reason
     elif "/" not in template:
         if image is None:

@@ -21,6 +21,7 @@ import uuid as uuidlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from lpmos.schedule import ScheduleError, parse_not_before, parse_window
 from lpmos.states import TaskStatus
 from lpmos.store.keys import RESERVED_IDC_NAMES
 
@@ -287,6 +288,10 @@ class Task:
     history: list[Transition] = field(default_factory=list)
     event_seq: dict[str, int] = field(default_factory=dict)
     template: str = ""
+    #: the schedule (:mod:`lpmos.schedule`): epoch seconds before which the
+    #: task does not start (0: none), and a daily UTC window ``HH:MM-HH:MM``
+    not_before: float = 0.0
+    window: str = ""
     schema: int = SCHEMA_VERSION
 
     @property
@@ -302,6 +307,11 @@ class Task:
         validate_text(self.image, "image", 64)
         validate_text(self.notes, "notes", 1000, single_line=False)
         validate_text(self.template, "template", 64)
+        try:
+            self.not_before = parse_not_before(self.not_before)
+            self.window = parse_window(self.window)
+        except ScheduleError as exc:
+            raise ValidationError(exc.field, exc.message) from None
         if not isinstance(self.params, dict):
             raise ValidationError("params", "a JSON object")
         if len(json.dumps(self.params)) > PARAMS_MAX_BYTES:
@@ -484,8 +494,9 @@ class ProgressEvent:
                     or not 0 <= self.percent <= 100:
                 raise ValidationError("percent", "a number from 0 to 100")
             self.percent = float(self.percent)
-        if self.kind == "state" and self.status not in ("installing", "succeeded", "failed"):
-            raise ValidationError("status", "one of installing, succeeded, failed")
+        if self.kind == "state" and self.status not in ("installing", "succeeded", "failed",
+                                                        "released"):
+            raise ValidationError("status", "one of installing, succeeded, failed, released")
         for name in ("bytes_done", "bytes_total"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

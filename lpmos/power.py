@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lpmos.models import ValidationError
+from lpmos.schedule import decide_start, window_opening
 
 DRIVERS = ("redfish", "ipmi")
 DEFAULT_PORTS = {"redfish": 443, "ipmi": 623}
@@ -275,6 +276,10 @@ class PowerRequest:
     error: str = ""
     error_kind: str = ""           # auth, unreachable, timeout, protocol, unsupported, ...
     tries: int = 0                 # BMC calls made, retries included
+    #: the task's schedule (:mod:`lpmos.schedule`), copied by the approval
+    #: that queued it: no node carries the request out before it may start
+    not_before: float = 0.0
+    window: str = ""
     schema: int = 1
 
     @property
@@ -321,7 +326,8 @@ def valid_request_id(text: str) -> bool:
 
 
 def new_request(idc: str, sn: str, action: str, *, by: str, now: float, reason: str = "",
-                task_attempt: int = 0, deadline: float = DEFAULT_DEADLINE) -> PowerRequest:
+                task_attempt: int = 0, deadline: float = DEFAULT_DEADLINE,
+                not_before: float = 0.0, window: str = "") -> PowerRequest:
     if action not in ACTION_STEPS:
         raise ValidationError("action", f"one of {', '.join(API_ACTIONS)}")
     if isinstance(deadline, bool) or not isinstance(deadline, int | float) or \
@@ -330,7 +336,7 @@ def new_request(idc: str, sn: str, action: str, *, by: str, now: float, reason: 
     return PowerRequest(id=new_request_id(now), idc=idc, sn=sn, action=action,
                         steps=[Step(s) for s in ACTION_STEPS[action]], created_at=now,
                         created_by=by, reason=reason, task_attempt=task_attempt,
-                        deadline=float(deadline))
+                        deadline=float(deadline), not_before=not_before, window=window)
 
 
 # -- the decisions a node makes ------------------------------------------------------
@@ -347,17 +353,40 @@ class ClaimDecision:
     retry_at: float = 0.0
 
 
+def _overdue(req: PowerRequest, now: float, queue_ttl: float) -> float:
+    """Seconds ``req`` has been due past ``queue_ttl`` (``<= 0``: not
+    late).  Due since the later of its creation and ``not_before``; inside
+    a window, since the later of those and the window's opening, and never
+    late before the window closes: the operator allowed all of it."""
+    due = max(req.created_at, req.not_before)
+    if req.window:
+        opened, closes = window_opening(req.window, now)
+        due = max(due, opened)
+        queue_ttl = max(queue_ttl, closes - due)
+    return now - due - queue_ttl
+
+
 def decide_claim(req: PowerRequest, now: float, *, claim_ttl: float = CLAIM_TTL,
                  queue_ttl: float = QUEUE_TTL) -> ClaimDecision:
-    """What a node of the IDC does with ``req`` as read (pure)."""
+    """What a node of the IDC does with ``req`` as read (pure).
+
+    A request with a schedule (``not_before``, ``window``) waits until
+    :func:`lpmos.schedule.decide_start` lets it start (``wait`` with the
+    reason and ``retry_at`` the start), and is late (:func:`_overdue`)
+    only once it has been due past ``queue_ttl``: a node that comes back
+    late in the window still acts, one that comes back after the window
+    closed waits for the next opening."""
     if req.final:
         return ClaimDecision("none")
     if req.state == QUEUED:
-        age = now - req.created_at
-        if age > queue_ttl:
+        start = decide_start(req.not_before, req.window, now)
+        if not start.start:
+            return ClaimDecision("wait", start.reason, retry_at=start.at)
+        late = _overdue(req, now, queue_ttl)
+        if late > 0:
             return ClaimDecision("fail", f"no regional node of IDC {req.idc} took it within "
-                                         f"{queue_ttl:g} s (queued {age:.0f} s ago); not "
-                                         "carried out late", )
+                                         f"{queue_ttl:g} s (due {late + queue_ttl:.0f} s "
+                                         "ago); not carried out late")
         return ClaimDecision("claim")
     # claimed: by a live node until the claim expires
     expires = req.claimed_at + claim_ttl
@@ -369,9 +398,12 @@ def decide_claim(req: PowerRequest, now: float, *, claim_ttl: float = CLAIM_TTL,
                                      f"{'+'.join(running)}; not repeated, since the machine "
                                      "may already have been power-cycled: check it and ask "
                                      "again")
-    if now - req.created_at > queue_ttl:
+    start = decide_start(req.not_before, req.window, now)
+    if not start.start or _overdue(req, now, queue_ttl) > 0:
         return ClaimDecision("fail", f"node {req.node} stopped while carrying it out, and it "
-                                     f"is older than {queue_ttl:g} s; not carried out late")
+                                     f"is past its time (due more than {queue_ttl:g} s ago"
+                                     f"{', or its window closed' if req.window else ''}); not "
+                                     "carried out late")
     return ClaimDecision("claim")
 
 

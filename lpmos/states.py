@@ -7,6 +7,8 @@
     succeeded → approved (redeploy: the machine installs again)
     approved → failed (no node claimed it within the boot timeout)
     booting → succeeded | failed (an installer may report before any progress)
+    succeeded | failed → releasing → released | failed (release: the live
+    agent wipes the disks, then the machine is powered off)
 
 :func:`check_transition` is pure: it says whether a move is allowed and
 raises :class:`IllegalTransition` naming both states when it is not.
@@ -36,40 +38,48 @@ class TaskStatus(StrEnum):
     FAILED = "failed"
     REJECTED = "rejected"
     CANCELLED = "cancelled"
+    RELEASING = "releasing"
+    RELEASED = "released"
 
 
 S = TaskStatus
 
 #: States a task can still move forward from (and so can be cancelled from).
-ACTIVE: frozenset[TaskStatus] = frozenset({S.PENDING, S.APPROVED, S.BOOTING, S.INSTALLING})
+ACTIVE: frozenset[TaskStatus] = frozenset({S.PENDING, S.APPROVED, S.BOOTING, S.INSTALLING,
+                                           S.RELEASING})
 
 #: States that end a task.  ``failed`` also allows a retry.
-FINAL: frozenset[TaskStatus] = frozenset({S.SUCCEEDED, S.FAILED, S.REJECTED, S.CANCELLED})
+FINAL: frozenset[TaskStatus] = frozenset({S.SUCCEEDED, S.FAILED, S.REJECTED, S.CANCELLED,
+                                          S.RELEASED})
 
 #: States in which the machine is being (or about to be) wiped.
-DESTRUCTIVE: frozenset[TaskStatus] = frozenset({S.APPROVED, S.BOOTING, S.INSTALLING})
+DESTRUCTIVE: frozenset[TaskStatus] = frozenset({S.APPROVED, S.BOOTING, S.INSTALLING,
+                                                S.RELEASING})
 
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     S.PENDING: frozenset({S.APPROVED, S.REJECTED, S.CANCELLED}),
     S.APPROVED: frozenset({S.BOOTING, S.FAILED, S.CANCELLED}),
     S.BOOTING: frozenset({S.INSTALLING, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
     S.INSTALLING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED}),
-    S.SUCCEEDED: frozenset({S.APPROVED}),
-    S.FAILED: frozenset({S.APPROVED}),
+    S.SUCCEEDED: frozenset({S.APPROVED, S.RELEASING}),
+    S.FAILED: frozenset({S.APPROVED, S.RELEASING}),
     S.REJECTED: frozenset(),
     S.CANCELLED: frozenset(),
+    S.RELEASING: frozenset({S.RELEASED, S.FAILED, S.CANCELLED}),
+    S.RELEASED: frozenset(),
 }
 
 #: Transitions a machine's own ``state`` event may make
 #: (:meth:`lpmos.tasks.TaskService.apply_events`): all but ``approved →
-#: failed`` and the redeploy (``succeeded → approved``).  A machine reports
+#: failed``, the redeploy (``succeeded → approved``) and a release
+#: (``→ releasing``).  A machine reports
 #: on an install it has claimed; only a regional node's reaper judges that an
 #: approved task was never claimed, an event of the previous attempt
 #: replayed after a retry must not fail the new one, and only an approver
 #: may have a finished machine wiped again.
 REPORTABLE: dict[TaskStatus, frozenset[TaskStatus]] = {
-    state: targets - {S.FAILED} if state is S.APPROVED
-    else targets - {S.APPROVED} if state is S.SUCCEEDED else targets
+    state: (targets - {S.FAILED} if state is S.APPROVED
+            else targets - {S.APPROVED} if state is S.SUCCEEDED else targets) - {S.RELEASING}
     for state, targets in TRANSITIONS.items()
 }
 
@@ -150,7 +160,8 @@ def decide_transition(current: TaskStatus | str, target: TaskStatus | str, *, at
     An operator's or a node's move (``reported`` False, checked against
     :data:`TRANSITIONS`): ``approved`` starts a new attempt (approver and
     time recorded, the previous attempt's claim, times, reason and progress
-    cleared); ``booting`` records the start; a final state records the end
+    cleared); ``releasing`` starts a new attempt the same way (the
+    releaser recorded as its approver); ``booting`` records the start; a final state records the end
     and ``reason`` when one is given.  A machine's own report (``reported``,
     checked against :data:`REPORTABLE`) only says what the machine saw: a
     final state records the end, and ``failed`` its reason (``reported
@@ -168,7 +179,7 @@ def decide_transition(current: TaskStatus | str, target: TaskStatus | str, *, at
             fields.append(("finished_at", at))
         if target is S.FAILED:
             fields.append(("reason", reason or "reported failed"))
-    elif target is S.APPROVED:
+    elif target in (S.APPROVED, S.RELEASING):
         fields += [("approved_by", by), ("approved_at", at), *_RESTART]
         new_attempt = True
     elif target is S.BOOTING:

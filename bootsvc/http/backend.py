@@ -335,7 +335,7 @@ class BootBackend:
         view, mac = self._find_machine(query)
         image = self.image_for(view)
         decision = decide_script(view, discovery=self.discovery, image=image,
-                                 live_available=self.live is not None,
+                                 live_available=self.live is not None, now=time.time(),
                                  image_wait=self.image_wait(view) if image is None else "")
         answer = _ScriptAnswer(decision, view.task if view is not None else None,
                                view.server if view is not None else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lpmos.models import Server, Task
+from lpmos.schedule import decide_start
 from lpmos.states import REBOOT_STEP, Move, TaskStatus, decide_transition
 
 #: Where a machine that boots again mid-install may continue it.
@@ -49,7 +50,8 @@ def decide_claim(task: Task, server: Server | None, *, node: str, continuing: bo
     waits like a CAS loser.  Either way a machine flagged as a conflict gets
     no install, and neither does one whose firmware reports a ``boot_uuid``
     other than the one registered (a second machine with this MAC: a cloned
-    VM), which the decision flags as a conflict."""
+    VM), which the decision flags as a conflict.  A new install also waits
+    for the task's schedule (:func:`lpmos.schedule.decide_start` at ``at``)."""
     if server is not None and server.conflict:
         return _refuse(f"machine flagged as a conflict ({server.conflict}); no install")
     if boot_uuid and server is not None and server.uuid and boot_uuid != server.uuid:
@@ -69,6 +71,9 @@ def decide_claim(task: Task, server: Server | None, *, node: str, continuing: bo
     if status is not TaskStatus.APPROVED:
         who = f" by {task.claimed_by}" if task.claimed_by else ""
         return _refuse(f"the task is now {status.value}{who}")
+    start = decide_start(task.not_before, task.window, at)
+    if not start.start:
+        return _refuse(start.reason)
     return ClaimDecision(True, "install claimed", move=decide_transition(
         status, TaskStatus.BOOTING, at=at, by=f"node:{node}", reason="install boot served",
         served_by=node))

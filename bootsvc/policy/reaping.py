@@ -12,6 +12,7 @@ from bootsvc.policy.machine import MachineView
 from bootsvc.policy.script import CLAIM, CONTINUE, decide_script
 from lpmos.catalog import Image
 from lpmos.models import Task
+from lpmos.schedule import next_start
 from lpmos.states import REBOOT_STEP, TaskStatus
 
 
@@ -31,15 +32,19 @@ def last_activity(task: Task) -> float:
 def approved_since(task: Task) -> float:
     """Server time of the task's latest approval: ``approved_at`` (stamped by
     the control plane in the approving CAS), else the newest transition to
-    ``approved`` in its history, else its last update.  A task with a
-    ``not_before`` (not a task field yet) must count from the later of the
-    two: an approved task waiting for its window is not unclaimed."""
+    ``approved`` in its history, else its last update; for a scheduled task
+    the first instant after that its schedule lets it start
+    (:func:`lpmos.schedule.next_start`): an approved task waiting for its
+    window is not unclaimed."""
+    since = task.updated_at
     if task.approved_at:
-        return task.approved_at
-    for t in reversed(task.history):
-        if t.to_status == TaskStatus.APPROVED.value:
-            return t.at
-    return task.updated_at
+        since = task.approved_at
+    else:
+        for t in reversed(task.history):
+            if t.to_status == TaskStatus.APPROVED.value:
+                since = t.at
+                break
+    return next_start(task.not_before, task.window, since)
 
 
 class Expiry(NamedTuple):
@@ -94,13 +99,13 @@ def decide_expiry(task: Task, *, lease_present: bool, lease_gone_since: float | 
 
 
 def why_unservable(view: MachineView, *, node: str, image: Image | None,
-                 live_available: bool, image_wait: str = "") -> str:
+                 live_available: bool, now: float, image_wait: str = "") -> str:
     """Why ``node`` would not install ``view``'s task if its machine booted
     now ("" when it would claim or continue it): the boot decision's own
     reason (:func:`bootsvc.policy.script.decide_script`: the image is not in this
     node's catalog, is not installable, the machine is flagged ...)."""
     decision = decide_script(view, discovery=True, image=image, live_available=live_available,
-                             image_wait=image_wait)
+                             now=now, image_wait=image_wait)
     if decision.action in (CLAIM, CONTINUE):
         return ""
     return f"node {node} would not install it: {decision.reason}"

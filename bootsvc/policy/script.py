@@ -32,6 +32,15 @@ the catalog image the task asks for and two switches, and returns a
 | approved/booting/installing, image not installable   | wait        | wait (no install)  |
 | (the catalog's live image: ``Image.installable``)    |             |                    |
 | approved/booting/installing, no install template     | wait        | wait (no install)  |
+| ``approved``, before its schedule lets it start      | wait        | wait (no install): |
+| (``not_before``, window: :mod:`lpmos.schedule`)      |             | "scheduled: not    |
+|                                                      |             | before ... UTC"    |
+| ``releasing`` (the disks are to be wiped)            | discovery   | the live image,    |
+|                                                      |             | whose agent wipes  |
+|                                                      |             | (after a fresh     |
+|                                                      |             | read + CAS)        |
+| ``releasing``, no live image / flagged conflict      | wait        | wait (no wipe)     |
+| ``released``                                         | as no task  | discovery / local  |
 
 ``claim`` and ``continue`` are *destructive*: the service must confirm them
 with a fresh linearizable read (and, for ``claim``, a CAS ``approved →
@@ -46,6 +55,7 @@ from dataclasses import dataclass
 
 from bootsvc.policy.machine import MachineView
 from lpmos.catalog import Image
+from lpmos.schedule import decide_start
 from lpmos.states import REBOOT_STEP, TaskStatus
 
 DISCOVERY = "discovery"
@@ -131,6 +141,7 @@ def decide_script(
     discovery: bool,
     image: Image | None,
     live_available: bool,
+    now: float,
     image_wait: str = "",
 ) -> ScriptDecision:
     """The boot script for a machine (see the module table).
@@ -141,7 +152,8 @@ def decide_script(
     ``live_available`` says whether the catalog has the live agent image;
     ``image_wait`` (with no ``image``) is why the task's managed image is not
     in this node's catalog yet (:func:`bootsvc.policy.images.wait_reason`):
-    a copy not verified here is never installed.
+    a copy not verified here is never installed.  ``now`` (server time) is
+    judged against an approved task's schedule: before it, the machine waits.
     """
     sn = view.sn if view is not None else ""
     task = view.task if view is not None else None
@@ -151,6 +163,8 @@ def decide_script(
             return ScriptDecision(DISCOVERY, TEMPLATES[DISCOVERY], reason, sn)
         return ScriptDecision(fallback, TEMPLATES[fallback], missing, sn)
 
+    if task is not None and task.state is TaskStatus.RELEASED:
+        task = None          # wiped and handed back: as a machine with no task
     if task is None:
         if not discovery:
             return ScriptDecision(LOCALBOOT, TEMPLATES[LOCALBOOT],
@@ -164,11 +178,16 @@ def decide_script(
     if status in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED,
                   TaskStatus.REJECTED):
         return ScriptDecision(LOCALBOOT, TEMPLATES[LOCALBOOT], f"task {status.value}", sn)
-    # approved, booting, installing: destructive territory
+    # approved, booting, installing, releasing: destructive territory
     server = view.server if view is not None else None
     if server is not None and server.conflict:
         return ScriptDecision(WAIT, TEMPLATES[WAIT],
                         f"machine flagged as a conflict ({server.conflict}); no install", sn)
+    if status is TaskStatus.RELEASING:
+        # the live image; its agent's task poll confirms the release with a
+        # fresh read and a CAS before it wipes anything (routes_agent)
+        return live_or(WAIT, "task releasing: the live agent wipes the disks",
+                       "task releasing, but the catalog has no live image to wipe from")
     if status in (TaskStatus.BOOTING, TaskStatus.INSTALLING) \
             and task.progress.step == REBOOT_STEP:
         return ScriptDecision(LOCALBOOT, TEMPLATES[LOCALBOOT],
@@ -188,5 +207,8 @@ def decide_script(
         return ScriptDecision(WAIT, TEMPLATES[WAIT],
                         "image install needs the live image, which the catalog lacks", sn)
     if status is TaskStatus.APPROVED:
+        start = decide_start(task.not_before, task.window, now)
+        if not start.start:
+            return ScriptDecision(WAIT, TEMPLATES[WAIT], start.reason, sn)
         return ScriptDecision(CLAIM, template, "task approved: install", sn)
     return ScriptDecision(CONTINUE, template, f"task {status.value}: continue the install", sn)

@@ -120,7 +120,7 @@ class Reaper:
         view = MachineView(task.sn, task, revision, self.ctx.machines.view(task.sn).server)
         image = self.images.image_for(view)
         return why_unservable(view, node=self.ctx.node_name, image=image,
-                              live_available=self.images.live is not None,
+                              live_available=self.images.live is not None, now=time.time(),
                               image_wait=self.images.image_wait(view) if image is None else "")
 
     def start(self) -> None:

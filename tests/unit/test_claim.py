@@ -79,3 +79,18 @@ def test_a_long_conflict_is_flagged_within_300_characters() -> None:
     decision = decide_claim(_task(S.APPROVED), _server(), node="n1", continuing=False, at=AT,
                             boot_uuid="u" * 400)
     assert not decision.install and len(decision.conflict) == 300
+
+
+@pytest.mark.parametrize("not_before,window,install,words", [
+    (AT + 60, "", False, "scheduled: not before 1970-01-01 00:17:40 UTC"),
+    (AT - 60, "", True, "install claimed"),
+    (0.0, "01:00-02:00", False, "maintenance window 01:00-02:00 UTC daily"),
+    (0.0, "00:00-01:00", True, "install claimed"),      # AT is 00:16:40 UTC
+])
+def test_a_new_install_waits_for_the_tasks_schedule(not_before: float, window: str,
+                                                    install: bool, words: str) -> None:
+    task = _task(S.APPROVED)
+    task.not_before, task.window = not_before, window
+    decision = decide_claim(task, _server(), node="n1", continuing=False, at=AT)
+    assert decision.install is install and words in decision.reason
+    assert (decision.move is None) is not install

@@ -25,12 +25,17 @@ LIVE = Image("live", "LPMOS live", "lab", role="live", mode="installer", kernel=
              initrd="i")
 
 
+#: the clock of every decision: 08:00 UTC
+NOW = 1_800_000_000.0
+
+
 def view(status: str | None, *, conflict: str = "", step: str = "",
-         server: bool = True) -> MachineView:
+         server: bool = True, not_before: float = 0.0, window: str = "") -> MachineView:
     task = None
     if status is not None:
         task = Task(idc="dc1", sn="SN1", mac="52:54:00:00:00:01", os_type="Lab OS",
-                    status=status, progress=Progress(step=step)).validate()
+                    status=status, progress=Progress(step=step), not_before=not_before,
+                    window=window).validate()
     srv = Server(idc="dc1", sn="SN1", macs=["52:54:00:00:00:01"], conflict=conflict) \
         if server else None
     return MachineView("SN1", task, 7 if task else 0, srv)
@@ -78,6 +83,23 @@ TABLE: list[tuple[str, MachineView | None, bool, Image | None, bool, str, str]] 
     ("failed", view("failed"), True, IMAGE, True, LOCALBOOT, "failed"),
     ("cancelled", view("cancelled"), True, IMAGE, True, LOCALBOOT, "cancelled"),
     ("rejected", view("rejected"), True, IMAGE, True, LOCALBOOT, "rejected"),
+    ("releasing", view("releasing"), True, IMAGE, True, DISCOVERY, "wipes the disks"),
+    ("releasing, no live image", view("releasing"), True, IMAGE, False, WAIT, "no live image"),
+    ("releasing, conflict", view("releasing", conflict="x"), True, IMAGE, True, WAIT,
+     "conflict"),
+    ("released", view("released"), True, IMAGE, True, DISCOVERY, "no task"),
+    ("released, discovery off", view("released"), False, IMAGE, True, LOCALBOOT,
+     "discovery is off"),
+    ("approved, not before a later time", view("approved", not_before=NOW + 60), True, IMAGE,
+     True, WAIT, "scheduled: not before"),
+    ("approved, outside its window", view("approved", window="22:00-04:00"), True, IMAGE,
+     True, WAIT, "maintenance window 22:00-04:00"),
+    ("approved, inside its window", view("approved", window="07:00-09:00"), True, IMAGE,
+     True, CLAIM, "approved"),
+    ("approved, past its not_before", view("approved", not_before=NOW - 60), True, IMAGE,
+     True, CLAIM, "approved"),
+    ("installing, outside its window: goes on", view("installing", window="22:00-04:00"),
+     True, IMAGE, True, CONTINUE, "continue"),
     ("no server record, approved", view("approved", server=False), True, IMAGE, True, CLAIM,
      "approved"),
 ]
@@ -90,7 +112,7 @@ TEMPLATE_OF = {DISCOVERY: "ipxe/discovery.ipxe.j2", LOCALBOOT: "ipxe/localboot.i
                          ids=[row[0] for row in TABLE])
 def test_decision_table(name: str, v: MachineView | None, discovery: bool, image: Image | None,
                         live: bool, action: str, why: str) -> None:
-    d = decide_script(v, discovery=discovery, image=image, live_available=live)
+    d = decide_script(v, discovery=discovery, image=image, live_available=live, now=NOW)
     assert isinstance(d, ScriptDecision)
     assert d.action == action, d.reason
     assert why in d.reason
@@ -114,13 +136,13 @@ def test_every_status_has_a_row() -> None:
 def test_only_claim_and_continue_are_destructive() -> None:
     destructive = {row[5] for row in TABLE
                    if decide_script(row[1], discovery=row[2], image=row[3],
-                                  live_available=row[4]).destructive}
+                                  live_available=row[4], now=NOW).destructive}
     assert destructive == {CLAIM, CONTINUE}
 
 
 def test_decision_is_pure() -> None:
     v = view("approved")
-    first = decide_script(v, discovery=True, image=IMAGE, live_available=True)
-    again = decide_script(v, discovery=True, image=IMAGE, live_available=True)
+    first = decide_script(v, discovery=True, image=IMAGE, live_available=True, now=NOW)
+    again = decide_script(v, discovery=True, image=IMAGE, live_available=True, now=NOW)
     assert first == again
     assert v.task is not None and v.task.status == "approved"

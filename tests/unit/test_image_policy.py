@@ -179,17 +179,17 @@ def test_wait_reasons(record, state, idc, words) -> None:
 def test_boot_decision_waits_with_the_image_reason_and_never_claims() -> None:
     v = MachineView("SN1", task("approved", image="g"), 3, None)
     d = decide_script(v, discovery=True, image=None, live_available=True,
-                      image_wait="image g fetching on node n1, 42 %")
+                      now=0.0, image_wait="image g fetching on node n1, 42 %")
     assert d.action == WAIT and d.reason == "image g fetching on node n1, 42 %"
     assert not d.destructive
     # without a managed image the old row stands
-    d = decide_script(v, discovery=True, image=None, live_available=True)
+    d = decide_script(v, discovery=True, image=None, live_available=True, now=0.0)
     assert d.action == WAIT and "not in the catalog" in d.reason
     # pending tasks still discover: the image does not matter yet
     d = decide_script(MachineView("SN1", task("pending", image="g"), 3, None), discovery=True,
-                      image=None, live_available=True, image_wait="image g fetching")
+                      image=None, live_available=True, now=0.0, image_wait="image g fetching")
     assert d.action == "discovery"
-    assert why_unservable(v, node="n1", image=None, live_available=True,
+    assert why_unservable(v, node="n1", image=None, live_available=True, now=0.0,
                           image_wait="image g failed on node n1: x") == \
         "node n1 would not install it: image g failed on node n1: x"
 

@@ -208,6 +208,61 @@ def test_claim_decision(req: PowerRequest, now: float, what: str, words: str) ->
     assert words in decision.reason
 
 
+def _scheduled(not_before: float = 0.0, window: str = "", at: float = NOW,
+               claimed_at: float = 0.0, running: str = "") -> PowerRequest:
+    req = new_request("dc1", "SN1", "provision", by="op", now=at, task_attempt=1,
+                      not_before=not_before, window=window)
+    if claimed_at:
+        claim(req, "n1", claimed_at)
+        for step in req.steps:
+            if step.name == running:
+                step.state = "running"
+    return req
+
+
+HOUR = 3600.0
+
+#: NOW is 08:00 UTC.  (request, now, what, words in the reason, retry_at)
+SCHEDULED = [
+    # not_before: waits until it, then has the whole queue TTL from it
+    (_scheduled(NOW + HOUR), NOW, "wait", "not before", NOW + HOUR),
+    (_scheduled(NOW + HOUR), NOW + HOUR, "claim", "", 0.0),
+    (_scheduled(NOW + HOUR), NOW + HOUR + QUEUE_TTL - 1, "claim", "", 0.0),
+    (_scheduled(NOW + HOUR), NOW + HOUR + QUEUE_TTL + 1, "fail", "not carried out late", 0.0),
+    (_scheduled(NOW - 2 * HOUR, at=NOW - 3 * HOUR), NOW, "fail", "not carried out late", 0.0),
+    # a window: closed now (08:00), opens at 22:00; late only once it closes
+    (_scheduled(window="22:00-04:00"), NOW, "wait", "window 22:00-04:00", NOW + 14 * HOUR),
+    (_scheduled(window="22:00-04:00"), NOW + 14 * HOUR, "claim", "", 0.0),
+    (_scheduled(window="22:00-04:00"), NOW + 19 * HOUR, "claim", "", 0.0),   # 03:00, node back
+    (_scheduled(window="22:00-04:00"), NOW + 20 * HOUR, "wait", "window", NOW + 38 * HOUR),
+    (_scheduled(window="07:00-09:00", at=NOW - 30 * HOUR), NOW, "claim", "", 0.0),
+    # both: the first opening after not_before
+    (_scheduled(NOW + 16 * HOUR, "22:00-04:00"), NOW + 14 * HOUR, "wait", "not before",
+     NOW + 16 * HOUR),
+    # a node died holding a scheduled request: taken over inside the window, not outside
+    (_scheduled(window="22:00-04:00", claimed_at=NOW + 14 * HOUR),
+     NOW + 14 * HOUR + CLAIM_TTL + 1, "claim", "", 0.0),
+    (_scheduled(window="22:00-04:00", claimed_at=NOW + 19.9 * HOUR),
+     NOW + 20.5 * HOUR, "fail", "window closed", 0.0),
+    (_scheduled(window="22:00-04:00", claimed_at=NOW + 14 * HOUR, running="cycle"),
+     NOW + 15 * HOUR, "fail", "not repeated", 0.0),
+]
+
+
+@pytest.mark.parametrize(("req", "now", "what", "words", "retry_at"), SCHEDULED)
+def test_a_scheduled_request_waits_for_its_time(req: PowerRequest, now: float, what: str,
+                                                words: str, retry_at: float) -> None:
+    decision = decide_claim(req, now)
+    assert (decision.what, decision.retry_at if what == "wait" else 0.0) == (what, retry_at)
+    assert words in decision.reason
+
+
+def test_a_scheduled_request_round_trips_its_schedule() -> None:
+    req = _scheduled(NOW + HOUR, "22:00-04:00")
+    again = PowerRequest.from_json(req.to_json())
+    assert (again.not_before, again.window) == (NOW + HOUR, "22:00-04:00")
+
+
 def test_final_requests_are_left_alone_and_claims_reset_a_begun_idempotent_step() -> None:
     req = _claimed("pxe-once", age=CLAIM_TTL + 1)
     claim(req, "n2", NOW)

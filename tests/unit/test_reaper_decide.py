@@ -139,8 +139,23 @@ def _view(*, conflict: str = "") -> MachineView:
     (_view(conflict="mac reused"), LAB_OS, True, "conflict (mac reused)"),
 ])
 def test_why_unservable_table(view, image, live, words) -> None:
-    reason = why_unservable(view, node="n1", image=image, live_available=live)
+    reason = why_unservable(view, node="n1", image=image, live_available=live, now=0.0)
     if not words:
         assert reason == ""
     else:
         assert reason.startswith("node n1 would not install it: ") and words in reason
+
+
+def test_an_approved_task_waiting_for_its_schedule_is_not_unclaimed() -> None:
+    from bootsvc.policy.reaping import Timeouts, approved_since, decide_expiry
+
+    task = Task(idc="dc1", sn="s", mac="52:54:00:00:00:01", os_type="Lab OS",
+                status="approved", approved_at=1_800_000_000.0,
+                not_before=1_800_000_000.0 + 86400).validate()
+    assert approved_since(task) == 1_800_000_000.0 + 86400
+    timeouts = Timeouts(boot=3600.0)
+    assert decide_expiry(task, lease_present=False, lease_gone_since=None,
+                         now=1_800_000_000.0 + 80000, timeouts=timeouts) is None
+    late = decide_expiry(task, lease_present=False, lease_gone_since=None,
+                         now=1_800_000_000.0 + 86400 + 3601, timeouts=timeouts)
+    assert late is not None and late.code == "never_claimed"

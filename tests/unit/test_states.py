@@ -24,6 +24,9 @@ ALLOWED = {
     (S.BOOTING, S.CANCELLED),
     (S.INSTALLING, S.SUCCEEDED), (S.INSTALLING, S.FAILED), (S.INSTALLING, S.CANCELLED),
     (S.FAILED, S.APPROVED), (S.SUCCEEDED, S.APPROVED),
+    # release (#21): the live agent wipes the disks, the machine is powered off
+    (S.SUCCEEDED, S.RELEASING), (S.FAILED, S.RELEASING),
+    (S.RELEASING, S.RELEASED), (S.RELEASING, S.FAILED), (S.RELEASING, S.CANCELLED),
 }
 
 
@@ -58,7 +61,18 @@ def test_a_machine_cannot_report_an_approved_task_failed() -> None:
     assert S.FAILED in TRANSITIONS[S.APPROVED]
     assert S.FAILED not in REPORTABLE[S.APPROVED]
     assert {(a, b) for a, bs in REPORTABLE.items() for b in bs} == ALLOWED - {
-        (S.APPROVED, S.FAILED), (S.SUCCEEDED, S.APPROVED)}
+        (S.APPROVED, S.FAILED), (S.SUCCEEDED, S.APPROVED),
+        (S.SUCCEEDED, S.RELEASING), (S.FAILED, S.RELEASING)}
+
+
+def test_a_release_is_a_new_attempt_and_only_an_approver_starts_it() -> None:
+    move = decide_transition(S.SUCCEEDED, S.RELEASING, at=7.0, by="ann", reason="decommission")
+    assert move.new_attempt
+    assert dict(move.fields)["approved_by"] == "ann" and dict(move.fields)["claimed_by"] == ""
+    with pytest.raises(IllegalTransition):
+        decide_transition(S.SUCCEEDED, S.RELEASING, at=7.0, by="agent", reported=True)
+    done = decide_transition(S.RELEASING, S.RELEASED, at=9.0, by="agent", reported=True)
+    assert dict(done.fields) == {"finished_at": 9.0}
 
 
 RESTART = {"reason": "", "finished_at": 0.0, "started_at": 0.0, "claimed_by": "",
