@@ -51,6 +51,7 @@ from agent.install import (
 from agent.inventory import collect_inventory, read_default_route_iface
 from agent.inventory.nics import decide_boot_mac
 from agent.spool import Spool
+from agent.wipe import WipeError, decide_disks, read_disk_facts, wipe_disk
 from lpmos.metrics import Registry
 from lpmos.states import REBOOT_STEP
 
@@ -89,6 +90,25 @@ class AgentOptions:
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
 
 
+def default_poweroff() -> None:
+    """Sync and power the machine off (systemd, else poweroff(8), else sysrq)."""
+    os.sync()
+    for cmd in (["systemctl", "poweroff"], ["poweroff"]):
+        if shutil.which(cmd[0]):
+            try:
+                subprocess.run(cmd, timeout=30, check=True)
+                return
+            except (subprocess.SubprocessError, OSError) as exc:
+                log.error("%s failed: %s", " ".join(cmd), exc)
+    with open("/proc/sysrq-trigger", "w") as fh:   # last resort
+        fh.write("o")
+
+
+#: seconds a released machine waits for its BMC to power it off before it
+#: powers itself off
+BMC_OFF_GRACE = 120.0
+
+
 def default_reboot() -> None:
     """Sync and reboot the machine (systemd, else reboot(8), else sysrq)."""
     os.sync()
@@ -106,7 +126,9 @@ def default_reboot() -> None:
 class Agent:
     def __init__(self, opts: AgentOptions, *, metrics: Registry | None = None,
                  inventory: Callable[[str | None], dict[str, Any]] | None = None,
-                 reboot: Callable[[], None] = default_reboot) -> None:
+                 reboot: Callable[[], None] = default_reboot,
+                 poweroff: Callable[[], None] = default_poweroff,
+                 wipe: Callable[[Path], str] | None = None) -> None:
         self.opts = opts
         self.metrics = metrics or Registry()
         self.spool = Spool(opts.spool_dir, metrics=self.metrics)
@@ -114,6 +136,8 @@ class Agent:
                                  timeout=opts.http_timeout)
         self._inventory_fn = inventory or (lambda mac: collect_inventory(boot_mac=mac))
         self.reboot = reboot
+        self.poweroff = poweroff
+        self.wipe = wipe or (lambda device: wipe_disk(read_disk_facts(device)))
         self.stop = threading.Event()
         self.sn = ""
         self.state = "idle"
@@ -280,6 +304,8 @@ class Agent:
                 code = self.handle_install(answer)
                 if code is not None:
                     return code
+            elif action == "release":
+                return self.handle_release(answer)
             elif self.written_but_not_rebooted(answer):
                 # an earlier agent wrote this attempt and died before rebooting; the node
                 # no longer says "install" (the rebooting step was stored): finish the job
@@ -321,6 +347,57 @@ class Agent:
         else:
             log.info("image already written for this task attempt; rebooting")
         return self.finish()
+
+    def handle_release(self, answer: dict[str, Any]) -> int:
+        """Wipe every disk (:mod:`agent.wipe`), one log line per disk, report
+        ``released`` (or ``failed`` naming the disks not wiped), flush, then
+        power off: at once when the node says no BMC will (``power_off:
+        agent``), else after :data:`BMC_OFF_GRACE` seconds if the BMC has not
+        by then.  A wipe that fails is reported and the machine stays on."""
+        spec = answer.get("release") if isinstance(answer.get("release"), dict) else {}
+        assert isinstance(spec, dict)
+        self.state = "releasing"
+        self.report({"kind": "progress", "step": "wiping", "percent": 0.0,
+                     "message": "release: wiping the disks"})
+        skipped: dict[str, str] = {}
+        if self.opts.target is not None:
+            devices = [self.opts.target]
+        else:
+            disks = self._inventory_fn(None).get("disks") or []
+            names, skipped = decide_disks(disks, allow_removable=bool(
+                spec.get("allow_removable")) or self.opts.allow_removable)
+            devices = [Path("/dev") / n for n in names]
+        for name, why in sorted(skipped.items()):
+            self.report({"kind": "log", "step": "wiping", "message": f"/dev/{name}: not "
+                         f"wiped: {why}"})
+        failures = []
+        for i, device in enumerate(devices):
+            try:
+                line = self.wipe(device)
+            except (WipeError, OSError) as exc:
+                failures.append(f"{device}: {exc}")
+                line = f"{device}: NOT wiped: {exc}"
+            self.report({"kind": "progress", "step": "wiping",
+                         "percent": 100.0 * (i + 1) / max(1, len(devices)), "message": line})
+        if failures or not devices:
+            self.fail("release: " + ("; ".join(failures) if failures
+                                     else "no disk to wipe was found"))
+            self.spool.wait_empty(min(self.opts.flush_timeout, 60.0))
+            return 1
+        by_bmc = spec.get("power_off") == "bmc"
+        self.report({"kind": "state", "status": "released", "step": "released",
+                     "message": f"{len(devices)} disk(s) wiped; powering off "
+                                + ("through the BMC" if by_bmc else "(the agent)")})
+        self.state = "released"
+        if not self.spool.wait_empty(self.opts.flush_timeout):
+            log.error("events still spooled after %.0f s", self.opts.flush_timeout)
+        if self.opts.no_reboot:
+            log.info("release done; not powering off (--no-reboot)")
+            return 0
+        if by_bmc and self.stop.wait(BMC_OFF_GRACE):
+            return 0
+        self.poweroff()
+        return 0
 
     def written_but_not_rebooted(self, answer: dict[str, Any]) -> bool:
         task = answer.get("task")

@@ -91,7 +91,7 @@ DESCRIPTIONS = {
 #: noun → its actions, in the order of the help
 ACTIONS: dict[str, tuple[str, ...]] = {
     "task": ("create", "list", "show", "approve", "reject", "cancel", "retry", "redeploy",
-             "delete", "log"),
+             "schedule", "release", "delete", "log"),
     "server": ("list", "show", "bmc-set", "bmc-show", "power"),
     "node": ("list",),
     "audit": ("list",),
@@ -212,6 +212,7 @@ def _add_task(sub: Any) -> None:
                         "AAAA...\"]'")
     p.add_argument("--params", default=None, metavar="FILE",
                    help="install inputs as a JSON object from FILE ('-': stdin); --param wins")
+    _add_schedule(p)
 
     p = _action(sub, "list", "list tasks, newest first", task_list)
     p.add_argument("--idc", default=None, help="only this IDC")
@@ -245,6 +246,20 @@ def _add_task(sub: Any) -> None:
                         "KEY=null removes it)")
     _add_revision(p)
 
+    p = _action(sub, "schedule", "change when a task may start (approver role); an option "
+                                 "left out keeps its value", task_schedule)
+    _add_ref(p)
+    _add_schedule(p)
+    p.add_argument("--clear", action="store_true", help="remove the schedule: start at once")
+    p.add_argument("--notes", dest="note", default=None, help="why (in the audit record)")
+    _add_revision(p)
+
+    p = _action(sub, "release", "wipe a succeeded or failed machine's disks and power it off "
+                                "(approver role)", task_transition)
+    _add_ref(p)
+    p.add_argument("--notes", dest="note", default=None, help="why")
+    _add_revision(p)
+
     p = _action(sub, "delete", "delete a task that is not booting or installing", task_delete)
     _add_ref(p)
     _add_revision(p)
@@ -254,6 +269,15 @@ def _add_task(sub: Any) -> None:
     _add_ref(p)
     p.add_argument("--attempt", type=int, default=None, metavar="N",
                    help="the attempt (default: the current one)")
+
+
+def _add_schedule(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--not-before", default=None, metavar="TIME",
+                   help="do not start before TIME, ISO 8601 with a zone: 2026-12-04T22:00Z "
+                        "('' removes it)")
+    p.add_argument("--window", default=None, metavar="HH:MM-HH:MM",
+                   help="start only inside this daily UTC window, e.g. 22:00-04:00 "
+                        "('' removes it)")
 
 
 def _add_server(sub: Any) -> None:
@@ -754,6 +778,9 @@ def task_create(client: ApiClient, args: argparse.Namespace) -> Shown:
             body[field] = getattr(args, field)
     if params:
         body["params"] = params
+    for field in ("not_before", "window"):
+        if getattr(args, field):
+            body[field] = getattr(args, field)
     answer = client.call("POST", "/tasks", body)
     task = answer.get("task", {}) if isinstance(answer, dict) else {}
     text = (f"created {task.get('idc')}/{task.get('sn')}: {task.get('status')} "
@@ -812,6 +839,33 @@ def task_transition(client: ApiClient, args: argparse.Namespace) -> Shown:
     move = f"{last.get('from_status')} → {last.get('to_status')}" if last else task.get("status")
     return Shown(answer, f"{args.ref}: {move} (attempt {task.get('attempt')}, revision "
                          f"{answer.get('revision')})")
+
+
+def task_schedule(client: ApiClient, args: argparse.Namespace) -> Shown:
+    """Options left out keep the task's values: the task is read first and
+    the change applies only to the revision read (409 if it changed)."""
+    path = "/tasks" + _ref_path(args.ref)
+    revision = args.revision
+    body: dict[str, Any] = {"not_before": None, "window": None}
+    if not args.clear:
+        current = client.call("GET", path, query={"fresh": "1"})
+        schedule = (current.get("task") or {}).get("schedule") or {}
+        body = {"not_before": schedule.get("not_before") or None,
+                "window": schedule.get("window") or None}
+        revision = revision if revision is not None else current.get("revision")
+    for field in ("not_before", "window"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field) or None
+    if args.note is not None:
+        body["notes"] = args.note
+    if revision is not None:
+        body["revision"] = revision
+    answer = client.call("PUT", path + "/schedule", body)
+    schedule = (answer.get("task") or {}).get("schedule") or {}
+    text = f"{args.ref}: schedule {schedule.get('summary') or 'none'}"
+    if schedule.get("waiting"):
+        text += f"; {schedule.get('reason')}"
+    return Shown(answer, f"{text} (revision {answer.get('revision')})")
 
 
 def task_delete(client: ApiClient, args: argparse.Namespace) -> Shown:

@@ -36,10 +36,12 @@ from lpmos.power import (
     BmcRecord,
     BmcSecret,
     PowerRequest,
+    decide_claim,
     new_request,
     parse_bmc_put,
     valid_request_id,
 )
+from lpmos.schedule import describe
 from lpmos.store import Compare, Conflict, Delete, Op, Put
 from web.audit import request_auditor
 from web.auth import current_principal, requires
@@ -131,10 +133,15 @@ def approval_request(c: WebContext, task: Task, *, by: str, action: str) -> Powe
     for the same transaction."""
     if bmc_record(c, task.idc, task.sn) is None:
         return None
+    scheduled = task.status == "approved" and bool(task.not_before or task.window)
     req = new_request(task.idc, task.sn, "provision", by=by, now=time.time(),
-                      reason=f"{action} of attempt {task.attempt}", task_attempt=task.attempt)
+                      reason=f"{action} of attempt {task.attempt}", task_attempt=task.attempt,
+                      not_before=task.not_before if scheduled else 0.0,
+                      window=task.window if scheduled else "")
+    when = f" when its schedule lets it start ({describe(task.not_before, task.window)})" \
+        if scheduled else ""
     task.add_log(f"power: queued PXE as the next boot and a power cycle ({req.id}); a "
-                 f"regional node of {task.idc} carries it out")
+                 f"regional node of {task.idc} carries it out{when}")
     return req
 
 
@@ -256,7 +263,10 @@ def post_power(idc: str, sn: str) -> Any:
                                       "bmc-set)")
     now = time.time()
     for other, _rev in requests_of(c, idc, sn):
-        if not other.final and (other.state == "claimed" or now - other.created_at < QUEUE_TTL):
+        # a request waiting for its schedule blocks nothing until it is due
+        if not other.final and (other.state == "claimed" or (
+                now - other.created_at < QUEUE_TTL
+                and decide_claim(other, now).what != "wait")):
             raise ApiError(409, "busy", f"{idc}/{sn} has a power request still open: "
                                         f"{other.id} ({other.describe()})", id=other.id)
     key = c.keys.power_request(idc, sn, req.id)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,18 @@ from lpmos.cloudconfig import (
 )
 from lpmos.models import Task, ValidationError, validate_name, validate_sn, validate_text
 from lpmos.power import PowerRequest
+from lpmos.schedule import (
+    ScheduleError,
+    decide_start,
+    describe,
+    iso_time,
+    parse_not_before,
+    parse_window,
+)
 from lpmos.states import IllegalTransition, NotInState, TaskStatus
-from lpmos.store import Op
+from lpmos.store import Op, Put, Unchanged
 from lpmos.tasks import AuditFn, BatchRefused, Stored
-from web.api_power import approval_request, queue_ops
+from web.api_power import approval_request, queue_ops, requests_of
 from web.audit import request_auditor
 from web.auth import Principal, current_principal, requires
 from web.context import WebContext, ctx
@@ -57,7 +66,7 @@ from web.index import task_summary
 bp = Blueprint("api_tasks", __name__, url_prefix="/api/v1")
 
 TASK_FIELDS = ("idc", "sn", "mac", "os_type", "os_version", "image", "params", "notes",
-               "template")
+               "template", "not_before", "window")
 CSV_FIELDS = ("idc", "sn", "mac", "os_type", "os_version", "image", "template", "notes")
 READ_YOUR_WRITES_WAIT = 2.0
 #: what the create-time check renders in place of a node's URL and token
@@ -86,10 +95,26 @@ def _object_body() -> dict[str, Any]:
 
 
 def task_view(task: Task) -> dict[str, Any]:
-    """A task as the API returns it: its params redacted."""
+    """A task as the API returns it: its params redacted, and its schedule
+    in words (:func:`schedule_view`)."""
     data = task.to_dict()
     data["params"] = redact_params(data.get("params"))
+    data["schedule"] = schedule_view(task, time.time())
     return data
+
+
+def schedule_view(task: Task, now: float) -> dict[str, Any]:
+    """``{"not_before": ISO or "", "window": "HH:MM-HH:MM" or "", "summary",
+    "waiting", "starts_at", "reason"}``: ``waiting`` when the task is
+    approved (or pending) and its schedule does not let it start at
+    ``now``; ``reason`` is what the boot script and the power worker say."""
+    start = decide_start(task.not_before, task.window, now)
+    scheduled = bool(task.not_before or task.window)
+    waiting = scheduled and not start.start and task.status in ("pending", "approved")
+    return {"not_before": iso_time(task.not_before), "window": task.window,
+            "summary": describe(task.not_before, task.window), "waiting": waiting,
+            "starts_at": iso_time(start.at) if scheduled else "",
+            "reason": start.reason if waiting else ""}
 
 
 def _synced(c: WebContext, revision: int) -> None:
@@ -157,6 +182,11 @@ def build_task(c: WebContext, data: Any) -> Task:
     for required in ("idc", "sn", "mac", "os_type"):
         if not values.get(required):
             raise ValidationError(required, "is required")
+    for name in ("not_before", "window"):
+        if name in values and not isinstance(values[name], str):
+            raise ValidationError(name, "a string: an ISO 8601 time such as "
+                                  "2026-12-04T22:00:00Z" if name == "not_before"
+                                  else "a string: a daily UTC window such as 22:00-04:00")
     task = Task(**values)
     task.validate()
     image: Image | None = None
@@ -444,7 +474,7 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
         if changes:
             _merge_params(c, task, changes)
         queued.clear()
-        if target == TaskStatus.APPROVED and power:
+        if target in (TaskStatus.APPROVED, TaskStatus.RELEASING) and power:
             req = approval_request(c, task, by=user, action=action)
             if req is not None:
                 queued.append(req)
@@ -553,3 +583,89 @@ def delete_task(idc: str, sn: str) -> Any:
                        revision=before.revision) from None
     _synced(c, c.store.revision())
     return jsonify({"deleted": f"{idc}/{sn}"})
+
+
+# -- schedule and release ------------------------------------------------------------
+
+#: the states whose schedule may still change: not yet started (pending,
+#: approved) or finished (for the next redeploy or retry)
+SCHEDULABLE = (TaskStatus.PENDING, TaskStatus.APPROVED, TaskStatus.SUCCEEDED,
+               TaskStatus.FAILED)
+
+
+@bp.put("/tasks/<idc>/<sn>/schedule")
+@requires(Role.APPROVER)
+def put_schedule(idc: str, sn: str) -> Any:
+    """Replace the task's schedule: ``{"not_before": ISO 8601 | null,
+    "window": "HH:MM-HH:MM" | null, "notes"?, "revision"?}`` (a field left
+    out or null is cleared; both null: no schedule).  400 for an unparsable
+    time or window, 409 once the install has started.  An approved task's
+    queued power cycle (:func:`web.api_power.approval_request`) is rewritten
+    with the new schedule in the same transaction; one a node is already
+    carrying out is a 409."""
+    c = ctx()
+    idc, sn = _path_ids(idc, sn)
+    body = _object_body()
+    unknown = sorted(set(body) - {"not_before", "window", "notes", "revision"})
+    if unknown:
+        raise ApiError(400, "invalid", f"{unknown[0]}: unknown field (not_before, window, "
+                                       "notes, revision)", field=unknown[0])
+    try:
+        not_before = parse_not_before(body.get("not_before"))
+        window = parse_window(body.get("window"))
+        note = validate_text(body.get("notes", ""), "notes", 1000, single_line=False)
+    except ScheduleError as exc:
+        raise ApiError(400, "invalid", str(exc), field=exc.field) from None
+    except ValidationError as exc:
+        raise ApiError(400, "invalid", str(exc), field=exc.field) from None
+    expect = body.get("revision")
+    if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int)):
+        raise ApiError(400, "invalid", "revision: an integer (the task revision you saw)")
+    user = _principal().user
+    rewritten: list[tuple[str, int, PowerRequest]] = []
+
+    def change(task: Task) -> None:
+        if task.state not in SCHEDULABLE:
+            raise ApiError(409, "illegal_transition", f"{idc}/{sn} is {task.status}: its "
+                           "schedule can no longer change", status=task.status)
+        if (task.not_before, task.window) == (not_before, window):
+            raise Unchanged
+        rewritten.clear()
+        if task.state is TaskStatus.APPROVED:
+            for req, revision in requests_of(c, idc, sn):
+                if req.final or req.task_attempt != task.attempt:
+                    continue
+                if req.state != "queued":
+                    raise ApiError(409, "busy", f"node {req.node} is carrying out the power "
+                                   f"cycle of this attempt ({req.id}); too late to "
+                                   "reschedule it", id=req.id)
+                req.not_before, req.window = not_before, window
+                rewritten.append((c.keys.power_request(idc, sn, req.id), revision, req))
+        before = describe(task.not_before, task.window) or "none"
+        task.not_before, task.window = not_before, window
+        task.add_log(f"schedule set by {user}: {describe(not_before, window) or 'none'} "
+                     f"(was {before})")
+
+    def power_ops(_task: Task) -> list[Op]:
+        return [Put(key, req.to_json()) for key, _rev, req in rewritten]
+
+    stored = c.tasks.update(idc, sn, change, expect_revision=expect,
+                            audit=_audit(c, "task.schedule", f"{idc}/{sn}",
+                                         note or describe(not_before, window) or "cleared"),
+                            extra=power_ops)
+    _synced(c, stored.revision)
+    return jsonify({"task": task_view(stored.task), "revision": stored.revision,
+                    "power_requests": [req.id for _k, _r, req in rewritten]})
+
+
+@bp.post("/tasks/<idc>/<sn>/release")
+@requires(Role.APPROVER)
+def release_task(idc: str, sn: str) -> Any:
+    """succeeded | failed → releasing: the machine network-boots the live
+    image, whose agent wipes every disk (signatures and partition tables;
+    blkdiscard where the disk supports discard) and reports ``released``;
+    then it is powered off (its BMC when known, else the agent).  A new
+    attempt, so the wipe's log is kept beside the installs'.  ``{"notes"?,
+    "revision"?, "power"?}``: with a BMC record the network boot and power
+    cycle are queued in the same transaction, as an approval does."""
+    return _transition(idc, sn, TaskStatus.RELEASING, "task.release", four_eyes=False)

@@ -57,6 +57,7 @@ def task_summary(task: Task, revision: int) -> dict[str, Any]:
         "approved_by": task.approved_by, "attempt": task.attempt, "reason": task.reason,
         "claimed_by": task.claimed_by, "started_at": task.started_at,
         "finished_at": task.finished_at, "notes": task.notes,
+        "not_before": task.not_before, "window": task.window,
         "progress": {"percent": p.percent, "step": p.step, "message": p.message,
                      "bytes_done": p.bytes_done, "bytes_total": p.bytes_total,
                      "rate": p.rate, "updated_at": p.updated_at},

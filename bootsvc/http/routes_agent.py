@@ -32,12 +32,14 @@ from bootsvc.http.common import (
 from bootsvc.policy.machine import MachineView
 from bootsvc.policy.script import CONFIG_TEMPLATES
 from bootsvc.render import file_url
-from bootsvc.state.claim import claim_install
+from bootsvc.state.claim import claim_install, claim_release
 from bootsvc.state.registration import RegistrationConflict, parse_register
+from lpmos.audit import Auditor
 from lpmos.catalog import Image
 from lpmos.models import ProgressEvent, ValidationError
+from lpmos.power import PowerRequest, new_request
 from lpmos.states import FINAL, REBOOT_STEP, TaskStatus
-from lpmos.store import StoreError
+from lpmos.store import Compare, Put, StoreError
 
 #: the longest a task long poll waits, in seconds
 LONG_POLL_MAX = 30.0
@@ -141,6 +143,20 @@ def _task_answer(boot: BootBackend, view: MachineView, token: str) -> dict[str, 
     action = "wait"
     if status in FINAL:
         action = "done"
+    elif status is TaskStatus.RELEASING and not conflict:
+        outcome = claim_release(boot.ctx.store, boot.ctx.keys, idc=boot.ctx.idc, sn=view.sn,
+                                node=boot.ctx.node_name)
+        if outcome.install and outcome.task is not None:
+            boot.ctx.cache.wait_for_revision(outcome.revision, 1.0)
+            task, revision, action = outcome.task, outcome.revision, "release"
+            answer["release"] = {
+                "power_off": "bmc" if boot.ctx.cache.get(boot.ctx.keys.bmc(boot.ctx.idc, view.sn))
+                is not None else "agent",
+                "allow_removable": bool(task.params.get("allow_removable", False))}
+            boot.ctx.timeline.record(f"sn:{view.sn}", "release claimed", {"by": "agent poll"})
+        else:
+            boot.ctx.timeline.record(f"sn:{view.sn}", "release refused",
+                                     {"reason": outcome.reason[:200]})
     elif status is TaskStatus.APPROVED and image_mode and not conflict:
         outcome = claim_install(boot.ctx.store, boot.ctx.keys, boot.tokens, idc=boot.ctx.idc,
                                 sn=view.sn, node=boot.ctx.node_name, continuing=False,
@@ -200,9 +216,45 @@ def agent_events() -> Response:
             boot.metrics.inc("http_requests_refused_total", reason="bad_event")
             raise HttpError(400, "bad_event", f"events[{i}]: {exc}") from None
     result = boot.submit_events(sn, events)
+    if result.task_status == TaskStatus.RELEASED.value and \
+            any(e.kind == "state" and e.status == "released" for e in events):
+        _power_off_released(boot, sn)
     states = [e for e in events if e.kind == "state"]
     if states:
         boot.ctx.timeline.record(f"sn:{sn}", "agent state",
                                  {"status": states[-1].status,
                                   "message": states[-1].message[:120]})
     return json_response({"acked": result.acked, "task_status": result.task_status})
+
+
+def _power_off_released(boot: BootBackend, sn: str) -> None:
+    """A released machine with a BMC record: queue its power-off (a request
+    of the node, audited as such) once per attempt, in one CAS that
+    requires the request not to exist yet.  Best effort: the agent powers
+    the machine off itself when the BMC has not within its grace time."""
+    ctx = boot.ctx
+    if ctx.cache.get(ctx.keys.bmc(ctx.idc, sn)) is None:
+        return
+    task = ctx.machines.view(sn).task
+    attempt = task.attempt if task is not None else 0
+    for kv in ctx.cache.items(ctx.keys.power_requests(ctx.idc, sn)):
+        try:
+            old = PowerRequest.from_json(kv.value)
+        except ValidationError:
+            continue
+        if old.action == "off" and old.task_attempt == attempt:
+            return                      # a resent event: queued already
+    req = new_request(ctx.idc, sn, "off", by=f"node:{ctx.node_name}", now=time.time(),
+                      reason=f"release of attempt {attempt}: the disks are wiped",
+                      task_attempt=attempt)
+    key = ctx.keys.power_request(ctx.idc, sn, req.id)
+    audit = Auditor(ctx.keys, f"node:{ctx.node_name}", f"regional node {ctx.node_name}").op(
+        "power.request", f"{ctx.idc}/{sn}", detail=req.reason,
+        after={"id": req.id, "action": req.action, "steps": [s.name for s in req.steps],
+               "task_attempt": attempt})
+    try:
+        ctx.store.commit([Compare(key, 0)], [Put(key, req.to_json()), audit])
+    except StoreError as exc:
+        boot.ctx.timeline.record(f"sn:{sn}", "power off not queued", {"reason": str(exc)[:200]})
+        return
+    boot.ctx.timeline.record(f"sn:{sn}", "power off queued", {"id": req.id})

@@ -77,3 +77,17 @@ def decide_claim(task: Task, server: Server | None, *, node: str, continuing: bo
     return ClaimDecision(True, "install claimed", move=decide_transition(
         status, TaskStatus.BOOTING, at=at, by=f"node:{node}", reason="install boot served",
         served_by=node))
+
+
+def decide_release(task: Task, server: Server | None, *, node: str) -> ClaimDecision:
+    """May ``node`` have the live agent wipe ``task``'s machine (the task and
+    server record read fresh)?  Only a task still ``releasing`` of a machine
+    not flagged as a conflict.  ``move`` is always ``None``: the claim
+    writes no transition, only who serves the attempt (a node that takes
+    over from another: the wipe can be repeated, nothing is lost by it)."""
+    if server is not None and server.conflict:
+        return _refuse(f"machine flagged as a conflict ({server.conflict}); no wipe")
+    if task.state is not TaskStatus.RELEASING:
+        return _refuse(f"the task is now {task.status}")
+    return ClaimDecision(True, "release claimed" if task.claimed_by != node
+                         else "release confirmed")

@@ -74,6 +74,14 @@ def decide_expiry(task: Task, *, lease_present: bool, lease_gone_since: float | 
             return Expiry("unservable", f"{head}; {unservable}")
         return Expiry("never_claimed",
                       f"{head}: is the machine powered on and network-booting?")
+    if task.status == TaskStatus.RELEASING.value:
+        quiet = now - last_activity(task)
+        if lease_present or quiet <= timeouts.boot:
+            return None
+        return Expiry("boot_timeout", f"release: nothing heard from the machine for "
+                                      f"{quiet:.0f} s (timeout {timeouts.boot:.0f} s): is it "
+                                      "powered on and network-booting? Its disks may not be "
+                                      "wiped")
     if task.status not in (TaskStatus.BOOTING, TaskStatus.INSTALLING):
         return None
     quiet = now - last_activity(task)

@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from bootsvc.policy.claim import decide_claim
+from bootsvc.policy.claim import decide_claim, decide_release
 from bootsvc.state.tokens import MachineTokens
 from lpmos.models import Server, Task, ValidationError, now
 from lpmos.store import Compare, Conflict, KeyValue, Op, Put, Store, StoreError
@@ -160,3 +160,45 @@ def _token_ops(tokens: MachineTokens, sn: str,
         token, put = tokens.issue(sn, why="install script")
         return token, [put]
     return "", []
+
+
+def claim_release(store: Store, keys: Keys, *, idc: str, sn: str, node: str) -> Outcome:
+    """Confirm with etcd that ``idc/sn`` is to be wiped now, before its
+    agent is told to (RELIABILITY L3, as for an install): a fresh read of
+    the task and server record, the pure rule
+    :func:`bootsvc.policy.claim.decide_release`, and when ``node`` does not
+    serve the attempt yet, one CAS on the revision read that records it
+    (``claimed_by``, ``started_at``, the attempt's node).  Fails closed
+    (``install`` False: the agent is told to wait)."""
+    task_key = keys.task(idc, sn)
+    try:
+        kv = store.get(task_key)
+        server_kv = store.get(keys.server(idc, sn))
+    except StoreError as exc:
+        return Outcome(False, f"etcd unavailable for the release claim ({type(exc).__name__})",
+                       etcd_requests=2)
+    if kv is None:
+        return Outcome(False, "the task is gone", etcd_requests=2)
+    try:
+        task = Task.from_json(kv.value)
+        server = Server.from_json(server_kv.value) if server_kv is not None else None
+    except ValidationError as exc:
+        return Outcome(False, f"unreadable task or server record: {exc}", etcd_requests=2)
+    decision = decide_release(task, server, node=node)
+    if not decision.install:
+        return Outcome(False, decision.reason, task, server, kv.mod_revision, etcd_requests=2)
+    if task.claimed_by == node:
+        return Outcome(True, decision.reason, task, server, kv.mod_revision, etcd_requests=2)
+    task.served_by(node)
+    task.started_at = task.updated_at = now()
+    task.add_log(f"release: node {node} has the live agent wipe the disks")
+    try:
+        revision = store.commit([Compare(task_key, kv.mod_revision)],
+                                [Put(task_key, task.to_json())])
+    except Conflict as exc:
+        return Outcome(False, f"the task changed meanwhile (now at revision {exc.revision})",
+                       task, server, kv.mod_revision, etcd_requests=3)
+    except StoreError as exc:
+        return Outcome(False, f"etcd unavailable for the release claim ({type(exc).__name__})",
+                       task, server, kv.mod_revision, etcd_requests=3)
+    return Outcome(True, decision.reason, task, server, revision, etcd_requests=3)

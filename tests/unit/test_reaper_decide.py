@@ -159,3 +159,18 @@ def test_an_approved_task_waiting_for_its_schedule_is_not_unclaimed() -> None:
     late = decide_expiry(task, lease_present=False, lease_gone_since=None,
                          now=1_800_000_000.0 + 86400 + 3601, timeouts=timeouts)
     assert late is not None and late.code == "never_claimed"
+
+
+def test_a_release_nobody_carries_out_fails_after_the_boot_timeout() -> None:
+    from bootsvc.policy.reaping import Timeouts, decide_expiry
+
+    task = Task(idc="dc1", sn="s", mac="52:54:00:00:00:01", os_type="Lab OS",
+                status="releasing", updated_at=1000.0).validate()
+    timeouts = Timeouts(boot=3600.0)
+    assert decide_expiry(task, lease_present=False, lease_gone_since=None, now=4000.0,
+                         timeouts=timeouts) is None
+    assert decide_expiry(task, lease_present=True, lease_gone_since=None, now=9000.0,
+                         timeouts=timeouts) is None
+    late = decide_expiry(task, lease_present=False, lease_gone_since=None, now=4601.0 + 1,
+                         timeouts=timeouts)
+    assert late is not None and "may not be wiped" in late.reason
