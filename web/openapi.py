@@ -44,6 +44,13 @@ REDEPLOY_BODY = {"type": "object", "properties": {
     "params": {"type": "object", "description": "merged into the task's params and checked "
                                                 "as at creation; null removes a key"}}}
 
+SCHEDULE_BODY = {"type": "object", "properties": {
+    "not_before": {"type": ["string", "null"], "description": "ISO 8601 with a zone, e.g. "
+                   "2026-12-04T22:00:00Z; null or left out: none"},
+    "window": {"type": ["string", "null"], "description": "daily UTC window HH:MM-HH:MM, "
+               "e.g. 22:00-04:00 (crosses midnight); null or left out: none"},
+    "notes": _S, "revision": _REVISION}}
+
 #: "METHOD /openapi/path" → summary, query parameters, request body schema, response schema
 DOCS: dict[str, dict[str, Any]] = {
     "GET /api/v1/tasks": {
@@ -82,6 +89,16 @@ DOCS: dict[str, dict[str, Any]] = {
         "summary": "succeeded → approved: install again as a new attempt, with params "
                    "merged into the task's (e.g. a new hostname)",
         "body": REDEPLOY_BODY, "response": "TaskResult"},
+    "PUT /api/v1/tasks/{idc}/{sn}/schedule": {
+        "summary": "Replace when the task may start (approver): not before a time and/or "
+                   "inside a daily UTC window; an approved task's queued power cycle moves "
+                   "with it (409 once a node carries it out)",
+        "body": SCHEDULE_BODY, "response": "TaskResult"},
+    "POST /api/v1/tasks/{idc}/{sn}/release": {
+        "summary": "succeeded | failed → releasing (approver): the live agent wipes every "
+                   "disk (wipefs, sgdisk --zap-all, blkdiscard where supported), reports "
+                   "released, and the machine is powered off",
+        "body": APPROVE_BODY, "response": "TaskResult"},
     "GET /api/v1/servers": {"summary": "Discovered machines",
                             "params": [_q("idc", "IDC name"),
                                        _q("q", "text in SN, MAC, UUID, IP, vendor"), *PAGE],

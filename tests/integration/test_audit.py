@@ -98,6 +98,8 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
                                              conflict="clone seen").to_json())
     calls: list[tuple[str, str, str, Any]] = [
         ("POST", "/api/v1/tasks", "operator", task_body(sn)),
+        ("PUT", f"/api/v1/tasks/dc1/{sn}/schedule", "approver",
+         {"not_before": "2026-01-01T00:00:00Z", "window": "22:00-04:00"}),
         ("POST", "/api/v1/tasks", "operator", task_body(rejected, "02:00:00:00:00:02")),
         ("POST", f"/api/v1/tasks/dc1/{rejected}/reject", "approver", {"notes": "wrong rack"}),
         ("POST", f"/api/v1/tasks/dc1/{sn}/approve", "approver", {"notes": "go"}),
@@ -106,6 +108,8 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
         ("SUCCEED", sn, "", None),       # the new attempt succeeds
         ("POST", f"/api/v1/tasks/dc1/{sn}/redeploy", "approver",
          {"notes": "reinstall", "params": {"hostname": "web-2"}}),
+        ("FAIL", sn, "", None),          # the redeploy fails
+        ("POST", f"/api/v1/tasks/dc1/{sn}/release", "approver", {"notes": "decommission"}),
         ("POST", f"/api/v1/tasks/dc1/{sn}/cancel", "operator", {"reason": "wrong disk"}),
         ("DELETE", f"/api/v1/tasks/dc1/{sn}", "operator", None),
         ("POST", "/api/v1/tasks/batch", "operator",
@@ -183,8 +187,9 @@ def test_every_mutating_call_commits_its_record_in_the_revision_of_its_change(
         assert change and all(k.startswith(prefix) for k in change), (record, changed)
     actions = sorted(r["action"] for r, _ in records)
     assert actions == sorted([
-        "task.create", "task.create", "task.reject", "task.approve", "task.retry",
-        "task.redeploy", "task.cancel", "task.delete", "task.batch_create", "user.put",
+        "task.create", "task.schedule", "task.create", "task.reject", "task.approve",
+        "task.retry", "task.redeploy", "task.release", "task.cancel", "task.delete",
+        "task.batch_create", "user.put",
         "token.create", "token.create", "token.revoke", "template.put", "template.delete",
         "server.clear_conflict",
         "webhook.create", "webhook.update", "webhook.delete",

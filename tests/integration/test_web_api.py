@@ -120,6 +120,8 @@ MUTATING: list[tuple[str, str, str]] = [
     ("POST", "/api/v1/tasks/dc1/sn-x/cancel", "operator"),
     ("POST", "/api/v1/tasks/dc1/sn-x/retry", "approver"),
     ("POST", "/api/v1/tasks/dc1/sn-x/redeploy", "approver"),
+    ("PUT", "/api/v1/tasks/dc1/sn-x/schedule", "approver"),
+    ("POST", "/api/v1/tasks/dc1/sn-x/release", "approver"),
     ("DELETE", "/api/v1/tasks/dc1/sn-x", "operator"),
     ("PUT", "/api/v1/users/someone", "admin"),
     ("POST", "/api/v1/tokens", "admin"),
