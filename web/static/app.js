@@ -14,8 +14,10 @@
   const RANK = { viewer: 1, operator: 2, approver: 3, admin: 4 };
   const can = (role) => (RANK[ME.role] || 0) >= RANK[role];
   const STATES = ["pending", "approved", "booting", "installing", "succeeded", "failed",
-    "rejected", "cancelled"];
-  const ACTIVE = new Set(["pending", "approved", "booting", "installing"]);
+    "rejected", "cancelled", "releasing", "released"];
+  const ACTIVE = new Set(["pending", "approved", "booting", "installing", "releasing"]);
+  // states whose schedule an approver may still change (web/api_tasks.py SCHEDULABLE)
+  const SCHEDULABLE = new Set(["pending", "approved", "succeeded", "failed"]);
 
   // ---- DOM helpers ------------------------------------------------------------
   function el(tag, attrs, ...children) {
@@ -164,6 +166,7 @@
       reject: { title: t("reject.title", { t: name }), notes: true, cls: "btn-danger" },
       cancel: { title: t("cancel.title", { t: name }), notes: true, cls: "btn-danger" },
       retry: { title: t("retry.title", { t: name }), warn: t("approve.warn"), notes: true, cls: "btn-ok" },
+      release: { title: t("release.title", { t: name }), warn: t("release.warn"), notes: true, cls: "btn-danger" },
       delete: { title: t("delete.title", { t: name }), notes: false, cls: "btn-danger" },
     }[action];
     const answer = await confirmDialog({ title: spec.title, warn: spec.warn, withNotes: spec.notes,
@@ -192,6 +195,7 @@
     };
     if (task.status === "pending") { add("approve", "approver", "btn-ok"); add("reject", "approver", "btn-danger"); }
     if (task.status === "failed") add("retry", "approver", "btn-ok");
+    if (task.status === "succeeded" || task.status === "failed") add("release", "approver", "btn-danger");
     if (ACTIVE.has(task.status)) add("cancel", "operator", "btn-danger");
     if (!ACTIVE.has(task.status) || task.status === "pending" || task.status === "approved") {
       if (!ACTIVE.has(task.status)) add("delete", "operator", "btn-danger");
@@ -223,7 +227,7 @@
       el("td", { class: "mono sn", text: task.sn }),
       el("td", { class: "mono", text: task.mac }),
       el("td", {}, el("div", { text: task.os_type }), el("div", { class: "muted", text: task.os_version || task.image || "" })),
-      el("td", {}, badge(task.status)),
+      el("td", {}, badge(task.status), scheduleNote(task)),
       el("td", {}, progressCell(task)),
       el("td", { class: "muted", title: fmtTime(task.updated_at), text: fmtAgo(task.updated_at) }),
       el("td", { class: "muted", text: task.created_by || "" }),
@@ -477,6 +481,45 @@
       p.cloud_config ? [t("form.cloud_config"), el("pre", { class: "mono", text: String(p.cloud_config) })] : null,
     ];
   }
+  // ---- schedule (issue #21): shown on the row and in the drawer, changed by an approver
+  function isoOf(stamp) {
+    return stamp ? new Date(stamp * 1000).toISOString().replace(/\.\d{3}Z$/, "Z") : "";
+  }
+  function scheduleNote(task) {
+    if (!task.not_before && !task.window) return null;
+    const parts = [];
+    if (task.not_before) parts.push(`≥ ${isoOf(task.not_before)}`);
+    if (task.window) parts.push(`${task.window} UTC`);
+    return el("div", { class: "muted schedule-note", "data-schedule": parts.join(" "), text: parts.join(" · ") });
+  }
+  function scheduleSection(task, revision) {
+    const s = task.schedule || {};
+    const rows = [[t("schedule.section"), s.summary || t("schedule.none")]];
+    if (s.waiting) rows.push([t("schedule.waiting"), s.reason]);
+    else if (s.starts_at) rows.push([t("schedule.starts_at"), s.starts_at]);
+    const out = [el("div", { class: "section", text: t("schedule.section") }),
+      el("div", { id: "task-schedule" }, kv(rows))];
+    if (can("approver") && SCHEDULABLE.has(task.status)) {
+      const nb = el("input", { id: "schedule-not-before", type: "text", maxlength: "40", value: s.not_before || "",
+        placeholder: "2026-12-04T22:00:00Z" });
+      const win = el("input", { id: "schedule-window", type: "text", maxlength: "20", value: s.window || "",
+        placeholder: "22:00-04:00" });
+      const save = async () => {
+        const path = `/api/v1/tasks/${encodeURIComponent(task.idc)}/${encodeURIComponent(task.sn)}/schedule`;
+        try {
+          const res = await api("PUT", path, { not_before: nb.value.trim() || null,
+            window: win.value.trim() || null, revision });
+          if (res && res.task) applyTaskFull(res.task, res.revision);
+          toast(t("schedule.saved", { t: `${task.idc}/${task.sn}` }), "ok");
+          openTask(task.idc, task.sn, true);
+        } catch (err) { showError(err); }
+      };
+      out.push(el("form", { id: "schedule-form", class: "form-grid", onsubmit: (ev) => { ev.preventDefault(); save(); } },
+        el("label", {}, t("schedule.not_before"), nb), el("label", {}, t("schedule.window"), win),
+        el("button", { class: "btn btn-sm", type: "submit", id: "schedule-save", text: t("schedule.save") })));
+    }
+    return out;
+  }
   async function openTask(idc, sn, refresh) {
     const seq = ++drawerSeq;
     state.drawer = { kind: "task", idc, sn };
@@ -498,6 +541,7 @@
         ...installInputs(task.params || {}),
         ["attempt", task.attempt], ["claimed_by", task.claimed_by], ["revision", data.revision],
         [t("col.online"), data.online ? t("servers.online") : t("servers.offline")]]),
+      ...scheduleSection(task, data.revision),
       el("div", { class: "section", text: t("detail.history") }),
       el("ol", { class: "timeline" }, (task.history || []).slice().reverse().map((h) =>
         el("li", {}, el("div", { class: "when", text: fmtTime(h.at) }),
@@ -659,7 +703,8 @@
 
   // ---- stats ------------------------------------------------------------------------------
   const STATE_COLORS = { pending: "#e0a800", approved: "#5b8cff", booting: "#38a3f5", installing: "#1f5eff",
-    succeeded: "#1a9a5a", failed: "#d03a3a", rejected: "#9aa5b6", cancelled: "#c3cad5" };
+    succeeded: "#1a9a5a", failed: "#d03a3a", rejected: "#9aa5b6", cancelled: "#c3cad5",
+    releasing: "#e08a00", released: "#7d8799" };
   async function loadStats() {
     const root = clear(document.getElementById("view-stats"));
     let s;
