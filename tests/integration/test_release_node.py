@@ -17,13 +17,13 @@ import pytest
 from lpmos.power import BmcRecord, PowerRequest
 from lpmos.store.keys import Keys
 from tests.integration.test_agent_node import IDC, Lab
-from tests.integration.test_release_wipe import loop_disk, pytestmark, sh  # noqa: F401
+from tests.integration.test_release_wipe import loop_disk, pytestmark, sh
 
 __all__ = ["loop_disk", "pytestmark"]
 
 
 @pytest.fixture
-def lab(tmp_path: Path, etcd_server, keys: Keys) -> Iterator[Lab]:  # noqa: ANN001
+def lab(tmp_path: Path, etcd_server, keys: Keys) -> Iterator[Lab]:
     lab = Lab(tmp_path, etcd_server.url, keys)
     lab.node.start()
     try:
