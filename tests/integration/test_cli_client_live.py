@@ -418,3 +418,35 @@ def test_webhooks_from_the_cli_reach_a_real_receiver(plane: Plane, tmp_path: Pat
         assert r.returncode == EXIT_NOT_FOUND and hook in r.stderr
     finally:
         receiver.close()
+
+
+def test_schedule_a_task_and_release_it_from_the_cli(plane: Plane) -> None:
+    cli = plane.cli
+    login(plane, "operator", "ops")
+    login(plane, "approver", "boss")
+    created = cli.json("task", "create", "--idc", "dc1", "--sn", "sn-sched", "--mac", MAC,
+                       "--os-type", "Ubuntu 22.04", "--not-before", "2030-06-01T22:30Z",
+                       "--window", "22:00-04:00")
+    assert created["task"]["schedule"]["summary"] == \
+        "not before 2030-06-01 22:30 UTC, window 22:00-04:00 UTC daily"
+    # an operator may not reschedule (exit 3: auth); a bad window is refused (exit 4)
+    r = cli("task", "schedule", "dc1/sn-sched", "--window", "01:00-02:00")
+    assert r.returncode != 0 and "approver" in r.stderr, r.stderr
+    r = cli("task", "schedule", "dc1/sn-sched", "--profile", "boss", "--window", "1:00")
+    assert r.returncode == EXIT_INVALID and "HH:MM-HH:MM" in r.stderr, r.stderr
+    # an option left out keeps its value
+    r = cli("task", "schedule", "dc1/sn-sched", "--profile", "boss", "--window", "01:00-03:00")
+    assert r.returncode == 0, r.stderr
+    assert "not before 2030-06-01 22:30 UTC, window 01:00-03:00 UTC daily" in r.stdout
+    assert "scheduled: " in r.stdout
+    r = cli("task", "schedule", "dc1/sn-sched", "--profile", "boss", "--clear")
+    assert r.returncode == 0 and "schedule none" in r.stdout, r.stdout
+    # release: only a finished task; a pending one is a conflict
+    r = cli("task", "release", "dc1/sn-sched", "--profile", "boss")
+    assert r.returncode == EXIT_CONFLICT, r.stderr
+    svc_task = plane.web.context.tasks
+    svc_task.transition("dc1", "sn-sched", "approved", by="approver2")
+    svc_task.transition("dc1", "sn-sched", "failed", by="node:n1", reason="disk")
+    r = cli("task", "release", "dc1/sn-sched", "--profile", "boss", "--notes", "decommission")
+    assert r.returncode == 0, r.stderr
+    assert "failed → releasing (attempt 2" in r.stdout
