@@ -49,12 +49,13 @@ from images.kernel import Kernel, install_modules, stage_kernel
 #: modalias; busybox is init, udhcpc, reboot; mtools writes the NoCloud seed
 #: into the installed image's CIDATA partition without mounting it; fdisk
 #: (sfdisk) and dmidecode are there for the agent's disk and DIMM inventory;
+#: gdisk (sgdisk) and util-linux's wipefs and blkdiscard wipe disks on release;
 #: python3-zstandard decodes .zst images (its dependency on the virtual
 #: python3-cffi-backend-api-* is named through the package that provides it:
 #: debootstrap does not resolve virtual packages).
 LIVE_PACKAGES = ("python3", "python3-psutil", "python3-pyudev", "udev", "busybox",
                  "kmod", "mtools", "fdisk", "dmidecode", "zstd", "ca-certificates",
-                 "python3-zstandard", "python3-cffi-backend")
+                 "python3-zstandard", "python3-cffi-backend", "gdisk")
 
 #: Kernel modules in the live image (their dependencies come along).  Enough
 #: for QEMU (virtio, e1000) and common servers (AHCI, NVMe, SCSI disks, Intel
@@ -77,6 +78,7 @@ LIVE_PROGRAMS = (
     "usr/lib/systemd/systemd-udevd", "usr/bin/kmod", "usr/bin/mtools", "usr/sbin/ldconfig",
     "usr/sbin/sfdisk", "usr/sbin/blkid", "usr/bin/lsblk", "usr/sbin/blockdev",
     "usr/sbin/dmidecode", "usr/sbin/wipefs", "usr/bin/mount", "usr/bin/umount",
+    "usr/sbin/blkdiscard", "usr/sbin/sgdisk",
 )
 
 #: Removed from the live root besides: documentation, locales, the package

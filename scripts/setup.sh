@@ -22,6 +22,7 @@ SYSTEM_PACKAGES=(
   shim-signed grub-efi-amd64-signed  # Secure Boot network boot: Microsoft-signed shim, Debian-signed GRUB (TFTP root)
   vagrant vagrant-libvirt        # the Vagrant libvirt lab (Vagrantfile; 'vagrant validate' test)
   mtools dosfstools fdisk        # agent: NoCloud seed into the image FAT (mcopy), test fixtures (mkfs.vfat, sfdisk)
+  gdisk                          # agent release: sgdisk --zap-all (tests/integration/test_release_*.py on loop devices)
   e2fsprogs qemu-utils           # the real Debian image: mkfs.ext4 -d (no loop device), qemu-img (qcow2)
   cloud-init                     # 'cloud-init schema': the operator's cloud-config is checked with cloud-init's own validator
   openssh-client                 # the lab logs in to installed systems over SSH
