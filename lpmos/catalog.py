@@ -46,6 +46,22 @@ from lpmos.models import ValidationError
 
 FAMILIES = ("ubuntu", "debian", "rhel", "lab")
 MODES = ("image", "installer")
+
+#: The architectures an image can be built for.
+ARCHES = ("x86_64", "arm64")
+
+#: What machines and firmware call their architecture (iPXE's ``${buildarch}``,
+#: Python's ``platform.machine()`` in the agent's inventory, Debian's names)
+#: → the catalog's name.  A BIOS machine's undionly.kpxe is an i386 build of
+#: iPXE on an x86_64 machine: the same family.
+ARCH_FAMILIES = {"x86_64": "x86_64", "amd64": "x86_64", "i386": "x86_64", "i686": "x86_64",
+                 "x86": "x86_64", "arm64": "arm64", "aarch64": "arm64"}
+
+
+def arch_family(name: str) -> str:
+    """The catalog architecture of a machine's ``name`` for its
+    architecture ("" when unknown or not one we know)."""
+    return ARCH_FAMILIES.get(name.strip().lower(), "")
 ROLES = ("install", "live")
 DISK_FORMATS = ("raw", "qcow2", "raw.zst", "raw.xz", "raw.gz")
 FORMAT_SUFFIXES = ((".qcow2", "qcow2"), (".zst", "raw.zst"), (".xz", "raw.xz"), (".gz", "raw.gz"))
@@ -91,6 +107,15 @@ class Image:
             return ""
         return (f"{self.name} is the live agent image (role {self.role!r}), which machines "
                 f"boot for discovery; it cannot be installed")
+
+    def arch_mismatch(self, machine_arch: str) -> str:
+        """Why this image must not go to a machine of ``machine_arch`` (""
+        when it may, or when the machine's architecture is not known)."""
+        family = arch_family(machine_arch)
+        if not family or family == self.arch:
+            return ""
+        return (f"image {self.name} is built for {self.arch}, and this machine is "
+                f"{family} ({machine_arch}): not installed")
 
     @property
     def disk_format(self) -> str:
@@ -208,6 +233,8 @@ def parse_catalog(data: dict[str, object], path: Path | None = None) -> Catalog:
             raise CatalogError(f"{where}: os_family must be one of {', '.join(FAMILIES)}")
         if img.mode not in MODES:
             raise CatalogError(f"{where}: mode must be one of {', '.join(MODES)}")
+        if img.arch not in ARCHES:
+            raise CatalogError(f"{where}: arch must be one of {', '.join(ARCHES)}")
         if img.role not in ROLES:
             raise CatalogError(f"{where}: role must be one of {', '.join(ROLES)}")
         if img.role == "live" and not (img.kernel and img.initrd):

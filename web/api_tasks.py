@@ -87,6 +87,14 @@ def _body(*, allow_empty: bool = True) -> Any:
     return parse_json_body(raw)
 
 
+def _expected_revision(body: dict[str, Any]) -> int | None:
+    """The task revision the caller saw (``"revision"``), or ``None``."""
+    expect = body.get("revision")
+    if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int)):
+        raise ApiError(400, "invalid", "revision: an integer (the task revision you saw)")
+    return expect
+
+
 def _object_body() -> dict[str, Any]:
     body = _body()
     if not isinstance(body, dict):
@@ -193,6 +201,10 @@ def build_task(c: WebContext, data: Any) -> Task:
     if c.catalog is not None:
         image = c.catalog.resolve(task.os_type, task.os_version, task.image)
         task.image = image.name
+        known = c.index.server(task.idc, task.sn)
+        mismatch = image.arch_mismatch(known[0].arch) if known else ""
+        if mismatch:      # the inventory says which machine this is: never send it there
+            raise ValidationError("image", mismatch)
     task.params = checked_params(c, task, task.params)
     task.validate()
     check_task_cloud_config(c, task, image)
@@ -452,9 +464,7 @@ def _transition(idc: str, sn: str, target: TaskStatus, action: str, *,
         note = validate_text(note, note_field, 1000, single_line=False)
     except ValidationError as exc:
         raise ApiError(400, "invalid", str(exc), field=exc.field) from None
-    expect = body.get("revision")
-    if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int)):
-        raise ApiError(400, "invalid", "revision: an integer (the task revision you saw)")
+    expect = _expected_revision(body)
     user = _principal().user
     changes = body.get("params") if new_params else None
     if changes is not None and not isinstance(changes, dict):
@@ -618,9 +628,7 @@ def put_schedule(idc: str, sn: str) -> Any:
         raise ApiError(400, "invalid", str(exc), field=exc.field) from None
     except ValidationError as exc:
         raise ApiError(400, "invalid", str(exc), field=exc.field) from None
-    expect = body.get("revision")
-    if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int)):
-        raise ApiError(400, "invalid", "revision: an integer (the task revision you saw)")
+    expect = _expected_revision(body)
     user = _principal().user
     rewritten: list[tuple[str, int, PowerRequest]] = []
 

@@ -336,7 +336,8 @@ class BootBackend:
         image = self.image_for(view)
         decision = decide_script(view, discovery=self.discovery, image=image,
                                  live_available=self.live is not None, now=time.time(),
-                                 image_wait=self.image_wait(view) if image is None else "")
+                                 image_wait=self.image_wait(view) if image is None else "",
+                                 arch=query.arch)
         answer = _ScriptAnswer(decision, view.task if view is not None else None,
                                view.server if view is not None else None)
         if decision.destructive and view is not None and image is not None:

@@ -32,6 +32,11 @@ the catalog image the task asks for and two switches, and returns a
 | approved/booting/installing, image not installable   | wait        | wait (no install)  |
 | (the catalog's live image: ``Image.installable``)    |             |                    |
 | approved/booting/installing, no install template     | wait        | wait (no install)  |
+| approved/booting/installing, the image is built for  | wait        | wait (no install): |
+| another architecture than the machine's (``arch``,   |             | "image X is built  |
+| else the inventory's)                                |             | for x86_64, and    |
+|                                                      |             | this machine is    |
+|                                                      |             | arm64"             |
 | ``approved``, before its schedule lets it start      | wait        | wait (no install): |
 | (``not_before``, window: :mod:`lpmos.schedule`)      |             | "scheduled: not    |
 |                                                      |             | before ... UTC"    |
@@ -143,6 +148,7 @@ def decide_script(
     live_available: bool,
     now: float,
     image_wait: str = "",
+    arch: str = "",
 ) -> ScriptDecision:
     """The boot script for a machine (see the module table).
 
@@ -154,6 +160,9 @@ def decide_script(
     in this node's catalog yet (:func:`bootsvc.policy.images.wait_reason`):
     a copy not verified here is never installed.  ``now`` (server time) is
     judged against an approved task's schedule: before it, the machine waits.
+    ``arch`` is the architecture the machine's boot loader reports (iPXE's
+    ``${buildarch}``); without it the inventory's is used.  An image built for
+    another architecture is never installed (:meth:`Image.arch_mismatch`).
     """
     sn = view.sn if view is not None else ""
     task = view.task if view is not None else None
@@ -199,6 +208,9 @@ def decide_script(
                         f"task image {task.image or task.os_type} is not in the catalog", sn)
     if not image.installable:
         return ScriptDecision(WAIT, TEMPLATES[WAIT], image.not_installable_reason, sn)
+    mismatch = image.arch_mismatch(arch or (server.arch if server is not None else ""))
+    if mismatch:
+        return ScriptDecision(WAIT, TEMPLATES[WAIT], mismatch, sn)
     template = INSTALL_TEMPLATES.get(install_kind(image))
     if template is None:
         return ScriptDecision(WAIT, TEMPLATES[WAIT],

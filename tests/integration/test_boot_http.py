@@ -662,3 +662,22 @@ def test_lpmos_render_previews_a_task(etcd_server: Any, keys: Keys, tmp_path: Pa
     assert main(["render", "--task", f"{IDC}/R-1", "--template", "nope.j2", *common]) == 1
     err = capsys.readouterr().err
     assert "'nope.j2' is not a template path" in err and "ks.cfg" in err, err
+
+
+def test_an_arm64_machine_is_never_sent_an_x86_64_image(node: Node, tasks: TaskService) -> None:
+    """iPXE says which architecture it runs on (``${buildarch}``): an approved
+    task whose image is built for x86_64 is not claimed by an arm64 boot, the
+    script says why, and nothing is written; the same machine booting as
+    x86_64 (BIOS undionly.kpxe is an i386 build) claims it."""
+    new_task(tasks, sn="ARCH1", mac="52:54:00:a6:40:01", os_type="Rocky Linux 9", approve=True)
+    synced(node, "ARCH1", "approved")
+    node.store.calls.clear()
+    r = boot(node, "52:54:00:a6:40:01", arch="arm64", platform="efi")
+    assert decision_of(r.text) == "wait"
+    assert "built for x86_64, and this machine is arm64" in r.text
+    assert "inst.ks=" not in r.text
+    assert node.store.calls == []                       # no claim, no write
+    stored = tasks.get(IDC, "ARCH1")
+    assert stored is not None and stored.task.status == "approved"
+    r = boot(node, "52:54:00:a6:40:01", arch="i386", platform="pcbios")
+    assert decision_of(r.text) == "claim" and "inst.ks=" in r.text

@@ -726,3 +726,28 @@ def test_approver_clears_a_conflict_flag_with_audit(env: WebEnv) -> None:
     missing = c.post("/api/v1/servers/dc1/nope/clear-conflict",
                      data=json.dumps({"notes": "x"}), headers=env.headers("approver"))
     assert missing.status_code == 404
+
+
+def test_a_task_for_an_image_of_another_architecture_is_refused_with_the_reason(
+        env: WebEnv) -> None:
+    from lpmos.models import Server
+
+    sn = new_sn()
+    rev = env.store.put(env.keys.server("dc1", sn),
+                        Server(idc="dc1", sn=sn, macs=[mac_for(77)], arch="aarch64").to_json())
+    env.context.cache.wait_for_revision(rev, 5)
+    c = env.app.test_client()
+    r = c.post("/api/v1/tasks", data=json.dumps(task_body(sn, 77)),
+               headers=env.headers("operator"))
+    assert r.status_code == 400, r.get_data(as_text=True)
+    body = r.get_json()
+    assert body["field"] == "image"
+    assert "built for x86_64, and this machine is arm64 (aarch64)" in body["detail"]
+    assert env.store.get(env.keys.task("dc1", sn)) is None
+    # an x86_64 machine (as its inventory says) gets the same image
+    rev = env.store.put(env.keys.server("dc1", sn),
+                        Server(idc="dc1", sn=sn, macs=[mac_for(77)], arch="x86_64").to_json())
+    env.context.cache.wait_for_revision(rev, 5)
+    r = c.post("/api/v1/tasks", data=json.dumps(task_body(sn, 77)),
+               headers=env.headers("operator"))
+    assert r.status_code == 201, r.get_data(as_text=True)

@@ -100,3 +100,24 @@ def test_disk_size_is_kept() -> None:
 def test_bad_format_or_disk_size_refused(change: dict, match: str) -> None:
     with pytest.raises(CatalogError, match=match):
         parse_catalog({"image": [{**LAB_OS, **change}]})
+
+
+@pytest.mark.parametrize("arch", ["amd64", "aarch64", "riscv64", ""])
+def test_an_architecture_the_catalog_does_not_name_is_refused_at_load(arch: str) -> None:
+    with pytest.raises(CatalogError, match="arch must be one of x86_64, arm64"):
+        parse_catalog({"image": [{**LAB_OS, "arch": arch}]})
+
+
+@pytest.mark.parametrize("image_arch,machine,reason", [
+    ("x86_64", "x86_64", ""), ("x86_64", "i386", ""), ("x86_64", "AMD64", ""),
+    ("x86_64", "", ""), ("x86_64", "mips", ""),
+    ("x86_64", "aarch64", "lab-os is built for x86_64, and this machine is arm64 (aarch64)"),
+    ("arm64", "aarch64", ""), ("arm64", "arm64", ""),
+    ("arm64", "x86_64", "lab-os is built for arm64, and this machine is x86_64 (x86_64)"),
+])
+def test_arch_mismatch_names_both_architectures(image_arch: str, machine: str,
+                                                reason: str) -> None:
+    img = parse_catalog({"image": [{**LAB_OS, "arch": image_arch}]}).images["lab-os"]
+    got = img.arch_mismatch(machine)
+    assert (reason in got) if reason else got == ""
+    assert bool(got) == bool(reason)

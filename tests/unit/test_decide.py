@@ -146,3 +146,44 @@ def test_decision_is_pure() -> None:
     again = decide_script(v, discovery=True, image=IMAGE, live_available=True, now=NOW)
     assert first == again
     assert v.task is not None and v.task.status == "approved"
+
+
+ARM_IMAGE = Image("debian-12-arm64", "Debian 12", "debian", "12", arch="arm64", mode="installer",
+                  kernel="https://mirror.invalid/arm64/linux",
+                  initrd="https://mirror.invalid/arm64/initrd.gz")
+
+
+def arch_view(status: str, inventory_arch: str) -> MachineView:
+    base = view(status)
+    assert base.server is not None
+    base.server.arch = inventory_arch
+    return base
+
+
+# (status, image, boot loader's arch, inventory's arch) -> action, words in the reason
+ARCH_TABLE: list[tuple[str, Image, str, str, str, str]] = [
+    ("approved", RHEL, "x86_64", "", CLAIM, "approved"),
+    ("approved", RHEL, "i386", "x86_64", CLAIM, "approved"),          # undionly.kpxe on BIOS
+    ("approved", RHEL, "arm64", "", WAIT, "built for x86_64, and this machine is arm64"),
+    ("approved", RHEL, "", "aarch64", WAIT, "built for x86_64, and this machine is arm64 "
+     "(aarch64)"),
+    ("approved", RHEL, "", "", CLAIM, "approved"),                    # unknown: not judged
+    ("approved", RHEL, "riscv64", "", CLAIM, "approved"),             # not one we know
+    ("approved", ARM_IMAGE, "arm64", "aarch64", CLAIM, "approved"),
+    ("approved", ARM_IMAGE, "x86_64", "", WAIT, "built for arm64, and this machine is x86_64"),
+    ("approved", ARM_IMAGE, "", "x86_64", WAIT, "built for arm64"),
+    # the boot loader's word wins over a stale inventory
+    ("approved", ARM_IMAGE, "arm64", "x86_64", CLAIM, "approved"),
+    ("installing", RHEL, "arm64", "", WAIT, "built for x86_64"),
+    ("succeeded", ARM_IMAGE, "x86_64", "", LOCALBOOT, "succeeded"),
+]
+
+
+@pytest.mark.parametrize("status,image,arch,inventory,action,words", ARCH_TABLE)
+def test_an_image_goes_only_to_a_machine_of_its_architecture(
+        status: str, image: Image, arch: str, inventory: str, action: str, words: str) -> None:
+    d = decide_script(arch_view(status, inventory), discovery=True, image=image,
+                      live_available=True, now=NOW, arch=arch)
+    assert d.action == action, d
+    assert words in d.reason
+    assert d.destructive == (action in (CLAIM, CONTINUE))

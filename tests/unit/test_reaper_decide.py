@@ -124,10 +124,11 @@ LIVE = Image("live", "LPMOS live", "lab", role="live", mode="installer", kernel=
              initrd="i")
 
 
-def _view(*, conflict: str = "") -> MachineView:
+def _view(*, conflict: str = "", arch: str = "") -> MachineView:
     task = Task(idc="dc1", sn="s", mac="52:54:00:00:00:01", os_type="Lab OS",
                 status="approved").validate()
-    server = Server(idc="dc1", sn="s", macs=["52:54:00:00:00:01"], conflict=conflict)
+    server = Server(idc="dc1", sn="s", macs=["52:54:00:00:00:01"], conflict=conflict,
+                    arch=arch)
     return MachineView("s", task, 3, server)
 
 
@@ -137,6 +138,9 @@ def _view(*, conflict: str = "") -> MachineView:
     (_view(), LIVE, True, "live is the live agent image"),
     (_view(), LAB_OS, False, "needs the live image"),
     (_view(conflict="mac reused"), LAB_OS, True, "conflict (mac reused)"),
+    # the inventory says arm64: an x86_64 image is never sent there, and says why
+    (_view(arch="aarch64"), LAB_OS, True, "built for x86_64, and this machine is arm64"),
+    (_view(arch="x86_64"), LAB_OS, True, ""),
 ])
 def test_why_unservable_table(view, image, live, words) -> None:
     reason = why_unservable(view, node="n1", image=image, live_available=live, now=0.0)
