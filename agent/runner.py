@@ -90,10 +90,10 @@ class AgentOptions:
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
 
 
-def default_poweroff() -> None:
-    """Sync and power the machine off (systemd, else poweroff(8), else sysrq)."""
+def _halt(verb: str, sysrq: str) -> None:
+    """Sync, then ``systemctl VERB``, else ``VERB``(8), else the sysrq key."""
     os.sync()
-    for cmd in (["systemctl", "poweroff"], ["poweroff"]):
+    for cmd in (["systemctl", verb], [verb]):
         if shutil.which(cmd[0]):
             try:
                 subprocess.run(cmd, timeout=30, check=True)
@@ -101,7 +101,12 @@ def default_poweroff() -> None:
             except (subprocess.SubprocessError, OSError) as exc:
                 log.error("%s failed: %s", " ".join(cmd), exc)
     with open("/proc/sysrq-trigger", "w") as fh:   # last resort
-        fh.write("o")
+        fh.write(sysrq)
+
+
+def default_poweroff() -> None:
+    """Sync and power the machine off (systemd, else poweroff(8), else sysrq)."""
+    _halt("poweroff", "o")
 
 
 #: seconds a released machine waits for its BMC to power it off before it
@@ -111,16 +116,7 @@ BMC_OFF_GRACE = 120.0
 
 def default_reboot() -> None:
     """Sync and reboot the machine (systemd, else reboot(8), else sysrq)."""
-    os.sync()
-    for cmd in (["systemctl", "reboot"], ["reboot"]):
-        if shutil.which(cmd[0]):
-            try:
-                subprocess.run(cmd, timeout=30, check=True)
-                return
-            except (subprocess.SubprocessError, OSError) as exc:
-                log.error("%s failed: %s", " ".join(cmd), exc)
-    with open("/proc/sysrq-trigger", "w") as fh:   # last resort
-        fh.write("b")
+    _halt("reboot", "b")
 
 
 class Agent:

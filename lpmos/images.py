@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from lpmos.catalog import DISK_FORMATS, FAMILIES, Image
+from lpmos.catalog import ARCHES, DISK_FORMATS, FAMILIES, Image
 from lpmos.models import ValidationError
 
 #: what an image can be: a disk image in one of the agent's formats, or an
 #: installer's kernel and initrd
 FORMATS = (*DISK_FORMATS, "installer")
-ARCHITECTURES = ("x86_64", "arm64")
+ARCHITECTURES = ARCHES      # the catalog's, one list
 SOURCES = ("upload", "url")
 RECORD_STATES = ("uploading", "available")
 NODE_STATES = ("fetching", "ready", "failed")
