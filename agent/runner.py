@@ -350,8 +350,9 @@ class Agent:
         power off: at once when the node says no BMC will (``power_off:
         agent``), else after :data:`BMC_OFF_GRACE` seconds if the BMC has not
         by then.  A wipe that fails is reported and the machine stays on."""
-        spec = answer.get("release") if isinstance(answer.get("release"), dict) else {}
-        assert isinstance(spec, dict)
+        spec = answer.get("release")
+        if not isinstance(spec, dict):
+            spec = {}
         self.state = "releasing"
         self.report({"kind": "progress", "step": "wiping", "percent": 0.0,
                      "message": "release: wiping the disks"})

@@ -624,9 +624,7 @@ def put_schedule(idc: str, sn: str) -> Any:
         not_before = parse_not_before(body.get("not_before"))
         window = parse_window(body.get("window"))
         note = validate_text(body.get("notes", ""), "notes", 1000, single_line=False)
-    except ScheduleError as exc:
-        raise ApiError(400, "invalid", str(exc), field=exc.field) from None
-    except ValidationError as exc:
+    except (ScheduleError, ValidationError) as exc:
         raise ApiError(400, "invalid", str(exc), field=exc.field) from None
     expect = _expected_revision(body)
     user = _principal().user

@@ -85,23 +85,12 @@ def claim_install(
     boots with this machine's MAC (a cloned VM): the record is flagged as a
     conflict (best effort, CAS on the revision read) and no install is
     served (RELIABILITY: duplicate MAC / cloned VM)."""
-    requests = 0
     task_key = keys.task(idc, sn)
-    try:
-        requests += 1
-        kv = store.get(task_key)
-        requests += 1
-        server_kv = store.get(keys.server(idc, sn))
-    except StoreError as exc:
-        return Outcome(False, f"etcd unavailable for the install claim ({type(exc).__name__})",
-                       etcd_requests=requests)
-    if kv is None:
-        return Outcome(False, "the task is gone", etcd_requests=requests)
-    try:
-        task = Task.from_json(kv.value)
-        server = Server.from_json(server_kv.value) if server_kv is not None else None
-    except ValidationError as exc:
-        return Outcome(False, f"unreadable task or server record: {exc}", etcd_requests=requests)
+    read = _fresh_read(store, keys, idc, sn, "install")
+    if isinstance(read, Outcome):
+        return read
+    kv, server_kv, task, server = read
+    requests = 2
     decision = decide_claim(task, server, node=node, continuing=continuing, at=now(),
                             claim_guard=claim_guard, boot_uuid=boot_uuid)
     if decision.conflict and server is not None and server_kv is not None:
@@ -135,6 +124,31 @@ def claim_install(
     return Outcome(True, decision.reason, task, server,
                    revision if decision.move is not None else kv.mod_revision, token,
                    etcd_requests=requests)
+
+
+def _fresh_read(store: Store, keys: Keys, idc: str, sn: str, what: str
+                ) -> tuple[KeyValue, KeyValue | None, Task, Server | None] | Outcome:
+    """The linearizable read a claim starts with: the task's and the server
+    record's key-values and what they hold, or the refusing :class:`Outcome`
+    (etcd unavailable, the task gone, a record unreadable; ``what`` names
+    the claim in the reason)."""
+    requests = 0
+    try:
+        requests += 1
+        kv = store.get(keys.task(idc, sn))
+        requests += 1
+        server_kv = store.get(keys.server(idc, sn))
+    except StoreError as exc:
+        return Outcome(False, f"etcd unavailable for the {what} claim ({type(exc).__name__})",
+                       etcd_requests=requests)
+    if kv is None:
+        return Outcome(False, "the task is gone", etcd_requests=requests)
+    try:
+        task = Task.from_json(kv.value)
+        server = Server.from_json(server_kv.value) if server_kv is not None else None
+    except ValidationError as exc:
+        return Outcome(False, f"unreadable task or server record: {exc}", etcd_requests=requests)
+    return kv, server_kv, task, server
 
 
 def _flag_conflict(store: Store, server_key: str, server: Server, server_kv: KeyValue,
@@ -171,19 +185,10 @@ def claim_release(store: Store, keys: Keys, *, idc: str, sn: str, node: str) -> 
     (``claimed_by``, ``started_at``, the attempt's node).  Fails closed
     (``install`` False: the agent is told to wait)."""
     task_key = keys.task(idc, sn)
-    try:
-        kv = store.get(task_key)
-        server_kv = store.get(keys.server(idc, sn))
-    except StoreError as exc:
-        return Outcome(False, f"etcd unavailable for the release claim ({type(exc).__name__})",
-                       etcd_requests=2)
-    if kv is None:
-        return Outcome(False, "the task is gone", etcd_requests=2)
-    try:
-        task = Task.from_json(kv.value)
-        server = Server.from_json(server_kv.value) if server_kv is not None else None
-    except ValidationError as exc:
-        return Outcome(False, f"unreadable task or server record: {exc}", etcd_requests=2)
+    read = _fresh_read(store, keys, idc, sn, "release")
+    if isinstance(read, Outcome):
+        return read
+    kv, _server_kv, task, server = read
     decision = decide_release(task, server, node=node)
     if not decision.install:
         return Outcome(False, decision.reason, task, server, kv.mod_revision, etcd_requests=2)

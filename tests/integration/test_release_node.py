@@ -9,27 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from lpmos.power import BmcRecord, PowerRequest
 from lpmos.store.keys import Keys
-from tests.integration.test_agent_node import IDC, Lab
+from tests.integration.test_agent_node import IDC, Lab, lab
 from tests.integration.test_release_wipe import loop_disk, pytestmark, sh
 
-__all__ = ["loop_disk", "pytestmark"]
-
-
-@pytest.fixture
-def lab(tmp_path: Path, etcd_server, keys: Keys) -> Iterator[Lab]:
-    lab = Lab(tmp_path, etcd_server.url, keys)
-    lab.node.start()
-    try:
-        yield lab
-    finally:
-        lab.close()
+__all__ = ["lab", "loop_disk", "pytestmark"]
 
 
 def test_release_wipes_the_disk_and_ends_released(lab: Lab, loop_disk: tuple[Path, Path],
