@@ -63,6 +63,9 @@ class NodeContext:
     timeline: TimelineSink = field(default_factory=MemoryTimeline)
     #: base URL machines use to reach this node's HTTP server, e.g. http://10.0.0.1:8081
     advertise_url: str = ""
+    #: the same for machines that reach it over IPv6 (``--dhcp6-mode``'s URL,
+    #: e.g. http://[fd00::1]:8081); "" when the node does not boot over IPv6
+    advertise_url6: str = ""
     #: address machines reach this node at (DHCP option 54 / siaddr / TFTP server)
     server_ip: str = ""
     #: checks, one per service with a thread pool, true while it has work queued

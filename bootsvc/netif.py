@@ -11,6 +11,15 @@ from bootsvc.settings import listen_address
 from lpmos.config import Config
 
 
+def plain_address(address: str) -> str:
+    """A peer's address as the node records it: an IPv4 client of a
+    dual-stack socket (``::ffff:10.0.0.5``, ``--listen ::``) as plain IPv4,
+    so its entries join those DHCP recorded for the same address."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
 def read_interface_address(name: str) -> str | None:
     """The IPv4 address of a network interface (SIOCGIFADDR), or ``None``."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -194,6 +194,13 @@ class RegionalNode:
             keys=keys, cache=cache, machines=machines, metrics=Registry(),
             timeline=MemoryTimeline(), advertise_url=advertise, server_ip=server_ip,
         )
+        # machines that come over IPv6 get IPv6 URLs (--dhcp6-advertise-url, else
+        # the one the node's DHCPv6 hands out)
+        self.ctx.advertise_url6 = str(config.get("dhcp6.advertise_url") or "").rstrip("/")
+        if not self.ctx.advertise_url6 and config.get("dhcp6.mode", "off") != "off":
+            from bootsvc.dhcp6.service import advertise6
+
+            self.ctx.advertise_url6 = advertise6(config)[2]
         self.services: list[str] = list(config["regional.services"])
         self._async: list[AsyncService] = []
         self._http: Any = None

@@ -106,8 +106,10 @@ from lpmos.models import ValidationError, validate_hostname
 from lpmos.netconfig import build_network_config, parse_network
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
-_IPXE_SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~:/=,+@-"
-_IPXE_PLAIN_RE = re.compile(r"[A-Za-z0-9._~:/=,+@-]*")
+#: ``[`` and ``]`` stay: inert in iPXE, and an IPv6 URL's host needs them
+#: literally (``lpmos.server=http://[fd00::1]:8081`` on the kernel command line)
+_IPXE_SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~:/=,+@-[]"
+_IPXE_PLAIN_RE = re.compile(r"[A-Za-z0-9._~:/=,+@\[\]-]*")
 _IPXE_TEXT_RE = re.compile(r"[^A-Za-z0-9 ._,:/()=+@-]")
 _TEMPLATE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}(/[a-z0-9][a-z0-9_.-]{0,63}){0,2}")
 
@@ -155,7 +157,7 @@ def filter_line(value: Any) -> str:
 
 def filter_ipxe(value: Any) -> str:
     """Inert in an iPXE command line: every character outside
-    ``[A-Za-z0-9._~:/=,+@-]`` is percent-encoded (``$`` → ``%24``)."""
+    ``[A-Za-z0-9._~:/=,+@[]-]`` is percent-encoded (``$`` → ``%24``)."""
     text = _text(value)
     if _IPXE_PLAIN_RE.fullmatch(text):
         return text

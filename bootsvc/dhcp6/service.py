@@ -160,9 +160,10 @@ class Dhcp6Service:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        ports = [self.settings.listen_port]
-        if self.settings.mode == "proxy":
-            ports.append(self.settings.proxy_port)
+        # the boot service port in both modes: EDK2's PXE takes any offer with
+        # PXEClient for a BINL offer, full mode's too, and asks the boot file
+        # URL's host again there (a REQUEST to port 4011) before it boots
+        ports = [self.settings.listen_port, self.settings.proxy_port]
         for port in ports:
             transport, _ = await self._loop.create_datagram_endpoint(
                 self._factory(port), sock=self._socket(port))
@@ -224,6 +225,8 @@ class Dhcp6Service:
                                       "relayed": relay is not None}
             if decision.lease is not None:
                 detail["address"] = decision.lease.address
+                if mac:     # how the timeline joins the TFTP and HTTP entries of that address
+                    detail.update(mac=mac, ip=decision.lease.address)
             try:
                 self.timeline.record(mac or client_key(client), "dhcp6", detail)
             except Exception:     # the sink must never break the loop
@@ -231,7 +234,7 @@ class Dhcp6Service:
 
     def decide(self, msg: dhcp6.Dhcp6Message, port: int) -> Any:
         policy = self.settings.policy
-        if self.pool is None:
+        if self.pool is None or port == self.settings.proxy_port:
             return answer_proxy(msg, policy, self.server_duid, port=port)
         key = client_key(msg)
         lease: Lease6 | None = None
@@ -274,18 +277,28 @@ def first_global_address(interface: str) -> str:
     return ""
 
 
-def node_service(ctx: Any) -> Dhcp6Service:
-    """The service of ``lpmos regional`` (``--dhcp6-mode proxy|full``): the
-    node's boot files and URLs, its metrics, timeline and etcd."""
-    from bootsvc.policy.bootfile import BootPolicy
-
-    config = ctx.config
+def advertise6(config: Any) -> tuple[str, str, str]:
+    """``(interface, address, url)`` of the node's IPv6 boot: the interface
+    DHCPv6 serves, the IPv6 address TFTP URLs name (``--dhcp6-address``,
+    else the interface's first global one) and the boot HTTP base URL
+    machines booting over IPv6 get (``--dhcp6-advertise-url``, else
+    ``http://[ADDRESS]:HTTP_PORT``; "" without an address)."""
     interface = config.get("dhcp6.interface") or config.get("regional.interface")
     if not interface:
         raise ValueError("DHCPv6 needs --dhcp6-interface (or --interface)")
     address = config.get("dhcp6.address") or first_global_address(interface)
     url = (config.get("dhcp6.advertise_url") or
            (f"http://[{address}]:{config.get('http.port', 8081)}" if address else "")).rstrip("/")
+    return interface, address, url
+
+
+def node_service(ctx: Any) -> Dhcp6Service:
+    """The service of ``lpmos regional`` (``--dhcp6-mode proxy|full``): the
+    node's boot files and URLs, its metrics, timeline and etcd."""
+    from bootsvc.policy.bootfile import BootPolicy
+
+    config = ctx.config
+    interface, address, url = advertise6(config)
     boot = BootPolicy(bootfiles={"bios": config.get("dhcp.bootfile_bios"),
                                  "efi32": config.get("dhcp.bootfile_efi32"),
                                  "efi64": config.get("dhcp.bootfile_efi64"),

@@ -120,10 +120,10 @@ class BootBackend:
         self._health_at = 0.0
         self._health_ok = False
         self._health_lock = threading.Lock()
-        self.boot_script_text = ""
+        self.boot_script_texts: dict[str, str] = {}     # /boot.ipxe by node URL
         self.grub_config_text = ""
         # rendered non-destructive scripts: (template, decision, reason, sn, mac, arch,
-        # platform) -> (task, server, image, live, text); a hit needs the very same
+        # platform, node URL) -> (task, server, image, live, text); a hit needs the very same
         # records (the machine index makes new objects on every change)
         self._scripts: dict[tuple[str, ...], tuple[Any, Any, Any, Any, str]] = {}
         self._describe_metrics()
@@ -194,8 +194,17 @@ class BootBackend:
         assignment, so a request sees the old catalog or the new one."""
         self.catalog = self.seed_catalog.with_images(images)
 
-    def context(self, **kw: Any) -> dict[str, Any]:
-        return build_context(node_url=self.ctx.advertise_url, idc=self.ctx.idc,
+    def node_url(self, remote_addr: str | None = None) -> str:
+        """The base URL a machine at ``remote_addr`` reaches this node at:
+        the IPv6 one (:attr:`NodeContext.advertise_url6`) for a client that
+        came over IPv6, so its script, agent, image and callback URLs stay on
+        the family it booted with; else the IPv4 one."""
+        if self.ctx.advertise_url6 and remote_addr and ":" in remote_addr:
+            return self.ctx.advertise_url6
+        return self.ctx.advertise_url
+
+    def context(self, *, remote_addr: str | None = None, **kw: Any) -> dict[str, Any]:
+        return build_context(node_url=self.node_url(remote_addr), idc=self.ctx.idc,
                              node_name=self.ctx.node_name, live=self.live,
                              live_kernel_args=self.live_kernel_args,
                              retry_delay=self.retry_delay, **kw)
@@ -246,11 +255,15 @@ class BootBackend:
 
     # -- the boot scripts (the hot path) ----------------------------------------------------
 
-    def constant_script(self) -> str:
+    def constant_script(self, remote_addr: str | None = None) -> str:
+        """``/boot.ipxe``: rendered once per node URL (IPv4, IPv6)."""
         self.metrics.inc("http_boot_constant_total")
-        if not self.boot_script_text:
-            self.boot_script_text = self.renderer.render("ipxe/boot.ipxe.j2", self.context())
-        return self.boot_script_text
+        url = self.node_url(remote_addr)
+        text = self.boot_script_texts.get(url)
+        if text is None:
+            text = self.boot_script_texts[url] = self.renderer.render(
+                "ipxe/boot.ipxe.j2", self.context(remote_addr=remote_addr))
+        return text
 
     def constant_grub_config(self) -> str:
         """GRUB's constant ``grub/grub.cfg`` (GRUB reads it over TFTP; HTTP
@@ -291,7 +304,7 @@ class BootBackend:
             return None
         try:
             if path == "/boot.ipxe":
-                text: str | None = self.constant_script()
+                text: str | None = self.constant_script(remote_addr)
             elif path == "/grub/grub.cfg":
                 text = self.constant_grub_config()
             elif path.count("/") == 2 and path.startswith(("/boot/", "/grub/")):
@@ -345,7 +358,8 @@ class BootBackend:
                 return None
             self._claim(answer, view, image, query.uuid)
         sn = view.sn if view is not None else ""
-        text = self._render_or_wait(answer, query, sn=sn, mac=mac, image=image, loader=loader)
+        text = self._render_or_wait(answer, query, sn=sn, mac=mac, image=image, loader=loader,
+                                    remote_addr=remote_addr)
         decision = answer.decision
         if decision.action == DISCOVERY and sn:
             self.tokens.drop_async(sn, why="new boot")      # a new boot means a new agent
@@ -394,7 +408,8 @@ class BootBackend:
                                              decision.sn)
 
     def _render_or_wait(self, answer: _ScriptAnswer, query: ScriptQuery, *, sn: str, mac: str,
-                        image: Image | None, loader: str = "ipxe") -> str:
+                        image: Image | None, loader: str = "ipxe",
+                        remote_addr: str | None = None) -> str:
         """The script of ``answer``; a template that fails to render gives a
         wait script that says so (and ``answer`` becomes that wait)."""
         decision = answer.decision
@@ -402,7 +417,7 @@ class BootBackend:
             return self._render_script(decision, sn=sn, mac=mac, arch=query.arch,
                                        platform=query.platform, task=answer.task,
                                        server=answer.server, image=image, token=answer.token,
-                                       loader=loader)
+                                       loader=loader, remote_addr=remote_addr)
         except RenderError as exc:
             log.error("boot %s for %s: %s", "config" if loader == "grub" else "script", mac, exc)
             template = loader_template(decision.template, loader)
@@ -411,18 +426,20 @@ class BootBackend:
             answer.decision = ScriptDecision(WAIT, TEMPLATES[WAIT], reason, sn)
             return self.renderer.render(loader_template(answer.decision.template, loader),
                                         self.context(decision=answer.decision.action,
-                                                     reason=reason, sn=sn, mac=mac))
+                                                     reason=reason, sn=sn, mac=mac,
+                                                     remote_addr=remote_addr))
 
     def _render_script(self, decision: ScriptDecision, *, sn: str, mac: str, arch: str,
                        platform: str, task: Any, server: Any, image: Image | None,
-                       token: str, loader: str = "ipxe") -> str:
+                       token: str, loader: str = "ipxe", remote_addr: str | None = None) -> str:
         """Render a boot script; one without a token (every non-destructive
         answer) is rendered once per state of the machine's records and
         reused while they stay the same (a pending machine's iPXE asks again
         every ``retry_delay`` seconds)."""
         live = self.live
         template = loader_template(decision.template, loader)
-        key = (template, decision.action, decision.reason, sn, mac, arch, platform)
+        key = (template, decision.action, decision.reason, sn, mac, arch, platform,
+               self.node_url(remote_addr))
         if not token:
             hit = self._scripts.get(key)
             if hit is not None and hit[0] is task and hit[1] is server and hit[2] is image \
@@ -431,7 +448,8 @@ class BootBackend:
                 return hit[4]
         text = self.renderer.render(template, self.context(
             decision=decision.action, reason=decision.reason, sn=sn, mac=mac, arch=arch,
-            platform=platform, task=task, server=server, image=image, token=token))
+            platform=platform, task=task, server=server, image=image, token=token,
+            remote_addr=remote_addr))
         self.metrics.inc("http_boot_script_renders_total", cached="no")
         if not token:
             if len(self._scripts) >= SCRIPT_MEMO_SIZE:

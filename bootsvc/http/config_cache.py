@@ -261,7 +261,7 @@ class ConfigFastPath:
             return None
         if not entry.current(task_revision=view.task_revision, task=view.task,
                              server=view.server, image=boot.image_for(view), live=boot.live,
-                             renderer=boot.renderer, node_url=boot.ctx.advertise_url,
+                             renderer=boot.renderer, node_url=boot.node_url(remote_addr),
                              token_sha256=digest):
             return None
         boot.ctx.timeline.record(f"sn:{req.sn}", "config fetched",

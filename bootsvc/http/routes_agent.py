@@ -181,7 +181,8 @@ def _task_answer(boot: BootBackend, view: MachineView, token: str) -> dict[str, 
 def _install_spec(boot: BootBackend, view: MachineView, task: Any, image: Image,
                   token: str) -> dict[str, Any]:
     ctx = boot.context(decision="install", sn=view.sn, mac=task.mac, task=task,
-                       server=view.server, image=image, token=token)
+                       server=view.server, image=image, token=token,
+                       remote_addr=request.remote_addr)
     seed = {}
     for name, template in CONFIG_TEMPLATES["image"].items():
         if template and name != "vendor-data":
@@ -193,7 +194,7 @@ def _install_spec(boot: BootBackend, view: MachineView, task: Any, image: Image,
     params = ctx["params"]
     return {
         "mode": "image", "image": image.name,
-        "image_url": file_url(boot.ctx.advertise_url, image.name, image.disk_image),
+        "image_url": file_url(ctx["node"]["url"], image.name, image.disk_image),
         "sha256": image.sha256, "size": size,
         "format": image.disk_format, "disk_size": image.disk_size or None,
         "root_device_hints": params.get("root_device_hints", {}),

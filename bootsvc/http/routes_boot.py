@@ -22,7 +22,7 @@ boot_bp = Blueprint("boot", __name__)
 
 @boot_bp.get("/boot.ipxe")
 def boot_ipxe() -> Response:
-    return text_response(current_boot().constant_script())
+    return text_response(current_boot().constant_script(request.remote_addr))
 
 
 @boot_bp.get("/boot/<path:name>")

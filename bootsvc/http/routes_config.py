@@ -70,13 +70,14 @@ def _config(sn: str, name: str, path_token: str | None) -> Response:
                         f"{install_kind(image)} installs have: {', '.join(sorted(templates))}")
     template = templates[name]
     # what the render reads besides the view, read before it (see ConfigFastPath.remember)
-    live, renderer, node_url = boot.live, boot.renderer, boot.ctx.advertise_url
+    live, renderer = boot.live, boot.renderer
+    node_url = boot.node_url(request.remote_addr)
     text = ""
     if template:
         try:
             text = renderer.render(template, boot.context(
                 decision="config", sn=sn, mac=task.mac, task=task, server=view.server,
-                image=image, token=token))
+                image=image, token=token, remote_addr=request.remote_addr))
         except RenderError as exc:
             log.error("config %s of %s: %s", name, sn, exc)
             boot.metrics.inc("http_render_errors_total", template=template)

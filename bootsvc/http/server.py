@@ -39,6 +39,7 @@ import collections
 import functools
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,7 @@ import httptools
 
 from bootsvc.http.sendfile import FileAnswer, send_span
 from bootsvc.http.wsgi import ParsedRequest, build_environ, build_head
+from bootsvc.netif import plain_address
 from lpmos.httpwire import build_refusal, phrase
 
 log = logging.getLogger(__name__)
@@ -113,7 +115,7 @@ class _Conn(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
-            self.peer = (str(peer[0]), int(peer[1]))
+            self.peer = (plain_address(str(peer[0])), int(peer[1]))
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         server = self.server
         if len(server.conns) >= server.connection_limit:
@@ -425,6 +427,21 @@ class _Conn(asyncio.Protocol):
         self.server.conns.discard(self)
 
 
+def dual_stack_socket(port: int) -> socket.socket:
+    """A listening TCP socket on ``[::]:port`` that takes IPv4 clients too
+    (``--listen ::``: boot HTTP on both families, as TFTP is)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class AsyncHttpServer:
     """Serve ``app`` (WSGI) and an optional inline ``fast`` handler on the
     running event loop.  ``start``/``stop`` are coroutines of that loop.
@@ -468,8 +485,13 @@ class AsyncHttpServer:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="http-worker")
         self.send_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2),
                                             thread_name_prefix="http-sendfile")
-        self._server = await loop.create_server(lambda: _Conn(self), self.host, self.port,
-                                                backlog=1024, reuse_address=True)
+        if self.host == "::":       # both families: one IPv6 socket with IPV6_V6ONLY off
+            self._server = await loop.create_server(lambda: _Conn(self),
+                                                    sock=dual_stack_socket(self.port),
+                                                    backlog=1024)
+        else:
+            self._server = await loop.create_server(lambda: _Conn(self), self.host, self.port,
+                                                    backlog=1024, reuse_address=True)
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bootsvc.http.common import HttpError
+from bootsvc.netif import plain_address
 from bootsvc.tftp.chain import (
     BOOT_SCRIPT,
     GRUB_CONFIG,
@@ -141,7 +142,8 @@ class TftpService:
         detail = {"file": record["file"], "bytes": record["bytes"],
                   "seconds": record["seconds"], "status": record["status"]}
         try:
-            self.ctx.timeline.record(f"ip:{record['client']}", self._stage(record["file"]),
+            self.ctx.timeline.record(f"ip:{plain_address(record['client'])}",
+                                     self._stage(record["file"]),
                                      detail)
         except Exception:
             log.exception("tftp: timeline record failed")

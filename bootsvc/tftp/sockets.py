@@ -44,8 +44,10 @@ def family_of(host: str) -> socket.AddressFamily:
 
 def open_request_socket(host: str, port: int) -> tuple[socket.socket, bool]:
     """The non-blocking socket requests arrive on, and whether it reports
-    each request's destination address (``IP_PKTINFO``: on an IPv4 wildcard,
-    so a multi-homed node answers from the address the client asked)."""
+    each request's destination address (``IP_PKTINFO``, ``IPV6_PKTINFO``:
+    on a wildcard, so a multi-homed node answers from the address the
+    client asked; an IPv6 interface nearly always has several, and UEFI
+    PXE drops DATA from any other)."""
     family = family_of(host)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     pktinfo = False
@@ -56,6 +58,9 @@ def open_request_socket(host: str, port: int) -> tuple[socket.socket, bool]:
         if family == socket.AF_INET and host in ("0.0.0.0", ""):
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             pktinfo = True
+        elif family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            pktinfo = True
     except OSError:
         sock.close()
         raise
@@ -63,11 +68,16 @@ def open_request_socket(host: str, port: int) -> tuple[socket.socket, bool]:
 
 
 def pktinfo_dst(ancdata: list[tuple[int, int, bytes]]) -> str | None:
-    """The destination address of a request, from its ``IP_PKTINFO``."""
+    """The destination address of a request, from its ``IP_PKTINFO`` or
+    ``IPV6_PKTINFO`` (an IPv4 client of the dual-stack socket: ``::ffff:a.b.c.d``,
+    which a session socket of that family binds as it is)."""
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
             # struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }
             return str(ipaddress.IPv4Address(data[8:12]))
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            # struct in6_pktinfo { in6_addr addr; int ifindex; }
+            return ipaddress.IPv6Address(data[:16]).compressed
     return None
 
 

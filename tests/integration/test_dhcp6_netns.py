@@ -210,6 +210,15 @@ def test_full_mode_with_dhclient_bad_input_and_a_relay(segment: Segment, etcd_se
         inner = outer[dhcp6.OPT_RELAY_MSG]
         assert inner[0] == dhcp6.ADVERTISE and inner[1:4] == b"\x0a\x0b\x0c"
         assert options(inner)[dhcp6.OPT_BOOTFILE_URL] == b"tftp://[fd00:77::1]/ipxe.efi"
+        # EDK2 takes a full-mode offer with PXEClient for a BINL offer too and asks the
+        # boot file URL's host on port 4011 before it boots (as OVMF does in the lab)
+        binl = dhcp6.build_message(dhcp6.REQUEST, b"\x0d\x0e\x0f", [
+            (dhcp6.OPT_CLIENTID, dhcp6.duid_ll(bytes.fromhex("525400aabbcc"))),
+            (dhcp6.OPT_CLIENT_ARCH_TYPE, b"\x00\x07"), (dhcp6.OPT_VENDOR_CLASS, vendor(PXE))])
+        reply = exchange(segment, binl, dest=SERVER_ADDR, port=4011, src_port=4011)
+        assert reply[:1] == bytes([dhcp6.REPLY]), reply.hex()
+        assert options(reply)[dhcp6.OPT_BOOTFILE_URL] == b"tftp://[fd00:77::1]/ipxe.efi"
+        assert dhcp6.OPT_IA_NA not in options(reply)         # the address came at 547
     finally:
         stats = server.stop()
     for reason in bad:
@@ -303,6 +312,10 @@ def test_lpmos_regional_serves_dhcp6_and_the_timeline_records_it(
         assert entries, node.log()
         assert entries[0]["detail"]["url"] == "tftp://[fd00:77::1]/ipxe.efi"
         assert entries[0]["detail"]["ipv6"] is True
+        # the MAC and the leased address: what joins the machine's TFTP and HTTP entries
+        assert entries[0]["detail"]["mac"] == mac
+        assert entries[0]["detail"]["ip"] == entries[0]["detail"]["address"]
+        assert entries[0]["detail"]["ip"].startswith("fd00:77::2")
     finally:
         node.stop()
         store.close()

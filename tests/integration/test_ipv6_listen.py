@@ -1,8 +1,10 @@
 """The node's TFTP and boot HTTP over IPv6 (issue #20): ``lpmos regional
 --listen ::`` serves ``ipxe.efi`` to real TFTP clients (atftp, curl) and
-boot HTTP to curl at ``[::1]``, on loopback only.  With ``::`` TFTP is
-dual-stack (IPv4 clients still get the file) while boot HTTP listens on
-IPv6 only (asyncio sets IPV6_V6ONLY): what the README says of it."""
+boot HTTP to curl at ``[::1]``, on loopback only.  With ``::`` both are
+dual-stack (IPv4 clients still get the file and the scripts), and a client
+that came over IPv6 gets a boot script whose URLs are IPv6 ones
+(``--dhcp6-advertise-url``), one over IPv4 the IPv4 ones: what the README
+says of it."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def test_tftp_and_boot_http_over_ipv6(etcd_server: Any, keys: Keys, tmp_path: Pa
         [sys.executable, "-m", "lpmos", "regional", "--idc", "v6", "--node-name", "v6n",
          "--services", "tftp,http", "--listen", "::", "--http-port", str(http_port),
          "--tftp-port", str(tftp_port), "--state-dir", str(tmp_path / "state"),
+         "--advertise-url", f"http://127.0.0.1:{http_port}",
+         "--dhcp6-advertise-url", f"http://[::1]:{http_port}",
          "--etcd-endpoints", etcd_server.url, "--etcd-prefix", keys.prefix],
         cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
@@ -58,6 +62,12 @@ def test_tftp_and_boot_http_over_ipv6(etcd_server: Any, keys: Keys, tmp_path: Pa
                                  f"http://[::1]:{http_port}/boot.ipxe"],
                                 capture_output=True, text=True)
         assert script.stdout.startswith("#!ipxe"), script.stdout[:200]
+        assert f"http://[::1]:{http_port}/boot/" in script.stdout, script.stdout
+        # dual-stack boot HTTP: an IPv4 client is served too, with IPv4 URLs
+        script4 = subprocess.run(["curl", "-s", "--max-time", "5",
+                                  f"http://127.0.0.1:{http_port}/boot.ipxe"],
+                                 capture_output=True, text=True)
+        assert f"http://127.0.0.1:{http_port}/boot/" in script4.stdout, script4.stdout
     finally:
         proc.terminate()
         try:
