@@ -504,7 +504,9 @@
         placeholder: "2026-12-04T22:00:00Z" });
       const win = el("input", { id: "schedule-window", type: "text", maxlength: "20", value: s.window || "",
         placeholder: "22:00-04:00" });
+      const errorBox = el("div", { id: "schedule-error", class: "drawer-error hidden", role: "alert" });
       const save = async () => {
+        hideError(errorBox);
         const path = `/api/v1/tasks/${encodeURIComponent(task.idc)}/${encodeURIComponent(task.sn)}/schedule`;
         try {
           const res = await api("PUT", path, { not_before: nb.value.trim() || null,
@@ -512,13 +514,160 @@
           if (res && res.task) applyTaskFull(res.task, res.revision);
           toast(t("schedule.saved", { t: `${task.idc}/${task.sn}` }), "ok");
           openTask(task.idc, task.sn, true);
-        } catch (err) { showError(err); }
+        } catch (err) { showErrorIn(errorBox, err); }
       };
-      out.push(el("form", { id: "schedule-form", class: "form-grid", onsubmit: (ev) => { ev.preventDefault(); save(); } },
+      out.push(errorBox, el("form", { id: "schedule-form", class: "form-grid", onsubmit: (ev) => { ev.preventDefault(); save(); } },
         el("label", {}, t("schedule.not_before"), nb), el("label", {}, t("schedule.window"), win),
         el("button", { class: "btn btn-sm", type: "submit", id: "schedule-save", text: t("schedule.save") })));
     }
     return out;
+  }
+  // ---- BMC and power (issue #21): the record (never a password: the API
+  // returns none, only has_password), the newest power requests and their
+  // results, power buttons for operators, the record's form for admins.
+  // The API's roles (web/api_power.py): viewer reads, operator queues power
+  // requests, admin sets or clears the record.
+  const POWER_ACTIONS = [["on", t("power.on")], ["off", t("power.off")], ["cycle", t("power.cycle")],
+    ["pxe-once", t("power.pxe_once")], ["status", t("power.status")]];
+  const POWER_CONFIRM = new Set(["off", "cycle"]);
+  const POWER_REQ_STATES = { queued: t("power.req.queued"), claimed: t("power.req.claimed"),
+    done: t("power.req.done"), failed: t("power.req.failed") };
+  const POWER_POLL_MS = 1500;
+  const POWER_POLLS = 240;           // 6 min: longer than a request's queue TTL and deadline
+  function apiErrorText(err) {
+    const b = err.body || {};
+    const field = b.field ? ` [${b.field}]` : "";
+    if (err.status === 403 && b.error === "forbidden") return t("err.forbidden");
+    return `${t("err.generic")} (HTTP ${err.status || "—"}${b.error ? ` ${b.error}` : ""})${field}: ${err.message}`;
+  }
+  // an API refusal written into a box of the drawer (and kept there until the next action)
+  function showErrorIn(box, err) {
+    clear(box).classList.remove("hidden");
+    box.append(el("strong", { text: t("power.error") }), " ", el("span", { class: "detail", text: apiErrorText(err) }));
+  }
+  function hideError(box) { clear(box).classList.add("hidden"); }
+  function bmcRows(data) {
+    const b = data.bmc;
+    if (!b) return [[t("bmc.record"), t("bmc.none")], data.inventory_address ? [t("bmc.inventory_address"), data.inventory_address] : null];
+    return [[t("bmc.driver"), b.driver], [t("bmc.address"), b.address], [t("bmc.endpoint"), b.endpoint],
+      [t("bmc.user"), b.user],
+      [t("bmc.password"), el("span", { id: "bmc-has-password", "data-set": b.has_password ? "yes" : "no",
+        text: b.has_password ? t("bmc.password_set") : t("bmc.password_unset") })],
+      [t("bmc.source"), b.source], [t("bmc.updated"), `${b.updated_by || "—"} · ${fmtTime(b.updated_at)}`]];
+  }
+  function powerRequestRows(r) {
+    if (!r) return [[t("power.last"), t("power.none")]];
+    return [[t("power.last"), el("span", { id: "power-last", "data-id": r.id, "data-state": r.state, text: r.describe })],
+      [t("power.action"), `${r.action} (${(r.steps || []).map((s) => `${s.name}: ${s.state}`).join(", ")})`],
+      [t("power.state"), el("span", { class: `badge p-${r.state}`, id: "power-last-state", text: POWER_REQ_STATES[r.state] || r.state })],
+      [t("power.asked"), `${r.created_by || "—"} · ${fmtTime(r.created_at)} · ${r.reason || ""}`],
+      [t("power.node"), r.node || "—"],
+      [t("power.read_back"), el("span", { id: "power-read-back", text: r.power_state || "—" })],
+      r.boot_override ? [t("power.boot_override"), r.boot_override] : null,
+      r.error ? [t("power.bmc_error"), el("span", { id: "power-bmc-error", class: "bad", "data-kind": r.error_kind || "",
+        text: `${r.error_kind ? `${r.error_kind}: ` : ""}${r.error}` })] : null,
+      r.tries ? [t("power.tries"), r.tries] : null,
+      r.finished_at ? [t("power.finished"), fmtTime(r.finished_at)] : null];
+  }
+  function powerSection(idc, sn) {
+    const path = `/api/v1/servers/${encodeURIComponent(idc)}/${encodeURIComponent(sn)}`;
+    const seq = drawerSeq;
+    const errorBox = el("div", { id: "power-error", class: "drawer-error hidden", role: "alert" });
+    const status = el("div", { id: "power-status" }, el("p", { class: "muted", text: t("common.loading") }));
+    const buttons = el("div", { class: "actions", id: "power-actions" });
+    const formBox = el("div", { id: "bmc-form-box" });
+    let polls = 0; let timer = null;
+    async function refresh(rebuildForm) {
+      clearTimeout(timer);
+      let bmc; let list;
+      try {
+        [bmc, list] = await Promise.all([api("GET", `${path}/bmc`), api("GET", `${path}/power?limit=5`)]);
+      } catch (err) { if (seq === drawerSeq) showErrorIn(errorBox, err); return; }
+      if (seq !== drawerSeq) return;
+      const last = list.items[0] || null;
+      clear(status).append(kv(bmcRows(bmc)), kv(powerRequestRows(last)));
+      clear(buttons);
+      if (can("operator") && bmc.bmc) {
+        for (const [action, label] of POWER_ACTIONS) {
+          buttons.append(el("button", { class: `btn btn-sm ${POWER_CONFIRM.has(action) ? "btn-danger" : ""}`, type: "button",
+            "data-power": action, onclick: () => power(action), text: label }));
+        }
+      }
+      if (rebuildForm && can("admin")) appendAll(clear(formBox), bmcForm(bmc));
+      if (last && !["done", "failed"].includes(last.state) && polls++ < POWER_POLLS) timer = setTimeout(() => refresh(false), POWER_POLL_MS);
+    }
+    async function power(action) {
+      let reason = "";
+      if (POWER_CONFIRM.has(action)) {
+        const answer = await confirmDialog({ title: t("power.confirm", { a: action, t: `${idc}/${sn}` }), warn: t("power.confirm_warn"),
+          withNotes: true, confirmClass: "btn-danger", confirmText: t("act.confirm") });
+        if (!answer) return;
+        reason = answer.notes.trim();
+      }
+      hideError(errorBox);
+      try {
+        await api("POST", `${path}/power`, reason ? { action, reason } : { action });
+        toast(t("power.queued", { a: action, t: `${idc}/${sn}` }), "ok");
+      } catch (err) { showErrorIn(errorBox, err); }
+      polls = 0; refresh(false);
+    }
+    function bmcForm(data) {
+      const b = data.bmc || {};
+      const opts = b.options || {};
+      const driver = el("select", { id: "bmc-driver" }, ["redfish", "ipmi"].map((v) => el("option", { value: v, text: v })));
+      driver.value = b.driver || "redfish";
+      const address = el("input", { id: "bmc-address", maxlength: "253", value: b.address || "",
+        placeholder: data.inventory_address || "10.0.0.10" });
+      const port = el("input", { id: "bmc-port", type: "number", min: "0", max: "65535", value: b.port ? String(b.port) : "",
+        placeholder: t("bmc.port_default") });
+      const user = el("input", { id: "bmc-user", maxlength: "64", value: b.user || "", autocomplete: "off" });
+      // write-only: never filled in, emptied after each save; empty keeps the stored one
+      const password = el("input", { id: "bmc-password", type: "password", maxlength: "128", autocomplete: "new-password",
+        placeholder: b.has_password ? t("bmc.password_keep") : "" });
+      const scheme = el("select", { id: "bmc-scheme" }, ["https", "http"].map((v) => el("option", { value: v, text: v })));
+      scheme.value = opts.scheme || "https";
+      const verify = el("input", { id: "bmc-verify-tls", type: "checkbox", checked: opts.verify_tls !== false });
+      const redfishOnly = [el("label", {}, t("bmc.scheme"), scheme), el("label", { class: "inline" }, verify, ` ${t("bmc.verify_tls")}`)];
+      const syncDriver = () => redfishOnly.forEach((n) => n.classList.toggle("hidden", driver.value !== "redfish"));
+      driver.addEventListener("change", syncDriver); syncDriver();
+      const form = el("form", { id: "bmc-form", class: "form-grid" },
+        el("label", {}, t("bmc.driver"), driver), el("label", {}, t("bmc.address"), address),
+        el("label", {}, t("bmc.port"), port), el("label", {}, t("bmc.user"), user),
+        el("label", {}, t("bmc.password"), password), redfishOnly,
+        el("div", { class: "actions wide" },
+          el("button", { class: "btn btn-sm btn-primary", type: "submit", id: "bmc-save", text: t("bmc.save") }),
+          data.bmc ? el("button", { class: "btn btn-sm btn-danger", type: "button", id: "bmc-clear", onclick: () => forget(), text: t("bmc.clear") }) : null));
+      form.addEventListener("submit", async (ev) => {
+        ev.preventDefault();
+        const body = { driver: driver.value, user: user.value.trim() };
+        if (address.value.trim()) body.address = address.value.trim();
+        if (port.value.trim()) body.port = Number(port.value.trim());
+        if (password.value) body.password = password.value;
+        body.options = driver.value === "redfish" ? { scheme: scheme.value, verify_tls: verify.checked } : {};
+        hideError(errorBox);
+        try {
+          await api("PUT", `${path}/bmc`, body);
+          password.value = "";
+          toast(t("bmc.saved", { t: `${idc}/${sn}` }), "ok");
+          refresh(true);
+        } catch (err) { password.value = ""; showErrorIn(errorBox, err); }
+      });
+      return [el("div", { class: "section", text: t("bmc.form") }), form];
+    }
+    async function forget() {
+      const answer = await confirmDialog({ title: t("bmc.clear_title", { t: `${idc}/${sn}` }), warn: t("bmc.clear_warn"),
+        withNotes: false, confirmClass: "btn-danger", confirmText: t("bmc.clear") });
+      if (!answer) return;
+      hideError(errorBox);
+      try {
+        await api("DELETE", `${path}/bmc`);
+        toast(t("bmc.cleared", { t: `${idc}/${sn}` }), "ok");
+        refresh(true);
+      } catch (err) { showErrorIn(errorBox, err); }
+    }
+    refresh(true);
+    return [el("div", { class: "section", text: t("power.section") }),
+      el("div", { id: "power-section", "data-idc": idc, "data-sn": sn }, errorBox, status, buttons, formBox)];
   }
   async function openTask(idc, sn, refresh) {
     const seq = ++drawerSeq;
@@ -542,6 +691,7 @@
         ["attempt", task.attempt], ["claimed_by", task.claimed_by], ["revision", data.revision],
         [t("col.online"), data.online ? t("servers.online") : t("servers.offline")]]),
       ...scheduleSection(task, data.revision),
+      ...powerSection(idc, sn),
       el("div", { class: "section", text: t("detail.history") }),
       el("ol", { class: "timeline" }, (task.history || []).slice().reverse().map((h) =>
         el("li", {}, el("div", { class: "when", text: fmtTime(h.at) }),
@@ -675,6 +825,7 @@
             onclick: () => { document.getElementById("drawer").classList.add("hidden"); createForServer(s); }, text: t("act.create_task") }) : null),
         kv([["SN", s.sn], ["UUID", s.uuid], ["arch", s.arch], ["IP", s.ip], ["MACs", (s.macs || []).join(", ")],
           ["boot MAC", s.boot_mac], [t("servers.conflict"), s.conflict], ["first seen", fmtTime(s.first_seen)], [t("col.last_seen"), fmtTime(s.last_seen)]]),
+        powerSection(idc, sn),
         el("div", { class: "section", text: t("detail.inventory") }),
         invSection(t("detail.system"), inv.system), invSection(t("detail.firmware"), inv.firmware),
         invSection("CPU", inv.cpu),
