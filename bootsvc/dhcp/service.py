@@ -11,6 +11,7 @@ lab-mode leases are written behind (:class:`bootsvc.state.dhcp_leases.LeaseWrite
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
@@ -31,6 +32,7 @@ from bootsvc.dhcp.sockets import (
     parse_received,
     send_datagram,
     send_drop_reason,
+    udp_port_holders,
 )
 from bootsvc.netif import read_address_interface
 from bootsvc.settings import listen_address
@@ -172,7 +174,8 @@ class DhcpService:
             sock = open_socket(address, port, interface=interface, rcvbuf=self.settings.rcvbuf,
                                pktinfo=self._pktinfo)
         except OSError as exc:
-            raise bind_error(exc, address, port, interface) from exc
+            holders = udp_port_holders(port) if exc.errno == errno.EADDRINUSE else []
+            raise bind_error(exc, address, port, interface, holders) from exc
         self.sockets.append((sock, kind))
         loop.add_reader(sock.fileno(), self._on_readable, sock, kind)
 

@@ -15,10 +15,12 @@ ancillary data, the error texts and drop reasons) are functions of data.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from bootsvc.wire import dhcp
 
@@ -88,14 +90,67 @@ def needs_pktinfo(interface: str | None, server_ip: str) -> bool:
     return not (interface and server_ip)
 
 
-def bind_error(exc: OSError, address: str, port: int, interface: str | None) -> OSError:
+def bind_error(exc: OSError, address: str, port: int, interface: str | None,
+               holders: Sequence[str] = ()) -> OSError:
     """The error to raise when binding ``address:port`` failed with ``exc``:
     one line naming the port and interface, with the capability to grant
-    when the failure was a permission."""
-    hint = (" (ports below 1024 need CAP_NET_BIND_SERVICE, an interface "
-            "binding CAP_NET_RAW)" if exc.errno in (errno.EACCES, errno.EPERM) else "")
+    when the failure was a permission, and for a port in use who holds it
+    (``holders``, from :func:`udp_port_holders`) and how to share it.
+
+    Our sockets take SO_REUSEADDR, so a DHCP server on the same host (the
+    site's, or libvirt's dnsmasq on a network's bridge) shares the port when
+    it takes SO_REUSEADDR too: dnsmasq does with --bind-interfaces or
+    --bind-dynamic, which libvirt always gives it.  EADDRINUSE means the
+    holder did not, on our interface or on every interface."""
+    hint = ""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        hint = " (ports below 1024 need CAP_NET_BIND_SERVICE, an interface binding CAP_NET_RAW)"
+    elif exc.errno == errno.EADDRINUSE:
+        who = ", ".join(holders) or "another program"
+        hint = (f" ({who} holds the port without SO_REUSEADDR, so it cannot be shared: run "
+                "that DHCP server so that it shares it (dnsmasq: --bind-interfaces or "
+                "--bind-dynamic, as libvirt does) or on other interfaces, or stop it, or run "
+                "this node with --dhcp-mode off)")
     return OSError(exc.errno, f"dhcp: cannot bind UDP {address}:{port}"
                    f"{' on ' + interface if interface else ''}: {exc.strerror}{hint}")
+
+
+def udp_port_holders(port: int, proc: Path = Path("/proc")) -> list[str]:
+    """``"NAME (pid N)"`` of each process holding an IPv4 UDP socket on
+    ``port``, read from ``/proc`` (the sockets of ``/proc/net/udp``, then
+    the processes whose descriptors name them); empty when none is known or
+    ``/proc`` cannot be read (another user's descriptors need root)."""
+    try:
+        rows = (proc / "net" / "udp").read_text().splitlines()[1:]
+    except OSError:
+        return []
+    inodes = {f"socket:[{cols[9]}]" for cols in (row.split() for row in rows)
+              if len(cols) > 9 and int(cols[1].rsplit(":", 1)[1], 16) == port}
+    holders: list[str] = []
+    if not inodes:
+        return holders
+    for entry in proc.iterdir():
+        if entry.name.isdigit() and _holds_any(entry, inodes):
+            try:
+                name = (entry / "comm").read_text().strip()
+            except OSError:
+                name = "?"
+            holders.append(f"{name} (pid {entry.name})")
+    return sorted(holders)
+
+
+def _holds_any(pid_dir: Path, targets: set[str]) -> bool:
+    try:
+        fds = list((pid_dir / "fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) in targets:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def parse_pktinfo(ancdata: Iterable[tuple[int, int, bytes]]) -> tuple[int, str | None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 
@@ -414,9 +415,11 @@ def test_port_in_use_gives_a_clear_error(keys: Keys, loop: asyncio.AbstractEvent
     service = DhcpService(ctx)
     try:
         # --listen 127.0.0.1: the wildcard on the interface holding it (see decide_bind)
-        with pytest.raises(OSError, match=f"cannot bind UDP 0.0.0.0:{port} on lo: "):
+        with pytest.raises(OSError, match=f"cannot bind UDP 0.0.0.0:{port} on lo: ") as err:
             loop.run_until_complete(service.start())
         assert service.sockets == []
+        # the holder (this process, without SO_REUSEADDR) is named
+        assert f"(pid {os.getpid()}) holds the port without SO_REUSEADDR" in str(err.value)
     finally:
         holder.close()
         cache.stop()

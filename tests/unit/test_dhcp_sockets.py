@@ -7,10 +7,17 @@ import errno
 import os
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
-from bootsvc.dhcp.sockets import bind_error, needs_pktinfo, parse_pktinfo, send_drop_reason
+from bootsvc.dhcp.sockets import (
+    bind_error,
+    needs_pktinfo,
+    parse_pktinfo,
+    send_drop_reason,
+    udp_port_holders,
+)
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
@@ -50,8 +57,12 @@ def test_send_drop_reason(err: int | None, expected: str) -> None:
 
 
 @pytest.mark.parametrize(("err", "interface", "expected"), [
-    (errno.EADDRINUSE, None, "dhcp: cannot bind UDP 0.0.0.0:67: Address already in use"),
-    (errno.EADDRINUSE, "lo", "dhcp: cannot bind UDP 0.0.0.0:67 on lo: Address already in use"),
+    (errno.EADDRINUSE, None, "dhcp: cannot bind UDP 0.0.0.0:67: Address already in use "
+                             "(another program holds the port without SO_REUSEADDR, so it "
+                             "cannot be shared: run that DHCP server so that it shares it "
+                             "(dnsmasq: --bind-interfaces or --bind-dynamic, as libvirt does) "
+                             "or on other interfaces, or stop it, or run this node with "
+                             "--dhcp-mode off)"),
     (errno.EACCES, None, "dhcp: cannot bind UDP 0.0.0.0:67: Permission denied (ports below "
                          "1024 need CAP_NET_BIND_SERVICE, an interface binding CAP_NET_RAW)"),
     (errno.EPERM, "eth0", "dhcp: cannot bind UDP 0.0.0.0:67 on eth0: Operation not permitted "
@@ -61,3 +72,20 @@ def test_send_drop_reason(err: int | None, expected: str) -> None:
 def test_bind_error(err: int, interface: str | None, expected: str) -> None:
     exc = bind_error(OSError(err, os.strerror(err)), "0.0.0.0", 67, interface)
     assert exc.errno == err and exc.strerror == expected and "\n" not in str(exc)
+
+
+def test_bind_error_names_who_holds_the_port() -> None:
+    exc = bind_error(OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)), "0.0.0.0", 67,
+                     "virbr1", ["dnsmasq (pid 812)"])
+    assert exc.strerror.startswith(
+        "dhcp: cannot bind UDP 0.0.0.0:67 on virbr1: Address already in use (dnsmasq (pid 812) "
+        "holds the port without SO_REUSEADDR, so it cannot be shared: ")
+
+
+def test_udp_port_holders_finds_this_process() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        comm = Path("/proc/self/comm").read_text().strip()
+        assert udp_port_holders(port) == [f"{comm} (pid {os.getpid()})"]
+    assert udp_port_holders(port) == []
