@@ -4,6 +4,7 @@
     python3 images/build.py lab-os    # images/build/lab-os/{lab-os.img,lab-os.img.sha256}
     python3 images/build.py debian-12 # images/build/debian-12/*.{raw,qcow2,raw.zst}
     python3 images/build.py all       # all three (what ``make images`` runs)
+    python3 images/build.py arm64     # images/build/{live-arm64,lab-os-arm64,netboot-arm64}/
 
 Everything comes from Debian packages fetched with Debian's own tools
 (``debootstrap``, ``apt-get download``) from the mirror apt is configured
@@ -41,6 +42,13 @@ Stages (cache under ``images/build/cache``), and the module each lives in:
              initramfs) and an empty FAT partition labelled CIDATA that the
              agent fills with the NoCloud seed (images/lab_os.py)
 
+``arm64``    the same live image and lab OS from Debian's arm64 packages
+             (fetched through the mirror's verified arm64 index, unpacked
+             with no arm64 program run but ldconfig and busybox under
+             qemu-user-static), and Debian's signed arm64 GRUB network image
+             for the node's TFTP root (images/netboot.py); every cache
+             directory and output carries ``arm64`` in its name
+
 This module is the command line and the entry points callers import
 (``build.build_live()``, ``build.build_lab_os()``, ``build.BuildError``).
 """
@@ -61,14 +69,23 @@ from images.cpio import write_cpio
 from images.debian_cloud import build_debian_cloud
 from images.lab_os import build_lab_os
 from images.live import build_live
+from images.netboot import build_netboot_grub
 
-__all__ = ["SOURCE_DATE_EPOCH", "BuildError", "build_debian_cloud", "build_lab_os", "build_live",
-           "main", "sha256_file", "write_cpio"]
+__all__ = ["SOURCE_DATE_EPOCH", "BuildError", "build_arm64", "build_debian_cloud",
+           "build_lab_os", "build_live", "main", "sha256_file", "write_cpio"]
+
+
+def build_arm64(*, force: bool = False) -> dict[str, Path]:
+    """The arm64 set: ``{"live": dir, "lab-os": dir, "netboot": dir}``
+    (images/build/live-arm64, lab-os-arm64, netboot-arm64)."""
+    return {"live": build_live(force=force, arch="arm64"),
+            "lab-os": build_lab_os(force=force, arch="arm64"),
+            "netboot": build_netboot_grub(force=force, arch="arm64")}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="images/build.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", choices=("live", "lab-os", "debian-12", "all"))
+    parser.add_argument("target", choices=("live", "lab-os", "debian-12", "all", "arm64"))
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)
     try:
@@ -78,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             build_lab_os(force=args.force)
         if args.target in ("debian-12", "all"):
             build_debian_cloud(force=args.force)
+        if args.target == "arm64":
+            build_arm64(force=args.force)
     except BuildError as exc:
         log(f"error: {exc}")
         return 1

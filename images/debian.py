@@ -1,11 +1,17 @@
 """Debian packages as build inputs: the configured mirror, what apt would
-install, downloading and unpacking a .deb, an installed package's version."""
+install, downloading and unpacking a .deb, an installed package's version;
+packages of another architecture from the mirror's verified index."""
 
 from __future__ import annotations
 
+import hashlib
+import lzma
 import os
 import re
+import shutil
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 from images.common import ARCH, CACHE, SUITE, BuildError, log, run
@@ -70,7 +76,146 @@ def extract_deb(deb: Path, dest: Path) -> None:
     run(["dpkg-deb", "-x", str(deb), str(dest)])
 
 
+def unpack_deb_into_root(deb: Path, root: Path) -> None:
+    """Unpack ``deb`` over a root file system as dpkg would: the merged-/usr
+    links (``bin`` -> ``usr/bin``...) stay links (``dpkg-deb -x`` would
+    replace them with directories).  No maintainer script runs."""
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                          stdout=subprocess.PIPE) as fsys:
+        done = subprocess.run(["tar", "-x", "--keep-directory-symlink", "-C", str(root)],
+                              stdin=fsys.stdout, capture_output=True, check=False)
+    if fsys.returncode != 0 or done.returncode != 0:
+        raise BuildError(f"unpacking {deb.name} into {root} failed: "
+                         f"{done.stderr.decode(errors='replace')[-500:]}")
+
+
 def read_package_version(package: str) -> str:
     """The installed version of a Debian package ("" when it is not installed)."""
     return subprocess.run(["dpkg-query", "-W", "-f=${Version}", package],
                           capture_output=True, text=True, check=False).stdout
+
+
+# --- packages of another architecture (arm64 on an amd64 build host) ----------------------
+#
+# The host's apt knows only its own architecture (no ``dpkg
+# --add-architecture``: the build never changes the host's package set), so a
+# foreign package comes from the mirror's own index: InRelease verified with
+# gpgv against Debian's archive keyring, the Packages.xz it names checked by
+# its sha256, each .deb checked against the index's sha256.  Everything goes
+# under CACHE/debs-<arch>, apart from the host's CACHE/debs.
+
+#: Debian's keyring that signs the archive (debian-archive-keyring)
+ARCHIVE_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+#: how long a downloaded index is used before it is fetched again
+INDEX_MAX_AGE = 24 * 3600
+
+
+def foreign_dir(arch: str) -> Path:
+    """Where the packages and the index of ``arch`` are cached."""
+    if not re.fullmatch(r"[a-z0-9]+", arch) or arch == ARCH:
+        raise BuildError(f"foreign architecture {arch!r}: a Debian name other than {ARCH}")
+    return CACHE / f"debs-{arch}"
+
+
+def _download(url: str, dest: Path) -> None:
+    """``url`` into ``dest`` (through a temporary name, so a cut download
+    never looks finished)."""
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, tmp.open("wb") as fh:  # noqa: S310
+            shutil.copyfileobj(resp, fh, 1 << 20)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"cannot download {url}: {exc} (set LPMOS_DEBIAN_MIRROR?)") from None
+    tmp.rename(dest)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_release_sha256(text: str, name: str) -> tuple[str, int]:
+    """(sha256, size) of ``name`` in a Release file's SHA256 section."""
+    section = text.partition("\nSHA256:\n")[2]
+    for line in section.splitlines():
+        if not line.startswith(" "):
+            break
+        fields = line.split()
+        if len(fields) == 3 and fields[2] == name:
+            return fields[0], int(fields[1])
+    raise BuildError(f"the Release file names no {name}")
+
+
+def parse_packages(text: str) -> dict[str, dict[str, str]]:
+    """A Packages index as package name -> its fields (the last stanza of a
+    name wins; continuation lines are dropped: no field used here has them)."""
+    out: dict[str, dict[str, str]] = {}
+    for stanza in text.split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z0-9-]+): (.*)$", stanza, re.M))
+        if "Package" in fields:
+            out[fields["Package"]] = fields
+    return out
+
+
+def foreign_index(arch: str) -> dict[str, dict[str, str]]:
+    """The main component's Packages index of ``arch`` for SUITE, verified
+    (InRelease signed by the archive keyring, Packages.xz by its sha256) and
+    cached for a day."""
+    cache = foreign_dir(arch)
+    cache.mkdir(parents=True, exist_ok=True)
+    packages = cache / f"Packages-{SUITE}.xz"
+    fresh = packages.exists() and time.time() - packages.stat().st_mtime < INDEX_MAX_AGE
+    if not fresh:
+        mirror = debian_mirror()
+        release = cache / f"InRelease-{SUITE}"
+        _download(f"{mirror}/dists/{SUITE}/InRelease", release)
+        done = subprocess.run(["gpgv", "--keyring", str(ARCHIVE_KEYRING), str(release)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BuildError(f"{mirror}/dists/{SUITE}/InRelease: bad signature "
+                             f"(debian-archive-keyring installed?)\n{done.stderr[-500:]}")
+        name = f"main/binary-{arch}/Packages.xz"
+        want, _size = parse_release_sha256(release.read_text(), name)
+        tmp = cache / "Packages.xz.new"
+        _download(f"{mirror}/dists/{SUITE}/{name}", tmp)
+        if _sha256(tmp) != want:
+            tmp.unlink()
+            raise BuildError(f"{name} from {mirror} does not match its InRelease sha256")
+        tmp.rename(packages)
+        log(f"{arch} package index of {SUITE} from {mirror}")
+    return parse_packages(lzma.decompress(packages.read_bytes()).decode())
+
+
+def foreign_candidate(package: str, arch: str) -> dict[str, str]:
+    """The index record of ``package`` for ``arch`` (Version, Filename,
+    SHA256, Depends...)."""
+    record = foreign_index(arch).get(package)
+    if record is None or "Filename" not in record or "SHA256" not in record:
+        raise BuildError(f"{SUITE} main has no {arch} package {package}")
+    return record
+
+
+def fetch_foreign_deb(package: str, arch: str) -> tuple[Path, str]:
+    """Download ``package`` of ``arch`` into CACHE/debs-<arch> (once),
+    checked against the index's sha256; (path, version)."""
+    record = foreign_candidate(package, arch)
+    path = foreign_dir(arch) / Path(record["Filename"]).name
+    if not path.exists():
+        log(f"downloading {package} {record['Version']} ({arch})")
+        tmp = path.with_name(path.name + ".new")
+        _download(f"{debian_mirror()}/{record['Filename']}", tmp)
+        if _sha256(tmp) != record["SHA256"]:
+            tmp.unlink()
+            raise BuildError(f"{path.name}: sha256 does not match the {arch} index")
+        tmp.rename(path)
+    return path, record["Version"]
+
+
+def fetch_package(package: str, arch: str = ARCH) -> tuple[Path, str]:
+    """The .deb of ``package`` for the Debian architecture ``arch``: apt's
+    for the host's own, the mirror's index for another."""
+    return fetch_deb(package) if arch == ARCH else fetch_foreign_deb(package, arch)

@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from images.common import CACHE, BuildError, key_of, log, run, up_to_date, write_stamp
-from images.debian import apt_candidate, extract_deb, fetch_deb
+from images.common import ARCH, CACHE, BuildError, key_of, log, run, up_to_date, write_stamp
+from images.debian import apt_candidate, extract_deb, fetch_package, foreign_candidate
 
 
 @dataclass(frozen=True)
@@ -23,17 +23,23 @@ class Kernel:
     moddir: Path          # .../lib/modules/<version>
 
 
-def stage_kernel() -> Kernel:
-    """The kernel ``linux-image-amd64`` depends on, unpacked into the cache
-    with a modules.dep made by depmod (once per package)."""
-    meta, _ = apt_candidate("linux-image-amd64")
-    out = subprocess.run(["apt-cache", "show", "--no-all-versions", meta],
-                         capture_output=True, text=True, check=True).stdout
-    m = re.search(r"^Depends: (linux-image-[0-9][^ ,]*)", out, re.M)
+def stage_kernel(arch: str = ARCH) -> Kernel:
+    """The kernel ``linux-image-<arch>`` depends on (``arch`` a Debian
+    architecture: the host's from apt, another from the mirror's index),
+    unpacked into the cache with a modules.dep made by depmod (once per
+    package: the package name carries the architecture)."""
+    meta = f"linux-image-{arch}"
+    if arch == ARCH:
+        apt_candidate(meta)
+        depends = subprocess.run(["apt-cache", "show", "--no-all-versions", meta],
+                                 capture_output=True, text=True, check=True).stdout
+    else:
+        depends = "Depends: " + foreign_candidate(meta, arch).get("Depends", "")
+    m = re.search(r"^Depends: (linux-image-[0-9][^ ,]*)", depends, re.M)
     if not m:
-        raise BuildError("cannot tell which kernel linux-image-amd64 depends on")
+        raise BuildError(f"cannot tell which kernel {meta} depends on")
     package = m.group(1)
-    deb, pkg_version = fetch_deb(package)
+    deb, pkg_version = fetch_package(package, arch)
     kdir = CACHE / f"kernel-{package}"
     key = key_of({"deb": deb.name, "size": deb.stat().st_size})
     if not up_to_date(kdir, key):

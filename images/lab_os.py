@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from images.common import (
+    ARCH,
     CACHE,
     HERE,
     OUT,
@@ -41,7 +42,7 @@ from images.common import (
     write_stamp,
 )
 from images.cpio import pack_initramfs, set_times
-from images.debian import extract_deb, fetch_deb, read_package_version
+from images.debian import extract_deb, fetch_package, read_package_version
 from images.kernel import Kernel, install_modules, stage_kernel
 
 #: The lab OS only needs to find its disk and its NIC under QEMU.
@@ -84,6 +85,8 @@ class DiskGeometry:
 
 
 LAB_OS_DISK = DiskGeometry()
+#: arm64's: Debian's arm64 kernel is an uncompressed EFI-stub Image (33 MB)
+LAB_OS_DISK_ARM64 = DiskGeometry(esp_size=48 * MIB)
 
 
 _uuid_from = derived_uuid
@@ -112,11 +115,11 @@ def mformat_command(image: Path, start: int, size: int, label: str, serial: str)
             "-v", label, "-N", serial, "::"]
 
 
-def stage_busybox() -> tuple[Path, str]:
-    """busybox-static's binary, unpacked into the cache once per package
-    version, and that version."""
-    deb, version = fetch_deb("busybox-static")
-    bdir = CACHE / "busybox-static"
+def stage_busybox(arch: str = ARCH) -> tuple[Path, str]:
+    """busybox-static's binary (of the Debian architecture ``arch``),
+    unpacked into the cache once per package version, and that version."""
+    deb, version = fetch_package("busybox-static", arch)
+    bdir = CACHE / ("busybox-static" if arch == ARCH else f"busybox-static-{arch}")
     key = key_of({"deb": deb.name})
     if not up_to_date(bdir, key):
         shutil.rmtree(bdir, ignore_errors=True)
@@ -125,14 +128,55 @@ def stage_busybox() -> tuple[Path, str]:
     return bdir / "bin" / "busybox", version
 
 
-def build_lab_os(*, force: bool = False) -> Path:
-    """Build (or reuse) images/build/lab-os/lab-os.img (+ .sha256)."""
+@dataclass(frozen=True)
+class EfiGrub:
+    """How the lab OS's GRUB is made for one architecture: grub-mkimage's
+    platform, its module directory (``None``: the host's), the removable
+    media path the firmware boots and the package version (a cache input)."""
+
+    platform: str
+    moddir: Path | None
+    efi_name: str
+    version: str
+
+
+def stage_efi_grub(arch: str = ARCH) -> EfiGrub:
+    """The host's grub-efi-amd64-bin for amd64; for arm64 the modules of
+    Debian's grub-efi-arm64-bin, unpacked into the cache once per version
+    (the host's grub-mkimage builds an arm64-efi image from them)."""
+    if arch == ARCH:
+        return EfiGrub("x86_64-efi", None, "BOOTX64.EFI",
+                       read_package_version("grub-efi-amd64-bin"))
+    if arch != "arm64":
+        raise BuildError(f"no lab OS for {arch}: amd64 or arm64")
+    deb, version = fetch_package("grub-efi-arm64-bin", arch)
+    gdir = CACHE / "grub-efi-arm64-bin"
+    key = key_of({"deb": deb.name})
+    if not up_to_date(gdir, key):
+        shutil.rmtree(gdir, ignore_errors=True)
+        extract_deb(deb, gdir)
+        write_stamp(gdir, key)
+    return EfiGrub("arm64-efi", gdir / "usr/lib/grub/arm64-efi", "BOOTAA64.EFI", version)
+
+
+def lab_os_name(arch: str = ARCH) -> str:
+    """The lab OS's directory under images/build/ (``lab-os``, ``lab-os-arm64``)."""
+    return "lab-os" if arch == ARCH else f"lab-os-{arch}"
+
+
+def build_lab_os(*, force: bool = False, arch: str = ARCH) -> Path:
+    """Build (or reuse) images/build/lab-os/lab-os.img (+ .sha256).  For
+    another Debian architecture (``arm64``): images/build/lab-os-<arch>/,
+    UEFI only (GRUB for that architecture, its kernel and busybox-static; no
+    syslinux: BIOS is x86's)."""
     started = time.monotonic()
-    kernel = stage_kernel()
-    busybox, bb_version = stage_busybox()
+    kernel = stage_kernel(arch)
+    busybox, bb_version = stage_busybox(arch)
     src_dir = HERE / "lab-os"
-    grub_version = read_package_version("grub-efi-amd64-bin")
-    syslinux_version = read_package_version("syslinux")
+    grub = stage_efi_grub(arch)
+    grub_version = grub.version
+    bios = arch == ARCH
+    syslinux_version = read_package_version("syslinux") if bios else "none"
     if not grub_version or not syslinux_version:
         raise BuildError("the lab OS build needs grub-efi-amd64-bin, syslinux, mtools and "
                          "fdisk: run 'scripts/setup.sh system'")
@@ -142,8 +186,11 @@ def build_lab_os(*, force: bool = False) -> Path:
         "overlay": tree_digest([p for p in src_dir.rglob("*") if p.is_file()], src_dir),
         "code": code_digest(),
     }
+    if not bios:
+        inputs["arch"] = arch
     key = key_of(inputs)
-    out = OUT / "lab-os"
+    disk = LAB_OS_DISK if bios else LAB_OS_DISK_ARM64
+    out = OUT / lab_os_name(arch)
     if not force and up_to_date(out, key, ["lab-os.img", "lab-os.img.sha256"]):
         log(f"lab-os image up to date ({out})")
         return out
@@ -153,25 +200,29 @@ def build_lab_os(*, force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(prefix="lab-os-", dir=CACHE) as tmpname:
         tmp = Path(tmpname)
         initrd = pack_lab_os_initramfs(kernel, busybox, src_dir / "rootfs", tmp)
-        bootx64 = write_grub_efi(src_dir / "grub.cfg", tmp, env)
+        cfg = src_dir / ("grub.cfg" if bios else f"grub-{arch}.cfg")
+        efi = write_grub_efi(cfg, tmp, env, grub)
         img = tmp / "lab-os.img"
-        write_lab_os_disk(img, key, env)
+        write_lab_os_disk(img, key, env, disk)
         shutil.copy2(kernel.vmlinuz, tmp / "vmlinuz")
-        syslinux_cfg = tmp / "syslinux.cfg"
-        shutil.copyfile(src_dir / "syslinux.cfg", syslinux_cfg)
-        copy_to_esp(img, env, ((tmp / "vmlinuz", "::/vmlinuz"), (initrd, "::/initrd.img"),
-                               (bootx64, "::/EFI/BOOT/BOOTX64.EFI"),
-                               (syslinux_cfg, "::/syslinux/syslinux.cfg")))
-        install_syslinux(img, env)
+        files = [(tmp / "vmlinuz", "::/vmlinuz"), (initrd, "::/initrd.img"),
+                 (efi, f"::/EFI/BOOT/{grub.efi_name}")]
+        if bios:
+            syslinux_cfg = tmp / "syslinux.cfg"
+            shutil.copyfile(src_dir / "syslinux.cfg", syslinux_cfg)
+            files.append((syslinux_cfg, "::/syslinux/syslinux.cfg"))
+        copy_to_esp(img, env, files, disk)
+        if bios:
+            install_syslinux(img, env)
         digest = sha256_file(img)
-        tmp_out = fresh_dir(OUT / "lab-os.tmp")
+        tmp_out = fresh_dir(OUT / f"{lab_os_name(arch)}.tmp")
         img.rename(tmp_out / "lab-os.img")
         (tmp_out / "lab-os.img.sha256").write_text(digest + "\n")
         (tmp_out / "manifest.json").write_text(json.dumps(
-            {"sha256": digest, "size": LAB_OS_DISK.total, "kernel": kernel.version,
+            {"sha256": digest, "size": disk.total, "kernel": kernel.version,
              "inputs": inputs}, indent=2, sort_keys=True) + "\n")
         publish(tmp_out, out, key)
-    log(f"lab-os image: {LAB_OS_DISK.total >> 20} MiB, sha256 {digest[:16]}... in "
+    log(f"{lab_os_name(arch)} image: {disk.total >> 20} MiB, sha256 {digest[:16]}... in "
         f"{time.monotonic() - started:.0f} s")
     return out
 
@@ -191,22 +242,26 @@ def pack_lab_os_initramfs(kernel: Kernel, busybox: Path, overlay: Path, tmp: Pat
     return initrd
 
 
-def write_grub_efi(grub_cfg: Path, tmp: Path, env: dict[str, str]) -> Path:
-    """tmp/BOOTX64.EFI: GRUB for UEFI, one standalone EFI binary with its
-    config inside.  grub-mkimage gets a memdisk tar packed here with fixed
-    times: grub-mkstandalone's tar carries the build time, so no two builds
-    would give the same bytes."""
+def write_grub_efi(grub_cfg: Path, tmp: Path, env: dict[str, str],
+                   grub: EfiGrub | None = None) -> Path:
+    """tmp/BOOTX64.EFI (``grub``: its platform and name, e.g. BOOTAA64.EFI):
+    GRUB for UEFI, one standalone EFI binary with its config inside.
+    grub-mkimage gets a memdisk tar packed here with fixed times:
+    grub-mkstandalone's tar carries the build time, so no two builds would
+    give the same bytes."""
     memdisk = tmp / "memdisk.tar"
     info = tarfile.TarInfo("boot/grub/grub.cfg")
     cfg = grub_cfg.read_bytes()
     info.size, info.mtime, info.mode = len(cfg), SOURCE_DATE_EPOCH, 0o644
     with tarfile.open(memdisk, "w", format=tarfile.USTAR_FORMAT) as tar:
         tar.addfile(info, io.BytesIO(cfg))
-    bootx64 = tmp / "BOOTX64.EFI"
-    run(["grub-mkimage", "-O", "x86_64-efi", "-o", str(bootx64),
+    grub = grub or stage_efi_grub()
+    efi = tmp / grub.efi_name
+    moddir = ["-d", str(grub.moddir)] if grub.moddir is not None else []
+    run(["grub-mkimage", "-O", grub.platform, *moddir, "-o", str(efi),
          "-p", "(memdisk)/boot/grub", "-m", str(memdisk), *GRUB_MODULES],
         env=env, capture_output=True)
-    return bootx64
+    return efi
 
 
 def write_lab_os_disk(img: Path, key: str, env: dict[str, str],

@@ -40,7 +40,7 @@ from images.common import (
     write_stamp,
 )
 from images.cpio import pack_initramfs, set_times
-from images.debian import debian_mirror
+from images.debian import debian_mirror, unpack_deb_into_root
 from images.kernel import Kernel, install_modules, stage_kernel
 
 #: What the live image needs beyond minbase.  python3-psutil and
@@ -132,18 +132,20 @@ def elf_needed(path: Path) -> list[str]:
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", done.stdout)
 
 
-def trim_live_root(root: Path) -> dict[str, int]:
+def trim_live_root(root: Path, triplet: str = "x86_64-linux-gnu") -> dict[str, int]:
     """Remove LIVE_TRIM, then every program not in LIVE_PROGRAMS and every
-    shared library nothing kept links to.  Returns counts for the manifest."""
+    shared library nothing kept links to.  ``triplet`` names the library
+    directory (``aarch64-linux-gnu`` for arm64).  Returns counts for the
+    manifest."""
     for rel in LIVE_TRIM:
-        target = root / rel
+        target = root / rel.replace("x86_64-linux-gnu", triplet)
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.is_dir():
             shutil.rmtree(target)
     # iconv modules: mtools converts file names through the DOS code page
     # (850 by default) and fails without it; only those two are kept
-    gconv = root / "usr/lib/x86_64-linux-gnu/gconv"
+    gconv = root / f"usr/lib/{triplet}/gconv"
     for path in sorted(gconv.iterdir()) if gconv.is_dir() else []:
         if path.name not in LIVE_GCONV:
             if path.is_dir() and not path.is_symlink():
@@ -153,7 +155,7 @@ def trim_live_root(root: Path) -> dict[str, int]:
     for so in (root / "usr/lib/python3.11/lib-dynload").glob("*.so"):
         if so.name.split(".")[0] in LIVE_PY_DROP:
             so.unlink()
-    libdirs = [root / "usr/lib/x86_64-linux-gnu", root / "usr/lib"]
+    libdirs = [root / f"usr/lib/{triplet}", root / "usr/lib"]
     # the closure of DT_NEEDED over the kept programs, extension modules, udev helpers
     seeds = [root / p for p in LIVE_PROGRAMS if (root / p).exists()]
     for pattern in ("usr/lib/python3*/**/*.so", "usr/lib/udev/*"):
@@ -175,7 +177,7 @@ def trim_live_root(root: Path) -> dict[str, int]:
                     queue.append(d / name)
                     break
     removed = 0
-    for sub in ("usr/bin", "usr/sbin", "usr/lib/x86_64-linux-gnu"):
+    for sub in ("usr/bin", "usr/sbin", f"usr/lib/{triplet}"):
         for path in sorted((root / sub).iterdir()):
             if path.is_dir() and not path.is_symlink():
                 continue
@@ -185,16 +187,19 @@ def trim_live_root(root: Path) -> dict[str, int]:
             is_lib = ".so" in path.name
             if path in wanted or real in wanted:
                 continue
-            if sub == "usr/lib/x86_64-linux-gnu" and not is_lib:
+            if sub == f"usr/lib/{triplet}" and not is_lib:
                 continue
             path.unlink()
             removed += 1
     return {"kept_elf": len(wanted), "removed_files": removed}
 
 
-def stage_rootfs() -> tuple[Path, str]:
+def stage_rootfs(arch: str = ARCH) -> tuple[Path, str]:
     """debootstrap once per suite, architecture and package list (the slowest
-    stage; docs/lab.md says how slow).  The mirror is not part of the key."""
+    stage; docs/lab.md says how slow).  The mirror is not part of the key.
+    Another architecture than the host's: :func:`stage_foreign_rootfs`."""
+    if arch != ARCH:
+        return stage_foreign_rootfs(arch)
     mirror = debian_mirror()
     key = key_of({"suite": SUITE, "packages": sorted(LIVE_PACKAGES), "variant": "minbase",
                   "arch": ARCH})
@@ -218,6 +223,102 @@ def stage_rootfs() -> tuple[Path, str]:
     return out, key
 
 
+#: Debian architecture -> the GNU triplet its libraries live under
+TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+#: the user-mode emulator (qemu-user-static) that runs a foreign root's
+#: programs at build time, called by name: no binfmt_misc registration (a
+#: host-wide kernel setting) is needed or made
+EMULATORS = {"arm64": "qemu-aarch64-static"}
+
+
+def live_name(arch: str = ARCH) -> str:
+    """The live image's directory under images/build/ (``live``, ``live-arm64``)."""
+    return "live" if arch == ARCH else f"live-{arch}"
+
+
+def target_command(root: Path, arch: str) -> list[str]:
+    """What runs a program of ``root`` at build time: nothing for the host's
+    architecture, else its emulator with ``root`` as the library prefix."""
+    if arch == ARCH:
+        return []
+    emulator = EMULATORS.get(arch)
+    if emulator is None or shutil.which(emulator) is None:
+        raise BuildError(f"building an {arch} image needs {emulator or 'an emulator'}: "
+                         "apt-get install qemu-user-static (scripts/setup.sh system)")
+    return [emulator, "-L", str(root)]
+
+
+def stage_foreign_rootfs(arch: str) -> tuple[Path, str]:
+    """The live root of another architecture: debootstrap's first stage
+    only (``--foreign``: the packages downloaded, verified and unpacked; no
+    program of the target runs), then what its second stage would do that
+    the live image needs (:func:`finish_foreign_root`).  Maintainer scripts
+    never run: the image is built, not installed."""
+    if arch not in TRIPLETS:
+        raise BuildError(f"no live image for {arch}: one of {', '.join(TRIPLETS)}")
+    mirror = debian_mirror()
+    key = key_of({"suite": SUITE, "packages": sorted(LIVE_PACKAGES), "variant": "minbase",
+                  "arch": arch, "stage": "foreign"})
+    out = CACHE / f"live-rootfs-{arch}"
+    if up_to_date(out, key, ["usr/bin/python3", "etc/ld.so.cache"]):
+        return out, key
+    if os.geteuid() != 0:
+        raise BuildError("building the live image's root file system needs root (debootstrap)")
+    runner = target_command(out, arch)          # fail early without the emulator
+    shutil.rmtree(out, ignore_errors=True)
+    tmp = CACHE / f"live-rootfs-{arch}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    log(f"debootstrap --foreign {SUITE} {arch} from {mirror}")
+    started = time.monotonic()
+    run(["debootstrap", "--foreign", "--variant=minbase", f"--arch={arch}",
+         "--include=" + ",".join(LIVE_PACKAGES), SUITE, str(tmp), mirror],
+        capture_output=True)
+    finish_foreign_root(tmp, [runner[0], "-L", str(tmp)])
+    log(f"debootstrap --foreign done in {time.monotonic() - started:.0f} s")
+    tmp.rename(out)
+    write_stamp(out, key)
+    return out, key
+
+
+def finish_foreign_root(root: Path, runner: list[str]) -> None:
+    """The second stage, as far as the live image needs it: every package
+    the first stage only downloaded (the ``--include`` ones and their
+    dependencies) unpacked over it (:func:`unpack_deb_into_root`), then what their maintainer
+    scripts would have left: /etc/passwd and /etc/group (base-passwd's
+    masters), the dynamic linker's cache (ldconfig, run by ``runner``: ctypes
+    finds libudev through it) and Python's byte code of the standard library
+    and the agent's dependencies (compiled by the build's own Python 3.11,
+    the same version: without it every boot compiles them, slowly, under
+    emulation).  No alternatives are set up: a program reached only through
+    one (awk) is busybox's applet.  The downloaded .debs and debootstrap's
+    working directory go."""
+    archives = root / "var/cache/apt/archives"
+    for deb in sorted(archives.glob("*.deb")):
+        unpack_deb_into_root(deb, root)
+        deb.unlink()
+    shutil.rmtree(root / "debootstrap", ignore_errors=True)
+    # in a container, the first stage links /proc to the host's (the second
+    # stage would mount it): the image mounts its own there
+    for name in ("proc", "sys", "dev"):
+        if (root / name).is_symlink():
+            (root / name).unlink()
+        (root / name).mkdir(exist_ok=True)
+    for name in ("passwd", "group"):
+        master = root / "usr/share/base-passwd" / f"{name}.master"
+        if master.exists() and not (root / "etc" / name).exists():
+            shutil.copyfile(master, root / "etc" / name)
+    run([*runner, str(root / "sbin/ldconfig"), "-r", str(root)], capture_output=True)
+    target = sorted(root.glob("usr/lib/python3.*[0-9]"))
+    host = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if not target or target[-1].name != host:
+        raise BuildError(f"the {root.name} root has {[t.name for t in target]}, the build "
+                         f"runs {host}: its byte code would not match")
+    run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-s", str(root), "-p", "/",
+         str(target[-1]),
+         str(root / "usr/lib/python3/dist-packages")], capture_output=True)
+
+
 def source_files() -> list[Path]:
     """The project's Python packages the agent needs in the image."""
     files = []
@@ -226,11 +327,13 @@ def source_files() -> list[Path]:
     return sorted(files)
 
 
-def build_live(*, force: bool = False) -> Path:
-    """Build (or reuse) images/build/live/{vmlinuz,initrd.img}; returns the dir."""
+def build_live(*, force: bool = False, arch: str = ARCH) -> Path:
+    """Build (or reuse) images/build/live/{vmlinuz,initrd.img}; returns the
+    dir.  ``arch`` is a Debian architecture: another than the host's
+    (``arm64``) builds images/build/live-<arch>/ from its own caches."""
     started = time.monotonic()
-    rootfs, rootfs_key = stage_rootfs()
-    kernel = stage_kernel()
+    rootfs, rootfs_key = stage_rootfs(arch)
+    kernel = stage_kernel(arch)
     extra = tuple(os.environ.get("LPMOS_LIVE_EXTRA_MODULES", "").split())
     sources = source_files()
     live_dir = HERE / "live"
@@ -242,20 +345,23 @@ def build_live(*, force: bool = False) -> Path:
         "overlay": tree_digest([p for p in live_dir.rglob("*") if p.is_file()], live_dir),
         "code": code_digest(), "zstd": ZSTD_LEVEL,
     }
+    if arch != ARCH:
+        inputs["arch"] = arch
     key = key_of(inputs)
-    out = OUT / "live"
+    name = live_name(arch)
+    out = OUT / name
     if not force and up_to_date(out, key, ["vmlinuz", "initrd.img"]):
         log(f"live image up to date ({out})")
         return out
     log("building the live image")
-    stage = CACHE / "live-stage"
-    trimmed = copy_live_root(rootfs, stage)
+    stage = CACHE / ("live-stage" if arch == ARCH else f"live-stage-{arch}")
+    trimmed = copy_live_root(rootfs, stage, TRIPLETS[arch])
     install_sources(sources, stage / "opt" / "lpmos")
-    link_busybox_applets(stage)
+    link_busybox_applets(stage, target_command(stage, arch))
     install_live_overlay(live_dir / "rootfs", stage, kernel)
     modules = install_modules(kernel, LIVE_MODULES + extra, stage)
     set_times(stage)
-    tmp_out = fresh_dir(OUT / "live.tmp")
+    tmp_out = fresh_dir(OUT / f"{name}.tmp")
     shutil.copy2(kernel.vmlinuz, tmp_out / "vmlinuz")
     pack_initramfs(stage, tmp_out / "initrd.img")
     manifest = {
@@ -275,14 +381,15 @@ def build_live(*, force: bool = False) -> Path:
     return out
 
 
-def copy_live_root(rootfs: Path, stage: Path) -> dict[str, int]:
+def copy_live_root(rootfs: Path, stage: Path,
+                   triplet: str = "x86_64-linux-gnu") -> dict[str, int]:
     """``stage`` as a trimmed copy of the debootstrapped ``rootfs`` with the
     empty directories the boot mounts on; returns the trim counts."""
     shutil.rmtree(stage, ignore_errors=True)
     # cp -a keeps hard links, devices and symlinks; reflinks when the fs can
     run(["cp", "-a", "--reflink=auto", str(rootfs), str(stage)])
     (stage / ".stamp").unlink(missing_ok=True)
-    trimmed = trim_live_root(stage)
+    trimmed = trim_live_root(stage, triplet)
     for rel in ("var/cache", "var/log", "var/lib/dpkg", "tmp", "run", "proc", "sys", "dev",
                 "mnt", "root"):
         (stage / rel).mkdir(parents=True, exist_ok=True)
@@ -303,13 +410,14 @@ def install_sources(sources: list[Path], app: Path) -> None:
          str(app)], capture_output=True)
 
 
-def link_busybox_applets(stage: Path) -> None:
+def link_busybox_applets(stage: Path, runner: list[str] | None = None) -> None:
     """busybox applets in /usr/local/bin for what Debian's minbase lacks
-    (init, udhcpc, reboot...); minbase's own programs win."""
+    (init, udhcpc, reboot...); minbase's own programs win.  ``runner``
+    prefixes the busybox command (an emulator, for another architecture)."""
     bbin = stage / "usr" / "local" / "bin"
     bbin.mkdir(parents=True, exist_ok=True)
-    applets = subprocess.run([str(stage / "usr/bin/busybox"), "--list"], capture_output=True,
-                             text=True, check=True).stdout.split()
+    applets = subprocess.run([*(runner or []), str(stage / "usr/bin/busybox"), "--list"],
+                             capture_output=True, text=True, check=True).stdout.split()
     for applet in sorted(set(applets)):
         if not any((stage / d / applet).exists() for d in ("usr/bin", "usr/sbin")):
             (bbin / applet).symlink_to("/bin/busybox")

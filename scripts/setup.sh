@@ -20,6 +20,8 @@ SYSTEM_PACKAGES=(
   debootstrap cpio zstd squashfs-tools xz-utils   # live-image and lab-OS builds
   kmod syslinux syslinux-common grub-efi-amd64-bin  # images/build.py: modules, BIOS/UEFI boot loaders
   shim-signed grub-efi-amd64-signed  # Secure Boot network boot: Microsoft-signed shim, Debian-signed GRUB (TFTP root)
+  qemu-system-arm qemu-efi-aarch64  # the arm64 lab: qemu-system-aarch64 (TCG) with AAVMF, its UEFI firmware
+  qemu-user-static               # arm64 image build: runs the arm64 ldconfig and busybox --list by name (no binfmt_misc)
   vagrant vagrant-libvirt        # the Vagrant libvirt lab (Vagrantfile; 'vagrant validate' test)
   mtools dosfstools fdisk        # agent: NoCloud seed into the image FAT (mcopy), test fixtures (mkfs.vfat, sfdisk)
   gdisk                          # agent release: sgdisk --zap-all (tests/integration/test_release_*.py on loop devices)
@@ -44,6 +46,8 @@ SYSTEM_PACKAGES=(
 CHECKED_VERSIONS=(
   "qemu-system-x86 1:7.2+dfsg-7+deb12u18+b3"
   "ovmf 2022.11-6+deb12u2"
+  "qemu-efi-aarch64 2022.11-6+deb12u2"
+  "qemu-system-arm 1:7.2+dfsg-7+deb12u18+b3"
   "ipxe 1.0.0+git-20190125.36a4c85-5.1"
   "ipxe-qemu 1.0.0+git-20190125.36a4c85-5.1"
   "etcd-server 3.4.23-4+b4"

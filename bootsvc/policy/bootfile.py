@@ -23,7 +23,8 @@ Rules, in order:
    file name; a mismatch is refused (``arch_class_mismatch``);
 5. a family whose boot file is not configured is refused (``no_bootfile``):
    arm64 and efi32 by default, since Debian ships iPXE for BIOS and x86-64
-   UEFI only, and 32-bit UEFI firmware cannot run the x86-64 ``ipxe.efi``;
+   UEFI only, and 32-bit UEFI firmware cannot run the x86-64 ``ipxe.efi``
+   (arm64 boots Debian's signed GRUB, ``--dhcp-bootfile-arm64 grubaa64.efi``);
 6. shim and GRUB (:data:`GRUB_LOADERS`, the Secure Boot chain) are never
    offered over UEFI HTTP boot (``grub_over_http``): Debian 12's signed GRUB
    has no HTTP client under Secure Boot, so it would stop at its prompt.
@@ -64,8 +65,9 @@ ARCHITECTURES: dict[int, tuple[str, bool]] = {
     ARCH_HTTP_ARM64: ("arm64", True),
 }
 
-#: boot files that start Debian's signed GRUB (through shim): TFTP only
-GRUB_LOADERS = frozenset({"shimx64.efi", "grubx64.efi"})
+#: boot files that start Debian's signed GRUB (through shim on x86-64;
+#: ``grubaa64.efi`` directly on arm64): TFTP only
+GRUB_LOADERS = frozenset({"shimx64.efi", "grubx64.efi", "grubaa64.efi"})
 
 PXE_CLIENT = "PXEClient"
 HTTP_CLIENT = "HTTPClient"

@@ -35,6 +35,7 @@ GRUB_CONFIG = "grub/grub.cfg"
 LOADER_STAGES = {
     "shimx64.efi": "loader shim",
     "grubx64.efi": "loader grub",
+    "grubaa64.efi": "loader grub",
     "mmx64.efi": "loader mok manager",
     GRUB_CONFIG: "grub.cfg",
     "ipxe.efi": "loader ipxe",

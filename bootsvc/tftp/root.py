@@ -48,6 +48,10 @@ SIGNED_LOADERS: dict[str, Path] = {
     "shimx64.efi": Path("/usr/lib/shim/shimx64.efi.signed"),
     "mmx64.efi": Path("/usr/lib/shim/mmx64.efi.signed"),
     "grubx64.efi": Path("/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"),
+    # arm64 UEFI machines (Debian has no arm64 iPXE): the same signed GRUB
+    # network image for arm64, from grub-efi-arm64-signed, on an arm64 node;
+    # an amd64 node gets it from ``python3 images/build.py arm64`` (README)
+    "grubaa64.efi": Path("/usr/lib/grub/arm64-efi-signed/grubnetaa64.efi.signed"),
 }
 #: Names generated per request by default: one path component ending in
 #: ``.ipxe`` (an iPXE script for clients that fetch one over TFTP).

@@ -34,6 +34,21 @@ def lab_images() -> Iterator[dict[str, Path]]:
 
 
 @pytest.fixture(scope="session")
+def arm64_images() -> Iterator[dict[str, Path]]:
+    """Build (or reuse) the arm64 set: the live image, the lab OS and
+    Debian's signed arm64 GRUB for the TFTP root (their own cache keys and
+    directories, apart from the x86 ones)."""
+    require_lab_host()
+    for tool in ("qemu-system-aarch64", "qemu-aarch64-static"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} missing: run 'scripts/setup.sh system'")
+    try:
+        yield build.build_arm64()
+    except build.BuildError as exc:
+        pytest.fail(f"arm64 image build failed: {exc}")
+
+
+@pytest.fixture(scope="session")
 def cloud_image() -> Path:
     """Build (or reuse) the real Debian 12 cloud image (raw, qcow2, raw.zst)."""
     require_lab_host()

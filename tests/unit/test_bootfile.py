@@ -29,6 +29,9 @@ SNP = BootPolicy(bootfiles={**POLICY.bootfiles, "efi64": "snponly.efi"},
 NO_URL = BootPolicy(bootfiles=POLICY.bootfiles)
 SHIM = BootPolicy(bootfiles={**POLICY.bootfiles, "efi64": "shimx64.efi"},
                   script_url=POLICY.script_url, http_base=POLICY.http_base)
+#: arm64 as the lab boots it: Debian's signed GRUB for arm64
+GRUB_ARM = BootPolicy(bootfiles={**SHIM.bootfiles, "arm64": "grubaa64.efi"},
+                      script_url=POLICY.script_url, http_base=POLICY.http_base)
 
 PXE = b"PXEClient:Arch:00000:UNDI:002001"
 HTTP = b"HTTPClient:Arch:00016:UNDI:003001"
@@ -68,6 +71,11 @@ TABLE = [
     (9, PXE, None, False, SHIM, ("tftp", "shimx64.efi")),
     (0, PXE, None, False, SHIM, ("tftp", "undionly.kpxe")),
     (16, HTTP, None, False, SHIM, "grub_over_http"),
+    # arm64: Debian's signed GRUB for arm64 (no arm64 iPXE in Debian), TFTP only
+    (11, PXE, None, False, GRUB_ARM, ("tftp", "grubaa64.efi")),
+    (19, HTTP, None, False, GRUB_ARM, "grub_over_http"),
+    (9, PXE, None, False, GRUB_ARM, ("tftp", "shimx64.efi")),
+    (10, PXE, None, False, GRUB_ARM, "unsupported_arch"),      # 32-bit ARM
     (7, PXE, b"iPXE", False, SHIM, ("script", f"{BASE}/boot.ipxe")),
     # iPXE already running: the script, never the binary again
     (0, PXE, b"iPXE", False, POLICY, ("script", f"{BASE}/boot.ipxe")),

@@ -63,11 +63,13 @@ def test_bad_roles_are_refused_at_load(entry: dict[str, str], words: str) -> Non
         parse_catalog({"image": [entry]})
 
 
-def test_the_shipped_catalog_offers_everything_but_the_live_image() -> None:
+def test_the_shipped_catalog_offers_everything_but_the_live_images() -> None:
     cat = load_catalog(REPO / "images" / "catalog.toml")
-    assert "live" in cat.images and not cat.images["live"].installable
+    lives = {"live", "live-arm64"}
+    assert all(name in cat.images and not cat.images[name].installable for name in lives)
     offered = {i.name for i in cat.installable()}
-    assert offered == set(cat.images) - {"live"} and "lab-os" in offered
+    assert offered == set(cat.images) - lives and "lab-os" in offered
+    assert cat.images["live-arm64"].arch == cat.images["lab-os-arm64"].arch == "arm64"
 
 
 @pytest.mark.parametrize(("disk_image", "fmt", "expected"), [
