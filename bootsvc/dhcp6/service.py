@@ -150,13 +150,30 @@ class Dhcp6Service:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                      self.settings.interface.encode())
-        s.bind(("::", port))
+        s.bind((self._bind_address(port), port))
         if port == self.settings.listen_port:
             group = socket.inet_pton(socket.AF_INET6, dhcp6.ALL_SERVERS)
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
                          group + struct.pack("@I", ifindex))
         s.setblocking(False)
         return s
+
+    def _bind_address(self, port: int) -> str:
+        """Port 4011 on the node's address the boot file URLs name: EDK2 asks
+        that host there and takes a REPLY from that address only, and a
+        wildcard socket would answer from whichever address the kernel picks
+        (an interface's SLAAC address, as often as not).  Port 547: ``::``."""
+        address = self.settings.policy.tftp_address
+        if port != self.settings.proxy_port or not address:
+            return "::"
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address, 0))
+            except OSError as exc:
+                log.warning("dhcp6: cannot bind %s (%s): port %d answers from any address",
+                            address, exc, port)
+                return "::"
+        return address
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

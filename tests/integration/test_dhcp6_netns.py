@@ -141,9 +141,10 @@ def dhclient(seg: Segment, timeout: float = 25.0) -> str:
 
 
 def exchange(seg: Segment, payload: bytes, *, dest: str, port: int, src_port: int,
-             timeout: float = 3.0) -> bytes:
+             timeout: float = 3.0, sources: list[str] | None = None) -> bytes:
     """Send ``payload`` from the client namespace and return the first answer
-    (b"" when none came), through a child Python in the namespace."""
+    (b"" when none came), through a child Python in the namespace; the
+    answer's source address is appended to ``sources``."""
     code = (
         "import socket,sys\n"
         "s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
@@ -152,10 +153,13 @@ def exchange(seg: Segment, payload: bytes, *, dest: str, port: int, src_port: in
         f"s.settimeout({timeout})\n"
         f"dest=('{dest}',{port},0,socket.if_nametoindex('{seg.client_if}'))\n"
         "s.sendto(bytes.fromhex(sys.argv[1]),dest)\n"
-        "try:\n  d,_=s.recvfrom(4096); print(d.hex())\n"
+        "try:\n  d,a=s.recvfrom(4096); print(d.hex(), a[0])\n"
         "except TimeoutError: print('')\n")
     r = sh("ip", "netns", "exec", seg.ns, sys.executable, "-c", code, payload.hex())
-    return bytes.fromhex(r.stdout.strip())
+    answer, _, source = r.stdout.strip().partition(" ")
+    if sources is not None:
+        sources.append(source)
+    return bytes.fromhex(answer)
 
 
 def vendor(data: bytes) -> bytes:
@@ -211,14 +215,20 @@ def test_full_mode_with_dhclient_bad_input_and_a_relay(segment: Segment, etcd_se
         assert inner[0] == dhcp6.ADVERTISE and inner[1:4] == b"\x0a\x0b\x0c"
         assert options(inner)[dhcp6.OPT_BOOTFILE_URL] == b"tftp://[fd00:77::1]/ipxe.efi"
         # EDK2 takes a full-mode offer with PXEClient for a BINL offer too and asks the
-        # boot file URL's host on port 4011 before it boots (as OVMF does in the lab)
+        # boot file URL's host on port 4011 before it boots (as OVMF does in the lab),
+        # and takes the REPLY from that address only: with a second address on the
+        # interface (the one the kernel would pick for this client) it still comes from it
+        sh("ip", "addr", "add", "fd00:77::3/64", "dev", segment.server_if, "nodad")
+        sources: list[str] = []
         binl = dhcp6.build_message(dhcp6.REQUEST, b"\x0d\x0e\x0f", [
             (dhcp6.OPT_CLIENTID, dhcp6.duid_ll(bytes.fromhex("525400aabbcc"))),
             (dhcp6.OPT_CLIENT_ARCH_TYPE, b"\x00\x07"), (dhcp6.OPT_VENDOR_CLASS, vendor(PXE))])
-        reply = exchange(segment, binl, dest=SERVER_ADDR, port=4011, src_port=4011)
+        reply = exchange(segment, binl, dest=SERVER_ADDR, port=4011, src_port=4011,
+                         sources=sources)
         assert reply[:1] == bytes([dhcp6.REPLY]), reply.hex()
         assert options(reply)[dhcp6.OPT_BOOTFILE_URL] == b"tftp://[fd00:77::1]/ipxe.efi"
         assert dhcp6.OPT_IA_NA not in options(reply)         # the address came at 547
+        assert sources == [SERVER_ADDR]
     finally:
         stats = server.stop()
     for reason in bad:
