@@ -9,7 +9,10 @@
 * a second namespace ``lpmos-lab-<id>-site`` for the site's DHCP server:
   dnsmasq on a veth into the bridge, handing out addresses only (no boot
   options, so the firmware follows our ProxyDHCP) and sending IPv6 router
-  advertisements, without which iPXE waits ~13 s for IPv6 autoconfiguration;
+  advertisements, without which iPXE waits ~13 s for IPv6 autoconfiguration
+  (``ipv6_only``: no IPv4 on the segment at all; radvd is the site's router
+  there, its advertisements' managed flag sends the firmware and iPXE to
+  the node's DHCPv6, ``--dhcp6-mode full``);
 * a private etcd on the host (loopback and the host end of the veth), unless
   endpoints are given;
 * ``lpmos regional`` inside the lab namespace on br0 (real ports 67, 4011,
@@ -64,6 +67,9 @@ NODE_IP = f"{SUBNET}.1"
 SITE_DHCP_IP = f"{SUBNET}.2"
 NODE_IP6 = "fd77:77::1"
 SITE_IP6 = "fd77:77::2"
+PREFIX6 = "fd77:77::/64"
+#: the addresses the node's DHCPv6 hands out on an IPv6-only segment
+RANGE6 = "fd77:77::100-fd77:77::1ff"
 HTTP_PORT = 8081
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -112,7 +118,14 @@ class Lab:
     ``site_dhcp`` the site's dnsmasq only sends router advertisements and
     the node is the segment's DHCP server (``--dhcp-mode full``), as GRUB
     2.06 needs: it reads its server from the DHCP ACK and ignores
-    ProxyDHCP offers."""
+    ProxyDHCP offers.
+
+    ``ipv6_only``: the segment has no IPv4 at all (no address on br0, no
+    DHCPv4 anywhere); radvd in the site namespace advertises ``PREFIX6``
+    with the managed flag, and the node boots machines by DHCPv6 (full
+    mode), TFTP and boot HTTP on ``[NODE_IP6]`` (``--listen ::``).  The
+    node still reaches etcd over the IPv4 uplink, which is no part of the
+    segment."""
 
     _instances = 0
 
@@ -120,7 +133,7 @@ class Lab:
                  catalog: Path | None = None, node_args: Sequence[str] = (),
                  log: Callable[[str], None] | None = None, python: str = sys.executable,
                  memory_mb: int = 1024, http_port: int = HTTP_PORT,
-                 site_dhcp: bool = True) -> None:
+                 site_dhcp: bool = True, ipv6_only: bool = False) -> None:
         self.workdir = Path(workdir)
         self.owner = os.getpid()
         Lab._instances += 1       # two labs of one process in one second stay apart
@@ -145,20 +158,26 @@ class Lab:
         self.etcd_proc: subprocess.Popen[bytes] | None = None
         self.node_proc: subprocess.Popen[bytes] | None = None
         self.dnsmasq_proc: subprocess.Popen[bytes] | None = None
+        self.radvd_proc: subprocess.Popen[bytes] | None = None
         self.etcd_url = ""            # as seen from the host
         self.http_port = http_port
-        self.site_dhcp = site_dhcp
-        if not site_dhcp:
+        self.ipv6_only = ipv6_only
+        self.site_dhcp = site_dhcp and not ipv6_only
+        if ipv6_only:
+            self.node_args += ["--listen", "::", "--dhcp-mode", "off", "--dhcp6-mode", "full",
+                               "--dhcp6-range", RANGE6]
+        elif not site_dhcp:
             self.node_args += ["--dhcp-mode", "full",
                                "--dhcp-range", f"{SUBNET}.100-{SUBNET}.199"]
-        self.node_url = f"http://{NODE_IP}" + (f":{http_port}" if http_port != 80 else "")
+        host = f"[{NODE_IP6}]" if ipv6_only else NODE_IP
+        self.node_url = f"http://{host}" + (f":{http_port}" if http_port != 80 else "")
 
     # -- context manager --------------------------------------------------------------------
 
     def __enter__(self) -> Lab:
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, taps, ports 67/69)")
-        for tool in ("ip", "dnsmasq", "qemu-system-x86_64"):
+        for tool in ("ip", "radvd" if self.ipv6_only else "dnsmasq", "qemu-system-x86_64"):
             if shutil.which(tool) is None:
                 raise LabError(f"{tool} not found: run 'scripts/setup.sh system'")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +188,10 @@ class Lab:
                 self._old_handlers[sig] = signal.signal(sig, _raise_exit)
         try:
             self._network()
-            self._dnsmasq()
+            if self.ipv6_only:
+                self._radvd()
+            else:
+                self._dnsmasq()
             self._etcd()
             self._node()
         except BaseException:
@@ -184,7 +206,8 @@ class Lab:
         """Stop every VM and process we started, remove the namespaces."""
         for vm in self.vms:
             vm.stop()
-        for proc in (self.node_proc, self.dnsmasq_proc, *self._procs, self.etcd_proc):
+        for proc in (self.node_proc, self.dnsmasq_proc, self.radvd_proc, *self._procs,
+                     self.etcd_proc):
             stop(proc)
         for ns in reversed(self._created_ns):
             # processes we did not start cannot be in a namespace we created,
@@ -208,14 +231,16 @@ class Lab:
             self._ns(ns, "link", "set", "lo", "up")
         self._ns(self.ns, "link", "add", "br0", "type", "bridge", "stp_state", "0",
                  "forward_delay", "0")
-        self._ns(self.ns, "addr", "add", f"{NODE_IP}/24", "dev", "br0")
+        if not self.ipv6_only:
+            self._ns(self.ns, "addr", "add", f"{NODE_IP}/24", "dev", "br0")
         self._ns(self.ns, "addr", "add", f"{NODE_IP6}/64", "dev", "br0", "nodad")
         self._ns(self.ns, "link", "set", "br0", "up")
         # the site DHCP server's leg on the bridge
         self._ns(self.ns, "link", "add", "site0", "type", "veth", "peer", "name", "eth0",
                  "netns", self.site_ns)
         self._ns(self.ns, "link", "set", "site0", "master", "br0", "up")
-        self._ns(self.site_ns, "addr", "add", f"{SITE_DHCP_IP}/24", "dev", "eth0")
+        if not self.ipv6_only:
+            self._ns(self.site_ns, "addr", "add", f"{SITE_DHCP_IP}/24", "dev", "eth0")
         self._ns(self.site_ns, "addr", "add", f"{SITE_IP6}/64", "dev", "eth0", "nodad")
         self._ns(self.site_ns, "link", "set", "eth0", "up")
         # the uplink to the host: etcd and the control plane live there
@@ -225,7 +250,8 @@ class Lab:
         run(["ip", "link", "set", self.host_if, "up"])
         self._ns(self.ns, "addr", "add", f"{self.ns_ip}/30", "dev", "up0")
         self._ns(self.ns, "link", "set", "up0", "up")
-        self.log(f"lab segment {SUBNET}.0/24 on br0 in namespace {self.ns}; "
+        segment = PREFIX6 + " (IPv6 only)" if self.ipv6_only else f"{SUBNET}.0/24"
+        self.log(f"lab segment {segment} on br0 in namespace {self.ns}; "
                  f"uplink {self.host_if} {self.host_ip} <-> {self.ns_ip}")
 
     def _spawn(self, cmd: Sequence[str], logname: str, *, ns: str | None = None,
@@ -255,6 +281,33 @@ class Lab:
         time.sleep(0.3)
         if self.dnsmasq_proc.poll() is not None:
             raise LabError("dnsmasq exited at start:\n" + self._tail("dnsmasq.log"))
+
+    def _radvd(self) -> None:
+        """The site's IPv6 router on an IPv6-only segment: radvd advertising
+        ``PREFIX6`` (on-link, SLAAC) with the managed and other-config flags,
+        so UEFI PXE and iPXE ask DHCPv6 (the node) for their boot files.
+        It routes nowhere: the site namespace has no other link."""
+        conf = self.workdir / "radvd.conf"
+        conf.write_text(
+            "interface eth0 {\n"
+            "    AdvSendAdvert on;\n"
+            "    MinRtrAdvInterval 3;\n"
+            "    MaxRtrAdvInterval 10;\n"
+            "    AdvDefaultLifetime 1800;\n"
+            "    AdvManagedFlag on;\n"
+            "    AdvOtherConfigFlag on;\n"
+            f"    prefix {PREFIX6} {{ AdvOnLink on; AdvAutonomous on; }};\n"
+            "};\n")
+        # radvd wants forwarding on for a router; the namespace has only eth0
+        run(["ip", "netns", "exec", self.site_ns, "sysctl", "-qw",
+             "net.ipv6.conf.all.forwarding=1"])
+        self.radvd_proc = self._spawn([
+            "radvd", "--nodaemon", "--config", str(conf), "--logmethod", "stderr",
+            "--debug", "1", "--pidfile", str(self.workdir / "radvd.pid")],
+            "radvd.log", ns=self.site_ns)
+        time.sleep(0.3)
+        if self.radvd_proc.poll() is not None:
+            raise LabError("radvd exited at start:\n" + self._tail("radvd.log"))
 
     def _etcd(self) -> None:
         if self.etcd_endpoints:
@@ -318,7 +371,7 @@ class Lab:
 
     def node_health(self) -> str | None:
         """The node's /healthz status, fetched from inside the namespace."""
-        done = run(["ip", "netns", "exec", self.ns, "curl", "-fsS", "-m", "2",
+        done = run(["ip", "netns", "exec", self.ns, "curl", "-gfsS", "-m", "2",
                      f"{self.node_url}/healthz"], check=False, timeout=10)
         try:
             return str(json.loads(done.stdout).get("status"))
@@ -358,7 +411,10 @@ class Lab:
         UEFI only: ``secure_boot`` runs OVMF with Secure Boot enforced
         (Microsoft's keys enrolled: only signed loaders run); ``http_boot``
         turns OVMF's PXE off (``opt/org.tianocore/IPv4PXESupport``), so the
-        firmware boots by its own UEFI HTTP boot over IPv4, with no TFTP.
+        firmware boots by its own UEFI HTTP boot over IPv4, with no TFTP.  In an
+        ``ipv6_only`` lab OVMF's PXE over IPv4 is off too (a firmware
+        setting operators of IPv6-only segments turn off: its DHCPv4 would
+        time out for a minute), so a UEFI VM boots by PXE over IPv6.
         """
         if firmware not in ("bios", "uefi"):
             raise ValueError("firmware: bios or uefi")
@@ -397,6 +453,8 @@ class Lab:
                         "-global", "driver=cfi.pflash01,property=secure,value=on"]
             else:
                 cmd += ["-machine", "q35"]
+            if self.ipv6_only and not http_boot:
+                cmd += ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]
             if http_boot:
                 cmd += ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
                         "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",

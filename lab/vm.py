@@ -31,7 +31,7 @@ T = TypeVar("T")
 #: never shows (another firmware's wording) is skipped when a later one does.
 SERIAL_STAGES: tuple[tuple[str, str], ...] = (
     ("firmware", r"SeaBIOS|BdsDxe|UEFI|>>Start PXE"),
-    ("pxe", r"iPXE \(http://ipxe\.org\)|Start PXE over IPv4|Start HTTP Boot over IPv4|PXE-"),
+    ("pxe", r"iPXE \(http://ipxe\.org\)|Start PXE over IPv[46]|Start HTTP Boot over IPv[46]|PXE-"),
     ("ipxe", r"iPXE initialising devices"),
     ("boot-script", r"/boot\.ipxe\.\.\. ok"),
     ("decision", r"^LPMOS \S+: "),

@@ -12,6 +12,7 @@ SYSTEM_PACKAGES=(
   ipxe                           # undionly.kpxe, ipxe.efi, snponly.efi served over TFTP
   qemu-system-x86 ovmf           # the QEMU lab: BIOS (SeaBIOS) and UEFI (OVMF) VMs
   dnsmasq-base                   # the site's DHCP server in the lab; reference in benchmarks
+  radvd                          # the site's IPv6 router on the IPv6-only lab segment (tests/lab/test_lab_ipv6.py)
   tftpd-hpa tftp-hpa atftp curl  # TFTP reference server and real TFTP clients in tests
   busybox udhcpc isc-dhcp-client # real DHCP clients in tests
   iproute2 iptables openssl      # network namespaces, veths, bridges; test certificates
