@@ -51,12 +51,14 @@ BMC_USER = "admin"
 @dataclass
 class FakeRedfish:
     """``sushy-emulator`` with its fake systems driver on a loopback port:
-    one system, powered off, behind HTTP basic auth."""
+    one system per test, powered off, behind HTTP basic auth (a BMC with
+    several systems: each record names its own in ``options.system``)."""
 
     password: str = field(default_factory=lambda: "bmc-secret-" + uuid.uuid4().hex[:12])
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lpmos-fake-rf-")))
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    systems: list[str] = field(default_factory=lambda: [str(uuid.uuid4()) for _ in range(3)])
 
     @property
     def url(self) -> str:
@@ -68,9 +70,10 @@ class FakeRedfish:
         hashed = bcrypt.hashpw(self.password.encode(), bcrypt.gensalt(4)).decode()
         (self.root / "htpasswd").write_text(f"{BMC_USER}:{hashed}\n")
         self.port = free_port()
-        systems = [{"uuid": str(uuid.uuid4()), "name": "console-fake", "power_state": "Off",
+        systems = [{"uuid": ident, "name": f"console-{i}", "power_state": "Off",
                     "external_notifier": False,
-                    "nics": [{"mac": "52:54:00:aa:bb:01", "ip": "192.0.2.9"}]}]
+                    "nics": [{"mac": f"52:54:00:aa:bb:0{i}", "ip": f"192.0.2.{10 + i}"}]}
+                   for i, ident in enumerate(self.systems)]
         (self.root / "sushy.conf").write_text(
             "SUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\n"
             f"SUSHY_EMULATOR_LISTEN_PORT = {self.port}\n"
@@ -90,6 +93,9 @@ class FakeRedfish:
 
         eventually(up, 30, 0.1, what="sushy-emulator (fake driver)")
         return self
+
+    def system(self, i: int) -> str:
+        return f"/redfish/v1/Systems/{self.systems[i]}"
 
     def log(self) -> str:
         return (self.root / "sushy.out").read_text(errors="replace")[-3000:]
@@ -126,12 +132,13 @@ class Plane:
             inventory=inventory, last_seen=time.time()).to_json())
         self.env.context.cache.wait_for_revision(rev, 5)
 
-    def set_bmc(self, sn: str, password: str) -> None:
+    def set_bmc(self, sn: str, password: str, system: str) -> None:
         r = requests.put(f"{self.url}/api/v1/servers/{IDC}/{sn}/bmc", timeout=15,
                          headers=self.env.headers("admin"),
                          json={"driver": "redfish", "address": "127.0.0.1", "port": self.bmc.port,
                                "user": BMC_USER, "password": password,
-                               "options": {"scheme": "http", "verify_tls": False}})
+                               "options": {"scheme": "http", "verify_tls": False,
+                                           "system": system}})
         assert r.status_code == 200, r.text
 
     def audit(self, sn: str) -> list[dict[str, Any]]:
@@ -217,12 +224,13 @@ def test_admin_sets_the_bmc_and_powers_it_and_the_password_is_shown_nowhere(
     page.fill("#bmc-user", BMC_USER)
     page.fill("#bmc-password", plane.bmc.password)
     page.select_option("#bmc-scheme", "http")
+    page.fill("#bmc-system", plane.bmc.system(0))
     page.uncheck("#bmc-verify-tls")
     page.click("#bmc-save")
     page.wait_for_selector('#bmc-has-password[data-set="yes"]')
     status = page.text_content("#power-status")
     assert f"http://127.0.0.1:{plane.bmc.port}" in status and BMC_USER in status
-    assert "set (never shown)" in status
+    assert "set (never shown)" in status and plane.bmc.system(0) in status
     assert page.input_value("#bmc-password") == ""             # write-only
     assert page.get_attribute("#bmc-password", "type") == "password"
     assert sorted(page.eval_on_selector_all("[data-power]", "ns => ns.map(n => n.dataset.power)")) \
@@ -260,7 +268,7 @@ def test_a_viewer_sees_the_record_an_operator_powers_it_neither_sets_it(
         plane: Plane, browser: Any) -> None:  # noqa: F811
     sn = "SN-PWR-ROLES"
     plane.server(sn)
-    plane.set_bmc(sn, plane.bmc.password)
+    plane.set_bmc(sn, plane.bmc.password, plane.bmc.system(1))
     svc = TaskService(plane.env.store, plane.keys)
     stored = svc.create(Task(idc=IDC, sn=sn, mac="52:54:00:aa:bb:01", os_type="Debian 12"),
                         by="operator1")
@@ -320,6 +328,7 @@ def test_bad_input_shows_the_apis_and_the_bmcs_reason_in_the_drawer(
     page.fill("#bmc-port", str(plane.bmc.port))
     page.fill("#bmc-password", wrong)
     page.select_option("#bmc-scheme", "http")
+    page.fill("#bmc-system", plane.bmc.system(2))
     page.click("#bmc-save")
     page.wait_for_selector('#bmc-has-password[data-set="yes"]')
     assert page.is_hidden("#power-error")
@@ -332,8 +341,15 @@ def test_bad_input_shows_the_apis_and_the_bmcs_reason_in_the_drawer(
     assert wrong not in page.content() and "pw-not-kept-1" not in page.content()
     assert [b for b in seen.bodies() if wrong in b] == []
 
-    # the admin clears it: the buttons go, a power request is refused by the API
+    # the admin clears it: the buttons go.  A boot-timeline event rebuilds the
+    # drawer while the confirmation is open: the answer goes to the section shown
     page.click("#bmc-clear")
+    before = page.query_selector("#power-section")
+    assert before is not None
+    plane.env.store.put(plane.keys.timeline(IDC, sn), json.dumps(
+        [{"at": time.time(), "stage": "dhcp", "detail": {"x": "rebuild"}}]).encode())
+    page.wait_for_function("(n) => !n.isConnected", arg=before)
+    page.wait_for_selector("#power-section #bmc-clear")
     page.click("#modal-confirm")
     page.wait_for_function("() => !document.querySelector('[data-power]') && "
                            "document.querySelector('#power-status').textContent"

@@ -4,7 +4,8 @@ approver changes a task's schedule and sees it on the row and in the
 drawer; a bad window shows the API's reason and changes nothing; an
 operator gets neither the form nor the button; Release turns a succeeded
 task into releasing, and with a BMC record its PXE boot and power cycle are
-queued and shown in the drawer's power section."""
+queued and shown in the drawer's power section (and a second power action
+is the API's 409 while it is open)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,20 @@ def test_an_approver_changes_the_schedule_in_the_drawer(console: tuple[WebEnv, s
     stored = env.context.tasks.get(IDC, sn)
     assert stored is not None and stored.task.window == "22:00-04:00"
     assert audit(env, sn) == [("task.schedule", "approver1")]   # once: the refusal wrote nothing
+
+    # approved with a BMC: its PXE + power cycle is queued and waits for the schedule
+    client = env.app.test_client()
+    r = client.put(f"/api/v1/servers/{IDC}/{sn}/bmc", headers=env.headers("admin"),
+                   json={"driver": "ipmi", "address": "192.0.2.51", "user": "root",
+                         "password": "sched-pw-1"})
+    assert r.status_code == 200, r.get_json()
+    r = client.post(f"/api/v1/tasks/{IDC}/{sn}/approve", headers=env.headers("approver"),
+                    json={"notes": "night shift"})
+    assert r.status_code == 200, r.get_json()
+    page.wait_for_selector(f'{row}[data-status="approved"]')
+    page.wait_for_selector('#power-last[data-state="queued"]')
+    note = page.get_attribute("#power-section .schedule-note", "data-schedule")
+    assert note == f"≥ {iso} 22:00-04:00 UTC", note
     assert errors == []
 
 
@@ -116,6 +131,12 @@ def test_release_turns_a_succeeded_task_into_releasing_and_queues_its_power(
     assert "pxe-once+cycle queued" in page.text_content("#power-last")
     stored = env.context.tasks.get(IDC, sn)
     assert stored is not None and stored.task.status == "releasing" and stored.task.attempt == 2
+    # no node runs here, so it stays open: another power action is the API's 409, in the drawer
+    queued = page.get_attribute("#power-last", "data-id")
+    page.click('[data-power="status"]')
+    page.wait_for_selector("#power-error:not(.hidden)")
+    error = page.text_content("#power-error")
+    assert "HTTP 409 busy" in error and f"power request still open: {queued}" in error, error
     # the release and its power request, in one transaction, both the approver's
     assert {("task.release", "approver1"), ("power.request", "approver1")} \
         <= set(audit(env, sn)[:2])

@@ -550,7 +550,7 @@
     const b = data.bmc;
     if (!b) return [[t("bmc.record"), t("bmc.none")], data.inventory_address ? [t("bmc.inventory_address"), data.inventory_address] : null];
     return [[t("bmc.driver"), b.driver], [t("bmc.address"), b.address], [t("bmc.endpoint"), b.endpoint],
-      [t("bmc.user"), b.user],
+      (b.options || {}).system ? [t("bmc.system"), b.options.system] : null, [t("bmc.user"), b.user],
       [t("bmc.password"), el("span", { id: "bmc-has-password", "data-set": b.has_password ? "yes" : "no",
         text: b.has_password ? t("bmc.password_set") : t("bmc.password_unset") })],
       [t("bmc.source"), b.source], [t("bmc.updated"), `${b.updated_by || "—"} · ${fmtTime(b.updated_at)}`]];
@@ -561,6 +561,7 @@
       [t("power.action"), `${r.action} (${(r.steps || []).map((s) => `${s.name}: ${s.state}`).join(", ")})`],
       [t("power.state"), el("span", { class: `badge p-${r.state}`, id: "power-last-state", text: POWER_REQ_STATES[r.state] || r.state })],
       [t("power.asked"), `${r.created_by || "—"} · ${fmtTime(r.created_at)} · ${r.reason || ""}`],
+      r.not_before || r.window ? [t("power.waits_for"), scheduleNote(r)] : null,
       [t("power.node"), r.node || "—"],
       [t("power.read_back"), el("span", { id: "power-read-back", text: r.power_state || "—" })],
       r.boot_override ? [t("power.boot_override"), r.boot_override] : null,
@@ -569,6 +570,9 @@
       r.tries ? [t("power.tries"), r.tries] : null,
       r.finished_at ? [t("power.finished"), fmtTime(r.finished_at)] : null];
   }
+  // the power section on screen: a live update may rebuild the drawer while
+  // an action is in flight, and its answer then goes to the section shown
+  let powerView = null;
   function powerSection(idc, sn) {
     const path = `/api/v1/servers/${encodeURIComponent(idc)}/${encodeURIComponent(sn)}`;
     const seq = drawerSeq;
@@ -576,14 +580,16 @@
     const status = el("div", { id: "power-status" }, el("p", { class: "muted", text: t("common.loading") }));
     const buttons = el("div", { class: "actions", id: "power-actions" });
     const formBox = el("div", { id: "bmc-form-box" });
-    let polls = 0; let timer = null;
+    let polls = 0; let timer = null; let loads = 0;
+    const shown = () => (powerView && powerView.seq === drawerSeq ? powerView : { refresh: () => {}, errorBox });
     async function refresh(rebuildForm) {
       clearTimeout(timer);
+      const load = ++loads;          // only the newest answer is shown
       let bmc; let list;
       try {
         [bmc, list] = await Promise.all([api("GET", `${path}/bmc`), api("GET", `${path}/power?limit=5`)]);
-      } catch (err) { if (seq === drawerSeq) showErrorIn(errorBox, err); return; }
-      if (seq !== drawerSeq) return;
+      } catch (err) { if (seq === drawerSeq && load === loads) showErrorIn(errorBox, err); return; }
+      if (seq !== drawerSeq || load !== loads) return;
       const last = list.items[0] || null;
       clear(status).append(kv(bmcRows(bmc)), kv(powerRequestRows(last)));
       clear(buttons);
@@ -604,12 +610,12 @@
         if (!answer) return;
         reason = answer.notes.trim();
       }
-      hideError(errorBox);
+      hideError(shown().errorBox);
       try {
         await api("POST", `${path}/power`, reason ? { action, reason } : { action });
         toast(t("power.queued", { a: action, t: `${idc}/${sn}` }), "ok");
-      } catch (err) { showErrorIn(errorBox, err); }
-      polls = 0; refresh(false);
+        shown().refresh(false);
+      } catch (err) { showErrorIn(shown().errorBox, err); }
     }
     function bmcForm(data) {
       const b = data.bmc || {};
@@ -627,7 +633,9 @@
       const scheme = el("select", { id: "bmc-scheme" }, ["https", "http"].map((v) => el("option", { value: v, text: v })));
       scheme.value = opts.scheme || "https";
       const verify = el("input", { id: "bmc-verify-tls", type: "checkbox", checked: opts.verify_tls !== false });
-      const redfishOnly = [el("label", {}, t("bmc.scheme"), scheme), el("label", { class: "inline" }, verify, ` ${t("bmc.verify_tls")}`)];
+      const system = el("input", { id: "bmc-system", maxlength: "160", value: opts.system || "", placeholder: t("bmc.system_hint") });
+      const redfishOnly = [el("label", {}, t("bmc.scheme"), scheme), el("label", {}, t("bmc.system"), system),
+        el("label", { class: "inline" }, verify, ` ${t("bmc.verify_tls")}`)];
       const syncDriver = () => redfishOnly.forEach((n) => n.classList.toggle("hidden", driver.value !== "redfish"));
       driver.addEventListener("change", syncDriver); syncDriver();
       const form = el("form", { id: "bmc-form", class: "form-grid" },
@@ -644,13 +652,14 @@
         if (port.value.trim()) body.port = Number(port.value.trim());
         if (password.value) body.password = password.value;
         body.options = driver.value === "redfish" ? { scheme: scheme.value, verify_tls: verify.checked } : {};
-        hideError(errorBox);
+        if (driver.value === "redfish" && system.value.trim()) body.options.system = system.value.trim();
+        hideError(shown().errorBox);
         try {
           await api("PUT", `${path}/bmc`, body);
           password.value = "";
           toast(t("bmc.saved", { t: `${idc}/${sn}` }), "ok");
-          refresh(true);
-        } catch (err) { password.value = ""; showErrorIn(errorBox, err); }
+          shown().refresh(true);
+        } catch (err) { password.value = ""; showErrorIn(shown().errorBox, err); }
       });
       return [el("div", { class: "section", text: t("bmc.form") }), form];
     }
@@ -658,13 +667,14 @@
       const answer = await confirmDialog({ title: t("bmc.clear_title", { t: `${idc}/${sn}` }), warn: t("bmc.clear_warn"),
         withNotes: false, confirmClass: "btn-danger", confirmText: t("bmc.clear") });
       if (!answer) return;
-      hideError(errorBox);
+      hideError(shown().errorBox);
       try {
         await api("DELETE", `${path}/bmc`);
         toast(t("bmc.cleared", { t: `${idc}/${sn}` }), "ok");
-        refresh(true);
-      } catch (err) { showErrorIn(errorBox, err); }
+        shown().refresh(true);
+      } catch (err) { showErrorIn(shown().errorBox, err); }
     }
+    powerView = { seq, errorBox, refresh: (rebuildForm) => { polls = 0; refresh(rebuildForm); } };
     refresh(true);
     return [el("div", { class: "section", text: t("power.section") }),
       el("div", { id: "power-section", "data-idc": idc, "data-sn": sn }, errorBox, status, buttons, formBox)];
