@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import requests
 
-from lpmos.models import Server, Task
+from lpmos.models import ProgressEvent, Server, Task
 from lpmos.store.embedded import free_port
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
@@ -275,10 +275,12 @@ def test_a_viewer_sees_the_record_an_operator_powers_it_neither_sets_it(
     plane.env.context.cache.wait_for_revision(stored.revision, 5)
     row = f'#tasks-body tr[data-key="{IDC}/{sn}"]'
 
-    viewer = login(browser, plane.url, "viewer1")
+    viewer = login(browser, plane.url, "viewer1", locale="zh-CN")
     viewer.click(row)
     viewer.wait_for_selector('#power-status #bmc-has-password[data-set="yes"]')
     assert "redfish" in viewer.text_content("#power-status")
+    assert "BMC 与电源" in viewer.text_content("#drawer-body")
+    assert "已设置" in viewer.text_content("#bmc-has-password")
     assert viewer.locator("[data-power]").count() == 0
     assert viewer.locator("#bmc-form, #bmc-clear").count() == 0
 
@@ -359,3 +361,39 @@ def test_bad_input_shows_the_apis_and_the_bmcs_reason_in_the_drawer(
     # the refused PUT wrote nothing, so it is not in the audit either
     assert actions == ["bmc.delete", "power.failed", "power.request", "bmc.set"], actions
     assert seen.errors == []
+
+
+def test_what_an_admin_types_survives_live_updates_of_the_task_drawer(
+        plane: Plane, browser: Any) -> None:  # noqa: F811
+    sn = "SN-PWR-DRAFT"
+    plane.server(sn)
+    svc = TaskService(plane.env.store, plane.keys)
+    svc.create(Task(idc=IDC, sn=sn, mac="52:54:00:aa:bb:01", os_type="Debian 12"),
+               by="operator1")
+    svc.transition(IDC, sn, "approved", by="approver1")
+    stored = svc.transition(IDC, sn, "booting", by="node-a")
+    plane.env.context.cache.wait_for_revision(stored.revision, 5)
+    page = login(browser, plane.url, "admin1")
+    page.click(f'#tasks-body tr[data-key="{IDC}/{sn}"]')
+    page.wait_for_selector("#bmc-form")
+    page.select_option("#bmc-driver", "ipmi")
+    page.fill("#bmc-address", "192.0.2.77")
+    page.fill("#bmc-user", "ADMIN")
+    page.fill("#bmc-password", "draft-pw-1")
+    before = page.query_selector("#power-section")
+    svc.apply_events(IDC, sn, [ProgressEvent("agent", 1, step="partitioning", percent=3.0,
+                                             message="draft test")])
+    page.wait_for_function("(n) => !n.isConnected", arg=before)      # the drawer was rebuilt
+    page.wait_for_selector("#bmc-form")
+    assert page.input_value("#bmc-driver") == "ipmi"
+    assert page.input_value("#bmc-address") == "192.0.2.77"
+    assert page.input_value("#bmc-user") == "ADMIN"
+    assert page.input_value("#bmc-password") == "draft-pw-1"
+    assert page.is_hidden("#bmc-scheme")                            # Redfish only
+    assert "draft-pw-1" not in page.content()          # a value typed, never an attribute
+    # closing the drawer forgets the draft; nothing was saved
+    page.click("#drawer-close")
+    page.click(f'#tasks-body tr[data-key="{IDC}/{sn}"]')
+    page.wait_for_selector("#bmc-form")
+    assert page.input_value("#bmc-address") == "" and page.input_value("#bmc-password") == ""
+    assert plane.env.store.get(plane.keys.bmc(IDC, sn)) is None

@@ -573,6 +573,10 @@
   // the power section on screen: a live update may rebuild the drawer while
   // an action is in flight, and its answer then goes to the section shown
   let powerView = null;
+  // what an admin typed into the BMC form and has not saved: a live update
+  // rebuilds the drawer (the task drawer on every progress event), and the
+  // form comes back as it was; forgotten on save, clear or closing the drawer
+  let bmcDraft = null;
   function powerSection(idc, sn) {
     const path = `/api/v1/servers/${encodeURIComponent(idc)}/${encodeURIComponent(sn)}`;
     const seq = drawerSeq;
@@ -636,6 +640,16 @@
       const system = el("input", { id: "bmc-system", maxlength: "160", value: opts.system || "", placeholder: t("bmc.system_hint") });
       const redfishOnly = [el("label", {}, t("bmc.scheme"), scheme), el("label", {}, t("bmc.system"), system),
         el("label", { class: "inline" }, verify, ` ${t("bmc.verify_tls")}`)];
+      const fields = { driver, address, port, user, password, scheme, system };
+      if (bmcDraft && bmcDraft.key === `${idc}/${sn}`) {
+        for (const [name, node] of Object.entries(fields)) node.value = bmcDraft.values[name];
+        verify.checked = bmcDraft.values.verify;
+      } else bmcDraft = null;
+      const keepDraft = () => {
+        const values = { verify: verify.checked };
+        for (const [name, node] of Object.entries(fields)) values[name] = node.value;
+        bmcDraft = { key: `${idc}/${sn}`, values };
+      };
       const syncDriver = () => redfishOnly.forEach((n) => n.classList.toggle("hidden", driver.value !== "redfish"));
       driver.addEventListener("change", syncDriver); syncDriver();
       const form = el("form", { id: "bmc-form", class: "form-grid" },
@@ -645,6 +659,8 @@
         el("div", { class: "actions wide" },
           el("button", { class: "btn btn-sm btn-primary", type: "submit", id: "bmc-save", text: t("bmc.save") }),
           data.bmc ? el("button", { class: "btn btn-sm btn-danger", type: "button", id: "bmc-clear", onclick: () => forget(), text: t("bmc.clear") }) : null));
+      form.addEventListener("input", keepDraft);
+      form.addEventListener("change", keepDraft);
       form.addEventListener("submit", async (ev) => {
         ev.preventDefault();
         const body = { driver: driver.value, user: user.value.trim() };
@@ -656,10 +672,13 @@
         hideError(shown().errorBox);
         try {
           await api("PUT", `${path}/bmc`, body);
-          password.value = "";
+          password.value = ""; bmcDraft = null;
           toast(t("bmc.saved", { t: `${idc}/${sn}` }), "ok");
           shown().refresh(true);
-        } catch (err) { password.value = ""; showErrorIn(shown().errorBox, err); }
+        } catch (err) {
+          password.value = ""; if (bmcDraft) bmcDraft.values.password = "";
+          showErrorIn(shown().errorBox, err);
+        }
       });
       return [el("div", { class: "section", text: t("bmc.form") }), form];
     }
@@ -670,6 +689,7 @@
       hideError(shown().errorBox);
       try {
         await api("DELETE", `${path}/bmc`);
+        bmcDraft = null;
         toast(t("bmc.cleared", { t: `${idc}/${sn}` }), "ok");
         shown().refresh(true);
       } catch (err) { showErrorIn(shown().errorBox, err); }
@@ -1297,7 +1317,7 @@
     document.getElementById("who-user").textContent = ME.user;
     document.getElementById("who-role").textContent = ME.role;
     document.getElementById("drawer-close").addEventListener("click", () => {
-      document.getElementById("drawer").classList.add("hidden"); state.drawer = null; drawerSeq++;
+      document.getElementById("drawer").classList.add("hidden"); state.drawer = null; drawerSeq++; bmcDraft = null;
     });
     document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") document.getElementById("drawer-close").click(); });
     for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => switchView(tab.dataset.view));
