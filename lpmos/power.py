@@ -33,6 +33,7 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -405,6 +406,28 @@ def decide_claim(req: PowerRequest, now: float, *, claim_ttl: float = CLAIM_TTL,
                                      f"{', or its window closed' if req.window else ''}); not "
                                      "carried out late")
     return ClaimDecision("claim")
+
+
+def coming_cycle(requests: Iterable[PowerRequest], attempt: int, now: float, *,
+                 queue_ttl: float = QUEUE_TTL) -> PowerRequest | None:
+    """The request queued for a task's ``attempt`` (an approval's or a
+    release's) that is yet to power-cycle the machine, or ``None``.
+
+    An agent already running on the machine must not start that attempt's
+    install or wipe while one is coming: the cycle would cut it off
+    moments later (the approval queues it in the same transaction as the
+    move the agent sees).  The machine's next boot, from the network,
+    carries the attempt out instead.  A request past its time
+    (:func:`decide_claim` says ``fail``), or whose cycle is done or failed,
+    is not coming.  Pure."""
+    for req in requests:
+        if req.final or req.task_attempt != attempt:
+            continue
+        if not any(s.name == "cycle" and s.state in ("pending", "running") for s in req.steps):
+            continue
+        if decide_claim(req, now, queue_ttl=queue_ttl).what != "fail":
+            return req
+    return None
 
 
 def claim(req: PowerRequest, node: str, now: float) -> None:

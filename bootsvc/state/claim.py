@@ -41,6 +41,7 @@ from typing import Literal
 from bootsvc.policy.claim import decide_claim, decide_release
 from bootsvc.state.tokens import MachineTokens
 from lpmos.models import Server, Task, ValidationError, now
+from lpmos.power import PowerRequest, coming_cycle
 from lpmos.store import Compare, Conflict, KeyValue, Op, Put, Store, StoreError
 from lpmos.store.keys import Keys
 from lpmos.tasks import apply_transition
@@ -99,6 +100,11 @@ def claim_install(
     if not decision.install:
         return Outcome(False, decision.reason, task, server, kv.mod_revision,
                        etcd_requests=requests)
+    if renew == "keep" and not continuing:
+        requests += 1
+        why = _cycle_coming(store, keys, task, "install")
+        if why:
+            return Outcome(False, why, task, server, kv.mod_revision, etcd_requests=requests)
     ops: list[Op] = []
     if decision.move is not None:
         apply_transition(task, decision.move)
@@ -151,6 +157,28 @@ def _fresh_read(store: Store, keys: Keys, idc: str, sn: str, what: str
     return kv, server_kv, task, server
 
 
+def _cycle_coming(store: Store, keys: Keys, task: Task, what: str) -> str:
+    """Why an agent already running may not start ``task``'s attempt now
+    (``""``: it may): a power cycle queued for the attempt is still to come
+    (:func:`lpmos.power.coming_cycle`), read fresh; fails closed when etcd
+    does not answer."""
+    try:
+        items = store.range(keys.power_requests(task.idc, task.sn)).items
+    except StoreError as exc:
+        return f"etcd unavailable for the {what} claim ({type(exc).__name__})"
+    requests = []
+    for item in items:
+        try:
+            requests.append(PowerRequest.from_json(item.value))
+        except ValidationError:
+            continue
+    coming = coming_cycle(requests, task.attempt, now())
+    if coming is None:
+        return ""
+    return (f"the BMC is to power-cycle the machine into PXE for attempt {task.attempt} "
+            f"({coming.id}, {coming.state}); the {what} starts from that boot")
+
+
 def _flag_conflict(store: Store, server_key: str, server: Server, server_kv: KeyValue,
                    conflict: str) -> int:
     """Mark the server record with ``conflict``, conditional on the revision
@@ -192,6 +220,9 @@ def claim_release(store: Store, keys: Keys, *, idc: str, sn: str, node: str) -> 
     decision = decide_release(task, server, node=node)
     if not decision.install:
         return Outcome(False, decision.reason, task, server, kv.mod_revision, etcd_requests=2)
+    why = _cycle_coming(store, keys, task, "wipe") if task.claimed_by != node else ""
+    if why:
+        return Outcome(False, why, task, server, kv.mod_revision, etcd_requests=3)
     if task.claimed_by == node:
         return Outcome(True, decision.reason, task, server, kv.mod_revision, etcd_requests=2)
     task.served_by(node)

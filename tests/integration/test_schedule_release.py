@@ -17,7 +17,7 @@ import pytest
 
 from bootsvc.state.claim import claim_release
 from lpmos.models import ProgressEvent
-from lpmos.power import PowerRequest, decide_claim
+from lpmos.power import PowerRequest, decide_claim, finish
 from lpmos.schedule import parse_not_before
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
@@ -178,6 +178,16 @@ def test_release_wipes_through_the_agent_and_ends_released(env: WebEnv, etcd_sto
     [req] = _requests(etcd_store, keys, sn)
     assert req.action == "provision" and req.task_attempt == 2 and body["power_request"] == req.id
     assert decide_claim(req, time.time()).what == "claim"       # a release is not scheduled
+    # an agent already running there does not start a wipe that the BMC's coming
+    # power cycle would cut off: the machine's next boot, from the network, wipes
+    early = claim_release(etcd_store, keys, idc="dc1", sn=sn, node="n1")
+    assert not early.install and early.reason == (
+        f"the BMC is to power-cycle the machine into PXE for attempt 2 ({req.id}, queued); "
+        "the wipe starts from that boot")
+    for step in req.steps:
+        step.state = "done"
+    finish(req, time.time())
+    etcd_store.put(keys.power_request("dc1", sn, req.id), req.to_json())
     # the node confirms with a fresh read + CAS before its agent wipes anything
     first = claim_release(etcd_store, keys, idc="dc1", sn=sn, node="n1")
     assert first.install and first.task is not None and first.task.claimed_by == "n1"

@@ -22,6 +22,7 @@ from lpmos.power import (
     BmcSecret,
     PowerRequest,
     claim,
+    coming_cycle,
     decide_claim,
     finish,
     new_request,
@@ -280,6 +281,43 @@ def test_final_requests_are_left_alone_and_claims_reset_a_begun_idempotent_step(
     ok.steps[0].state = "done"
     finish(ok, NOW + 1)
     assert ok.state == "done" and next_step(ok) is None
+
+
+def _done(req: PowerRequest) -> PowerRequest:
+    for step in req.steps:
+        step.state = "done"
+    finish(req, NOW)
+    return req
+
+
+def _cycled(req: PowerRequest) -> PowerRequest:
+    for step in req.steps:
+        step.state = "done"
+    return req
+
+
+#: (requests of the machine, the task's attempt, now, the one still coming or None)
+COMING = [
+    ([], 1, NOW, None),
+    ([_req()], 1, NOW, 0),                                 # queued by the approval
+    ([_claimed("cycle")], 1, NOW, 0),                      # a node is cycling it now
+    ([_claimed()], 1, NOW, 0),                             # claimed, PXE not set yet
+    ([_req()], 2, NOW, None),                              # another attempt's
+    ([_req("pxe-once")], 1, NOW, None),                    # no cycle in it
+    ([_req("on")], 1, NOW, None),
+    ([_done(_req())], 1, NOW, None),                       # done: the machine was cycled
+    ([_cycled(_claimed())], 1, NOW, None),                 # cycled, result not yet written
+    ([_req()], 1, NOW + QUEUE_TTL + 5, None),              # nobody took it: it never will
+    ([_scheduled(NOW + HOUR)], 1, NOW, 0),                 # waiting for its schedule
+    ([_done(_req()), _req(at=NOW + 1)], 1, NOW + 2, 1),
+]
+
+
+@pytest.mark.parametrize(("requests_", "attempt", "now", "index"), COMING)
+def test_a_coming_cycle_is_one_of_the_attempt_still_to_power_cycle(
+        requests_: list[PowerRequest], attempt: int, now: float, index: int | None) -> None:
+    found = coming_cycle(requests_, attempt, now)
+    assert found is (None if index is None else requests_[index])
 
 
 def test_retry_delays_grow_to_a_cap_with_jitter() -> None:
