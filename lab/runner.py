@@ -152,6 +152,7 @@ class Lab:
         self.python = python
         self.memory_mb = memory_mb
         self.vms: list[VM] = []
+        self._taps = 0
         self._procs: list[subprocess.Popen[bytes]] = []
         self._created_ns: list[str] = []
         self._old_handlers: dict[int, Any] = {}
@@ -350,10 +351,10 @@ class Lab:
             time.sleep(0.3)
         self.log(f"regional node up at {self.node_url} (from the host via {self.ns_ip})")
 
-    def api_tokens(self, prefix: str = "/os") -> dict[str, str]:
-        """An API token each for a lab operator and a lab approver (users
-        ``lab-operator`` and ``lab-approver``, created in the lab's etcd):
-        ``{"operator": token, "approver": token}``."""
+    def api_tokens(self, prefix: str = "/os",
+                   roles: Sequence[str] = ("operator", "approver")) -> dict[str, str]:
+        """An API token for each of ``roles`` (users ``lab-<role>``, created
+        in the lab's etcd): ``{role: token}``."""
         from lpmos.auth import Auth
         from lpmos.store.etcd import EtcdStore
         from lpmos.store.keys import Keys
@@ -362,7 +363,7 @@ class Lab:
         try:
             auth = Auth(store, Keys(prefix))
             tokens = {}
-            for role in ("operator", "approver"):
+            for role in roles:
                 auth.put_user(f"lab-{role}", role, f"{role}-password-1")
                 tokens[role] = auth.create_token(f"lab-{role}")[0]
             return tokens
@@ -394,6 +395,21 @@ class Lab:
 
     # -- VMs -------------------------------------------------------------------------------------
 
+    def add_tap(self, *, user: int | None = None) -> str:
+        """A new tap on the lab's bridge (removed with the namespace); its
+        name.  ``user``: the uid that may open it without privileges (a
+        session libvirtd's QEMU, :mod:`tests.power_lab`)."""
+        tap = f"tap{self._taps}"
+        self._taps += 1
+        owner = ["user", str(user)] if user is not None else []
+        self._ns(self.ns, "tuntap", "add", "dev", tap, "mode", "tap", *owner)
+        self._ns(self.ns, "link", "set", tap, "master", "br0", "up")
+        return tap
+
+    def mac(self, index: int) -> str:
+        """The lab's MAC number ``index`` (1..255): unique to this lab's owner."""
+        return f"52:54:00:77:{(self.owner >> 8) & 0xff:02x}:{index & 0xff:02x}"
+
     def boot_vm(self, name: str, *, firmware: str = "bios", serial: str | None = None,
                 disk_gb: int = 2, memory_mb: int | None = None,
                 disk_first: bool | None = None, secure_boot: bool = False,
@@ -424,15 +440,13 @@ class Lab:
             disk_first = firmware == "uefi"
         net_index, disk_index = (2, 1) if disk_first else (1, 2)
         n = len(self.vms)
-        mac = f"52:54:00:77:{(self.owner >> 8) & 0xff:02x}:{(n + 1) & 0xff:02x}"
+        mac = self.mac(n + 1)
         serial = serial or f"LAB-{firmware.upper()}-{n + 1:02d}"
         vm_uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{self.lab_id}.{name}.lpmos.lab"))
         vmdir = self.workdir / "vms" / name
         vmdir.mkdir(parents=True, exist_ok=True)
         vm = VM(name, firmware, mac, serial, vm_uuid, vmdir)
-        tap = f"tap{n}"
-        self._ns(self.ns, "tuntap", "add", "dev", tap, "mode", "tap")
-        self._ns(self.ns, "link", "set", tap, "master", "br0", "up")
+        tap = self.add_tap()
         disk = vmdir / "disk.img"
         with disk.open("wb") as fh:
             fh.truncate(disk_gb << 30)

@@ -92,6 +92,8 @@ class VM:
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
+    #: where in serial.log this timeline starts (see :meth:`next_timeline`)
+    console_offset: int = 0
     events: list[StageEvent] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
@@ -140,6 +142,21 @@ class VM:
             time.sleep(interval)
         raise LabError(f"{self.name}: {what} did not happen within {timeout:.0f} s\n"
                        f"{self.describe()}")
+
+    def next_timeline(self) -> VM:
+        """The same machine with a new timeline that reads its console from
+        the current end on, for its next boot (a redeploy's stages are those
+        of a first install again); this one stops watching.  For machines
+        whose console outlives one start (a libvirt domain's serial file)."""
+        self.stop_watching()
+        try:
+            offset = self.serial_log.stat().st_size
+        except OSError:
+            offset = 0
+        follow = VM(self.name, self.firmware, self.mac, self.serial, self.uuid, self.workdir,
+                    proc=self.proc, started=time.monotonic(), console_offset=offset)
+        follow.watch_console()
+        return follow
 
     def timeline(self) -> str:
         with self._lock:
@@ -196,7 +213,7 @@ class VM:
     def _watch(self) -> None:
         """Follow serial.log from its start and mark each stage of
         :data:`SERIAL_STAGES` at the first line that shows it."""
-        offset = 0
+        offset = self.console_offset
         buffer = ""
         index = 0
         patterns = [(name, re.compile(rx)) for name, rx in SERIAL_STAGES]
@@ -220,11 +237,15 @@ class VM:
             else:
                 time.sleep(0.2)
 
+    def stop_watching(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
+
     def stop(self) -> None:
         self._stop.set()
         stop_process(self.proc, grace=5.0)
-        if self._watcher is not None:
-            self._watcher.join(5)
+        self.stop_watching()
 
 
 def qmp_call(path: Path, commands: Sequence[dict[str, Any]], *,

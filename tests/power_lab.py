@@ -19,6 +19,24 @@ BMCs are child processes) and every domain is destroyed and undefined in
 :meth:`PowerLab.close`.  Domains are ``<domain type='qemu'>`` (TCG), 32 MiB,
 no disk, one user-mode e1000 NIC (sushy-tools refuses a PXE boot source for a
 domain without a NIC).
+
+For machines that really network-boot (``tests/lab/test_lab_bmc.py``) the
+lab runs inside a :class:`lab.runner.Lab` segment: ``PowerLab(netns=...,
+bmc_address=...)`` starts libvirtd in the lab's network namespace, so its
+QEMU processes are there too, and :meth:`PowerLab.define` with a
+:class:`Machine` gives the domain a raw disk, a virtio NIC on a tap of the
+lab's bridge (``<interface type='ethernet'>`` on a tap created for the lab
+user, ``managed='no'``), an SMBIOS serial number and its serial console in
+a file.  An unprivileged libvirtd opens that tap through ``/dev/net/tun``,
+which is root's alone on this machine (no udev rule makes it 0666): libvirtd
+gets a private ``/dev/net`` (a tmpfs holding a ``tun`` node owned by the lab
+user) in the mount namespace ``ip netns exec`` already gives it, so nothing
+on the host changes.  The emulators listen on ``bmc_address`` (the host end
+of the lab's uplink, which the regional node in the namespace reaches: its
+BMC network) and reach libvirtd by its Unix socket, which no network
+namespace divides.  :meth:`PowerLab.watch_events` records libvirt's own
+timestamped domain events (``virsh event``): when a BMC started, reset or
+stopped a machine, seen from the hypervisor rather than from our node.
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +54,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import requests
@@ -85,6 +105,39 @@ DOMAIN_XML = """<domain type='qemu'>
 """
 
 
+#: a domain that network-boots on a lab segment (:class:`Machine`): SeaBIOS
+#: on the serial console (``useserial``), the virtio NIC's iPXE ROM (QEMU's
+#: default, as the QEMU lab's BIOS VMs), and the boot order of
+#: :attr:`Machine.boot` (libvirt makes it strict: a device left out is not
+#: booted, nor even given to the BIOS as a drive)
+MACHINE_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>{memory_mb}</memory>
+  <vcpu>1</vcpu>
+  <sysinfo type='smbios'>
+    <system><entry name='manufacturer'>LPMOS</entry><entry name='product'>lab-vm</entry>
+      <entry name='serial'>{serial}</entry></system>
+  </sysinfo>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{boot}<smbios mode='sysinfo'/>
+    <bios useserial='yes'/></os>
+  <on_reboot>restart</on_reboot>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='raw' cache='unsafe'/>
+      <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
+    <interface type='ethernet'><mac address='{mac}'/><target dev='{tap}' managed='no'/>
+      <model type='virtio'/></interface>
+    <serial type='file'><source path='{serial_log}' append='on'/><target port='0'/></serial>
+  </devices>
+</domain>
+"""
+
+#: ``2026-12-04 18:41:06.602+0000: event 'reboot' for domain 'x'`` (virsh event --timestamp)
+_EVENT_RE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+[+-]\d{4}): event '([a-z-]+)' "
+                       r"for domain '([^']+)'(?:: (.*))?")
+
+
 class LabUnavailable(RuntimeError):
     """libvirtd or an emulator cannot run here; the message says why."""
 
@@ -117,11 +170,53 @@ def _wait(fn: object, timeout: float, what: str) -> None:
     raise LabUnavailable(f"{what} not up within {timeout:g} s")
 
 
+@dataclass(frozen=True)
+class Machine:
+    """What a domain that network-boots has (see :data:`MACHINE_XML`): a tap
+    of the lab's bridge (owned by :data:`LAB_USER`), its MAC, a raw disk of
+    ``disk_gb`` GiB and the SMBIOS serial number; files live in ``workdir``."""
+
+    tap: str
+    mac: str
+    serial: str
+    workdir: Path
+    disk_gb: int = 2
+    memory_mb: int = 1024
+    #: the boot order.  ``("hd",)``: the disk alone, so a blank disk boots
+    #: nothing and only a BMC's PXE override (sushy-tools puts the NIC first
+    #: and keeps the disk after it) reaches the network, as on a machine
+    #: whose disk holds an OS.  virtualbmc cannot serve that: it makes a
+    #: one-time PXE boot permanent and the network the only device, which a
+    #: started domain then keeps, so that its disk is gone for good; behind
+    #: it a machine boots ``("network", "hd")``, as many BIOS servers do, and
+    #: its reset (IPMI's power cycle of a machine that is on) keeps that order.
+    boot: tuple[str, ...] = ("hd",)
+
+    @property
+    def disk(self) -> Path:
+        return self.workdir / "disk.img"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.workdir / "serial.log"
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """One libvirt domain event: when (epoch seconds, libvirt's clock), the
+    kind (``lifecycle``, ``reboot``...) and its detail (``Started Booted``)."""
+
+    at: float
+    kind: str
+    detail: str
+
+
 @dataclass
 class Domain:
     name: str
     uuid: str
     ipmi_port: int = 0
+    machine: Machine | None = None
 
 
 @dataclass
@@ -134,6 +229,10 @@ class PowerLab:
     domains: list[Domain] = field(default_factory=list)
     sushy_port: int = 0
     vbmc_port: int = 0
+    #: the network namespace libvirtd (and so every domain) runs in; "": the host's
+    netns: str = ""
+    #: where sushy-emulator and the vbmc BMCs listen
+    bmc_address: str = "127.0.0.1"
 
     # -- where things are
     @property
@@ -146,7 +245,7 @@ class PowerLab:
 
     @property
     def redfish_url(self) -> str:
-        return f"http://127.0.0.1:{self.sushy_port}"
+        return f"http://{self.bmc_address}:{self.sushy_port}"
 
     def _lab_env(self) -> dict[str, str]:
         home = self.root / "home"
@@ -184,10 +283,12 @@ class PowerLab:
                   "--clear-groups"]
         for daemon in ("virtlogd", "libvirtd"):
             pid_file = self.runtime / f"{daemon}.pid"
+            cmd = [*as_lab, daemon, "-d", "--pid-file", str(pid_file)]
+            if daemon == "libvirtd" and self.netns:
+                cmd = self._in_netns(cmd, entry.pw_uid, entry.pw_gid)
             log = (self.root / f"{daemon}.out").open("wb")
             with log:
-                done = subprocess.run([*as_lab, daemon, "-d", "--pid-file", str(pid_file)],
-                                      env=self._lab_env(), stdout=log, stderr=log,
+                done = subprocess.run(cmd, env=self._lab_env(), stdout=log, stderr=log,
                                       cwd=self.root, timeout=30, check=False)
             if done.returncode != 0:
                 raise LabUnavailable(f"{daemon} did not start (exit {done.returncode}): "
@@ -197,6 +298,15 @@ class PowerLab:
             self.pids[daemon] = int(pid_file.read_text().strip())
         _wait(lambda: self.virsh("version").returncode == 0, 30, "libvirtd")
 
+    def _in_netns(self, cmd: list[str], uid: int, gid: int) -> list[str]:
+        """``cmd`` in the lab's network namespace with a private ``/dev/net``
+        whose ``tun`` the lab user may open (see the module docstring): the
+        mounts stay in the mount namespace ``ip netns exec`` makes."""
+        script = ("mount -t tmpfs -o mode=755,size=64k lpmos-tun /dev/net && "
+                  "mknod -m 600 /dev/net/tun c 10 200 && "
+                  f"chown {uid}:{gid} /dev/net/tun && exec \"$@\"")
+        return ["ip", "netns", "exec", self.netns, "sh", "-c", script, "sh", *cmd]
+
     def _start_sushy(self) -> None:
         import bcrypt
 
@@ -204,7 +314,7 @@ class PowerLab:
         (self.root / "htpasswd").write_text(f"{self.user}:{hashed}\n")
         self.sushy_port = free_port()
         (self.root / "sushy.conf").write_text(
-            f"SUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\n"
+            f"SUSHY_EMULATOR_LISTEN_IP = '{self.bmc_address}'\n"
             f"SUSHY_EMULATOR_LISTEN_PORT = {self.sushy_port}\n"
             f"SUSHY_EMULATOR_AUTH_FILE = '{self.root / 'htpasswd'}'\n"
             f"SUSHY_EMULATOR_LIBVIRT_URI = '{self.uri}'\n")
@@ -242,10 +352,16 @@ class PowerLab:
         return subprocess.run([str(VENV_BIN / "vbmc"), *args], capture_output=True, text=True,
                               env=self._vbmc_env(), timeout=30, check=False)
 
-    def define(self, *, ipmi: bool = False) -> Domain:
-        dom = Domain(f"lpmos-pw-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()))
+    def define(self, *, ipmi: bool = False, machine: Machine | None = None) -> Domain:
+        """A new domain, off; ``ipmi``: with a vbmc BMC of its own.  With a
+        ``machine`` it has a disk and a NIC on the machine's tap (created
+        here, sparse and owned by the lab user)."""
+        dom = Domain(f"lpmos-pw-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()), machine=machine)
         xml = self.root / f"{dom.name}.xml"
-        xml.write_text(DOMAIN_XML.format(name=dom.name, uuid=dom.uuid))
+        if machine is None:
+            xml.write_text(DOMAIN_XML.format(name=dom.name, uuid=dom.uuid))
+        else:
+            xml.write_text(self._machine_xml(dom, machine))
         done = self.virsh("define", str(xml))
         if done.returncode != 0:
             raise LabUnavailable(f"virsh define: {done.stderr.strip()}")
@@ -253,12 +369,46 @@ class PowerLab:
         if ipmi:
             dom.ipmi_port = free_udp_port()
             for args in (("add", dom.name, "--port", str(dom.ipmi_port), "--address",
-                          "127.0.0.1", "--username", self.user, "--password", self.password,
+                          self.bmc_address, "--username", self.user, "--password", self.password,
                           "--libvirt-uri", self.uri), ("start", dom.name)):
                 done = self.vbmc(*args)
                 if done.returncode != 0:
                     raise LabUnavailable(f"vbmc {args[0]}: {done.stderr.strip()[-300:]}")
         return dom
+
+    def _machine_xml(self, dom: Domain, machine: Machine) -> str:
+        entry = pwd.getpwnam(LAB_USER)
+        machine.workdir.mkdir(parents=True, exist_ok=True)
+        with machine.disk.open("wb") as fh:
+            fh.truncate(machine.disk_gb << 30)
+        machine.serial_log.touch()
+        for path in (machine.workdir, machine.disk, machine.serial_log):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        return MACHINE_XML.format(name=dom.name, uuid=dom.uuid, memory_mb=machine.memory_mb,
+                                  serial=machine.serial, disk=machine.disk, mac=machine.mac,
+                                  tap=machine.tap, serial_log=machine.serial_log,
+                                  boot="".join(f"<boot dev='{d}'/>" for d in machine.boot))
+
+    # -- what libvirt saw
+    def watch_events(self) -> None:
+        """Record every domain event with libvirt's timestamp from now on
+        (``virsh event --all --loop --timestamp``; read by :meth:`events`)."""
+        self._spawn("events", ["virsh", "-c", self.uri, "event", "--all", "--loop",
+                               "--timestamp"])
+
+    def events(self, dom: Domain) -> list[DomainEvent]:
+        """``dom``'s events recorded so far, oldest first."""
+        try:
+            text = (self.root / "events.out").read_text(errors="replace")
+        except OSError:
+            return []
+        out = []
+        for line in text.splitlines():
+            m = _EVENT_RE.fullmatch(line.strip())
+            if m and m.group(3) == dom.name:
+                at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f%z").timestamp()
+                out.append(DomainEvent(at, m.group(2), m.group(4) or ""))
+        return out
 
     def state(self, dom: Domain) -> str:
         return self.virsh("domstate", dom.name).stdout.strip()
@@ -289,7 +439,7 @@ class PowerLab:
             with contextlib.suppress(Exception):
                 self.virsh("undefine", dom.name, timeout=15)
         self.domains.clear()
-        for name in ("vbmcd", "sushy"):
+        for name in ("events", "vbmcd", "sushy"):
             proc = self.procs.pop(name, None)
             if proc is None:
                 continue
