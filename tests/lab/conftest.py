@@ -3,6 +3,8 @@ and the root check every lab test needs."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from images import build
+from images.common import BUILD
 
 
 def require_lab_host() -> None:
@@ -21,13 +24,25 @@ def require_lab_host() -> None:
             pytest.fail(f"{tool} missing: run 'scripts/setup.sh system'")
 
 
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """One image build at a time on this checkout: two pytest processes (two
+    xdist workers, or a run beside another) would otherwise build into the
+    same cache at once; the second waits, then finds the stamps fresh."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    with (BUILD / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def lab_images() -> Iterator[dict[str, Path]]:
     """Build (or reuse) the live image and the lab-os disk image."""
     require_lab_host()
     try:
-        live = build.build_live()
-        lab_os = build.build_lab_os()
+        with _build_lock():
+            live = build.build_live()
+            lab_os = build.build_lab_os()
     except build.BuildError as exc:
         pytest.fail(f"image build failed: {exc}")
     yield {"live": live, "lab-os": lab_os}
@@ -43,9 +58,11 @@ def arm64_images() -> Iterator[dict[str, Path]]:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} missing: run 'scripts/setup.sh system'")
     try:
-        yield build.build_arm64()
+        with _build_lock():
+            images = build.build_arm64()
     except build.BuildError as exc:
         pytest.fail(f"arm64 image build failed: {exc}")
+    yield images
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +70,7 @@ def cloud_image() -> Path:
     """Build (or reuse) the real Debian 12 cloud image (raw, qcow2, raw.zst)."""
     require_lab_host()
     try:
-        return build.build_debian_cloud()
+        with _build_lock():
+            return build.build_debian_cloud()
     except build.BuildError as exc:
         pytest.fail(f"Debian cloud image build failed: {exc}")
