@@ -17,6 +17,8 @@ import requests
 from test_boot_http_support import IDC, Node, eventually, start_node, write_catalog
 
 from lpmos.models import Task
+from lpmos.power import finish, new_request
+from lpmos.store import Put
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
 from lpmos.tasks import TaskService
@@ -474,6 +476,32 @@ def test_agent_register_poll_install_events_firstboot(node: Node, tasks: TaskSer
                        json={"event": "firstboot", "status": "succeeded", "message": "up"})
     assert fb.status_code == 200 and fb.json()["task_status"] == "succeeded"
     assert tasks.get(IDC, sn).task.status == "succeeded"  # type: ignore[union-attr]
+
+
+def test_a_running_agent_waits_for_the_power_cycle_its_approval_queued(
+        node: Node, tasks: TaskService, keys: Keys) -> None:
+    """An approval with a BMC queues PXE + a power cycle in the same
+    transaction; the agent already running in discovery does not start the
+    install that cycle would cut off.  Once the cycle is done (or failed) an
+    agent's poll claims as before."""
+    info = register(node).json()
+    sn, token = info["sn"], info["token"]
+    new_task(tasks, sn=sn)
+    req = new_request(IDC, sn, "provision", by="bob", now=time.time(), task_attempt=1)
+    key = keys.power_request(IDC, sn, req.id)
+    tasks.transition(IDC, sn, "approved", by="bob", extra=lambda _t: [Put(key, req.to_json())])
+    synced(node, sn, "approved")
+    url = f"{node.url}/agent/v1/task"
+    answer = requests.get(url, params={"sn": sn}, headers=auth(token), timeout=10).json()
+    assert answer["action"] == "wait" and answer["install"] is None, answer
+    assert tasks.get(IDC, sn).task.status == "approved"  # type: ignore[union-attr]
+    for step in req.steps:
+        step.state = "done"
+    finish(req, time.time())
+    tasks.store.put(key, req.to_json())
+    answer = requests.get(url, params={"sn": sn}, headers=auth(token), timeout=10).json()
+    assert answer["action"] == "install", answer
+    assert tasks.get(IDC, sn).task.status == "booting"  # type: ignore[union-attr]
 
 
 def test_events_are_validated_and_bounded(node: Node, tasks: TaskService) -> None:

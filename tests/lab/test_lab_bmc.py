@@ -49,7 +49,7 @@ from tests.lab.conftest import require_lab_host
 from tests.lab.flow import BUDGET, api, create_and_approve, discover, watch_install
 from tests.power_lab import LAB_USER, Domain, LabUnavailable, Machine, PowerLab
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(1200)]
 
 #: seconds from the IPMI machine's approval to its not_before
 SCHEDULE_AHEAD = 15.0
