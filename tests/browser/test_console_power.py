@@ -244,6 +244,9 @@ def test_admin_sets_the_bmc_and_powers_it_and_the_password_is_shown_nowhere(
     wait_last(page, "done", after=first)
     status = page.text_content("#power-status")
     assert "pxe-once: done" in status and "Pxe" in status      # the boot override read back
+    history = page.locator("#power-history tr")                # the one before it
+    assert history.count() == 1 and history.get_attribute("data-id") == first
+    assert "power status done on node pwc1: power off" in history.text_content()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "server-power.png"), full_page=True)
 
@@ -296,6 +299,8 @@ def test_a_viewer_sees_the_record_an_operator_powers_it_neither_sets_it(
     wait_last(operator, "done")
     status = operator.text_content("#power-status")
     assert "operator1" in status and "hung kernel, ticket 81" in status and NODE in status
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    operator.screenshot(path=str(SCREENSHOTS / "task-power.png"))
     audit = [a for a in plane.audit(sn) if a["action"] == "power.request"]
     assert [(a["actor"], a["detail"]) for a in audit] == [("operator1", "hung kernel, ticket 81")]
     # the API keeps its rule whatever the page shows: an operator cannot set a BMC

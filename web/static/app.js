@@ -577,6 +577,14 @@
   // rebuilds the drawer (the task drawer on every progress event), and the
   // form comes back as it was; forgotten on save, clear or closing the drawer
   let bmcDraft = null;
+  function powerHistory(items) {
+    if (!items.length) return null;
+    return [el("div", { class: "muted", text: t("power.earlier") }),
+      el("table", { id: "power-history" }, el("tbody", {}, items.map((r) => el("tr", { "data-id": r.id, "data-state": r.state },
+        el("td", { class: "muted", text: fmtTime(r.created_at) }), el("td", { text: r.created_by || "—" }),
+        el("td", {}, el("span", { class: `badge p-${r.state}`, text: POWER_REQ_STATES[r.state] || r.state })),
+        el("td", { text: r.describe })))))];
+  }
   function powerSection(idc, sn) {
     const path = `/api/v1/servers/${encodeURIComponent(idc)}/${encodeURIComponent(sn)}`;
     const seq = drawerSeq;
@@ -595,7 +603,7 @@
       } catch (err) { if (seq === drawerSeq && load === loads) showErrorIn(errorBox, err); return; }
       if (seq !== drawerSeq || load !== loads) return;
       const last = list.items[0] || null;
-      clear(status).append(kv(bmcRows(bmc)), kv(powerRequestRows(last)));
+      appendAll(clear(status), kv(bmcRows(bmc)), kv(powerRequestRows(last)), powerHistory(list.items.slice(1)));
       clear(buttons);
       if (can("operator") && bmc.bmc) {
         for (const [action, label] of POWER_ACTIONS) {
