@@ -152,6 +152,17 @@ def missing_tools() -> list[str]:
     return [name for name, path in need.items() if not path or not Path(path).exists()]
 
 
+def lpmos_cli(url: str, token: str, *args: str, stdin: str | None = None,
+              ) -> subprocess.CompletedProcess[str]:
+    """``lpmos ARGS --url URL --token TOKEN`` as an operator types it, with
+    no profile or ``LPMOS_*`` setting of this environment in the way."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LPMOS_")}
+    env["LPMOS_CLIENT_CONFIG"] = "/nonexistent/lpmos-profiles.toml"
+    return subprocess.run([sys.executable, "-m", "lpmos", *args, "--url", url, "--token", token],
+                          input=stdin, capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -12,10 +12,8 @@ fields outside the schema (the only fake, for that one reply).
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,7 +29,7 @@ from lpmos.store import range_all
 from lpmos.store.embedded import free_port
 from lpmos.store.etcd import EtcdStore
 from lpmos.store.keys import Keys
-from tests.power_lab import LabUnavailable, PowerLab
+from tests.power_lab import LabUnavailable, PowerLab, lpmos_cli
 from tests.reliability.support import Regional, eventually
 from web.testing import LiveServer, WebEnv
 
@@ -185,11 +183,7 @@ def test_redfish_on_pxe_once_off_drive_the_libvirt_domain(lab: PowerLab, plane: 
 
 def cli(plane: Plane, role: str, *args: str, stdin: str | None = None,
         ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LPMOS_")}
-    env["LPMOS_CLIENT_CONFIG"] = "/nonexistent/lpmos-profiles.toml"
-    return subprocess.run([sys.executable, "-m", "lpmos", *args, "--url", plane.url,
-                           "--token", plane.env.tokens[role]], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=120, check=False)
+    return lpmos_cli(plane.url, plane.env.tokens[role], *args, stdin=stdin)
 
 
 @pytest.mark.slow

@@ -29,11 +29,9 @@ reset and stop the BMCs caused, from the hypervisor's side.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import pwd
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,7 +45,7 @@ from lpmos.schedule import iso_time
 from lpmos.store.embedded import free_port
 from tests.lab.conftest import require_lab_host
 from tests.lab.flow import BUDGET, api, create_and_approve, discover, watch_install
-from tests.power_lab import LAB_USER, Domain, LabUnavailable, Machine, PowerLab
+from tests.power_lab import LAB_USER, Domain, LabUnavailable, Machine, PowerLab, lpmos_cli
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(1200)]
 
@@ -111,11 +109,7 @@ class Bench:
 
     def cli(self, role: str, *args: str, stdin: str | None = None) -> str:
         """``lpmos ARGS`` as an operator types it; its standard output."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LPMOS_")}
-        env["LPMOS_CLIENT_CONFIG"] = "/nonexistent/lpmos-profiles.toml"
-        done = subprocess.run([sys.executable, "-m", "lpmos", *args, "--url", self.cp,
-                               "--token", self.tokens[role]], input=stdin, capture_output=True,
-                              text=True, env=env, timeout=120, check=False)
+        done = lpmos_cli(self.cp, self.tokens[role], *args, stdin=stdin)
         assert done.returncode == 0, (args, done.stdout, done.stderr)
         return done.stdout
 
