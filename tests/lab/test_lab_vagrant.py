@@ -223,7 +223,10 @@ def test_the_docs_vagrant_procedure_installs_a_bios_and_a_uefi_vm(
     started = time.monotonic()
     vms = _serial_watchers(tmp_path, started)
     log = tmp_path / "procedure.log"
-    proc = _bash("\n".join(blocks), env, log)
+    # the blocks as they are; between them only a line saying when each began
+    script = "\n".join(f'echo "== block {i} at $SECONDS s"\n{block}'
+                       for i, block in enumerate(blocks, 1))
+    proc = _bash(script + 'echo "== done at $SECONDS s"\n', env, log)
     port67: set[str] = set()
     try:
         while proc.poll() is None and time.monotonic() - started < PROCEDURE_TIMEOUT:
@@ -236,7 +239,9 @@ def test_the_docs_vagrant_procedure_installs_a_bios_and_a_uefi_vm(
             _destroy(env)
         for vm in vms:
             vm.stop()
-        print(f"\nvagrant lab: {time.monotonic() - started:.0f} s in all")
+        print(f"\nvagrant lab: {time.monotonic() - started:.0f} s in all; "
+              + ", ".join(re.findall(r"^== (.*)$", log.read_text(errors="replace"),
+                                     re.MULTILINE)))
         for vm in vms:
             print(vm.timeline())
     out = log.read_text(errors="replace")
