@@ -77,6 +77,9 @@ class PowerSettings:
     scan_interval: float = 2.0     # look again at claims and queued requests
     claim_ttl: float = CLAIM_TTL
     queue_ttl: float = QUEUE_TTL
+    #: after the steps, how long to wait for the BMC to report the state they
+    #: lead to (a BMC applies a power change a few seconds later)
+    settle: float = 15.0
 
     @classmethod
     def from_config(cls, config: Any) -> PowerSettings:
@@ -429,15 +432,44 @@ class PowerWorker:
                     raise BmcError("interrupted", "the node is stopping") from None
 
     def _read_back(self, req: PowerRequest, driver: Driver, where: Where, end: float) -> None:
-        """The power state (and the boot override) as the BMC says now; a
-        failure here does not fail a request whose steps were done."""
-        try:
-            req.power_state = str(self._call(driver.power_state, where, end))
-            if any(s.name == "pxe-once" for s in req.steps):
-                req.boot_override = str(self._call(driver.boot_override, where, end))
-        except BmcError as exc:
-            req.power_state = req.power_state or "unknown"
-            log.info("power: %s/%s read-back failed: %s", req.idc, req.sn, exc.reason)
+        read_back(req, driver, lambda fn: self._call(fn, where, end),
+                  until=min(end - 0.5, time.monotonic() + self.settings.settle),
+                  stop=self._stop)
+
+
+def read_back(req: PowerRequest, driver: Driver, call: Callable[[Callable[[], Any]], Any], *,
+              until: float, stop: threading.Event) -> None:
+    """The power state (and the boot override) as the BMC says once it has
+    applied the steps: polled every second until it is the state they lead
+    to or the monotonic time ``until`` (a BMC applies a power change a few
+    seconds later; the first answer after a cycle is often still "off").  A
+    failure here does not fail a request whose steps were done."""
+    want = settled_state(req)
+    try:
+        while True:
+            req.power_state = str(call(driver.power_state))
+            left = until - time.monotonic()
+            if want is None or req.power_state == want or left <= 0 or stop.wait(min(1.0, left)):
+                break
+        if want is not None and req.power_state != want:
+            log.info("power: %s/%s still reports power %s, expected %s", req.idc, req.sn,
+                     req.power_state, want)
+        if any(s.name == "pxe-once" for s in req.steps):
+            req.boot_override = str(call(driver.boot_override))
+    except BmcError as exc:
+        req.power_state = req.power_state or "unknown"
+        log.info("power: %s/%s read-back failed: %s", req.idc, req.sn, exc.reason)
+
+
+def settled_state(req: PowerRequest) -> str | None:
+    """The power state the request's last power step leads to (``on`` after
+    on, cycle and reset; ``off`` after off), or None when it has none."""
+    for step in reversed(req.steps):
+        if step.name == "off":
+            return "off"
+        if step.name in ("on", "cycle", "reset"):
+            return "on"
+    return None
 
 
 def _run_step(driver: Driver, name: str, req: PowerRequest) -> None:
