@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lab.arm64 import arm64_vm_command
 from lab.client import http_json
 from lab.process import LabError, run, stop
 from lab.vm import VM
@@ -413,8 +414,12 @@ class Lab:
     def boot_vm(self, name: str, *, firmware: str = "bios", serial: str | None = None,
                 disk_gb: int = 2, memory_mb: int | None = None,
                 disk_first: bool | None = None, secure_boot: bool = False,
-                http_boot: bool = False) -> VM:
+                http_boot: bool = False, arch: str = "x86_64") -> VM:
         """Start one VM that network-boots; returns at once (see VM.wait_for).
+
+        ``arch="arm64"``: a UEFI arm64 machine (``qemu-system-aarch64 -M
+        virt``, AAVMF, no NIC ROM: :func:`lab.arm64.arm64_command`), whose
+        firmware PXE-boots what the node offers arm64 clients.
 
         Boot order: BIOS VMs try the network first and leave to the disk when
         the node says so (iPXE ``sanboot``).  UEFI VMs try the disk first
@@ -436,12 +441,16 @@ class Lab:
             raise ValueError("firmware: bios or uefi")
         if (secure_boot or http_boot) and firmware != "uefi":
             raise ValueError("secure_boot and http_boot need firmware='uefi'")
+        if arch not in ("x86_64", "arm64"):
+            raise ValueError("arch: x86_64 or arm64")
+        if arch == "arm64" and (firmware != "uefi" or secure_boot or http_boot):
+            raise ValueError("an arm64 VM is firmware='uefi', PXE, without Secure Boot")
         if disk_first is None:
             disk_first = firmware == "uefi"
         net_index, disk_index = (2, 1) if disk_first else (1, 2)
         n = len(self.vms)
         mac = self.mac(n + 1)
-        serial = serial or f"LAB-{firmware.upper()}-{n + 1:02d}"
+        serial = serial or f"LAB-{'ARM64' if arch == 'arm64' else firmware.upper()}-{n + 1:02d}"
         vm_uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{self.lab_id}.{name}.lpmos.lab"))
         vmdir = self.workdir / "vms" / name
         vmdir.mkdir(parents=True, exist_ok=True)
@@ -450,6 +459,10 @@ class Lab:
         disk = vmdir / "disk.img"
         with disk.open("wb") as fh:
             fh.truncate(disk_gb << 30)
+        if arch == "arm64":
+            return self._start_vm(vm, arm64_vm_command(
+                vm, tap=tap, disk=disk, workdir=vmdir, memory_mb=memory_mb or self.memory_mb,
+                disk_index=disk_index, net_index=net_index), "arm64 UEFI (AAVMF)")
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-name", name, "-m",
                str(memory_mb or self.memory_mb), "-smp", "1", "-nographic",
                "-monitor", "none", "-serial", f"file:{vm.serial_log}",
@@ -484,12 +497,16 @@ class Lab:
             # (An explicit romfile= path silently loads no ROM with this QEMU.)
             cmd += ["-machine", "pc",
                     "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex={net_index}"]
+        how = " Secure Boot" * secure_boot + " HTTP boot" * http_boot
+        return self._start_vm(vm, cmd, f"{firmware}{how}")
+
+    def _start_vm(self, vm: VM, cmd: list[str], how: str) -> VM:
+        """Start QEMU for ``vm`` in the lab's namespace and its console watcher."""
         vm.started = time.monotonic()
-        vm.proc = self._spawn(cmd, f"vms/{name}/qemu.log", ns=self.ns)
+        vm.proc = self._spawn(cmd, f"vms/{vm.name}/qemu.log", ns=self.ns)
         vm.watch_console()
         self.vms.append(vm)
-        how = " Secure Boot" * secure_boot + " HTTP boot" * http_boot
-        self.log(f"VM {name}: {firmware}{how}, serial {serial}, MAC {mac}, "
+        self.log(f"VM {vm.name}: {how}, serial {vm.serial}, MAC {vm.mac}, "
                  f"console {vm.serial_log}")
         return vm
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from lab.arm64 import boot_arm64_vm
 from lab.runner import VM, Lab, control_plane
 from lpmos.catalog import arch_family
 from lpmos.store.embedded import free_port
@@ -79,7 +78,7 @@ def test_arm64_vm_boots_grub_registers_and_installs_lab_os(arm64_images: dict[st
             tokens = lab.api_tokens()
             operator, approver = tokens["operator"], tokens["approver"]
             with control_plane(lab, port=free_port()) as cp:
-                vm = boot_arm64_vm(lab, "arm64-1")
+                vm = lab.boot_vm("arm64-1", firmware="uefi", arch="arm64")
                 discover(vm, cp, operator)
                 status, body = api(cp, "GET", f"/api/v1/servers/dc1/{vm.serial}", operator)
                 assert status == 200, body
