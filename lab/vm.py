@@ -191,7 +191,7 @@ class VM:
         status = replies[0].get("return", {})
         regs = str(replies[1].get("return", ""))
         words = regs.split()
-        ip = next((w for w in words if w.startswith(("RIP=", "EIP="))), "IP=?")
+        ip = next((w for w in words if w.startswith(("RIP=", "EIP=", "PC="))), "IP=?")
         hlt = next((w for w in words if w.startswith("HLT=")), "HLT=?")
         return (f"QEMU: status {status.get('status', '?')}, running {status.get('running')}, "
                 f"CPU0 {ip} {hlt}")
