@@ -32,8 +32,9 @@ SETTINGS: tuple[Setting, ...] = (
             "this node's IPv6 address that TFTP boot file URLs name (default: the first "
             "global address of the interface)", metavar="ADDR"),
     Setting("dhcp6.advertise_url", "--dhcp6-advertise-url", None, parse_optional_url,
-            "boot HTTP over IPv6 for iPXE and UEFI HTTP boot (default: "
-            "http://[ADDRESS]:HTTP_PORT)", metavar="URL"),
+            "boot HTTP over IPv6: the base of every URL a machine that comes over IPv6 "
+            "gets (DHCPv6 boot file, scripts, kernel line, install spec; default: "
+            "http://[ADDRESS]:HTTP_PORT with --dhcp6-mode)", metavar="URL"),
     Setting("dhcp6.range", "--dhcp6-range", None, parse_range6,
             "full mode: the addresses to hand out, FIRST-LAST such as fd00::1:100-fd00::1:1ff",
             metavar="A-B"),
