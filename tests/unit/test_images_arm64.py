@@ -3,6 +3,7 @@ that keep arm64 caches apart from x86 ones, the arm64 QEMU command."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,24 @@ def test_arm64_qemu_command_boots_aavmf_pxe_without_an_x86_rom(tmp_path: Path) -
     assert "romfile=," in nic and "mac=52:54:00:a6:00:01" in nic and "bootindex=2" in nic
     assert any(a.startswith("virtio-blk-pci") and "bootindex=1" in a for a in cmd)
     assert "serial=SN-1" in cmd[cmd.index("-smbios") + 1]
+
+
+def test_unpacking_a_deb_keeps_the_merged_usr_links(tmp_path: Path) -> None:
+    """A package that ships /bin/x lands in usr/bin/x of a merged-/usr root,
+    and ``bin`` stays a link (``dpkg-deb -x`` would make it a directory)."""
+    pkg = tmp_path / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text(
+        "Package: lpmos-test\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\n"
+        "Description: test\n")
+    (pkg / "bin").mkdir()
+    (pkg / "bin" / "hello").write_text("#!/bin/sh\n")
+    deb = tmp_path / "t.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(pkg), str(deb)], check=True,
+                   capture_output=True)
+    root = tmp_path / "root"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "bin").symlink_to("usr/bin")
+    debian.unpack_deb_into_root(deb, root)
+    assert (root / "bin").is_symlink()
+    assert (root / "usr" / "bin" / "hello").read_text() == "#!/bin/sh\n"
