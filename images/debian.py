@@ -4,7 +4,6 @@ packages of another architecture from the mirror's verified index."""
 
 from __future__ import annotations
 
-import hashlib
 import lzma
 import os
 import re
@@ -14,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from images.common import ARCH, CACHE, SUITE, BuildError, log, run
+from images.common import ARCH, CACHE, SUITE, BuildError, log, run, sha256_file
 
 
 def debian_mirror() -> str:
@@ -130,14 +129,6 @@ def _download(url: str, dest: Path) -> None:
     tmp.rename(dest)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def parse_release_sha256(text: str, name: str) -> tuple[str, int]:
     """(sha256, size) of ``name`` in a Release file's SHA256 section."""
     section = text.partition("\nSHA256:\n")[2]
@@ -182,7 +173,7 @@ def foreign_index(arch: str) -> dict[str, dict[str, str]]:
         want, _size = parse_release_sha256(release.read_text(), name)
         tmp = cache / "Packages.xz.new"
         _download(f"{mirror}/dists/{SUITE}/{name}", tmp)
-        if _sha256(tmp) != want:
+        if sha256_file(tmp) != want:
             tmp.unlink()
             raise BuildError(f"{name} from {mirror} does not match its InRelease sha256")
         tmp.rename(packages)
@@ -208,7 +199,7 @@ def fetch_foreign_deb(package: str, arch: str) -> tuple[Path, str]:
         log(f"downloading {package} {record['Version']} ({arch})")
         tmp = path.with_name(path.name + ".new")
         _download(f"{debian_mirror()}/{record['Filename']}", tmp)
-        if _sha256(tmp) != record["SHA256"]:
+        if sha256_file(tmp) != record["SHA256"]:
             tmp.unlink()
             raise BuildError(f"{path.name}: sha256 does not match the {arch} index")
         tmp.rename(path)
