@@ -35,6 +35,7 @@ from bootsvc.http.common import JSON_TYPE, HttpError, error_body, is_sn, request
 from bootsvc.http.longpoll import TaskChangeWaits
 from bootsvc.http.script_query import BadScriptPath, ScriptQuery, parse_script_query
 from bootsvc.http.settings import HttpSettings
+from bootsvc.netif import plain_address
 from bootsvc.policy.machine import MachineView
 from bootsvc.policy.script import (
     CLAIM,
@@ -199,7 +200,7 @@ class BootBackend:
         the IPv6 one (:attr:`NodeContext.advertise_url6`) for a client that
         came over IPv6, so its script, agent, image and callback URLs stay on
         the family it booted with; else the IPv4 one."""
-        if self.ctx.advertise_url6 and remote_addr and ":" in remote_addr:
+        if self.ctx.advertise_url6 and remote_addr and ":" in plain_address(remote_addr):
             return self.ctx.advertise_url6
         return self.ctx.advertise_url
 

@@ -99,7 +99,8 @@ class TftpService:
             return None
         machine = GRUB_MACHINE_RE.fullmatch(name)
         if machine is not None:
-            return self._grub_machine(boot, f"{machine.group(1)}.cfg", client[0])
+            return self._grub_machine(boot, f"{machine.group(1)}.cfg",
+                                      plain_address(client[0]))
         image = IMAGE_FILE_RE.fullmatch(name)
         if image is not None:
             found = boot.boot_file(image.group(1), image.group(2))
