@@ -365,8 +365,9 @@ class PowerLab:
 
     def define(self, *, ipmi: bool = False, machine: Machine | None = None) -> Domain:
         """A new domain, off; ``ipmi``: with a vbmc BMC of its own.  With a
-        ``machine`` it has a disk and a NIC on the machine's tap (created
-        here, sparse and owned by the lab user)."""
+        ``machine`` it has a disk (created here, sparse, owned by the lab
+        user) and a NIC on the machine's tap (the caller's:
+        :meth:`lab.runner.Lab.add_tap`)."""
         dom = Domain(f"lpmos-pw-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()), machine=machine)
         xml = self.root / f"{dom.name}.xml"
         if machine is None:

@@ -12,7 +12,9 @@ libvirtd in the lab's namespace).  Only the product's API and CLI are used:
   with an OS does): BMC record set; PXE once and power on (it is off, and
   its blank disk would boot nothing); the live image registers
   it (discovery); a task is created and approved, and the node's power
-  worker sets PXE and power-cycles it; it installs the lab OS, reboots to
+  worker sets PXE and power-cycles it (the discovery boot's agent waits for
+  that cycle rather than start an install it would cut off); it installs
+  the lab OS from the network boot after the cycle, reboots to
   its disk and calls back; redeploy: a new attempt installs again, the
   history kept; release: the agent wipes the disk, the node has the BMC
   power it off, and the disk image holds no partition table or signature.
@@ -199,9 +201,11 @@ def redfish_flow(b: Bench, dom: Domain, vm: VM, phases: list[VM]) -> dict[str, A
     first = watch_install(vm, b.cp, b.operator)
     assert first["task"]["attempt"] == 1 and first["percents"]
     # the discovery boot's agent did not start the install the cycle would cut off:
-    # it came from the network boot after the cycle
+    # the install was claimed (approved -> booting) after the cycle, by the network boot
     assert lifecycle(power, dom, approved_at)[:2] == ["Stopped Destroyed", "Started"], \
         lifecycle(power, dom)
+    claimed = next(h["at"] for h in first["task"]["history"] if h["to_status"] == "booting")
+    assert claimed > cycle["steps"][1]["at"], (claimed, cycle["steps"])
     assert "PTTYPE=\"gpt\"" in disk_signatures(dom.machine.disk)  # type: ignore[union-attr]
 
     # redeploy: a new attempt that installs again
