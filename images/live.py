@@ -264,9 +264,9 @@ def stage_foreign_rootfs(arch: str) -> tuple[Path, str]:
         return out, key
     if os.geteuid() != 0:
         raise BuildError("building the live image's root file system needs root (debootstrap)")
-    runner = target_command(out, arch)          # fail early without the emulator
     shutil.rmtree(out, ignore_errors=True)
     tmp = CACHE / f"live-rootfs-{arch}.tmp"
+    runner = target_command(tmp, arch)          # fails early without the emulator
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     log(f"debootstrap --foreign {SUITE} {arch} from {mirror}")
@@ -274,7 +274,7 @@ def stage_foreign_rootfs(arch: str) -> tuple[Path, str]:
     run(["debootstrap", "--foreign", "--variant=minbase", f"--arch={arch}",
          "--include=" + ",".join(LIVE_PACKAGES), SUITE, str(tmp), mirror],
         capture_output=True)
-    finish_foreign_root(tmp, [runner[0], "-L", str(tmp)])
+    finish_foreign_root(tmp, runner)
     log(f"debootstrap --foreign done in {time.monotonic() - started:.0f} s")
     tmp.rename(out)
     write_stamp(out, key)
