@@ -466,11 +466,12 @@ class PowerLab:
         for name in ("libvirtd", "virtlogd"):
             pid = self.pids.pop(name, 0)
             if pid:
-                _kill_pid(pid)
+                kill_pid(pid)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _kill_pid(pid: int, timeout: float = 10.0) -> None:
+def kill_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM to ``pid`` (one we started), SIGKILL after ``timeout``."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout

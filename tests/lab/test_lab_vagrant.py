@@ -27,7 +27,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from lab.process import stop
 from lab.vm import VM
 from lpmos.store.embedded import free_port
 from tests.lab.conftest import require_lab_host
+from tests.power_lab import kill_pid
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "lab.md"
@@ -130,16 +130,7 @@ def _kill_pidfile(path: Path) -> None:
         pid = int(path.read_text().strip())
     except (OSError, ValueError):
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    kill_pid(pid)
 
 
 @pytest.fixture(scope="module")
