@@ -233,6 +233,9 @@ class Dhcp6Service:
             dest = (addr[0], self.settings.client_port, 0, addr[3] if len(addr) > 3 else 0)
         assert proto.transport is not None
         proto.transport.sendto(payload, dest)
+        also = self._leased_elsewhere(client, relay, port, str(addr[0]))
+        if also is not None:
+            proto.transport.sendto(payload, (also, dest[1], 0, 0))
         kind = dhcp6.MESSAGE_NAMES.get(decision.msg_type, "?")
         self.metrics.inc("dhcp6_answers_total", type=kind)
         if self.timeline is not None and decision.boot is not None:
@@ -248,6 +251,25 @@ class Dhcp6Service:
                 self.timeline.record(mac or client_key(client), "dhcp6", detail)
             except Exception:     # the sink must never break the loop
                 log.exception("dhcp6: timeline sink failed")
+
+    def _leased_elsewhere(self, client: dhcp6.Dhcp6Message, relay: Any, port: int,
+                          source: str) -> str | None:
+        """The address full mode leased to a client whose port-4011 REQUEST came
+        from another of its addresses, else ``None``.  EDK2 reads the REPLY to
+        its BINL REQUEST on its leased address only (``PxeBcDhcp6Discover``:
+        ``UdpRead`` with that destination), while the REQUEST may leave from its
+        SLAAC address: the REPLY goes to both."""
+        if self.pool is None or relay is not None or port != self.settings.proxy_port:
+            return None
+        # the REQUEST carries no IA_NA (EDK2 drops it): the lease of its DUID, any IAID
+        prefix = (client.client_id or b"").hex() + "-"
+        if prefix == "-":
+            return None
+        for key in [k for k in self.pool.by_mac if k.startswith(prefix)][:4]:
+            lease = self.pool.lease_of(key)
+            if lease is not None and lease.ip != source:
+                return str(lease.ip)
+        return None
 
     def decide(self, msg: dhcp6.Dhcp6Message, port: int) -> Any:
         policy = self.settings.policy

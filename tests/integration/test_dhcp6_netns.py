@@ -229,6 +229,27 @@ def test_full_mode_with_dhclient_bad_input_and_a_relay(segment: Segment, etcd_se
         assert options(reply)[dhcp6.OPT_BOOTFILE_URL] == b"tftp://[fd00:77::1]/ipxe.efi"
         assert dhcp6.OPT_IA_NA not in options(reply)         # the address came at 547
         assert sources == [SERVER_ADDR]
+        # that REQUEST came from an address that is not the client's lease (OVMF sends
+        # it from its SLAAC address but reads the REPLY on its leased one only): the
+        # REPLY goes to the leased address as well
+        ia = options(inner)[dhcp6.OPT_IA_NA]
+        leased = socket.inet_ntop(socket.AF_INET6, options(ia, 12)[dhcp6.OPT_IAADDR][:16])
+        sh("ip", "-n", segment.ns, "addr", "add", f"{leased}/64", "dev", segment.client_if,
+           "nodad")
+        code = (
+            "import socket,sys\n"
+            "def sock(a):\n"
+            "  s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
+            "  s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            "  s.bind((a,4011)); s.settimeout(3); return s\n"
+            f"src,lease=sock('fd00:77::2'),sock('{leased}')\n"
+            f"src.sendto(bytes.fromhex(sys.argv[1]),('{SERVER_ADDR}',4011))\n"
+            "print(src.recv(4096).hex(), lease.recv(4096).hex())\n")
+        both = sh("ip", "netns", "exec", segment.ns, sys.executable, "-c", code,
+                  binl.hex()).stdout.split()
+        assert len(both) == 2 and both[0] == both[1], both
+        assert options(bytes.fromhex(both[1]))[dhcp6.OPT_BOOTFILE_URL] == \
+            b"tftp://[fd00:77::1]/ipxe.efi"
     finally:
         stats = server.stop()
     for reason in bad:
