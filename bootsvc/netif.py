@@ -20,6 +20,11 @@ def plain_address(address: str) -> str:
     return address
 
 
+def url_host(host: str) -> str:
+    """``host`` as it goes into a URL: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def read_interface_address(name: str) -> str | None:
     """The IPv4 address of a network interface (SIOCGIFADDR), or ``None``."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from bootsvc.context import MemoryTimeline, NodeContext
 from bootsvc.http.settings import HttpSettings
-from bootsvc.netif import default_server_ip
+from bootsvc.netif import default_server_ip, url_host
 from bootsvc.policy.bootfile import FAMILIES, GRUB_LOADERS
 from bootsvc.policy.reaping import Timeouts
 from bootsvc.state.machines import MachineIndex
@@ -186,7 +186,8 @@ class RegionalNode:
         machines = MachineIndex(cache, keys, idc)
         server_ip = default_server_ip(config)
         http_port = HttpSettings.from_config(config).port or HttpSettings().port
-        advertise = config["regional.advertise_url"] or f"http://{server_ip}:{http_port}"
+        advertise = (config["regional.advertise_url"]
+                     or f"http://{url_host(server_ip)}:{http_port}")
         for line in grub_warnings(config):
             log.warning("%s", line)
         self.ctx = NodeContext(
@@ -201,6 +202,11 @@ class RegionalNode:
             from bootsvc.dhcp6.service import advertise6
 
             self.ctx.advertise_url6 = advertise6(config)[2]
+            if not self.ctx.advertise_url6:
+                log.warning("dhcp6: the interface has no global IPv6 address yet and no "
+                            "--dhcp6-address or --dhcp6-advertise-url is set: machines that "
+                            "boot over IPv6 get the IPv4 URL %s; set --dhcp6-advertise-url",
+                            advertise)
         self.services: list[str] = list(config["regional.services"])
         self._async: list[AsyncService] = []
         self._http: Any = None

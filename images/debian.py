@@ -152,6 +152,24 @@ def parse_packages(text: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def verified_release(release: Path, where: str) -> str:
+    """The text of ``release`` (an InRelease file) that its signature by the
+    archive keyring covers.  The hashes must come from this, never from the
+    file as downloaded: gpgv also passes a file with unsigned text around
+    the signed block, which could carry a forged SHA256 list."""
+    signed = release.with_name(release.name + ".verified")
+    signed.unlink(missing_ok=True)
+    done = subprocess.run(["gpgv", "--keyring", str(ARCHIVE_KEYRING), "--output", str(signed),
+                           str(release)], capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not signed.exists():
+        raise BuildError(f"{where}: bad signature (debian-archive-keyring installed?)\n"
+                         f"{done.stderr[-500:]}")
+    try:
+        return signed.read_text()
+    finally:
+        signed.unlink()
+
+
 def foreign_index(arch: str) -> dict[str, dict[str, str]]:
     """The main component's Packages index of ``arch`` for SUITE, verified
     (InRelease signed by the archive keyring, Packages.xz by its sha256) and
@@ -164,13 +182,9 @@ def foreign_index(arch: str) -> dict[str, dict[str, str]]:
         mirror = debian_mirror()
         release = cache / f"InRelease-{SUITE}"
         _download(f"{mirror}/dists/{SUITE}/InRelease", release)
-        done = subprocess.run(["gpgv", "--keyring", str(ARCHIVE_KEYRING), str(release)],
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise BuildError(f"{mirror}/dists/{SUITE}/InRelease: bad signature "
-                             f"(debian-archive-keyring installed?)\n{done.stderr[-500:]}")
+        signed = verified_release(release, f"{mirror}/dists/{SUITE}/InRelease")
         name = f"main/binary-{arch}/Packages.xz"
-        want, _size = parse_release_sha256(release.read_text(), name)
+        want, _size = parse_release_sha256(signed, name)
         tmp = cache / "Packages.xz.new"
         _download(f"{mirror}/dists/{SUITE}/{name}", tmp)
         if sha256_file(tmp) != want:

@@ -408,6 +408,12 @@ def decide_claim(req: PowerRequest, now: float, *, claim_ttl: float = CLAIM_TTL,
     return ClaimDecision("claim")
 
 
+#: seconds after a BMC accepted a power cycle during which an agent still
+#: running may be cut off by it: a BMC reports "done" (and often "on") before
+#: the machine has reset
+CYCLE_SETTLE = 30.0
+
+
 def coming_cycle(requests: Iterable[PowerRequest], attempt: int, now: float, *,
                  queue_ttl: float = QUEUE_TTL) -> PowerRequest | None:
     """The request queued for a task's ``attempt`` (an approval's or a
@@ -417,13 +423,17 @@ def coming_cycle(requests: Iterable[PowerRequest], attempt: int, now: float, *,
     install or wipe while one is coming: the cycle would cut it off
     moments later (the approval queues it in the same transaction as the
     move the agent sees).  The machine's next boot, from the network,
-    carries the attempt out instead.  A request past its time
-    (:func:`decide_claim` says ``fail``), or whose cycle is done or failed,
-    is not coming.  Pure."""
+    carries the attempt out instead.  A cycle the BMC accepted less than
+    :data:`CYCLE_SETTLE` seconds ago is still coming.  A request past its
+    time (:func:`decide_claim` says ``fail``), or whose cycle failed or was
+    done before that, is not coming.  Pure."""
     for req in requests:
-        if req.final or req.task_attempt != attempt:
+        if req.task_attempt != attempt:
             continue
-        if not any(s.name == "cycle" and s.state in ("pending", "running") for s in req.steps):
+        cycles = [s for s in req.steps if s.name == "cycle"]
+        if any(s.state == "done" and now - s.at < CYCLE_SETTLE for s in cycles):
+            return req          # the BMC took it; the machine may not have reset yet
+        if req.final or not any(s.state in ("pending", "running") for s in cycles):
             continue
         if decide_claim(req, now, queue_ttl=queue_ttl).what != "fail":
             return req

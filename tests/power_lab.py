@@ -324,11 +324,14 @@ class PowerLab:
         hashed = bcrypt.hashpw(self.password.encode(), bcrypt.gensalt(4)).decode()
         (self.root / "htpasswd").write_text(f"{self.user}:{hashed}\n")
         self.sushy_port = free_port()
+        (self.root / "sushy-state").mkdir(exist_ok=True)
         (self.root / "sushy.conf").write_text(
             f"SUSHY_EMULATOR_LISTEN_IP = '{self.bmc_address}'\n"
             f"SUSHY_EMULATOR_LISTEN_PORT = {self.sushy_port}\n"
             f"SUSHY_EMULATOR_AUTH_FILE = '{self.root / 'htpasswd'}'\n"
-            f"SUSHY_EMULATOR_LIBVIRT_URI = '{self.uri}'\n")
+            f"SUSHY_EMULATOR_LIBVIRT_URI = '{self.uri}'\n"
+            # its sqlite state in our directory, not a shared /tmp/sushy-emulator
+            f"SUSHY_EMULATOR_STATE_DIR = '{self.root / 'sushy-state'}'\n")
         self._spawn("sushy", [str(VENV_BIN / "sushy-emulator"), "--config",
                               str(self.root / "sushy.conf")])
         _wait(lambda: requests.get(self.redfish_url + "/redfish/v1/", timeout=2).status_code

@@ -70,6 +70,9 @@ def requested_address(msg: dhcp6.Dhcp6Message) -> str | None:
 
 
 OPT_CLIENT_LINKLAYER_ADDR = 79       # RFC 6939, added by relays
+#: bind an address the host does not (yet) have: one in duplicate address
+#: detection at start (Linux; IPv6 sockets honour it at SOL_IP too)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 
 def client_mac(msg: dhcp6.Dhcp6Message, relay: dhcp6.RelayMessage | None,
@@ -150,7 +153,10 @@ class Dhcp6Service:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                      self.settings.interface.encode())
-        s.bind((self._bind_address(port), port))
+        address = self._bind_address(port)
+        if address != "::":
+            s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        s.bind((address, port))
         if port == self.settings.listen_port:
             group = socket.inet_pton(socket.AF_INET6, dhcp6.ALL_SERVERS)
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
@@ -162,7 +168,10 @@ class Dhcp6Service:
         """Port 4011 on the node's address the boot file URLs name: EDK2 asks
         that host there and takes a REPLY from that address only, and a
         wildcard socket would answer from whichever address the kernel picks
-        (an interface's SLAAC address, as often as not).  Port 547: ``::``."""
+        (an interface's SLAAC address, as often as not).  Port 547: ``::``.
+        The socket is bound with ``IP_FREEBIND`` (see :meth:`_socket`), so an
+        address still in duplicate address detection at start is no reason
+        to answer from any address for the node's whole life."""
         address = self.settings.policy.tftp_address
         if port != self.settings.proxy_port or not address:
             return "::"
@@ -170,9 +179,9 @@ class Dhcp6Service:
             try:
                 probe.bind((address, 0))
             except OSError as exc:
-                log.warning("dhcp6: cannot bind %s (%s): port %d answers from any address",
-                            address, exc, port)
-                return "::"
+                log.warning("dhcp6: %s is not on this host yet (%s): port %d is bound to it "
+                            "anyway (IP_FREEBIND) and answers once the address is up; check "
+                            "--dhcp6-address if it never comes", address, exc.strerror, port)
         return address
 
     async def start(self) -> None:

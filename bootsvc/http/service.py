@@ -22,6 +22,7 @@ from bootsvc.http.backend import BootBackend
 from bootsvc.http.file_fastpath import CatalogFiles
 from bootsvc.http.server import AsyncHttpServer
 from bootsvc.http.settings import HttpSettings
+from bootsvc.netif import url_host
 from bootsvc.threaded_loop import ThreadedLoop
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class HttpService:
             host = self.ctx.server_ip or cfg.get("regional.listen", "127.0.0.1")
             if host in ("0.0.0.0", "::", ""):
                 host = "127.0.0.1"
-            self.ctx.advertise_url = f"http://{host}:{self.port}"
+            self.ctx.advertise_url = f"http://{url_host(host)}:{self.port}"
         log.info("boot HTTP on %s:%d (machines use %s)", cfg.get("regional.listen"), self.port,
                  self.ctx.advertise_url)
         return self

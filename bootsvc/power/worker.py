@@ -446,6 +446,10 @@ def read_back(req: PowerRequest, driver: Driver, call: Callable[[Callable[[], An
     failure here does not fail a request whose steps were done."""
     want = settled_state(req)
     try:
+        # the override first: a BMC may consume a one-time override as the
+        # machine starts, while the loop below waits for it to be on
+        if any(s.name == "pxe-once" for s in req.steps):
+            req.boot_override = str(call(driver.boot_override))
         while True:
             req.power_state = str(call(driver.power_state))
             left = until - time.monotonic()
@@ -454,8 +458,6 @@ def read_back(req: PowerRequest, driver: Driver, call: Callable[[Callable[[], An
         if want is not None and req.power_state != want:
             log.info("power: %s/%s still reports power %s, expected %s", req.idc, req.sn,
                      req.power_state, want)
-        if any(s.name == "pxe-once" for s in req.steps):
-            req.boot_override = str(call(driver.boot_override))
     except BmcError as exc:
         req.power_state = req.power_state or "unknown"
         log.info("power: %s/%s read-back failed: %s", req.idc, req.sn, exc.reason)

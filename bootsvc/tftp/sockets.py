@@ -54,6 +54,9 @@ def open_request_socket(host: str, port: int) -> tuple[socket.socket, bool]:
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        if family == socket.AF_INET6 and host == "::":
+            # both families on one socket whatever net.ipv6.bindv6only says
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
         if family == socket.AF_INET and host in ("0.0.0.0", ""):
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)

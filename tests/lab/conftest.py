@@ -25,7 +25,7 @@ def require_lab_host() -> None:
 
 
 @contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
+def build_lock() -> Iterator[None]:
     """One image build at a time on this checkout: two pytest processes (two
     xdist workers, or a run beside another) would otherwise build into the
     same cache at once; the second waits, then finds the stamps fresh."""
@@ -40,7 +40,7 @@ def lab_images() -> Iterator[dict[str, Path]]:
     """Build (or reuse) the live image and the lab-os disk image."""
     require_lab_host()
     try:
-        with _build_lock():
+        with build_lock():
             live = build.build_live()
             lab_os = build.build_lab_os()
     except build.BuildError as exc:
@@ -58,7 +58,7 @@ def arm64_images() -> Iterator[dict[str, Path]]:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} missing: run 'scripts/setup.sh system'")
     try:
-        with _build_lock():
+        with build_lock():
             images = build.build_arm64()
     except build.BuildError as exc:
         pytest.fail(f"arm64 image build failed: {exc}")
@@ -70,7 +70,7 @@ def cloud_image() -> Path:
     """Build (or reuse) the real Debian 12 cloud image (raw, qcow2, raw.zst)."""
     require_lab_host()
     try:
-        with _build_lock():
+        with build_lock():
             return build.build_debian_cloud()
     except build.BuildError as exc:
         pytest.fail(f"Debian cloud image build failed: {exc}")

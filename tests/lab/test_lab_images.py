@@ -28,7 +28,7 @@ import pytest
 from images import build
 from lab.process import run as _run
 from lab.runner import Lab, LabError
-from tests.lab.conftest import require_lab_host
+from tests.lab.conftest import build_lock, require_lab_host
 
 MIB = 1 << 20
 
@@ -71,7 +71,8 @@ def test_builds_are_cached_and_contain_the_agent(lab_images: dict[str, Path]) ->
     stamps = {p: (p / ".stamp").read_text() for p in (live, lab_os)}
     mtimes = {p: (p / name).stat().st_mtime_ns
               for p, name in ((live, "initrd.img"), (lab_os, "lab-os.img"))}
-    assert build.build_live() == live and build.build_lab_os() == lab_os
+    with build_lock():
+        assert build.build_live() == live and build.build_lab_os() == lab_os
     assert {p: (p / ".stamp").read_text() for p in stamps} == stamps
     assert {p: (p / name).stat().st_mtime_ns
             for p, name in ((live, "initrd.img"), (lab_os, "lab-os.img"))} == mtimes
@@ -226,9 +227,10 @@ def test_debian_cloud_image_is_cached_reproducible_and_shaped_like_a_cloud_image
         cloud_image: Path, tmp_path: Path) -> None:
     name = "debian-12-generic-amd64"
     stamp = (cloud_image / ".stamp").read_text()
-    started = time.monotonic()
-    assert build.build_debian_cloud() == cloud_image
-    assert time.monotonic() - started < 30, "a build with nothing changed must take seconds"
+    with build_lock():
+        started = time.monotonic()
+        assert build.build_debian_cloud() == cloud_image
+        assert time.monotonic() - started < 30, "a build with nothing changed must take seconds"
     assert (cloud_image / ".stamp").read_text() == stamp
     manifest = json.loads((cloud_image / "manifest.json").read_text())
     for ext in ("raw", "qcow2", "raw.zst"):
@@ -262,10 +264,11 @@ def test_debian_cloud_image_is_cached_reproducible_and_shaped_like_a_cloud_image
     assert (cloud_image / f"{name}.qcow2").stat().st_size < 600 * MIB
     # the same inputs give the same bytes: a forced rebuild elsewhere
     side = tmp_path / "side"
-    subprocess.run([sys.executable, "-c", "from images import build; "
-                    "build.build_debian_cloud(force=True)"],
-                   env=dict(os.environ, LPMOS_IMAGE_OUT=str(side)), check=True,
-                   cwd=build.__file__.rsplit("/images/", 1)[0], capture_output=True)
+    with build_lock():      # it rebuilds the stages in the shared cache
+        subprocess.run([sys.executable, "-c", "from images import build; "
+                        "build.build_debian_cloud(force=True)"],
+                       env=dict(os.environ, LPMOS_IMAGE_OUT=str(side)), check=True,
+                       cwd=build.__file__.rsplit("/images/", 1)[0], capture_output=True)
     for ext in ("raw", "qcow2", "raw.zst"):
         assert (side / "debian-12" / f"{name}.{ext}.sha256").read_text() == \
             (cloud_image / f"{name}.{ext}.sha256").read_text(), ext

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 
-from bootsvc.netif import plain_address
+from bootsvc.netif import plain_address, url_host
 from bootsvc.render import filter_ipxe, filter_ipxe_args
 from bootsvc.tftp.sockets import open_request_socket, open_session_socket, pktinfo_dst
 
@@ -54,6 +54,22 @@ def test_plain_address() -> None:
     assert plain_address("::ffff:10.77.0.150") == "10.77.0.150"
     assert plain_address("fd77:77::101") == "fd77:77::101"
     assert plain_address("10.0.0.5") == "10.0.0.5"
+
+
+def test_url_host_brackets_ipv6_literals_once() -> None:
+    assert url_host("fd00::1") == "[fd00::1]"
+    assert url_host("[fd00::1]") == "[fd00::1]"
+    assert url_host("10.0.0.5") == "10.0.0.5"
+    assert url_host("boot.example") == "boot.example"
+
+
+def test_the_tftp_wildcard_socket_is_dual_stack_whatever_the_sysctl_says() -> None:
+    sock, pktinfo = open_request_socket("::", 0)
+    try:
+        assert pktinfo
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    finally:
+        sock.close()
 
 
 def test_ipxe_filter_keeps_ipv6_brackets_and_still_neutralises() -> None:

@@ -17,6 +17,7 @@ from bootsvc.power.errors import BmcError, Where, classify
 from lpmos.models import ValidationError
 from lpmos.power import (
     CLAIM_TTL,
+    CYCLE_SETTLE,
     QUEUE_TTL,
     BmcRecord,
     BmcSecret,
@@ -296,6 +297,12 @@ def _cycled(req: PowerRequest) -> PowerRequest:
     return req
 
 
+def _cycled_at(req: PowerRequest, at: float) -> PowerRequest:
+    for step in req.steps:
+        step.state, step.at = "done", at
+    return req
+
+
 #: (requests of the machine, the task's attempt, now, the one still coming or None)
 COMING = [
     ([], 1, NOW, None),
@@ -310,6 +317,10 @@ COMING = [
     ([_req()], 1, NOW + QUEUE_TTL + 5, None),              # nobody took it: it never will
     ([_scheduled(NOW + HOUR)], 1, NOW, 0),                 # waiting for its schedule
     ([_done(_req()), _req(at=NOW + 1)], 1, NOW + 2, 1),
+    ([_done(_cycled_at(_req(), NOW))], 1, NOW + 5, 0),      # the BMC took it 5 s ago
+    ([_cycled_at(_claimed(), NOW)], 1, NOW + 5, 0),
+    ([_done(_cycled_at(_req(), NOW))], 1, NOW + CYCLE_SETTLE + 1, None),  # it has reset
+    ([_done(_cycled_at(_req(), NOW))], 2, NOW + 5, None),   # another attempt's
 ]
 
 
