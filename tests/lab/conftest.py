@@ -25,12 +25,14 @@ def require_lab_host() -> None:
 
 
 @contextlib.contextmanager
-def build_lock() -> Iterator[None]:
+def build_lock(name: str = "x86") -> Iterator[None]:
     """One image build at a time on this checkout: two pytest processes (two
     xdist workers, or a run beside another) would otherwise build into the
-    same cache at once; the second waits, then finds the stamps fresh."""
+    same cache at once; the second waits, then finds the stamps fresh.  The
+    arm64 set has a lock of its own: its cache directories and outputs are
+    its own (``*-arm64``), so it builds while the x86 images do."""
     BUILD.mkdir(parents=True, exist_ok=True)
-    with (BUILD / ".build.lock").open("w") as lock:
+    with (BUILD / f".build-{name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -58,7 +60,7 @@ def arm64_images() -> Iterator[dict[str, Path]]:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} missing: run 'scripts/setup.sh system'")
     try:
-        with build_lock():
+        with build_lock("arm64"):
             images = build.build_arm64()
     except build.BuildError as exc:
         pytest.fail(f"arm64 image build failed: {exc}")
